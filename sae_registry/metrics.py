@@ -29,14 +29,14 @@ def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     return 1.0 - fvu(x, x_hat)
 
 
-def l0(h: torch.Tensor) -> float:
-    """Mean number of non-zero latents per row."""
-    return float((h != 0).sum(-1).double().mean())
-
-
 def feature_density(h: torch.Tensor) -> torch.Tensor:
     """Per latent, the fraction of rows on which it fires: ``[dict_size]``."""
     return (h != 0).double().mean(0)
+
+
+def l0(h: torch.Tensor) -> float:
+    """Mean number of non-zero latents per row."""
+    return float(feature_density(h).sum())
 
 
 def dead_fraction(h: torch.Tensor) -> float:
@@ -44,13 +44,18 @@ def dead_fraction(h: torch.Tensor) -> float:
     return float((feature_density(h) == 0).double().mean())
 
 
-def summary(x: torch.Tensor, x_hat: torch.Tensor, h: torch.Tensor) -> dict[str, float]:
-    """Every scalar metric at once, named as they are logged everywhere."""
+def summary(x: torch.Tensor, x_hat: torch.Tensor, density: torch.Tensor) -> dict[str, float]:
+    """Every scalar metric at once, named as they are logged everywhere.
+
+    Takes the feature density (``feature_density(h)``, or the same computed batch by batch)
+    rather than the codes, so that evaluating a large dictionary never holds all codes at once.
+    The mean number of non-zeros per row (L0) is the sum of the densities.
+    """
     unexplained = fvu(x, x_hat)
     return {
         "mse": mse(x, x_hat),
         "fvu": unexplained,
         "explained_variance": 1.0 - unexplained,
-        "l0": l0(h),
-        "dead_fraction": dead_fraction(h),
+        "l0": float(density.sum()),
+        "dead_fraction": float((density == 0).double().mean()),
     }

@@ -15,8 +15,10 @@ norm by the trainer), which is also the layout a sparse ``(values, indices)`` de
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -26,6 +28,9 @@ from torch import nn
 from .errors import SAERegistryError, require_positive_int
 
 SPARSITY_MODES = ("top_k", "l1")
+WEIGHTS_FILE = "sae.safetensors"
+CONFIG_FILE = "config.json"
+DICTIONARY_FORMAT = "sae-registry/dictionary"
 
 
 @dataclass(frozen=True)
@@ -235,6 +240,72 @@ class SparseAutoencoder(nn.Module):
         x = _check_input(x, self.cfg.input_size, "input")
         out = self.forward_train(x * self.input_scale).reconstruction / self.input_scale
         return out.reshape(shape)
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The weights under their file names (stable, independent of module layout)."""
+        return {
+            "W_enc": self.encoder.encoder.weight,
+            "b_enc": self.encoder.encoder.bias,
+            "W_dec": self.W_dec,
+            "b_dec": self.b_dec,
+            "input_scale": self.input_scale,
+        }
+
+    def save(self, directory: str | Path, extra: dict | None = None) -> Path:
+        """Write ``sae.safetensors`` + ``config.json`` (plus ``extra`` metadata) to ``directory``.
+
+        No pickle: the weights are safetensors, everything else JSON.
+        """
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_tensors().items()}
+        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": DICTIONARY_FORMAT})
+        config = {"format": DICTIONARY_FORMAT, "format_version": 1, "sae": self.cfg.to_dict()}
+        config.update(extra or {})
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "SparseAutoencoder":
+        """Rebuild a dictionary from ``sae.safetensors`` + ``config.json``; checks every shape."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            if not (directory / name).is_file():
+                raise SAERegistryError(f"{directory} holds no {name}; it is not a saved dictionary")
+        try:
+            config = json.loads((directory / CONFIG_FILE).read_text())
+        except json.JSONDecodeError as e:
+            raise SAERegistryError(f"{directory / CONFIG_FILE} is not valid JSON: {e}") from e
+        if not isinstance(config, dict) or not isinstance(config.get("sae"), dict):
+            raise SAERegistryError(f"{directory / CONFIG_FILE} has no 'sae' section")
+        sae = cls(SAEConfig.from_dict(config["sae"]))
+        try:
+            tensors = load_file(str(directory / WEIGHTS_FILE))
+        except (SafetensorError, OSError) as e:
+            raise SAERegistryError(f"{directory / WEIGHTS_FILE} is not a readable safetensors file: {e}") from e
+        expected = sae.state_tensors()
+        if set(tensors) != set(expected):
+            raise SAERegistryError(
+                f"{directory / WEIGHTS_FILE} holds {sorted(tensors)}, expected {sorted(expected)}"
+            )
+        with torch.no_grad():
+            for name, target in expected.items():
+                if tensors[name].shape != target.shape:
+                    raise SAERegistryError(
+                        f"{name} in {directory / WEIGHTS_FILE} has shape {tuple(tensors[name].shape)}, "
+                        f"config.json implies {tuple(target.shape)}"
+                    )
+                if not torch.isfinite(tensors[name]).all():
+                    raise SAERegistryError(f"{name} in {directory / WEIGHTS_FILE} holds NaN or Inf")
+                target.copy_(tensors[name])
+        return sae.to(device).eval()
 
     # -- training ------------------------------------------------------------------------------
 

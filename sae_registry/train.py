@@ -1,0 +1,363 @@
+"""One training run: a store and two configs in, a saved dictionary and its metrics out.
+
+The recipe (each part a :class:`TrainConfig` option, defaults after Gao et al. 2024 and Anthropic's
+"Towards Monosemanticity" updates):
+
+- inputs scaled by one constant so that their mean norm is ``sqrt(d)`` (``normalize_inputs``); the
+  constant is stored with the model as ``input_scale``;
+- decoder rows at unit norm after every step, with the gradient component that would change a
+  row's norm removed before the step (``unit_norm_decoder``);
+- encoder initialised to the decoder's transpose (always: :meth:`SparseAutoencoder.build`);
+- decoder bias initialised to the geometric median of a data sample (``b_dec_init``);
+- top_k: an auxiliary loss that lets the top ``aux_k`` dead latents model the residual
+  (``aux_coeff``, ``dead_after_tokens``); l1: the L1 coefficient ramped up over the first
+  ``l1_warmup_fraction`` of steps;
+- Adam with a learning rate that decays linearly to zero over the last ``lr_decay_fraction``.
+
+Knows nothing of Ray or MLflow: callers watch progress through ``callback(step, metrics)``.
+Checkpoints (safetensors + JSON, like dictionaries: no pickle) let a stopped run resume exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from . import metrics as M
+from .errors import SAERegistryError, require_positive_int
+from .sae import SAEConfig, SparseAutoencoder, auxk_loss
+from .store import ActivationStore
+
+B_DEC_INITS = ("geometric_median", "mean", "zeros")
+CHECKPOINT_DIR = "checkpoint"
+METRICS_FILE = "metrics.json"
+
+Callback = Callable[[int, dict], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train one dictionary. ``None`` fields take a default derived from the SAE's shape."""
+
+    tokens: int = 2_000_000  # training tokens; the store is read for as many epochs as needed
+    batch_size: int = 4096
+    lr: float | None = None  # None: 2e-4 / sqrt(dict_size / 2**14), Gao et al.'s scaling law
+    l1_coeff: float | None = None  # None: 0 for top_k, 5e-3 for l1 (see SparseAutoencoder.loss)
+    l1_warmup_fraction: float = 0.05
+    lr_decay_fraction: float = 0.2
+    aux_coeff: float = 1 / 32
+    aux_k: int | None = None  # None: input_size // 2
+    dead_after_tokens: int = 1_000_000  # a latent unfired for this many tokens counts as dead
+    normalize_inputs: bool = True
+    unit_norm_decoder: bool = True
+    b_dec_init: str = "geometric_median"
+    eval_every: int = 50  # steps between evaluations on the held-out split
+    eval_tokens: int = 16_384  # held-out tokens used by each evaluation (the split's head)
+    checkpoint_every: int = 200  # steps between checkpoints
+    seed: int = 0
+    device: str = "auto"  # "auto": cuda when there is one, else cpu
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "batch_size", "dead_after_tokens", "eval_every", "eval_tokens",
+                     "checkpoint_every"):
+            require_positive_int(name, getattr(self, name))
+        if self.aux_k is not None:
+            require_positive_int("aux_k", self.aux_k)
+        for name in ("lr", "l1_coeff"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)
+                                          and value >= (0 if name == "l1_coeff" else 1e-12)):
+                raise SAERegistryError(f"{name} must be a {'non-negative' if name == 'l1_coeff' else 'positive'} number, got {value!r}")
+        for name in ("l1_warmup_fraction", "lr_decay_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise SAERegistryError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if not self.aux_coeff >= 0:
+            raise SAERegistryError(f"aux_coeff must be >= 0, got {self.aux_coeff!r}")
+        if self.b_dec_init not in B_DEC_INITS:
+            raise SAERegistryError(f"b_dec_init must be one of {', '.join(B_DEC_INITS)}, got {self.b_dec_init!r}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise SAERegistryError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    def resolved(self, sae_cfg: SAEConfig) -> "TrainConfig":
+        """This config with every ``None`` default filled in for ``sae_cfg``."""
+        return replace(
+            self,
+            lr=self.lr if self.lr is not None else 2e-4 / math.sqrt(sae_cfg.dict_size / 2**14),
+            l1_coeff=self.l1_coeff if self.l1_coeff is not None else (0.0 if sae_cfg.sparsity == "top_k" else 5e-3),
+            aux_k=self.aux_k if self.aux_k is not None else max(1, sae_cfg.input_size // 2),
+            device=resolve_device(self.device),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise SAERegistryError(f"unknown training options {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**data)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SAERegistryError(f"device {device!r} asked for, but torch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+@dataclass
+class TrainResult:
+    sae: SparseAutoencoder
+    metrics: dict[str, float]  # final evaluation on the held-out split
+    density: torch.Tensor  # per-latent firing frequency on the held-out split
+    history: list[dict]  # one entry per evaluation: step, tokens, train and eval numbers
+    out_dir: Path
+    tokens_per_second: float
+
+
+def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the summed Euclidean distance to rows of ``x``."""
+    median = x.mean(0)
+    for _ in range(iters):
+        weights = 1.0 / (x - median).norm(dim=1).clamp_min(1e-8)
+        new = (weights[:, None] * x).sum(0) / weights.sum()
+        if (new - median).norm() <= tol * median.norm().clamp_min(1e-8):
+            return new
+        median = new
+    return median
+
+
+@torch.no_grad()
+def evaluate(sae: SparseAutoencoder, x: torch.Tensor, batch_size: int = 4096) -> tuple[dict, torch.Tensor]:
+    """Metrics of ``sae`` on raw activations ``x`` (see :mod:`metrics`) and the feature density."""
+    device = next(sae.parameters()).device
+    recon, fired = [], torch.zeros(sae.cfg.dict_size, dtype=torch.float64)
+    for xb in x.split(batch_size):
+        h = sae.encode(xb.to(device))
+        recon.append(sae.decode(h).cpu())
+        fired += (h != 0).sum(0).cpu().double()
+    density = fired / len(x)
+    return M.summary(x, torch.cat(recon), density), density
+
+
+def _lr_factor(step: int, total: int, decay_fraction: float) -> float:
+    decay_steps = int(total * decay_fraction)
+    if decay_steps == 0 or step < total - decay_steps:
+        return 1.0
+    return max(0.0, (total - step) / decay_steps)
+
+
+def _save_checkpoint(path: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer,
+                     since_fired: torch.Tensor, state: dict) -> None:
+    """Atomically replace ``path`` with the model, Adam's moments and the loop state."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v for k, v in sae.state_tensors().items()}
+    for name, p in zip(sae.state_tensors(), sae.state_tensors().values()):
+        s = opt.state.get(p)
+        if s:
+            tensors[f"adam.{name}.exp_avg"] = s["exp_avg"]
+            tensors[f"adam.{name}.exp_avg_sq"] = s["exp_avg_sq"]
+            state.setdefault("adam_steps", {})[name] = float(s["step"])
+    tensors["since_fired"] = since_fired
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(path: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer,
+                     since_fired: torch.Tensor) -> dict:
+    from safetensors.torch import load_file
+
+    state = json.loads((path / "state.json").read_text())
+    tensors = load_file(str(path / "state.safetensors"))
+    device = since_fired.device
+    with torch.no_grad():
+        for name, p in sae.state_tensors().items():
+            p.copy_(tensors[f"model.{name}"])
+            if f"adam.{name}.exp_avg" in tensors:
+                opt.state[p] = {
+                    "step": torch.tensor(state["adam_steps"][name]),
+                    "exp_avg": tensors[f"adam.{name}.exp_avg"].to(device),
+                    "exp_avg_sq": tensors[f"adam.{name}.exp_avg_sq"].to(device),
+                }
+        since_fired.copy_(tensors["since_fired"])
+    return state
+
+
+def train(
+    store: ActivationStore,
+    sae_cfg: SAEConfig,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    callback: Callback | None = None,
+    progress: bool = True,
+    extra: dict | None = None,
+) -> TrainResult:
+    """Train one dictionary on ``store`` and save it to ``out_dir`` (``sae.safetensors`` + ``config.json``).
+
+    With ``resume``, a checkpoint in ``out_dir`` is continued from its step (same data order, same
+    optimiser state), provided it was made for the same store and configs. ``callback(step,
+    metrics)`` runs after every evaluation; an exception from it stops training (the last
+    checkpoint stays). ``extra`` is added to the saved ``config.json`` (e.g. lineage).
+    """
+    if sae_cfg.input_size != store.d:
+        raise SAERegistryError(f"the SAE's input_size ({sae_cfg.input_size}) differs from the store's d ({store.d})")
+    cfg = cfg.resolved(sae_cfg)
+    n_train = store.num_tokens("train")
+    if n_train < cfg.batch_size:
+        raise SAERegistryError(
+            f"the store's training split has {n_train} tokens, fewer than one batch ({cfg.batch_size}); "
+            "harvest more or lower --batch-size"
+        )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / CHECKPOINT_DIR
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+
+    sae = SparseAutoencoder(sae_cfg)
+    scale = math.sqrt(store.d) / store.mean_norm if cfg.normalize_inputs else 1.0
+    with torch.no_grad():
+        sae.encoder.input_scale.fill_(scale)
+        if cfg.b_dec_init != "zeros":
+            batches = store.batches(min(n_train, 16_384), seed=cfg.seed)
+            sample = next(batches) * scale
+            batches.close()
+            sae.b_dec.copy_(geometric_median(sample) if cfg.b_dec_init == "geometric_median" else sample.mean(0))
+    sae.to(device).train()
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=6.25e-10)
+    since_fired = torch.zeros(sae_cfg.dict_size, dtype=torch.long, device=device)
+
+    identity = {"sae": sae_cfg.to_dict(), "train": cfg.to_dict(), "store_fingerprint": store.fingerprint}
+    total_steps = cfg.tokens // cfg.batch_size
+    steps_per_epoch = n_train // cfg.batch_size
+    step, history = 0, []
+    if resume and ckpt_path.exists():
+        state = _load_checkpoint(ckpt_path, sae, opt, since_fired)
+        saved = {k: state[k] for k in identity}
+        if saved != json.loads(json.dumps(identity)):
+            raise SAERegistryError(
+                f"the checkpoint in {ckpt_path} was made for another store or other options; "
+                "train into a new --out directory, or drop --resume to start over"
+            )
+        step, history = state["step"], state["history"]
+
+    x_eval = store.read_split("eval", max_tokens=cfg.eval_tokens)
+    # Running sums stay on the device: one host sync per evaluation, not per step.
+    running = torch.zeros(4, device=device)  # loss, mse, aux_loss, l0
+    running_steps = 0
+    bar = tqdm(total=total_steps, initial=step, unit="step", desc="train", disable=not progress)
+    started, start_step = time.perf_counter(), step
+
+    def checkpoint() -> None:
+        _save_checkpoint(ckpt_path, sae, opt, since_fired, {**identity, "step": step, "history": history})
+
+    while step < total_steps:
+        epoch, skip = divmod(step, steps_per_epoch)
+        batches = store.batches(cfg.batch_size, seed=cfg.seed + 1 + epoch, drop_last=True)
+        for i, batch in enumerate(batches):
+            if i < skip:
+                continue
+            if step >= total_steps:
+                break
+            x = batch.to(device, non_blocking=True) * scale
+            out = sae.forward_train(x)
+            l1_ramp = min(1.0, (step + 1) / max(1.0, cfg.l1_warmup_fraction * total_steps))
+            loss = SparseAutoencoder.loss(x, out.reconstruction, out.hidden_acts, cfg.l1_coeff * l1_ramp)
+            mse = (out.reconstruction - x).pow(2).mean().detach()
+            aux = x.new_zeros(())
+            if out.indices is not None and cfg.aux_coeff > 0:
+                aux = auxk_loss(sae, x, out, since_fired >= cfg.dead_after_tokens, cfg.aux_k)
+                loss = loss + cfg.aux_coeff * aux
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * _lr_factor(step, total_steps, cfg.lr_decay_fraction)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.unit_norm_decoder:
+                sae.remove_parallel_grads_()
+            opt.step()
+            if cfg.unit_norm_decoder:
+                sae.normalize_decoder_()
+            with torch.no_grad():
+                fired = torch.zeros_like(since_fired, dtype=torch.bool)
+                if out.indices is not None:
+                    fired[out.indices[out.hidden_acts > 0]] = True
+                    l0 = (out.hidden_acts > 0).sum(-1).float().mean()
+                else:
+                    nonzero = out.hidden_acts > 0
+                    fired |= nonzero.any(0)
+                    l0 = nonzero.sum(-1).float().mean()
+                since_fired += len(x)
+                since_fired[fired] = 0
+                running += torch.stack([loss.detach(), mse, aux.detach(), l0])
+            running_steps += 1
+            step += 1
+            bar.update(1)
+
+            if step % cfg.eval_every == 0 or step == total_steps:
+                sae.eval()
+                ev, _ = evaluate(sae, x_eval)
+                sae.train()
+                elapsed = time.perf_counter() - started
+                entry = {
+                    "step": step,
+                    "tokens": step * cfg.batch_size,
+                    **dict(zip(("train/loss", "train/mse", "train/aux_loss", "train/l0"),
+                               (running / running_steps).tolist())),
+                    "train/dead_fraction": float((since_fired >= cfg.dead_after_tokens).float().mean()),
+                    "lr": opt.param_groups[0]["lr"],
+                    "tokens_per_second": (step - start_step) * cfg.batch_size / max(elapsed, 1e-9),
+                    **{f"eval/{k}": v for k, v in ev.items()},
+                }
+                history.append(entry)
+                running.zero_()
+                running_steps = 0
+                bar.set_postfix(fvu=f"{ev['fvu']:.3f}", l0=f"{ev['l0']:.1f}", dead=f"{ev['dead_fraction']:.2f}")
+                if not math.isfinite(entry["train/loss"]):
+                    raise SAERegistryError(
+                        f"training diverged at step {step} (loss is {entry['train/loss']}); lower --lr"
+                    )
+                if step % cfg.checkpoint_every == 0 or step == total_steps:
+                    checkpoint()
+                if callback is not None:
+                    callback(step, entry)
+            elif step % cfg.checkpoint_every == 0:
+                checkpoint()
+        batches.close()
+    bar.close()
+    elapsed = time.perf_counter() - started
+    tokens_per_second = (step - start_step) * cfg.batch_size / max(elapsed, 1e-9)
+
+    sae.eval()
+    final, density = evaluate(sae, store.read_split("eval"))
+    lineage = {
+        "store": {"path": str(store.path), "fingerprint": store.fingerprint, "source": store.source,
+                  "n_tokens": len(store)},
+    }
+    sae.save(out_dir, extra={"train": cfg.to_dict(), **lineage, "metrics": final, **(extra or {})})
+    (out_dir / METRICS_FILE).write_text(json.dumps(
+        {"final": final, "tokens_per_second": tokens_per_second, "history": history}, indent=2))
+    return TrainResult(sae, final, density, history, out_dir, tokens_per_second)

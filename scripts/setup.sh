@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up (or refresh) the project's virtual environment in .venv: idempotent, safe to run every time.
+# torch goes in first as the CPU build (TORCH_SPEC overrides it, e.g. TORCH_SPEC=torch on a GPU
+# machine): a bare `torch` requirement would pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+quiet_pip() {
+  # This machine's pip config names extra package folders that may be absent; drop that noise only.
+  .venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
+quiet_pip "${TORCH_SPEC:-torch==2.13.0}"
+quiet_pip -e ".[demo,test]"

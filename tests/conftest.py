@@ -1,0 +1,47 @@
+"""Shared fixtures: small real stores on disk, synthetic (known structure) and harvested from MiniLM."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from sae_registry import ActivationStore
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def sparse_dictionary_data(n: int, d: int = 32, n_true: int = 64, k_true: int = 3, seed: int = 0):
+    """Rows that are sums of ``k_true`` of ``n_true`` unit directions with magnitudes in [0.5, 1.5).
+
+    Returns ``(x [n, d], directions [n_true, d])``: a sparse autoencoder should find the directions.
+    """
+    g = torch.Generator().manual_seed(seed)
+    directions = torch.randn(n_true, d, generator=g)
+    directions /= directions.norm(dim=1, keepdim=True)
+    idx = torch.rand(n, n_true, generator=g).argsort(dim=1)[:, :k_true]
+    magnitudes = torch.rand(n, k_true, generator=g) + 0.5
+    codes = torch.zeros(n, n_true).scatter_(1, idx, magnitudes)
+    return codes @ directions, directions
+
+
+@pytest.fixture(scope="session")
+def synthetic_store(tmp_path_factory):
+    """A 60k-token store of known sparse structure, plus the true directions."""
+    x, directions = sparse_dictionary_data(60_000)
+    path = tmp_path_factory.mktemp("stores") / "synthetic.zarr"
+    with ActivationStore.create(path, d=x.shape[1], chunk_tokens=4096, source={"model": "synthetic"}) as store:
+        store.append(x)
+    return ActivationStore.open(path), directions
+
+
+@pytest.fixture(scope="session")
+def minilm_store(tmp_path_factory):
+    """Real activations: MiniLM-L6 layer 3 over Python's reference docs (the first ~40k tokens)."""
+    from sae_registry.harvest import demo_texts, harvest
+
+    path = tmp_path_factory.mktemp("stores") / "minilm.zarr"
+    return harvest(path, demo_texts(), layer=3, max_tokens=40_000, chunk_tokens=4096, progress=False,
+                   text_source="python:pydoc_data.topics")

@@ -1,0 +1,169 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sae_registry import ActivationStore, SAERegistryError
+
+
+def _rows(n: int, d: int = 8) -> torch.Tensor:
+    """Row i starts with the value i, so a row tells which token it is."""
+    x = torch.randn(n, d)
+    x[:, 0] = torch.arange(n, dtype=torch.float32)
+    return x
+
+
+def _make(path, x, **kw):
+    with ActivationStore.create(path, d=x.shape[1], **kw) as store:
+        for part in x.split(333):  # appends that do not line up with chunks
+            store.append(part)
+    return ActivationStore.open(path)
+
+
+def test_round_trip_and_metadata(tmp_path):
+    x = _rows(5000)
+    store = _make(tmp_path / "s.zarr", x, chunk_tokens=1024, source={"model": "m", "layer": 2})
+    assert len(store) == 5000 and store.d == 8
+    torch.testing.assert_close(store.read(), x)
+    torch.testing.assert_close(store.mean, x.double().mean(0).float())
+    assert store.mean_norm == pytest.approx(float(x.double().norm(dim=1).mean()), rel=1e-9)
+    assert store.source == {"model": "m", "layer": 2}
+    meta = store.metadata
+    assert meta["status"] == "complete" and meta["dtype"] == "float32" and meta["n_tokens"] == 5000
+    assert len(store.fingerprint) == 16
+    assert "created_at" in meta and "finished_at" in meta
+
+
+def test_fingerprint_depends_on_content_only(tmp_path):
+    x = _rows(3000)
+    a = _make(tmp_path / "a.zarr", x, chunk_tokens=512)
+    b = _make(tmp_path / "b.zarr", x, chunk_tokens=700)
+    y = x.clone()
+    y[1234, 5] += 1e-3
+    c = _make(tmp_path / "c.zarr", y, chunk_tokens=512)
+    assert a.fingerprint == b.fingerprint != c.fingerprint
+
+
+@pytest.mark.parametrize("dtype, tol", [("float16", 1e-3), ("bfloat16", 1e-2)])
+def test_half_precision_stores(tmp_path, dtype, tol):
+    x = torch.randn(2000, 8)
+    store = _make(tmp_path / "s.zarr", x, chunk_tokens=512, dtype=dtype)
+    back = store.read()
+    assert back.dtype == torch.float32
+    torch.testing.assert_close(back, x, rtol=tol, atol=tol)
+    batch = next(store.batches(100, shuffle=False))
+    torch.testing.assert_close(batch, back[:100])
+
+
+@pytest.mark.parametrize("compressor", ["lz4", "zstd", "none"])
+def test_compressors(tmp_path, compressor):
+    x = _rows(1500)
+    torch.testing.assert_close(_make(tmp_path / "s.zarr", x, chunk_tokens=256, compressor=compressor).read(), x)
+
+
+def test_splits_are_disjoint_and_cover_the_store(tmp_path):
+    store = _make(tmp_path / "s.zarr", _rows(4000), chunk_tokens=512, eval_fraction=0.1)
+    assert store.num_tokens("train") == 3600 and store.num_tokens("eval") == 400
+    ids = store.read_split("eval")[:, 0].long()
+    assert torch.equal(ids, torch.arange(3600, 4000))
+    assert len(store.read_split("eval", max_tokens=50)) == 50
+
+
+@pytest.mark.parametrize("batch_size", [100, 512, 777])
+def test_shuffled_batches_cover_every_token_exactly_once_per_epoch(tmp_path, batch_size):
+    store = _make(tmp_path / "s.zarr", _rows(5000), chunk_tokens=512, eval_fraction=0.1)
+    batches = list(store.batches(batch_size, seed=3, buffer_chunks=3))
+    assert all(len(b) == batch_size for b in batches[:-1])
+    ids = torch.cat(batches)[:, 0].long()
+    assert sorted(ids.tolist()) == list(range(store.num_tokens("train")))
+    assert not torch.equal(ids, torch.sort(ids).values)  # it is shuffled
+    eval_ids = torch.cat(list(store.batches(batch_size, split="eval", seed=3)))[:, 0].long()
+    assert sorted(eval_ids.tolist()) == list(range(4500, 5000))
+
+
+def test_batches_are_reproducible_per_seed_and_differ_across_seeds(tmp_path):
+    store = _make(tmp_path / "s.zarr", _rows(3000), chunk_tokens=256)
+    first = [b[:, 0] for b in store.batches(256, seed=1)]
+    again = [b[:, 0] for b in store.batches(256, seed=1)]
+    other = [b[:, 0] for b in store.batches(256, seed=2)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+    ordered = torch.cat(list(store.batches(256, shuffle=False)))[:, 0]
+    assert torch.equal(ordered, torch.arange(store.num_tokens("train"), dtype=torch.float32))
+
+
+def test_drop_last_and_early_stop(tmp_path):
+    store = _make(tmp_path / "s.zarr", _rows(3000), chunk_tokens=256)
+    assert all(len(b) == 1000 for b in store.batches(1000, drop_last=True))
+    gen = store.batches(10)
+    next(gen)
+    gen.close()  # stopping early ends the background reader without hanging
+
+
+def test_interrupted_store_is_refused(tmp_path):
+    path = tmp_path / "s.zarr"
+    with pytest.raises(RuntimeError, match="harvest died"):
+        with ActivationStore.create(path, d=8, chunk_tokens=100) as store:
+            store.append(_rows(450))
+            raise RuntimeError("harvest died")
+    with pytest.raises(SAERegistryError, match="never finished"):
+        ActivationStore.open(path)
+    # a writer that was killed (never closed at all) is refused the same way
+    store = ActivationStore.create(tmp_path / "t.zarr", d=8, chunk_tokens=100)
+    store.append(_rows(450))
+    with pytest.raises(SAERegistryError, match="never finished"):
+        ActivationStore.open(tmp_path / "t.zarr")
+
+
+def test_damaged_store_is_refused(tmp_path):
+    path = tmp_path / "s.zarr"
+    _make(path, _rows(1000), chunk_tokens=100)
+    meta = json.loads((path / "zarr.json").read_text())
+    meta["attributes"]["n_tokens"] = 2000
+    (path / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(SAERegistryError, match="damaged"):
+        ActivationStore.open(path)
+
+
+def test_missing_and_foreign_stores_are_refused(tmp_path):
+    with pytest.raises(SAERegistryError, match="no activation store"):
+        ActivationStore.open(tmp_path / "nothing.zarr")
+    import zarr
+
+    zarr.create_group(store=str(tmp_path / "other.zarr"), zarr_format=3).create_array("activations", shape=(4, 2), dtype="float32")
+    with pytest.raises(SAERegistryError, match="not an sae-registry activation store"):
+        ActivationStore.open(tmp_path / "other.zarr")
+
+
+def test_bad_appends_and_options(tmp_path):
+    store = ActivationStore.create(tmp_path / "s.zarr", d=8)
+    with pytest.raises(SAERegistryError, match=r"shape \[n, 8\]"):
+        store.append(torch.zeros(4, 7))
+    bad = torch.zeros(4, 8)
+    bad[1, 1] = float("nan")
+    with pytest.raises(SAERegistryError, match="NaN or Inf"):
+        store.append(bad)
+    with pytest.raises(SAERegistryError, match="NaN or Inf"):
+        ActivationStore.create(tmp_path / "h.zarr", d=8, dtype="float16").append(np.full((2, 8), 1e6))
+    with pytest.raises(SAERegistryError, match="already exists"):
+        ActivationStore.create(tmp_path / "s.zarr", d=8)
+    with pytest.raises(SAERegistryError, match="d must be a positive integer"):
+        ActivationStore.create(tmp_path / "x.zarr", d=0)
+    with pytest.raises(SAERegistryError, match="dtype must be one of"):
+        ActivationStore.create(tmp_path / "x.zarr", d=8, dtype="int8")
+    with pytest.raises(SAERegistryError, match="at least 2 tokens"):
+        ActivationStore.create(tmp_path / "e.zarr", d=8).close()
+    done = _make(tmp_path / "ok.zarr", _rows(100))
+    with pytest.raises(SAERegistryError, match="open for reading"):
+        done.append(_rows(3))
+    with pytest.raises(SAERegistryError, match="batch_size"):
+        next(done.batches(0))
+    with pytest.raises(SAERegistryError, match="split must be"):
+        done.read_split("test")
+
+
+def test_overwrite_replaces(tmp_path):
+    _make(tmp_path / "s.zarr", _rows(100))
+    store = _make(tmp_path / "s.zarr", _rows(200), overwrite=True)
+    assert len(store) == 200
