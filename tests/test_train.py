@@ -1,0 +1,107 @@
+import json
+
+import pytest
+import torch
+
+from sae_registry import SAEConfig, SAERegistryError, SparseAutoencoder
+from sae_registry.train import TrainConfig, geometric_median, train
+
+
+def test_recovers_a_known_sparse_dictionary(synthetic_store, tmp_path):
+    store, true_directions = synthetic_store
+    cfg = TrainConfig(tokens=500_000, batch_size=1024, lr=3e-3, eval_every=100, dead_after_tokens=20_000)
+    result = train(store, SAEConfig(32, 128, 3), cfg, tmp_path / "run", progress=False)
+    assert result.metrics["fvu"] < 0.1
+    cosines = true_directions @ result.sae.W_dec.detach().T  # rows are unit norm
+    matched = (cosines.max(dim=1).values > 0.9).float().mean()
+    assert matched >= 0.9, f"only {matched:.0%} of the true directions were found"
+    # what was saved is what was trained
+    loaded = SparseAutoencoder.load(tmp_path / "run")
+    x = store.read_split("eval")
+    torch.testing.assert_close(loaded.encode(x), result.sae.encode(x))
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["store"]["fingerprint"] == store.fingerprint
+    assert saved["metrics"]["fvu"] == pytest.approx(result.metrics["fvu"])
+    assert saved["train"]["lr"] == 3e-3
+
+
+def test_l1_mode_trains_and_the_penalty_sparsifies(synthetic_store, tmp_path):
+    store, _ = synthetic_store
+    base = dict(tokens=60_000, batch_size=1024, lr=3e-3, eval_every=50)
+    weak = train(store, SAEConfig(32, 64, sparsity="l1"), TrainConfig(l1_coeff=1e-4, **base), tmp_path / "a", progress=False)
+    strong = train(store, SAEConfig(32, 64, sparsity="l1"), TrainConfig(l1_coeff=3e-2, **base), tmp_path / "b", progress=False)
+    assert strong.metrics["l0"] < weak.metrics["l0"]
+    assert weak.metrics["fvu"] < 0.5
+
+
+def test_resume_continues_exactly_where_it_stopped(synthetic_store, tmp_path):
+    store, _ = synthetic_store
+    cfg = TrainConfig(tokens=40 * 1024, batch_size=1024, lr=1e-3, eval_every=5, checkpoint_every=10,
+                      dead_after_tokens=4096)
+    sae_cfg = SAEConfig(32, 64, 4)
+    whole = train(store, sae_cfg, cfg, tmp_path / "whole", progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def die_at_step_25(step, _metrics):
+        if step == 25:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(store, sae_cfg, cfg, tmp_path / "cut", callback=die_at_step_25, progress=False)
+    seen = []
+    resumed = train(store, sae_cfg, cfg, tmp_path / "cut", resume=True, progress=False,
+                    callback=lambda step, _m: seen.append(step))
+    assert seen[0] == 25  # the last checkpoint was at step 20: 5 steps redone, not 25
+    for a, b in zip(whole.sae.state_tensors().values(), resumed.sae.state_tensors().values()):
+        torch.testing.assert_close(a, b)
+    assert resumed.metrics == pytest.approx(whole.metrics)
+    assert [h["step"] for h in resumed.history] == [h["step"] for h in whole.history]
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(synthetic_store, tmp_path):
+    store, _ = synthetic_store
+    cfg = TrainConfig(tokens=4 * 1024, batch_size=1024, eval_every=2, checkpoint_every=2)
+    train(store, SAEConfig(32, 64, 4), cfg, tmp_path / "r", progress=False)
+    with pytest.raises(SAERegistryError, match="another store or other options"):
+        train(store, SAEConfig(32, 64, 8), cfg, tmp_path / "r", resume=True, progress=False)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(tokens=0), "tokens must be a positive integer"),
+        (dict(batch_size=-1), "batch_size must be a positive integer"),
+        (dict(lr=0.0), "lr must be a positive number"),
+        (dict(l1_coeff=-1.0), "l1_coeff must be a non-negative number"),
+        (dict(lr_decay_fraction=1.5), r"lr_decay_fraction must be in \[0, 1\]"),
+        (dict(b_dec_init="median"), "b_dec_init must be one of"),
+        (dict(device="tpu"), "device must be"),
+    ],
+)
+def test_bad_training_options_raise_our_error(options, message):
+    with pytest.raises(SAERegistryError, match=message):
+        TrainConfig(**options)
+
+
+def test_mismatches_with_the_store_are_clear(synthetic_store, tmp_path):
+    store, _ = synthetic_store
+    with pytest.raises(SAERegistryError, match="input_size"):
+        train(store, SAEConfig(16, 64, 4), TrainConfig(tokens=1024), tmp_path, progress=False)
+    with pytest.raises(SAERegistryError, match="fewer than one batch"):
+        train(store, SAEConfig(32, 64, 4), TrainConfig(batch_size=10**6), tmp_path, progress=False)
+    with pytest.raises(SAERegistryError, match="unknown training options"):
+        TrainConfig.from_dict({"tokenz": 5})
+
+
+def test_defaults_follow_the_dictionary_shape():
+    top_k = TrainConfig().resolved(SAEConfig(384, 16384, 32))
+    assert top_k.lr == pytest.approx(2e-4) and top_k.l1_coeff == 0 and top_k.aux_k == 192
+    assert top_k.device == "cpu"
+    assert TrainConfig().resolved(SAEConfig(384, 4096, sparsity="l1")).l1_coeff > 0
+
+
+def test_geometric_median_resists_outliers():
+    x = torch.cat([torch.randn(200, 3) * 0.1, torch.full((20, 3), 100.0)])
+    assert geometric_median(x).norm() < 1.0 < x.mean(0).norm()
