@@ -1,8 +1,24 @@
-"""sae-registry: train, compare, keep and reuse sparse autoencoders."""
+"""sae-registry: train, compare, keep and reuse sparse autoencoders.
 
-from .errors import SAERegistryError
-from .sae import SAEConfig, SparseAutoencoder, SparseEncoder
-from .store import ActivationStore
+>>> import sae_registry
+>>> d = sae_registry.load("minilm-l3@champion")     # a registered dictionary, by name
+>>> codes = d.encode(x)                               # [batch, dict_size]
+"""
 
 __version__ = "0.1.0"
-__all__ = ["ActivationStore", "SAEConfig", "SAERegistryError", "SparseAutoencoder", "SparseEncoder"]
+
+from .errors import SAERegistryError  # noqa: E402
+from .registry import Dictionary, find, load  # noqa: E402
+from .sae import SAEConfig, SparseAutoencoder, SparseEncoder  # noqa: E402
+from .store import ActivationStore  # noqa: E402
+
+__all__ = [
+    "ActivationStore",
+    "Dictionary",
+    "SAEConfig",
+    "SAERegistryError",
+    "SparseAutoencoder",
+    "SparseEncoder",
+    "find",
+    "load",
+]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import click
@@ -25,8 +28,12 @@ class _Group(click.Group):
 
 @click.group(cls=_Group)
 @click.version_option(package_name="sae-registry")
-def main() -> None:
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
+              help="MLflow tracking server or database [env MLFLOW_TRACKING_URI; default: sqlite:///mlflow.db here].")
+def main(tracking_uri: str | None) -> None:
     """Train, compare, keep and reuse sparse autoencoders."""
+    if tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # seen by every MLflow call, and by workers
 
 
 @main.command()
@@ -94,24 +101,43 @@ def _print_result(result) -> None:
     click.echo(f"dictionary saved to {result.out_dir}")
 
 
+def _family_for(store_path: Path) -> str:
+    """The default family name: the store's directory name without ``.zarr``."""
+    name = store_path.resolve().name
+    return name[: -len(".zarr")] if name.endswith(".zarr") else name
+
+
 @main.command()
 @click.option("--store", "store_path", required=True, type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Directory for the dictionary.")
 @click.option("--dict-size", default=4096, show_default=True)
 @click.option("--k", "top_k", default=32, show_default=True, help="Active latents per token (top_k).")
 @click.option("--sparsity", type=click.Choice(["top_k", "l1"]), default="top_k", show_default=True)
+@click.option("--name", "family", default=None, help="Registry family [default: the store's name].")
+@click.option("--alias", default=None, help="Give the new version this alias (e.g. champion).")
+@click.option("--no-registry", is_flag=True, help="Only write files; record nothing in MLflow.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out.")
 @_train_options
-def train(store_path, out, dict_size, top_k, sparsity, resume, **options) -> None:
-    """Train one sparse autoencoder on a store; save sae.safetensors + config.json."""
+def train(store_path, out, dict_size, top_k, sparsity, family, alias, no_registry, resume, **options) -> None:
+    """Train one sparse autoencoder on a store; record and register it in MLflow."""
     from .sae import SAEConfig
     from .store import ActivationStore
-    from .train import train as run
 
     store = ActivationStore.open(store_path)
+    sae_cfg = SAEConfig(store.d, dict_size, top_k, sparsity)
     cfg = _train_config(options)
-    result = run(store, SAEConfig(store.d, dict_size, top_k, sparsity), cfg, out, resume=resume)
-    _print_result(result)
+    if no_registry:
+        from .train import train as run
+
+        _print_result(run(store, sae_cfg, cfg, out, resume=resume))
+        return
+    from .registry import train_and_register
+
+    family = family or _family_for(store_path)
+    recorded = train_and_register(store, sae_cfg, cfg, out, family=family, alias=alias, resume=resume)
+    _print_result(recorded.result)
+    click.echo(f"registered {family}/{recorded.version} (run {recorded.run_id})"
+               + (f" as {family}@{alias}" if alias else ""))
 
 
 @main.command()
@@ -120,9 +146,10 @@ def train(store_path, out, dict_size, top_k, sparsity, resume, **options) -> Non
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(path_type=Path))
 @click.option("--dict-size", default=4096, show_default=True)
 @click.option("--k", "top_k", default=32, show_default=True)
+@click.option("--name", "family", default="minilm-l3-demo", show_default=True, help="Registry family.")
 @_train_options
-def demo(data_dir, out, dict_size, top_k, **options) -> None:
-    """Harvest MiniLM layer 3 over Python's docs (once), train one top_k SAE, print its metrics."""
+def demo(data_dir, out, dict_size, top_k, family, **options) -> None:
+    """Harvest MiniLM layer 3 over Python's docs (once), train and register one top_k SAE, load it back."""
     from . import harvest as H
     from .sae import SAEConfig
     from .store import ActivationStore
@@ -139,9 +166,132 @@ def demo(data_dir, out, dict_size, top_k, **options) -> None:
         store = H.harvest(store_path, H.demo_texts(), layer=3, text_source="python:pydoc_data.topics",
                           overwrite=True)
     options = {"tokens": 1_500_000, **{k: v for k, v in options.items() if v is not None}}
-    result = run(store, SAEConfig(store.d, dict_size, top_k, "top_k"), _train_config(options), out)
-    _print_result(result)
-    click.echo(json.dumps(result.metrics, indent=2))
+    from .registry import load, resolve_tracking_uri, train_and_register
+
+    recorded = train_and_register(store, SAEConfig(store.d, dict_size, top_k, "top_k"), _train_config(options), out,
+                                  family=family, alias="champion")
+    _print_result(recorded.result)
+    click.echo(json.dumps(recorded.result.metrics, indent=2))
+    name = f"{family}@champion"
+    dictionary = load(name)
+    batch = store.read_split("eval", max_tokens=8)
+    values, indices = dictionary.encode_topk(batch)
+    click.echo(f"\nregistered as {family}/{recorded.version}; loaded back with sae_registry.load({name!r})")
+    click.echo(f"encoded {len(batch)} held-out tokens: first token's top latents {indices[0, :8].tolist()}")
+    click.echo(f"browse it: .venv/bin/sae-registry ui   (MLflow UI over {resolve_tracking_uri()})")
+
+
+# -- the registry ---------------------------------------------------------------------------------
+
+
+def _created(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M")
+
+
+def _fmt(value: str | None, spec: str) -> str:
+    try:
+        return format(float(value), spec)
+    except (TypeError, ValueError):
+        return "-"
+
+
+@main.command("list")
+@click.argument("family", required=False)
+def list_(family) -> None:
+    """Families in the registry, or the versions of FAMILY as a table."""
+    from . import registry
+
+    if family is None:
+        client = registry._client()
+        models = client.search_registered_models()
+        if not models:
+            click.echo(f"no dictionaries registered at {registry.resolve_tracking_uri()}")
+        for m in sorted(models, key=lambda m: m.name):
+            aliases = ", ".join(f"{a}=v{v}" for a, v in sorted(m.aliases.items()))
+            latest = max((int(v.version) for v in m.latest_versions), default=0)
+            click.echo(f"{m.name:32s} latest v{latest}  {aliases}")
+        return
+    header = f"{'version':>7}  {'aliases':18} {'dict_size':>9} {'k':>4} {'l1_coeff':>9} {'FVU':>7} {'L0':>7} {'dead':>6}  created"
+    click.echo(header)
+    for v in registry.versions(family):
+        t = v.tags
+        click.echo(
+            f"{v.version:>7}  {','.join(v.aliases) or '-':18} {t.get('dict_size', '-'):>9} {t.get('k') or '-':>4} "
+            f"{_fmt(t.get('l1_coeff'), '.2g'):>9} {_fmt(t.get('fvu'), '.4f'):>7} {_fmt(t.get('l0'), '.1f'):>7} "
+            f"{_fmt(t.get('dead_fraction'), '.3f'):>6}  {_created(v.created)}"
+        )
+
+
+@main.command()
+@click.argument("name")
+def show(name) -> None:
+    """Everything the registry knows about NAME (FAMILY@ALIAS, FAMILY/VERSION or FAMILY)."""
+    from . import registry
+
+    info = registry.resolve(name)
+    click.echo(f"{info.family}/{info.version}  aliases: {', '.join(info.aliases) or '-'}  run: {info.run_id}")
+    click.echo(f"created {_created(info.created)}")
+    for key in sorted(info.tags):
+        click.echo(f"  {key:28s} {info.tags[key]}")
+
+
+@main.command()
+@click.argument("family")
+@click.argument("version", required=False)
+@click.option("--alias", default="champion", show_default=True)
+@click.option("--remove", is_flag=True, help="Remove the alias instead of setting it.")
+def promote(family, version, alias, remove) -> None:
+    """Point ALIAS at VERSION of FAMILY (moving it if needed), or --remove it."""
+    from . import registry
+
+    if remove:
+        registry.remove_alias(family, alias)
+        click.echo(f"removed {family}@{alias}")
+        return
+    if version is None:
+        raise click.UsageError("give the VERSION to promote (or --remove)")
+    registry.set_alias(family, alias, version)
+    click.echo(f"{family}@{alias} -> version {version}")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--store", "store_path", required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Zarr group to write the codes to.")
+@click.option("--split", type=click.Choice(["all", "train", "eval"]), default="all", show_default=True)
+@click.option("--batch-size", default=8192, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--overwrite", is_flag=True)
+def encode(name, store_path, out, split, batch_size, device, overwrite) -> None:
+    """Encode a whole store with dictionary NAME; top_k codes are kept as values + indices."""
+    from .encode import encode_store
+    from .registry import load
+    from .store import ActivationStore
+    from .train import resolve_device
+
+    dictionary = load(name, device=resolve_device(device))
+    store = ActivationStore.open(store_path)
+    path = encode_store(dictionary.sae, store, out, split=split, batch_size=batch_size, overwrite=overwrite,
+                        attrs={"dictionary": f"{dictionary.family}/{dictionary.version}"})
+    click.echo(f"encoded {store.num_tokens(split):,} tokens with {dictionary.family}/{dictionary.version} into {path}")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5000, show_default=True)
+def ui(host, port) -> None:
+    """Start the MLflow UI on the registry (the embedded default unless a server is set)."""
+    from .registry import resolve_tracking_uri
+
+    uri = resolve_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        click.echo(f"the registry is a tracking server: open {uri} in a browser")
+        return
+    click.echo(f"MLflow UI for {uri} at http://{host}:{port}  (Ctrl-C to stop)", err=False)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    mlflow = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow), "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1"]
+    raise SystemExit(subprocess.call(cmd, env=env))
 
 
 if __name__ == "__main__":  # pragma: no cover

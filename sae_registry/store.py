@@ -119,7 +119,7 @@ class ActivationStore:
             )
         if not 0 < eval_fraction < 1:
             raise SAERegistryError(f"eval_fraction must be in (0, 1), got {eval_fraction!r}")
-        path = Path(path)
+        path = Path(path).absolute()
         if path.exists():
             if not overwrite:
                 raise SAERegistryError(
@@ -225,7 +225,7 @@ class ActivationStore:
     @classmethod
     def open(cls, path: str | Path) -> "ActivationStore":
         """Open a finished store for reading; refuses missing, foreign or unfinished stores."""
-        path = Path(path)
+        path = Path(path).absolute()
         if not (path / "zarr.json").exists():
             raise SAERegistryError(
                 f"no activation store at {path}; make one with `sae-registry harvest`"

@@ -27,7 +27,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -122,7 +122,7 @@ def resolve_device(device: str) -> str:
 class TrainResult:
     sae: SparseAutoencoder
     metrics: dict[str, float]  # final evaluation on the held-out split
-    density: torch.Tensor  # per-latent firing frequency on the held-out split
+    evaluation: Evaluation  # the same, with per-latent density and per-token L0
     history: list[dict]  # one entry per evaluation: step, tokens, train and eval numbers
     out_dir: Path
     tokens_per_second: float
@@ -140,17 +140,25 @@ def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> to
     return median
 
 
+class Evaluation(NamedTuple):
+    metrics: dict[str, float]  # see metrics.summary
+    density: torch.Tensor  # [dict_size] firing frequency per latent
+    l0_per_row: torch.Tensor  # [n] active latents per token
+
+
 @torch.no_grad()
-def evaluate(sae: SparseAutoencoder, x: torch.Tensor, batch_size: int = 4096) -> tuple[dict, torch.Tensor]:
-    """Metrics of ``sae`` on raw activations ``x`` (see :mod:`metrics`) and the feature density."""
+def evaluate(sae: SparseAutoencoder, x: torch.Tensor, batch_size: int = 4096) -> Evaluation:
+    """Metrics of ``sae`` on raw activations ``x`` (see :mod:`metrics`), batch by batch."""
     device = next(sae.parameters()).device
-    recon, fired = [], torch.zeros(sae.cfg.dict_size, dtype=torch.float64)
+    recon, l0s, fired = [], [], torch.zeros(sae.cfg.dict_size, dtype=torch.float64)
     for xb in x.split(batch_size):
         h = sae.encode(xb.to(device))
         recon.append(sae.decode(h).cpu())
-        fired += (h != 0).sum(0).cpu().double()
+        active = (h != 0).cpu()
+        fired += active.sum(0).double()
+        l0s.append(active.sum(-1))
     density = fired / len(x)
-    return M.summary(x, torch.cat(recon), density), density
+    return Evaluation(M.summary(x, torch.cat(recon), density), density, torch.cat(l0s))
 
 
 def _lr_factor(step: int, total: int, decay_fraction: float) -> float:
@@ -319,7 +327,7 @@ def train(
 
             if step % cfg.eval_every == 0 or step == total_steps:
                 sae.eval()
-                ev, _ = evaluate(sae, x_eval)
+                ev = evaluate(sae, x_eval).metrics
                 sae.train()
                 elapsed = time.perf_counter() - started
                 entry = {
@@ -352,7 +360,8 @@ def train(
     tokens_per_second = (step - start_step) * cfg.batch_size / max(elapsed, 1e-9)
 
     sae.eval()
-    final, density = evaluate(sae, store.read_split("eval"))
+    evaluation = evaluate(sae, store.read_split("eval"))
+    final = evaluation.metrics
     lineage = {
         "store": {"path": str(store.path), "fingerprint": store.fingerprint, "source": store.source,
                   "n_tokens": len(store)},
@@ -360,4 +369,4 @@ def train(
     sae.save(out_dir, extra={"train": cfg.to_dict(), **lineage, "metrics": final, **(extra or {})})
     (out_dir / METRICS_FILE).write_text(json.dumps(
         {"final": final, "tokens_per_second": tokens_per_second, "history": history}, indent=2))
-    return TrainResult(sae, final, density, history, out_dir, tokens_per_second)
+    return TrainResult(sae, final, evaluation, history, out_dir, tokens_per_second)

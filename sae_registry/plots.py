@@ -1,0 +1,57 @@
+"""Figures a person would rather look at than read: training curves, feature density, L0.
+
+Pure functions from numbers to matplotlib figures (Agg backend, no display needed).
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def training_curves(history: list[dict]):
+    """Training loss and held-out FVU against tokens seen."""
+    tokens = [h["tokens"] for h in history]
+    fig, (ax_loss, ax_fvu) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_loss.plot(tokens, [h["train/loss"] for h in history], label="loss")
+    ax_loss.plot(tokens, [h["train/mse"] for h in history], label="MSE (scaled inputs)")
+    ax_loss.set(xlabel="tokens", ylabel="training loss", yscale="log", title="Training loss")
+    ax_loss.legend()
+    ax_fvu.plot(tokens, [h["eval/fvu"] for h in history], color="C2")
+    ax_fvu.set(xlabel="tokens", ylabel="FVU", title="Held-out fraction of variance unexplained")
+    for ax in (ax_loss, ax_fvu):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def density_histogram(density: torch.Tensor):
+    """Histogram of log10 firing frequency per latent; dead latents counted in the title."""
+    density = np.asarray(density, dtype=np.float64)
+    alive = density[density > 0]
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    if len(alive):
+        ax.hist(np.log10(alive), bins=50, color="C0")
+    ax.set(
+        xlabel="log10(activation frequency)",
+        ylabel="latents",
+        title=f"Feature density ({len(density) - len(alive)} of {len(density)} latents dead)",
+    )
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def l0_histogram(l0_per_row: torch.Tensor):
+    """Distribution of the number of active latents per token."""
+    l0 = np.asarray(l0_per_row, dtype=np.int64)
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.hist(l0, bins=np.arange(l0.min(), l0.max() + 2) - 0.5 if l0.max() - l0.min() < 100 else 50, color="C1")
+    ax.set(xlabel="active latents per token (L0)", ylabel="tokens", title=f"L0 distribution (mean {l0.mean():.1f})")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,567 @@
+"""The dictionary registry on MLflow: record training runs, register versions, find and load by name.
+
+- **Where**: ``MLFLOW_TRACKING_URI`` (or an explicit ``tracking_uri``) when set; otherwise the
+  embedded default, a SQLite database ``mlflow.db`` in the working directory with artifacts in
+  ``./mlruns``, which the stock ``mlflow ui`` opens from the same directory.
+- **Recording** (:func:`train_and_register`): one MLflow run per trained dictionary, in an
+  experiment named after its family: every parameter, metrics over steps (one batched, asynchronous
+  call per evaluation), final held-out metrics, lineage tags, ``metrics.json`` and plots as run
+  artifacts, and the dictionary itself logged as a models-from-code pyfunc (``serving.py``) whose
+  artifacts are ``sae.safetensors`` + ``config.json``.
+- **Registration**: only after all of that succeeded, as a version of the registered model
+  ``family``, tagged with its shape, metrics, lineage and the SHA-256 of both files.
+- **Loading** (:func:`load`): ``family@alias``, ``family/3``, ``models:/family/3``; downloads the two
+  files once per version into a local cache, checks them against the registered checksums,
+  rebuilds the model. Never unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .errors import SAERegistryError
+from .sae import CONFIG_FILE, WEIGHTS_FILE, SAEConfig, SparseAutoencoder
+from .store import ActivationStore
+from .train import METRICS_FILE, TrainConfig, TrainResult, train
+
+MODEL_ARTIFACT = "sae"  # name of the logged pyfunc model inside a run
+METRIC_TAGS = ("fvu", "l0", "dead_fraction", "mse", "explained_variance")
+SERVING_CODE = Path(__file__).with_name("serving.py")
+
+
+# -- where ------------------------------------------------------------------------------------------
+
+
+def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
+    """``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def _client(tracking_uri: str | None = None):
+    import mlflow
+
+    uri = resolve_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(family: str, tracking_uri: str | None = None) -> str:
+    """The id of the experiment named ``family``, created if needed (call it in the driver)."""
+    client = _client(tracking_uri)
+    experiment = client.get_experiment_by_name(family)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(family)
+    except Exception:  # created meanwhile by another process
+        experiment = client.get_experiment_by_name(family)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def check_family_name(family: str) -> str:
+    if not isinstance(family, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}", family):
+        raise SAERegistryError(
+            f"family name {family!r} must be 1-128 letters, digits, '.', '_' or '-' (no '/' or '@')"
+        )
+    return family
+
+
+# -- recording ----------------------------------------------------------------------------------------
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def lineage_tags(store: ActivationStore, sweep_id: str | None = None) -> dict[str, str]:
+    """Tags that trace a dictionary to its data and code; on runs and on versions."""
+    source = store.source
+    tags = {
+        "store.path": str(store.path),
+        "store.fingerprint": store.fingerprint,
+        "source.model": str(source.get("model", "")),
+        "source.layer": str(source.get("layer", "")),
+        "source.hook": str(source.get("hook", "")),
+        "sae_registry.version": __version__,
+    }
+    if sweep_id:
+        tags["sweep.id"] = sweep_id
+    commit = _git_commit()
+    if commit:
+        tags["git.commit"] = commit
+    return tags
+
+
+class MetricLogger:
+    """Training callback: each evaluation's numbers as one asynchronous ``log_batch`` call."""
+
+    def __init__(self, client, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+
+    def __call__(self, step: int, entry: dict) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, step) for k, v in entry.items() if k != "step"]
+        self.client.log_batch(self.run_id, metrics=metrics, synchronous=False)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Recorded:
+    """What :func:`train_and_register` made: the run, and the version when one was registered."""
+
+    run_id: str
+    version: str | None
+    result: TrainResult
+
+
+def train_and_register(
+    store: ActivationStore,
+    sae_cfg: SAEConfig,
+    train_cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    family: str,
+    register: bool = True,
+    alias: str | None = None,
+    sweep_id: str | None = None,
+    parent_run_id: str | None = None,
+    run_name: str | None = None,
+    tracking_uri: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    callback=None,
+) -> Recorded:
+    """Train one dictionary as an MLflow run and (when ``register``) register it in ``family``.
+
+    A run that raises is marked FAILED (KILLED on Ctrl-C) and nothing is registered.
+    """
+    import mlflow
+
+    check_family_name(family)
+    client = _client(tracking_uri)
+    experiment_id = ensure_experiment(family, tracking_uri)
+    tags = lineage_tags(store, sweep_id)
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    name = run_name or default_run_name(sae_cfg, train_cfg)
+    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    run_id = run.info.run_id
+    try:
+        resolved = train_cfg.resolved(sae_cfg)
+        params = {**sae_cfg.to_dict(), **{k: v for k, v in resolved.to_dict().items()},
+                  "store_tokens": len(store)}
+        from mlflow.entities import Param
+
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        logger = MetricLogger(client, run_id)
+
+        def on_eval(step: int, entry: dict) -> None:
+            logger(step, entry)
+            if callback is not None:
+                callback(step, entry)
+
+        result = train(store, sae_cfg, train_cfg, out_dir, resume=resume, callback=on_eval, progress=progress,
+                       extra={"lineage": tags})
+        mlflow.flush_async_logging()
+        version = _finish_run(client, run_id, family, result, tags, register)
+    except KeyboardInterrupt:
+        _end_run(client, run_id, "KILLED")
+        raise
+    except BaseException:
+        _end_run(client, run_id, "FAILED")
+        raise
+    if alias and version:
+        set_alias(family, alias, version, tracking_uri=tracking_uri)
+    return Recorded(run_id, version, result)
+
+
+def default_run_name(sae_cfg: SAEConfig, train_cfg: TrainConfig) -> str:
+    if sae_cfg.sparsity == "top_k":
+        return f"topk-d{sae_cfg.dict_size}-k{sae_cfg.top_k}"
+    return f"l1-d{sae_cfg.dict_size}-l1c{train_cfg.resolved(sae_cfg).l1_coeff:g}"
+
+
+def _end_run(client, run_id: str, status: str) -> None:
+    try:
+        import mlflow
+
+        mlflow.flush_async_logging()
+        client.set_terminated(run_id, status)
+    except Exception:  # the original error matters more than a failed status update
+        pass
+
+
+def _finish_run(client, run_id: str, family: str, result: TrainResult, tags: dict, register: bool) -> str | None:
+    """Final metrics, artifacts and the logged model; then (only then) the registered version."""
+    import mlflow
+    from mlflow.entities import Metric
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from . import plots
+
+    step = result.history[-1]["step"] if result.history else 0
+    client.log_batch(run_id, metrics=[Metric(f"final/{k}", v, 0, step) for k, v in result.metrics.items()]
+                     + [Metric("final/tokens_per_second", result.tokens_per_second, 0, step)])
+    out = result.out_dir
+    client.log_artifact(run_id, str(out / METRICS_FILE))
+    for name, fig in (
+        ("training_curves", plots.training_curves(result.history)),
+        ("feature_density", plots.density_histogram(result.evaluation.density)),
+        ("l0_distribution", plots.l0_histogram(result.evaluation.l0_per_row)),
+    ):
+        client.log_figure(run_id, fig, f"plots/{name}.png")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    cfg = result.sae.cfg
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, cfg.input_size))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, cfg.dict_size))]),
+    )
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT,
+            python_model=str(SERVING_CODE),
+            artifacts={WEIGHTS_FILE: str(out / WEIGHTS_FILE), CONFIG_FILE: str(out / CONFIG_FILE)},
+            signature=signature,
+            pip_requirements=["torch", "safetensors", "numpy", f"sae-registry=={__version__}"],
+        )
+        # leaving the block ends the run FINISHED
+    if not register:
+        return None
+    version_tags = {
+        "dict_size": str(cfg.dict_size),
+        "k": str(cfg.top_k) if cfg.sparsity == "top_k" else "",
+        "sparsity": cfg.sparsity,
+        "l1_coeff": str(json.loads((out / CONFIG_FILE).read_text())["train"]["l1_coeff"]),
+        **{k: repr(float(result.metrics[k])) for k in METRIC_TAGS},
+        **tags,
+        f"sha256.{WEIGHTS_FILE}": _sha256(out / WEIGHTS_FILE),
+        f"sha256.{CONFIG_FILE}": _sha256(out / CONFIG_FILE),
+    }
+    version_tags.pop("mlflow.parentRunId", None)
+    _ensure_registered_model(client, family)
+    version = client.create_model_version(family, source=info.model_uri, run_id=run_id, tags=version_tags,
+                                          model_id=info.model_id)
+    return str(version.version)
+
+
+def _ensure_registered_model(client, family: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(family)
+    except MlflowException:
+        try:
+            client.create_registered_model(family, description="sae-registry dictionary family")
+        except MlflowException:  # created meanwhile by another process
+            client.get_registered_model(family)
+
+
+# -- aliases ------------------------------------------------------------------------------------------
+
+
+def set_alias(family: str, alias: str, version: str | int, tracking_uri: str | None = None) -> None:
+    """Point ``alias`` at ``version`` of ``family`` (moving it if it pointed elsewhere)."""
+    client = _client(tracking_uri)
+    _get_version(client, family, str(version))
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", alias or "") or re.fullmatch(r"v\d+", alias) or alias == "latest":
+        raise SAERegistryError(f"alias {alias!r} must be a word (letters, digits, '_', '-'), not 'latest' or 'v<N>'")
+    client.set_registered_model_alias(family, alias, str(version))
+
+
+def remove_alias(family: str, alias: str, tracking_uri: str | None = None) -> None:
+    client = _client(tracking_uri)
+    aliases = _get_model(client, family).aliases
+    if alias not in aliases:
+        raise SAERegistryError(f"{family} has no alias {alias!r}; it has: {_listing(sorted(aliases))}")
+    client.delete_registered_model_alias(family, alias)
+
+
+# -- finding ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VersionInfo:
+    """One registered dictionary, as the registry describes it."""
+
+    family: str
+    version: str
+    aliases: list[str]
+    tags: dict[str, str]
+    run_id: str | None
+    created: int  # ms since epoch
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {k: float(self.tags[k]) for k in METRIC_TAGS if self.tags.get(k)}
+
+    def get(self, key: str) -> Any:
+        return self.tags.get(key)
+
+
+def _listing(items: list[str], limit: int = 20) -> str:
+    if not items:
+        return "(none)"
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+def _families(client) -> list[str]:
+    return sorted(m.name for m in client.search_registered_models())
+
+
+def _get_model(client, family: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(family)
+    except MlflowException:
+        raise SAERegistryError(
+            f"no dictionary family {family!r} in the registry at {resolve_tracking_uri()}; "
+            f"families: {_listing(_families(client))}"
+        ) from None
+
+
+def _versions(client, family: str) -> list:
+    return client.search_model_versions(f"name='{family}'")
+
+
+def _get_version(client, family: str, version: str):
+    from mlflow.exceptions import MlflowException
+
+    model = _get_model(client, family)
+    try:
+        return client.get_model_version(family, version), model
+    except MlflowException:
+        existing = sorted((str(v.version) for v in _versions(client, family)), key=int)
+        raise SAERegistryError(f"{family} has no version {version}; versions: {_listing(existing)}") from None
+
+
+def _info(client, mv, aliases_by_version: dict[str, list[str]]) -> VersionInfo:
+    version = str(mv.version)
+    return VersionInfo(mv.name, version, aliases_by_version.get(version, []), dict(mv.tags), mv.run_id,
+                       mv.creation_timestamp)
+
+
+def versions(family: str, tracking_uri: str | None = None) -> list[VersionInfo]:
+    """Every version of ``family``, newest first."""
+    client = _client(tracking_uri)
+    model = _get_model(client, family)
+    by_version: dict[str, list[str]] = {}
+    for alias, v in model.aliases.items():
+        by_version.setdefault(str(v), []).append(alias)
+    infos = [_info(client, mv, by_version) for mv in _versions(client, family)]
+    return sorted(infos, key=lambda i: int(i.version), reverse=True)
+
+
+def find(family: str, *, tracking_uri: str | None = None, order_by: str = "fvu", **filters: Any) -> list[VersionInfo]:
+    """Versions of ``family`` whose tags match every filter, best first (lowest ``order_by``).
+
+    ``find("minilm-l3", dict_size=4096, k=32)``; filters compare as numbers when both sides are.
+    """
+
+    def matches(info: VersionInfo) -> bool:
+        for key, wanted in filters.items():
+            have = info.tags.get(key)
+            if have is None:
+                return False
+            try:
+                if float(have) != float(wanted):
+                    return False
+            except (TypeError, ValueError):
+                if str(have) != str(wanted):
+                    return False
+        return True
+
+    def rank(info: VersionInfo) -> tuple:
+        try:
+            return (0, float(info.tags[order_by]), -int(info.version))
+        except (KeyError, ValueError):
+            return (1, 0.0, -int(info.version))
+
+    return sorted((i for i in versions(family, tracking_uri) if matches(i)), key=rank)
+
+
+# -- loading ------------------------------------------------------------------------------------------
+
+_NAME = re.compile(r"^(?:models:/)?(?P<family>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))?$")
+
+
+def parse_name(name: str) -> tuple[str, str | None, str | None]:
+    """``family@alias`` / ``family/3`` / ``models:/...`` / ``family`` -> (family, alias, version)."""
+    m = _NAME.match(name.strip()) if isinstance(name, str) else None
+    if not m:
+        raise SAERegistryError(
+            f"cannot read dictionary name {name!r}: use FAMILY@ALIAS, FAMILY/VERSION or models:/FAMILY/VERSION"
+        )
+    return m["family"], m["alias"], m["version"]
+
+
+def resolve(name: str, tracking_uri: str | None = None) -> VersionInfo:
+    """The registered version ``name`` points at (a bare family means its newest version)."""
+    family, alias, version = parse_name(name)
+    client = _client(tracking_uri)
+    model = _get_model(client, family)
+    if alias is not None:
+        if alias not in model.aliases:
+            raise SAERegistryError(
+                f"{family} has no alias {alias!r}; aliases: "
+                f"{_listing([f'{a} (v{v})' for a, v in sorted(model.aliases.items())])}"
+            )
+        version = str(model.aliases[alias])
+    elif version is None:
+        all_versions = _versions(client, family)
+        if not all_versions:
+            raise SAERegistryError(f"{family} has no versions yet")
+        version = str(max(int(v.version) for v in all_versions))
+    mv, _ = _get_version(client, family, version)
+    by_version: dict[str, list[str]] = {}
+    for a, v in model.aliases.items():
+        by_version.setdefault(str(v), []).append(a)
+    return _info(client, mv, by_version)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SAE_REGISTRY_CACHE", Path.home() / ".cache" / "sae-registry"))
+
+
+def _cache_dir(info: VersionInfo) -> Path:
+    where = hashlib.sha256(resolve_tracking_uri().encode()).hexdigest()[:12]
+    return cache_root() / where / info.family / info.version
+
+
+def _verified(directory: Path, info: VersionInfo) -> bool:
+    """Whether both files are present and match the checksums recorded at registration."""
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        path = directory / name
+        expected = info.tags.get(f"sha256.{name}")
+        if not path.is_file() or expected is None or _sha256(path) != expected:
+            return False
+    return True
+
+
+def _download(info: VersionInfo, directory: Path) -> None:
+    import mlflow
+
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=directory.parent))
+    try:
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            got = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{info.family}/{info.version}/artifacts/{name}", dst_path=str(tmp)
+            )
+            shutil.move(got, tmp / name)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass
+class Dictionary:
+    """A registered dictionary, ready to encode. Get one with :func:`load`."""
+
+    name: str
+    family: str
+    version: str
+    aliases: list[str]
+    sae: SparseAutoencoder
+    metrics: dict[str, float]
+    lineage: dict[str, str]
+    path: Path
+    tags: dict[str, str] = field(repr=False, default_factory=dict)
+
+    @property
+    def config(self) -> SAEConfig:
+        return self.sae.cfg
+
+    @property
+    def device(self) -> torch.device:
+        return self.sae.W_dec.device
+
+    def _tensor(self, x) -> torch.Tensor:
+        if isinstance(x, torch.Tensor):
+            return x.to(self.device, torch.float32)
+        return torch.as_tensor(np.asarray(x, dtype=np.float32), device=self.device)
+
+    @torch.no_grad()
+    def encode(self, x) -> torch.Tensor:
+        """Sparse codes ``[batch, dict_size]`` of raw activations ``[batch, input_size]``."""
+        return self.sae.encode(self._tensor(x))
+
+    @torch.no_grad()
+    def encode_topk(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compact codes ``(values, indices)``, each ``[batch, k]`` (top_k dictionaries)."""
+        return self.sae.encode_topk(self._tensor(x))
+
+    @torch.no_grad()
+    def decode(self, codes) -> torch.Tensor:
+        return self.sae.decode(self._tensor(codes))
+
+    @torch.no_grad()
+    def reconstruct(self, x) -> torch.Tensor:
+        return self.sae(self._tensor(x))
+
+    def to(self, device: str | torch.device) -> "Dictionary":
+        self.sae.to(device)
+        return self
+
+
+def load(name: str, *, device: str | torch.device = "cpu", tracking_uri: str | None = None) -> Dictionary:
+    """Fetch a registered dictionary by name and rebuild it on ``device``.
+
+    ``load("family@champion")``, ``load("family/3")``, ``load("models:/family/3")``. The two files
+    are cached per version (``$SAE_REGISTRY_CACHE``, default ``~/.cache/sae-registry``) and checked
+    against the SHA-256 recorded at registration every time; a mismatch in the cache means a fresh
+    download, a mismatch in the registry's own copy is refused.
+    """
+    info = resolve(name, tracking_uri)
+    directory = _cache_dir(info)
+    if not _verified(directory, info):
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        _download(info, directory)
+        if not _verified(directory, info):
+            shutil.rmtree(directory, ignore_errors=True)
+            raise SAERegistryError(
+                f"the files of {info.family}/{info.version} do not match the checksums recorded when it was "
+                "registered: they were changed or damaged. Refusing to load them."
+            )
+    sae = SparseAutoencoder.load(directory, device=device)
+    lineage = {k: v for k, v in info.tags.items() if k.split(".")[0] in ("store", "source", "sweep", "git",
+                                                                           "sae_registry")}
+    lineage["run_id"] = info.run_id or ""
+    return Dictionary(name, info.family, info.version, info.aliases, sae, info.metrics, lineage, directory,
+                      info.tags)
