@@ -37,6 +37,7 @@ from .sae import CONFIG_FILE, WEIGHTS_FILE, SAEConfig, SparseAutoencoder
 from .store import ActivationStore
 from .train import METRICS_FILE, TrainConfig, TrainResult, train
 
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars per file on load
 MODEL_ARTIFACT = "sae"  # name of the logged pyfunc model inside a run
 METRIC_TAGS = ("fvu", "l0", "dead_fraction", "mse", "explained_variance")
 SERVING_CODE = Path(__file__).with_name("serving.py")
