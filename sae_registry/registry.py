@@ -35,7 +35,7 @@ from . import __version__
 from .errors import SAERegistryError
 from .sae import CONFIG_FILE, WEIGHTS_FILE, SAEConfig, SparseAutoencoder
 from .store import ActivationStore
-from .train import METRICS_FILE, TrainConfig, TrainResult, train
+from .train import METRICS_FILE, TrainConfig, TrainResult, train_pack
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars per file on load
 MODEL_ARTIFACT = "sae"  # name of the logged pyfunc model inside a run
@@ -119,7 +119,7 @@ class MetricLogger:
     def __init__(self, client, run_id: str) -> None:
         self.client, self.run_id = client, run_id
 
-    def __call__(self, step: int, entry: dict) -> None:
+    def __call__(self, step: int, entry: dict, _checkpoint=None) -> None:
         import time
 
         from mlflow.entities import Metric
@@ -155,9 +155,6 @@ def train_and_register(
     family: str,
     register: bool = True,
     alias: str | None = None,
-    sweep_id: str | None = None,
-    parent_run_id: str | None = None,
-    run_name: str | None = None,
     tracking_uri: str | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -167,7 +164,41 @@ def train_and_register(
 
     A run that raises is marked FAILED (KILLED on Ctrl-C) and nothing is registered.
     """
-    import mlflow
+    (recorded,) = record_pack(store, [(sae_cfg, train_cfg, out_dir)], family=family, tracking_uri=tracking_uri,
+                              resume=resume, progress=progress, callbacks=[callback])
+    if register:
+        recorded.version = register_run(recorded.run_id, family, tracking_uri=tracking_uri)
+        if alias:
+            set_alias(family, alias, recorded.version, tracking_uri=tracking_uri)
+    return recorded
+
+
+def default_run_name(sae_cfg: SAEConfig, train_cfg: TrainConfig) -> str:
+    if sae_cfg.sparsity == "top_k":
+        return f"topk-d{sae_cfg.dict_size}-k{sae_cfg.top_k}"
+    return f"l1-d{sae_cfg.dict_size}-l1c{train_cfg.resolved(sae_cfg).l1_coeff:g}"
+
+
+def record_pack(
+    store: ActivationStore,
+    members: list[tuple[SAEConfig, TrainConfig, str | Path]],
+    *,
+    family: str,
+    sweep_id: str | None = None,
+    parent_run_id: str | None = None,
+    run_ids: list[str | None] | None = None,
+    tracking_uri: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    callbacks: list | None = None,
+) -> list[Recorded]:
+    """Train a pack of dictionaries on one batch stream (see ``train.train_pack``), one MLflow run each.
+
+    ``run_ids`` continue existing runs (a retried trial) instead of starting new ones. Nothing is
+    registered here: see :func:`register_run`. If training raises, every run of the pack is marked
+    FAILED (KILLED on Ctrl-C).
+    """
+    from mlflow.entities import Param
 
     check_family_name(family)
     client = _client(tracking_uri)
@@ -175,42 +206,43 @@ def train_and_register(
     tags = lineage_tags(store, sweep_id)
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    name = run_name or default_run_name(sae_cfg, train_cfg)
-    run = client.create_run(experiment_id, run_name=name, tags=tags)
-    run_id = run.info.run_id
-    try:
-        resolved = train_cfg.resolved(sae_cfg)
-        params = {**sae_cfg.to_dict(), **{k: v for k, v in resolved.to_dict().items()},
-                  "store_tokens": len(store)}
-        from mlflow.entities import Param
+    run_ids = list(run_ids or [None] * len(members))
+    for i, (sae_cfg, train_cfg, _) in enumerate(members):
+        if run_ids[i] is not None:
+            client.update_run(run_ids[i], status="RUNNING")
+            continue
+        run = client.create_run(experiment_id, run_name=default_run_name(sae_cfg, train_cfg), tags=tags)
+        run_ids[i] = run.info.run_id
+        params = {**sae_cfg.to_dict(), **train_cfg.resolved(sae_cfg).to_dict(), "store_tokens": len(store)}
+        client.log_batch(run_ids[i], params=[Param(k, str(v)) for k, v in params.items()])
+    loggers = [MetricLogger(client, run_id) for run_id in run_ids]
 
-        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
-        logger = MetricLogger(client, run_id)
-
-        def on_eval(step: int, entry: dict) -> None:
+    def on_eval(logger, user):
+        def call(step: int, entry: dict, checkpoint: Path | None) -> None:
             logger(step, entry)
-            if callback is not None:
-                callback(step, entry)
+            if user is not None:
+                user(step, entry, checkpoint)
+        return call
 
-        result = train(store, sae_cfg, train_cfg, out_dir, resume=resume, callback=on_eval, progress=progress,
-                       extra={"lineage": tags})
+    user_callbacks = callbacks or [None] * len(members)
+    try:
+        results = train_pack(store, members, resume=resume, progress=progress,
+                             callbacks=[on_eval(lg, cb) for lg, cb in zip(loggers, user_callbacks)],
+                             extras=[{"lineage": tags}] * len(members))
+        import mlflow
+
         mlflow.flush_async_logging()
-        version = _finish_run(client, run_id, family, result, tags, register)
+        for run_id, result in zip(run_ids, results):
+            _log_outputs(client, run_id, result)
     except KeyboardInterrupt:
-        _end_run(client, run_id, "KILLED")
+        for run_id in run_ids:
+            _end_run(client, run_id, "KILLED")
         raise
     except BaseException:
-        _end_run(client, run_id, "FAILED")
+        for run_id in run_ids:
+            _end_run(client, run_id, "FAILED")
         raise
-    if alias and version:
-        set_alias(family, alias, version, tracking_uri=tracking_uri)
-    return Recorded(run_id, version, result)
-
-
-def default_run_name(sae_cfg: SAEConfig, train_cfg: TrainConfig) -> str:
-    if sae_cfg.sparsity == "top_k":
-        return f"topk-d{sae_cfg.dict_size}-k{sae_cfg.top_k}"
-    return f"l1-d{sae_cfg.dict_size}-l1c{train_cfg.resolved(sae_cfg).l1_coeff:g}"
+    return [Recorded(run_id, None, result) for run_id, result in zip(run_ids, results)]
 
 
 def _end_run(client, run_id: str, status: str) -> None:
@@ -223,8 +255,9 @@ def _end_run(client, run_id: str, status: str) -> None:
         pass
 
 
-def _finish_run(client, run_id: str, family: str, result: TrainResult, tags: dict, register: bool) -> str | None:
-    """Final metrics, artifacts and the logged model; then (only then) the registered version."""
+def _log_outputs(client, run_id: str, result: TrainResult) -> None:
+    """Final metrics, artifacts, plots and the logged model; the run ends FINISHED."""
+    import matplotlib.pyplot as plt
     import mlflow
     from mlflow.entities import Metric
     from mlflow.models import ModelSignature
@@ -243,8 +276,6 @@ def _finish_run(client, run_id: str, family: str, result: TrainResult, tags: dic
         ("l0_distribution", plots.l0_histogram(result.evaluation.l0_per_row)),
     ):
         client.log_figure(run_id, fig, f"plots/{name}.png")
-        import matplotlib.pyplot as plt
-
         plt.close(fig)
     cfg = result.sae.cfg
     signature = ModelSignature(
@@ -259,23 +290,43 @@ def _finish_run(client, run_id: str, family: str, result: TrainResult, tags: dic
             signature=signature,
             pip_requirements=["torch", "safetensors", "numpy", f"sae-registry=={__version__}"],
         )
+        # What registration needs, kept on the run so that any process can register it later.
+        mlflow.set_tags({
+            "sae.model_uri": info.model_uri,
+            f"sha256.{WEIGHTS_FILE}": _sha256(out / WEIGHTS_FILE),
+            f"sha256.{CONFIG_FILE}": _sha256(out / CONFIG_FILE),
+        })
         # leaving the block ends the run FINISHED
-    if not register:
-        return None
+
+
+def register_run(run_id: str, family: str, tracking_uri: str | None = None) -> str:
+    """Register a finished run's dictionary as a version of ``family``; returns the version.
+
+    Idempotent: a run already registered in ``family`` gives its existing version. Refuses runs that
+    did not finish (nothing half-trained or failed is ever registered).
+    """
+    check_family_name(family)
+    client = _client(tracking_uri)
+    run = client.get_run(run_id)
+    rt, params, metrics = run.data.tags, run.data.params, run.data.metrics
+    if run.info.status != "FINISHED" or "sae.model_uri" not in rt:
+        raise SAERegistryError(f"run {run_id} is {run.info.status}, not a finished dictionary; refusing to register it")
+    for mv in client.search_model_versions(f"run_id='{run_id}'"):
+        if mv.name == family:
+            return str(mv.version)
+    sparsity = params["sparsity"]
     version_tags = {
-        "dict_size": str(cfg.dict_size),
-        "k": str(cfg.top_k) if cfg.sparsity == "top_k" else "",
-        "sparsity": cfg.sparsity,
-        "l1_coeff": str(json.loads((out / CONFIG_FILE).read_text())["train"]["l1_coeff"]),
-        **{k: repr(float(result.metrics[k])) for k in METRIC_TAGS},
-        **tags,
-        f"sha256.{WEIGHTS_FILE}": _sha256(out / WEIGHTS_FILE),
-        f"sha256.{CONFIG_FILE}": _sha256(out / CONFIG_FILE),
+        "dict_size": params["dict_size"],
+        "k": params["top_k"] if sparsity == "top_k" else "",
+        "sparsity": sparsity,
+        "l1_coeff": params["l1_coeff"],
+        **{k: repr(float(metrics[f"final/{k}"])) for k in METRIC_TAGS},
+        **{k: v for k, v in rt.items() if k.split(".")[0] in ("store", "source", "sweep", "git", "sae_registry", "sha256")},
     }
-    version_tags.pop("mlflow.parentRunId", None)
     _ensure_registered_model(client, family)
-    version = client.create_model_version(family, source=info.model_uri, run_id=run_id, tags=version_tags,
-                                          model_id=info.model_id)
+    model_uri = rt["sae.model_uri"]
+    version = client.create_model_version(family, source=model_uri, run_id=run_id, tags=version_tags,
+                                          model_id=model_uri.rsplit("/", 1)[-1])
     return str(version.version)
 
 

@@ -41,7 +41,7 @@ B_DEC_INITS = ("geometric_median", "mean", "zeros")
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.json"
 
-Callback = Callable[[int, dict], None]
+Callback = Callable[[int, dict, "Path | None"], None]  # (step, metrics, checkpoint just written)
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,7 @@ def _save_checkpoint(path: Path, sae: SparseAutoencoder, opt: torch.optim.Optimi
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v for k, v in sae.state_tensors().items()}
-    for name, p in zip(sae.state_tensors(), sae.state_tensors().values()):
+    for name, p in sae.state_tensors().items():
         s = opt.state.get(p)
         if s:
             tensors[f"adam.{name}.exp_avg"] = s["exp_avg"]
@@ -213,6 +213,215 @@ def _load_checkpoint(path: Path, sae: SparseAutoencoder, opt: torch.optim.Optimi
     return state
 
 
+# Options every member of a pack must share: they read one batch stream and evaluate together.
+PACK_SHARED = ("tokens", "batch_size", "seed", "eval_every", "eval_tokens", "checkpoint_every", "device")
+
+
+class _Member:
+    """One dictionary in training: model, optimiser, dead-latent counters, running sums, history."""
+
+    def __init__(self, store: ActivationStore, sae_cfg: SAEConfig, cfg: TrainConfig, out_dir: Path,
+                 callback: Callback | None, extra: dict | None) -> None:
+        if sae_cfg.input_size != store.d:
+            raise SAERegistryError(
+                f"the SAE's input_size ({sae_cfg.input_size}) differs from the store's d ({store.d})"
+            )
+        self.sae_cfg, self.cfg, self.out_dir = sae_cfg, cfg, out_dir
+        self.callback, self.extra = callback, extra
+        self.device = torch.device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.sae = SparseAutoencoder(sae_cfg)
+        self.scale = math.sqrt(store.d) / store.mean_norm if cfg.normalize_inputs else 1.0
+        self.sae.encoder.input_scale.fill_(self.scale)
+        self.sae.to(self.device).train()
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, eps=6.25e-10)
+        self.since_fired = torch.zeros(sae_cfg.dict_size, dtype=torch.long, device=self.device)
+        # Running sums stay on the device: one host sync per evaluation, not per step.
+        self.running = torch.zeros(4, device=self.device)  # loss, mse, aux_loss, l0
+        self.running_steps = 0
+        self.step, self.history = 0, []
+        self.identity = {"sae": sae_cfg.to_dict(), "train": cfg.to_dict(), "store_fingerprint": store.fingerprint}
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / CHECKPOINT_DIR
+
+    @torch.no_grad()
+    def init_b_dec(self, sample: torch.Tensor) -> None:
+        if self.cfg.b_dec_init == "zeros":
+            return
+        x = sample * self.scale
+        self.sae.b_dec.copy_(geometric_median(x) if self.cfg.b_dec_init == "geometric_median" else x.mean(0))
+
+    def resume(self) -> None:
+        state = _load_checkpoint(self.checkpoint_path, self.sae, self.opt, self.since_fired)
+        if {k: state[k] for k in self.identity} != json.loads(json.dumps(self.identity)):
+            raise SAERegistryError(
+                f"the checkpoint in {self.checkpoint_path} was made for another store or other options; "
+                "train into a new --out directory, or drop --resume to start over"
+            )
+        self.step, self.history = state["step"], state["history"]
+
+    def checkpoint(self) -> None:
+        _save_checkpoint(self.checkpoint_path, self.sae, self.opt, self.since_fired,
+                         {**self.identity, "step": self.step, "history": self.history})
+
+    def train_step(self, batch: torch.Tensor, total_steps: int) -> None:
+        cfg, sae = self.cfg, self.sae
+        x = batch * self.scale
+        out = sae.forward_train(x)
+        l1_ramp = min(1.0, (self.step + 1) / max(1.0, cfg.l1_warmup_fraction * total_steps))
+        loss = SparseAutoencoder.loss(x, out.reconstruction, out.hidden_acts, cfg.l1_coeff * l1_ramp)
+        aux = x.new_zeros(())
+        if out.indices is not None and cfg.aux_coeff > 0:
+            aux = auxk_loss(sae, x, out, self.since_fired >= cfg.dead_after_tokens, cfg.aux_k)
+            loss = loss + cfg.aux_coeff * aux
+        for group in self.opt.param_groups:
+            group["lr"] = cfg.lr * _lr_factor(self.step, total_steps, cfg.lr_decay_fraction)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.unit_norm_decoder:
+            sae.remove_parallel_grads_()
+        self.opt.step()
+        if cfg.unit_norm_decoder:
+            sae.normalize_decoder_()
+        with torch.no_grad():
+            active = out.hidden_acts > 0
+            fired = torch.zeros_like(self.since_fired, dtype=torch.bool)
+            if out.indices is not None:
+                fired[out.indices[active]] = True
+            else:
+                fired |= active.any(0)
+            self.since_fired += len(x)
+            self.since_fired[fired] = 0
+            mse = (out.reconstruction - x).pow(2).mean()
+            self.running += torch.stack([loss.detach(), mse, aux.detach(), active.sum(-1).float().mean()])
+        self.running_steps += 1
+        self.step += 1
+
+    def evaluate_and_report(self, x_eval: torch.Tensor, elapsed: float, start_step: int, checkpoint: bool) -> dict:
+        cfg = self.cfg
+        self.sae.eval()
+        ev = evaluate(self.sae, x_eval).metrics
+        self.sae.train()
+        entry = {
+            "step": self.step,
+            "tokens": self.step * cfg.batch_size,
+            **dict(zip(("train/loss", "train/mse", "train/aux_loss", "train/l0"),
+                       (self.running / max(1, self.running_steps)).tolist())),
+            "train/dead_fraction": float((self.since_fired >= cfg.dead_after_tokens).float().mean()),
+            "lr": self.opt.param_groups[0]["lr"],
+            "tokens_per_second": (self.step - start_step) * cfg.batch_size / max(elapsed, 1e-9),
+            **{f"eval/{k}": v for k, v in ev.items()},
+        }
+        self.history.append(entry)
+        self.running.zero_()
+        self.running_steps = 0
+        if not math.isfinite(entry["train/loss"]):
+            raise SAERegistryError(f"training diverged at step {self.step} (loss is {entry['train/loss']}); lower --lr")
+        if checkpoint:
+            self.checkpoint()
+        if self.callback is not None:
+            self.callback(self.step, entry, self.checkpoint_path if checkpoint else None)
+        return entry
+
+    def finish(self, store: ActivationStore, tokens_per_second: float) -> TrainResult:
+        self.sae.eval()
+        evaluation = evaluate(self.sae, store.read_split("eval"))
+        lineage = {"store": {"path": str(store.path), "fingerprint": store.fingerprint, "source": store.source,
+                             "n_tokens": len(store)}}
+        self.sae.save(self.out_dir, extra={"train": self.cfg.to_dict(), **lineage, "metrics": evaluation.metrics,
+                                           **(self.extra or {})})
+        (self.out_dir / METRICS_FILE).write_text(json.dumps(
+            {"final": evaluation.metrics, "tokens_per_second": tokens_per_second, "history": self.history}, indent=2))
+        return TrainResult(self.sae, evaluation.metrics, evaluation, self.history, self.out_dir, tokens_per_second)
+
+
+def train_pack(
+    store: ActivationStore,
+    members: list[tuple[SAEConfig, TrainConfig, str | Path]],
+    *,
+    resume: bool = False,
+    callbacks: list[Callback | None] | None = None,
+    progress: bool = True,
+    extras: list[dict | None] | None = None,
+) -> list[TrainResult]:
+    """Train several dictionaries on one stream of batches: the data is read and shuffled once.
+
+    ``members`` are ``(sae_cfg, train_cfg, out_dir)``; they must agree on :data:`PACK_SHARED` and may
+    differ in everything else (shape, k, sparsity, lr, l1_coeff, ...). Each is saved, checkpointed
+    and reported exactly as :func:`train` does for one.
+    """
+    if not members:
+        raise SAERegistryError("a pack needs at least one configuration")
+    resolved = [cfg.resolved(sae_cfg) for sae_cfg, cfg, _ in members]
+    for name in PACK_SHARED:
+        values = {getattr(cfg, name) for cfg in resolved}
+        if len(values) > 1:
+            raise SAERegistryError(f"packed configurations must share {name}; got {sorted(map(str, values))}")
+    cfg = resolved[0]
+    n_train = store.num_tokens("train")
+    if n_train < cfg.batch_size:
+        raise SAERegistryError(
+            f"the store's training split has {n_train} tokens, fewer than one batch ({cfg.batch_size}); "
+            "harvest more or lower --batch-size"
+        )
+    callbacks = callbacks or [None] * len(members)
+    extras = extras or [None] * len(members)
+    pack = [_Member(store, sae_cfg, rcfg, Path(out), cb, ex)
+            for (sae_cfg, _, out), rcfg, cb, ex in zip(members, resolved, callbacks, extras)]
+    batches = store.batches(min(n_train, 16_384), seed=cfg.seed)
+    sample = next(batches)
+    batches.close()
+    for m in pack:
+        m.init_b_dec(sample)
+        if resume and m.checkpoint_path.exists():
+            m.resume()
+
+    total_steps = cfg.tokens // cfg.batch_size
+    steps_per_epoch = n_train // cfg.batch_size
+    # A crash between two members' checkpoints leaves them at different steps: replay from the
+    # earliest; members that already did a step skip it (the data order is fixed by the seed).
+    step = min(m.step for m in pack)
+    start_steps = [m.step for m in pack]
+    x_eval = store.read_split("eval", max_tokens=cfg.eval_tokens)
+    device = torch.device(cfg.device)
+    bar = tqdm(total=total_steps, initial=step, unit="step", desc="train", disable=not progress)
+    started = time.perf_counter()
+    while step < total_steps:
+        epoch, skip = divmod(step, steps_per_epoch)
+        batches = store.batches(cfg.batch_size, seed=cfg.seed + 1 + epoch, drop_last=True)
+        for i, batch in enumerate(batches):
+            if i < skip:
+                continue
+            if step >= total_steps:
+                break
+            batch = batch.to(device, non_blocking=True)
+            for m in pack:
+                if m.step == step:
+                    m.train_step(batch, total_steps)
+            step += 1
+            bar.update(1)
+            evaluating = step % cfg.eval_every == 0 or step == total_steps
+            checkpointing = step % cfg.checkpoint_every == 0 or step == total_steps
+            if evaluating:
+                elapsed = time.perf_counter() - started
+                entries = [m.evaluate_and_report(x_eval, elapsed, s0, checkpointing)
+                           for m, s0 in zip(pack, start_steps)
+                           if not m.history or m.history[-1]["step"] < step]  # not reported before a crash
+                best = min(entries or [pack[0].history[-1]], key=lambda e: e["eval/fvu"])
+                bar.set_postfix(fvu=f"{best['eval/fvu']:.3f}", l0=f"{best['eval/l0']:.1f}",
+                                dead=f"{best['eval/dead_fraction']:.2f}")
+            elif checkpointing:
+                for m in pack:
+                    m.checkpoint()
+        batches.close()
+    bar.close()
+    elapsed = time.perf_counter() - started
+    return [m.finish(store, (m.step - s0) * cfg.batch_size / max(elapsed, 1e-9)) for m, s0 in zip(pack, start_steps)]
+
+
 def train(
     store: ActivationStore,
     sae_cfg: SAEConfig,
@@ -228,145 +437,9 @@ def train(
 
     With ``resume``, a checkpoint in ``out_dir`` is continued from its step (same data order, same
     optimiser state), provided it was made for the same store and configs. ``callback(step,
-    metrics)`` runs after every evaluation; an exception from it stops training (the last
-    checkpoint stays). ``extra`` is added to the saved ``config.json`` (e.g. lineage).
+    metrics, checkpoint_dir)`` runs after every evaluation (``checkpoint_dir`` is set when a
+    checkpoint was just written); an exception from it stops training (the last checkpoint stays).
+    ``extra`` is added to the saved ``config.json`` (e.g. lineage).
     """
-    if sae_cfg.input_size != store.d:
-        raise SAERegistryError(f"the SAE's input_size ({sae_cfg.input_size}) differs from the store's d ({store.d})")
-    cfg = cfg.resolved(sae_cfg)
-    n_train = store.num_tokens("train")
-    if n_train < cfg.batch_size:
-        raise SAERegistryError(
-            f"the store's training split has {n_train} tokens, fewer than one batch ({cfg.batch_size}); "
-            "harvest more or lower --batch-size"
-        )
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / CHECKPOINT_DIR
-    device = torch.device(cfg.device)
-    torch.manual_seed(cfg.seed)
-
-    sae = SparseAutoencoder(sae_cfg)
-    scale = math.sqrt(store.d) / store.mean_norm if cfg.normalize_inputs else 1.0
-    with torch.no_grad():
-        sae.encoder.input_scale.fill_(scale)
-        if cfg.b_dec_init != "zeros":
-            batches = store.batches(min(n_train, 16_384), seed=cfg.seed)
-            sample = next(batches) * scale
-            batches.close()
-            sae.b_dec.copy_(geometric_median(sample) if cfg.b_dec_init == "geometric_median" else sample.mean(0))
-    sae.to(device).train()
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=6.25e-10)
-    since_fired = torch.zeros(sae_cfg.dict_size, dtype=torch.long, device=device)
-
-    identity = {"sae": sae_cfg.to_dict(), "train": cfg.to_dict(), "store_fingerprint": store.fingerprint}
-    total_steps = cfg.tokens // cfg.batch_size
-    steps_per_epoch = n_train // cfg.batch_size
-    step, history = 0, []
-    if resume and ckpt_path.exists():
-        state = _load_checkpoint(ckpt_path, sae, opt, since_fired)
-        saved = {k: state[k] for k in identity}
-        if saved != json.loads(json.dumps(identity)):
-            raise SAERegistryError(
-                f"the checkpoint in {ckpt_path} was made for another store or other options; "
-                "train into a new --out directory, or drop --resume to start over"
-            )
-        step, history = state["step"], state["history"]
-
-    x_eval = store.read_split("eval", max_tokens=cfg.eval_tokens)
-    # Running sums stay on the device: one host sync per evaluation, not per step.
-    running = torch.zeros(4, device=device)  # loss, mse, aux_loss, l0
-    running_steps = 0
-    bar = tqdm(total=total_steps, initial=step, unit="step", desc="train", disable=not progress)
-    started, start_step = time.perf_counter(), step
-
-    def checkpoint() -> None:
-        _save_checkpoint(ckpt_path, sae, opt, since_fired, {**identity, "step": step, "history": history})
-
-    while step < total_steps:
-        epoch, skip = divmod(step, steps_per_epoch)
-        batches = store.batches(cfg.batch_size, seed=cfg.seed + 1 + epoch, drop_last=True)
-        for i, batch in enumerate(batches):
-            if i < skip:
-                continue
-            if step >= total_steps:
-                break
-            x = batch.to(device, non_blocking=True) * scale
-            out = sae.forward_train(x)
-            l1_ramp = min(1.0, (step + 1) / max(1.0, cfg.l1_warmup_fraction * total_steps))
-            loss = SparseAutoencoder.loss(x, out.reconstruction, out.hidden_acts, cfg.l1_coeff * l1_ramp)
-            mse = (out.reconstruction - x).pow(2).mean().detach()
-            aux = x.new_zeros(())
-            if out.indices is not None and cfg.aux_coeff > 0:
-                aux = auxk_loss(sae, x, out, since_fired >= cfg.dead_after_tokens, cfg.aux_k)
-                loss = loss + cfg.aux_coeff * aux
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * _lr_factor(step, total_steps, cfg.lr_decay_fraction)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.unit_norm_decoder:
-                sae.remove_parallel_grads_()
-            opt.step()
-            if cfg.unit_norm_decoder:
-                sae.normalize_decoder_()
-            with torch.no_grad():
-                fired = torch.zeros_like(since_fired, dtype=torch.bool)
-                if out.indices is not None:
-                    fired[out.indices[out.hidden_acts > 0]] = True
-                    l0 = (out.hidden_acts > 0).sum(-1).float().mean()
-                else:
-                    nonzero = out.hidden_acts > 0
-                    fired |= nonzero.any(0)
-                    l0 = nonzero.sum(-1).float().mean()
-                since_fired += len(x)
-                since_fired[fired] = 0
-                running += torch.stack([loss.detach(), mse, aux.detach(), l0])
-            running_steps += 1
-            step += 1
-            bar.update(1)
-
-            if step % cfg.eval_every == 0 or step == total_steps:
-                sae.eval()
-                ev = evaluate(sae, x_eval).metrics
-                sae.train()
-                elapsed = time.perf_counter() - started
-                entry = {
-                    "step": step,
-                    "tokens": step * cfg.batch_size,
-                    **dict(zip(("train/loss", "train/mse", "train/aux_loss", "train/l0"),
-                               (running / running_steps).tolist())),
-                    "train/dead_fraction": float((since_fired >= cfg.dead_after_tokens).float().mean()),
-                    "lr": opt.param_groups[0]["lr"],
-                    "tokens_per_second": (step - start_step) * cfg.batch_size / max(elapsed, 1e-9),
-                    **{f"eval/{k}": v for k, v in ev.items()},
-                }
-                history.append(entry)
-                running.zero_()
-                running_steps = 0
-                bar.set_postfix(fvu=f"{ev['fvu']:.3f}", l0=f"{ev['l0']:.1f}", dead=f"{ev['dead_fraction']:.2f}")
-                if not math.isfinite(entry["train/loss"]):
-                    raise SAERegistryError(
-                        f"training diverged at step {step} (loss is {entry['train/loss']}); lower --lr"
-                    )
-                if step % cfg.checkpoint_every == 0 or step == total_steps:
-                    checkpoint()
-                if callback is not None:
-                    callback(step, entry)
-            elif step % cfg.checkpoint_every == 0:
-                checkpoint()
-        batches.close()
-    bar.close()
-    elapsed = time.perf_counter() - started
-    tokens_per_second = (step - start_step) * cfg.batch_size / max(elapsed, 1e-9)
-
-    sae.eval()
-    evaluation = evaluate(sae, store.read_split("eval"))
-    final = evaluation.metrics
-    lineage = {
-        "store": {"path": str(store.path), "fingerprint": store.fingerprint, "source": store.source,
-                  "n_tokens": len(store)},
-    }
-    sae.save(out_dir, extra={"train": cfg.to_dict(), **lineage, "metrics": final, **(extra or {})})
-    (out_dir / METRICS_FILE).write_text(json.dumps(
-        {"final": final, "tokens_per_second": tokens_per_second, "history": history}, indent=2))
-    return TrainResult(sae, final, evaluation, history, out_dir, tokens_per_second)
+    return train_pack(store, [(sae_cfg, cfg, out_dir)], resume=resume, callbacks=[callback], progress=progress,
+                      extras=[extra])[0]

@@ -234,7 +234,7 @@ def test_a_failed_run_is_marked_and_never_registered(registry, first, synthetic_
     store, _ = synthetic_store
     before = len(versions(FAMILY))
 
-    def crash(step, _metrics):
+    def crash(step, _metrics, _checkpoint):
         if step == 8:
             raise RuntimeError("worker lost")
 

@@ -44,7 +44,7 @@ def test_resume_continues_exactly_where_it_stopped(synthetic_store, tmp_path):
     class Killed(Exception):
         pass
 
-    def die_at_step_25(step, _metrics):
+    def die_at_step_25(step, _metrics, _checkpoint):
         if step == 25:
             raise Killed
 
@@ -52,7 +52,7 @@ def test_resume_continues_exactly_where_it_stopped(synthetic_store, tmp_path):
         train(store, sae_cfg, cfg, tmp_path / "cut", callback=die_at_step_25, progress=False)
     seen = []
     resumed = train(store, sae_cfg, cfg, tmp_path / "cut", resume=True, progress=False,
-                    callback=lambda step, _m: seen.append(step))
+                    callback=lambda step, _m, _c: seen.append(step))
     assert seen[0] == 25  # the last checkpoint was at step 20: 5 steps redone, not 25
     for a, b in zip(whole.sae.state_tensors().values(), resumed.sae.state_tensors().values()):
         torch.testing.assert_close(a, b)
@@ -105,3 +105,53 @@ def test_defaults_follow_the_dictionary_shape():
 def test_geometric_median_resists_outliers():
     x = torch.cat([torch.randn(200, 3) * 0.1, torch.full((20, 3), 100.0)])
     assert geometric_median(x).norm() < 1.0 < x.mean(0).norm()
+
+
+def test_a_pack_trains_each_member_exactly_as_alone(synthetic_store, tmp_path):
+    from sae_registry.train import train_pack
+
+    store, _ = synthetic_store
+    base = dict(tokens=10 * 1024, batch_size=1024, eval_every=5, dead_after_tokens=4096)
+    members = [
+        (SAEConfig(32, 64, 4), TrainConfig(lr=1e-3, **base)),
+        (SAEConfig(32, 128, 8), TrainConfig(lr=2e-3, **base)),
+        (SAEConfig(32, 64, sparsity="l1"), TrainConfig(l1_coeff=1e-3, **base)),
+    ]
+    packed = train_pack(store, [(s, c, tmp_path / f"p{i}") for i, (s, c) in enumerate(members)], progress=False)
+    for i, ((sae_cfg, cfg), result) in enumerate(zip(members, packed)):
+        alone = train(store, sae_cfg, cfg, tmp_path / f"a{i}", progress=False)
+        for a, b in zip(alone.sae.state_tensors().values(), result.sae.state_tensors().values()):
+            torch.testing.assert_close(a, b)
+        assert (tmp_path / f"p{i}" / "sae.safetensors").exists()
+    with pytest.raises(SAERegistryError, match="must share batch_size"):
+        train_pack(store, [(SAEConfig(32, 64, 4), TrainConfig(batch_size=512), tmp_path / "x"),
+                           (SAEConfig(32, 64, 4), TrainConfig(batch_size=1024), tmp_path / "y")], progress=False)
+
+
+def test_a_pack_resumes_members_left_at_different_steps(synthetic_store, tmp_path):
+    from sae_registry.train import train_pack
+
+    store, _ = synthetic_store
+    cfg = TrainConfig(tokens=20 * 1024, batch_size=1024, eval_every=5, checkpoint_every=5, lr=1e-3)
+    shapes = [SAEConfig(32, 64, 4), SAEConfig(32, 64, 8)]
+    whole = train_pack(store, [(s, cfg, tmp_path / f"w{i}") for i, s in enumerate(shapes)], progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def die(step, _m, _c):
+        if step == 15:
+            raise Killed
+
+    # the first member dies at its step-15 report: it has checkpointed step 15, the second only step 10
+    with pytest.raises(Killed):
+        train_pack(store, [(s, cfg, tmp_path / f"c{i}") for i, s in enumerate(shapes)], callbacks=[die, None],
+                   progress=False)
+    steps = [json.loads((tmp_path / f"c{i}" / "checkpoint" / "state.json").read_text())["step"] for i in range(2)]
+    assert steps == [15, 10]
+    resumed = train_pack(store, [(s, cfg, tmp_path / f"c{i}") for i, s in enumerate(shapes)], resume=True,
+                         progress=False)
+    for w, r in zip(whole, resumed):
+        for a, b in zip(w.sae.state_tensors().values(), r.sae.state_tensors().values()):
+            torch.testing.assert_close(a, b)
+        assert [h["step"] for h in r.history] == [h["step"] for h in w.history]
