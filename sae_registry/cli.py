@@ -181,6 +181,24 @@ def demo(data_dir, out, dict_size, top_k, family, **options) -> None:
     click.echo(f"browse it: .venv/bin/sae-registry ui   (MLflow UI over {resolve_tracking_uri()})")
 
 
+@main.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))
+@click.option("--resume", is_flag=True, help="Continue an interrupted sweep: finish missing trials, no duplicates.")
+@click.option("--address", default=None, help="Ray cluster address [env RAY_ADDRESS; default: a local Ray].")
+def sweep(spec_path, resume, address) -> None:
+    """Train a grid of dictionaries (a YAML spec) on Ray Tune and register the best in MLflow."""
+    from . import sweep as S
+
+    spec = S.SweepSpec.from_yaml(spec_path)
+    click.echo(f"sweep {spec.name}: {len(spec.configurations())} dictionaries in {len(spec.packs())} trial(s)")
+    result = S.run(spec, resume=resume, address=address)
+    click.echo(S.summary_table(result, spec.alias))
+    if result.champion:
+        click.echo(f"champion: sae_registry.load({spec.name + '@' + spec.alias!r})  (version {result.champion})")
+    if result.failed_trials:
+        raise click.ClickException(f"{result.failed_trials} trial(s) failed; rerun with --resume to retry them")
+
+
 # -- the registry ---------------------------------------------------------------------------------
 
 

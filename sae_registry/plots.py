@@ -55,3 +55,19 @@ def l0_histogram(l0_per_row: torch.Tensor):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def frontier(rows: list[dict]):
+    """A sweep: FVU against L0, one series per dict_size, frontier points joined by a line."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, size in enumerate(sorted({r["dict_size"] for r in rows})):
+        mine = [r for r in rows if r["dict_size"] == size]
+        color = f"C{i % 10}"
+        ax.scatter([r["l0"] for r in mine], [r["fvu"] for r in mine], color=color, alpha=0.5)
+        front = sorted((r for r in mine if r.get("frontier")), key=lambda r: r["l0"])
+        ax.plot([r["l0"] for r in front], [r["fvu"] for r in front], "o-", color=color, label=f"dict_size {size}")
+    ax.set(xscale="log", xlabel="L0 (active latents per token)", ylabel="FVU", title="Sweep: FVU vs L0 frontier")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    return fig

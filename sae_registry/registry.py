@@ -179,25 +179,17 @@ def default_run_name(sae_cfg: SAEConfig, train_cfg: TrainConfig) -> str:
     return f"l1-d{sae_cfg.dict_size}-l1c{train_cfg.resolved(sae_cfg).l1_coeff:g}"
 
 
-def record_pack(
+def start_runs(
     store: ActivationStore,
     members: list[tuple[SAEConfig, TrainConfig, str | Path]],
     *,
     family: str,
     sweep_id: str | None = None,
     parent_run_id: str | None = None,
-    run_ids: list[str | None] | None = None,
     tracking_uri: str | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    callbacks: list | None = None,
-) -> list[Recorded]:
-    """Train a pack of dictionaries on one batch stream (see ``train.train_pack``), one MLflow run each.
-
-    ``run_ids`` continue existing runs (a retried trial) instead of starting new ones. Nothing is
-    registered here: see :func:`register_run`. If training raises, every run of the pack is marked
-    FAILED (KILLED on Ctrl-C).
-    """
+    member_tags: list[dict] | None = None,
+) -> list[str]:
+    """Create one MLflow run per configuration, with its parameters and lineage tags; their ids."""
     from mlflow.entities import Param
 
     check_family_name(family)
@@ -206,15 +198,42 @@ def record_pack(
     tags = lineage_tags(store, sweep_id)
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    run_ids = list(run_ids or [None] * len(members))
-    for i, (sae_cfg, train_cfg, _) in enumerate(members):
-        if run_ids[i] is not None:
-            client.update_run(run_ids[i], status="RUNNING")
-            continue
-        run = client.create_run(experiment_id, run_name=default_run_name(sae_cfg, train_cfg), tags=tags)
-        run_ids[i] = run.info.run_id
+    run_ids = []
+    for (sae_cfg, train_cfg, _), extra in zip(members, member_tags or [{}] * len(members)):
+        run = client.create_run(experiment_id, run_name=default_run_name(sae_cfg, train_cfg), tags={**tags, **extra})
         params = {**sae_cfg.to_dict(), **train_cfg.resolved(sae_cfg).to_dict(), "store_tokens": len(store)}
-        client.log_batch(run_ids[i], params=[Param(k, str(v)) for k, v in params.items()])
+        client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        run_ids.append(run.info.run_id)
+    return run_ids
+
+
+def record_pack(
+    store: ActivationStore,
+    members: list[tuple[SAEConfig, TrainConfig, str | Path]],
+    *,
+    family: str,
+    sweep_id: str | None = None,
+    parent_run_id: str | None = None,
+    run_ids: list[str] | None = None,
+    tracking_uri: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    callbacks: list | None = None,
+) -> list[Recorded]:
+    """Train a pack of dictionaries on one batch stream (see ``train.train_pack``), one MLflow run each.
+
+    ``run_ids`` continue existing runs (made by :func:`start_runs`; a retried trial) instead of starting
+    new ones. Nothing is registered here: see :func:`register_run`. If training raises, every run of
+    the pack is marked FAILED (KILLED on Ctrl-C).
+    """
+    client = _client(tracking_uri)
+    if run_ids is None:
+        run_ids = start_runs(store, members, family=family, sweep_id=sweep_id, parent_run_id=parent_run_id,
+                             tracking_uri=tracking_uri)
+    else:
+        for run_id in run_ids:
+            client.update_run(run_id, status="RUNNING")
+    tags = {k: v for k, v in client.get_run(run_ids[0]).data.tags.items() if not k.startswith("mlflow.")}
     loggers = [MetricLogger(client, run_id) for run_id in run_ids]
 
     def on_eval(logger, user):

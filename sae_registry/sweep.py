@@ -1,0 +1,485 @@
+"""Sweeps: a YAML spec -> a Ray Tune grid of training trials -> runs and versions in the registry.
+
+A trial trains one *pack* of configurations on one shared batch stream (``pack: 1`` means one
+dictionary per trial). Every dictionary is its own MLflow run, a child of the sweep's parent run.
+When the grid is done, the Pareto frontier of FVU against L0 (per dict_size) is computed from the
+registry, the chosen versions are registered, the best gets the alias, and the parent run gets a
+summary table and a frontier plot.
+
+Faults: trials report a Tune checkpoint (our safetensors checkpoints + the MLflow run ids) every
+``checkpoint_every`` steps; a crashed trial is retried from it (``max_failures``) and continues the
+same MLflow runs. A sweep interrupted as a whole is continued with ``resume=True``: finished trials
+are not rerun, registration is idempotent, so no run or version is duplicated.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .errors import SAERegistryError, require_positive_int
+from .sae import SAEConfig
+from .train import PACK_SHARED, TrainConfig
+
+REGISTER_CHOICES = ("all", "pareto", "none")
+SAE_KEYS = {"dict_size", "k", "sparsity"}
+TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
+STATE_FILE = "sae_registry_sweep.json"
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A sweep, as written in ``jobs/*.yaml``. Validated once; errors name the field."""
+
+    name: str  # the registry family, and the sweep's name
+    store: str  # path (relative to the working directory) or URL of the activation store
+    grid: tuple[dict, ...]  # one or more grids: {key: [values]}; keys: dict_size, k, sparsity, any train option
+    train: dict = field(default_factory=dict)  # fixed training options
+    seeds: tuple[int, ...] = (0,)
+    resources: dict = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
+    max_concurrent_trials: int = 0  # 0: as many as the resources allow
+    pack: int = 1  # configurations trained together on one batch stream, per trial
+    register: str = "pareto"
+    alias: str | None = "champion"
+    max_failures: int = 2  # retries of a crashed trial, each from its last checkpoint
+    storage: str = "ray_results"  # where Tune keeps trial state and checkpoints (shared path or URL on a cluster)
+    harvest: dict | None = None  # how to make the store when it does not exist yet (see harvest.harvest)
+
+    def __post_init__(self) -> None:
+        from .registry import check_family_name
+
+        check_family_name(self.name)
+        if not isinstance(self.store, str) or not self.store:
+            raise SAERegistryError("store: give the path or URL of an activation store")
+        if not self.grid:
+            raise SAERegistryError("grid: is empty; give at least one key with a list of values")
+        for g in self.grid:
+            if not isinstance(g, dict) or not g:
+                raise SAERegistryError("grid: each grid must be a non-empty mapping of key -> list of values")
+            for key, values in g.items():
+                if key not in SAE_KEYS | TRAIN_KEYS:
+                    raise SAERegistryError(
+                        f"grid: unknown key {key!r}; use dict_size, k, sparsity or a training option "
+                        f"({', '.join(sorted(TRAIN_KEYS))})"
+                    )
+                if not isinstance(values, list) or not values:
+                    raise SAERegistryError(f"grid.{key}: must be a non-empty list, got {values!r}")
+        unknown = set(self.train) - TRAIN_KEYS
+        if unknown:
+            raise SAERegistryError(f"train: unknown options {sorted(unknown)}; known: {', '.join(sorted(TRAIN_KEYS))}")
+        for key in ("seed",):
+            if key in self.train:
+                raise SAERegistryError("train.seed: use seeds: [..] at the top level")
+        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
+            raise SAERegistryError(f"seeds: must be a non-empty list of integers, got {list(self.seeds)!r}")
+        unknown = set(self.resources) - {"cpu", "gpu"}
+        if unknown:
+            raise SAERegistryError(f"resources: unknown keys {sorted(unknown)}; use cpu and gpu")
+        for key in ("cpu", "gpu"):
+            value = self.resources.get(key, 0)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or not math.isfinite(value):
+                raise SAERegistryError(f"resources.{key}: must be a number >= 0, got {value!r}")
+        if self.resources.get("cpu", 0) <= 0 and self.resources.get("gpu", 0) <= 0:
+            raise SAERegistryError("resources: a trial needs some cpu or gpu")
+        if isinstance(self.max_concurrent_trials, bool) or not isinstance(self.max_concurrent_trials, int) \
+                or self.max_concurrent_trials < 0:
+            raise SAERegistryError(f"max_concurrent_trials: must be an integer >= 0, got {self.max_concurrent_trials!r}")
+        require_positive_int("pack", self.pack)
+        if isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int) or self.max_failures < 0:
+            raise SAERegistryError(f"max_failures: must be an integer >= 0, got {self.max_failures!r}")
+        if self.register not in REGISTER_CHOICES:
+            raise SAERegistryError(f"register: must be one of {', '.join(REGISTER_CHOICES)}, got {self.register!r}")
+        self.configurations()  # every combination must be a valid SAE and training config
+
+    # -- building -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SweepSpec":
+        if not isinstance(data, dict):
+            raise SAERegistryError("a sweep spec must be a YAML mapping")
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise SAERegistryError(f"unknown spec fields {sorted(unknown)}; known: {', '.join(sorted(known))}")
+        missing = {"name", "store", "grid"} - set(data)
+        if missing:
+            raise SAERegistryError(f"the spec is missing {', '.join(sorted(missing))}")
+        data = dict(data)
+        grid = data["grid"]
+        data["grid"] = tuple(grid) if isinstance(grid, list) else (grid,)
+        if "seeds" in data:
+            seeds = data["seeds"]
+            data["seeds"] = tuple(seeds) if isinstance(seeds, list) else (seeds,)
+        for key in ("train", "resources"):
+            if key in data and not isinstance(data[key], dict):
+                raise SAERegistryError(f"{key}: must be a mapping, got {data[key]!r}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "SweepSpec":
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise SAERegistryError(f"no sweep spec at {path}")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise SAERegistryError(f"{path} is not valid YAML: {e}") from e
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["grid"], d["seeds"] = list(self.grid), list(self.seeds)
+        return d
+
+    def configurations(self, input_size: int = 1) -> list[tuple[SAEConfig, TrainConfig]]:
+        """Every distinct (SAEConfig, TrainConfig) of the grid(s) x seeds, in a stable order.
+
+        Combinations that mean the same thing are kept once: k does not matter for ``l1``.
+        ``input_size`` is the store's width (unknown, and irrelevant, when only validating).
+        """
+        seen, out = set(), []
+        for g, seed in itertools.product(self.grid, self.seeds):
+            keys = list(g)
+            for values in itertools.product(*(g[k] for k in keys)):
+                point = dict(zip(keys, values))
+                sparsity = point.get("sparsity", "top_k")
+                sae_kw = {"dict_size": point.get("dict_size", 4096), "sparsity": sparsity,
+                          "top_k": point.get("k", 32) if sparsity == "top_k" else 32}
+                train_kw = {**self.train, **{k: v for k, v in point.items() if k in TRAIN_KEYS}, "seed": seed}
+                try:
+                    sae_cfg = SAEConfig(input_size=input_size, **sae_kw)
+                    train_cfg = TrainConfig(**train_kw)
+                except SAERegistryError as e:
+                    raise SAERegistryError(f"grid point {point} (seed {seed}): {e}") from None
+                except TypeError as e:
+                    raise SAERegistryError(f"grid point {point}: {e}") from None
+                key = (json.dumps(sae_cfg.to_dict(), sort_keys=True), json.dumps(train_cfg.to_dict(), sort_keys=True))
+                if key not in seen:
+                    seen.add(key)
+                    out.append((sae_cfg, train_cfg))
+        return out
+
+    def packs(self, input_size: int = 1) -> list[list[tuple[SAEConfig, TrainConfig]]]:
+        """Configurations grouped ``pack`` at a time; a pack only holds configs that can share batches."""
+        groups: dict[tuple, list] = {}
+        for sae_cfg, train_cfg in self.configurations(input_size):
+            shared = tuple(getattr(train_cfg, k) for k in PACK_SHARED)
+            groups.setdefault(shared, []).append((sae_cfg, train_cfg))
+        return [members[i: i + self.pack] for members in groups.values() for i in range(0, len(members), self.pack)]
+
+
+def _member_name(sae_cfg: SAEConfig, train_cfg: TrainConfig) -> str:
+    from .registry import default_run_name
+
+    return f"{default_run_name(sae_cfg, train_cfg)}-s{train_cfg.seed}"
+
+
+# -- the trial (runs in a Ray worker) ---------------------------------------------------------------
+
+
+def _trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, parent_run_id: str, tracking_uri: str,
+           device: str, threads: int) -> None:
+    """Train one pack; report to Tune at every evaluation, with a checkpoint when one was written."""
+    import torch
+    from ray import tune
+
+    from .registry import record_pack, start_runs
+    from .store import ActivationStore
+
+    torch.set_num_threads(max(1, threads))
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    store = ActivationStore.open(store_path)
+    members = SweepSpec.from_dict(spec).packs(store.d)[config["pack"]]
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    names = [_member_name(s, t) for s, t in members]
+    out_dirs = [trial_dir / "dictionaries" / n for n in names]
+    members = [(s, replace(t, device=device), o) for (s, t), o in zip(members, out_dirs)]
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        # No Tune checkpoint, but an earlier attempt of this sweep may have made runs for these
+        # members (interrupted before its first checkpoint, or finished just before the head died).
+        existing = _member_runs(spec["name"], sweep_id, names, tracking_uri)
+        if len(existing) == len(names) and all(r.info.status == "FINISHED" for r in existing.values()):
+            tune.report({"step": 0, "done": 1, "fvu": min(r.data.metrics.get("final/fvu", 1.0) for r in existing.values()),
+                         "l0": min(r.data.metrics.get("final/l0", 0.0) for r in existing.values())})
+            return
+        missing = [i for i, n in enumerate(names) if n not in existing]
+        new_ids = iter(start_runs(store, [members[i] for i in missing], family=spec["name"], sweep_id=sweep_id,
+                                  parent_run_id=parent_run_id, tracking_uri=tracking_uri,
+                                  member_tags=[{"sweep.member": names[i]} for i in missing]))
+        run_ids = [existing[n].info.run_id if n in existing else next(new_ids) for n in names]
+    else:  # a retry: continue from the last reported checkpoint, in the same MLflow runs
+        with checkpoint.as_directory() as saved:
+            saved = Path(saved)
+            run_ids = json.loads((saved / "runs.json").read_text())
+            for name, out in zip(names, out_dirs):
+                shutil.rmtree(out / "checkpoint", ignore_errors=True)
+                out.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(saved / name, out / "checkpoint")
+
+    pending: dict[int, dict] = {}
+
+    def reporter(i: int):
+        def call(step: int, entry: dict, checkpoint_dir: Path | None) -> None:
+            pending[i] = {**entry, "_checkpoint": checkpoint_dir}
+            if len(pending) < len(members):  # one Tune report per step, when every member has evaluated
+                return
+            metrics = {"step": step, "fvu": min(e["eval/fvu"] for e in pending.values()),
+                       "l0": min(e["eval/l0"] for e in pending.values())}
+            for j, e in pending.items():
+                metrics.update({f"{names[j]}/fvu": e["eval/fvu"], f"{names[j]}/l0": e["eval/l0"]})
+            if all(e["_checkpoint"] is not None for e in pending.values()):
+                with tempfile.TemporaryDirectory() as tmp:
+                    for name, out in zip(names, out_dirs):
+                        shutil.copytree(out / "checkpoint", Path(tmp) / name)
+                    (Path(tmp) / "runs.json").write_text(json.dumps(run_ids))
+                    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+            else:
+                tune.report(metrics)
+            pending.clear()
+        return call
+
+    recorded = record_pack(store, members, family=spec["name"], run_ids=run_ids, tracking_uri=tracking_uri,
+                           resume=checkpoint is not None, progress=False,
+                           callbacks=[reporter(i) for i in range(len(members))])
+    tune.report({"step": recorded[0].result.history[-1]["step"], "done": 1,
+                 "fvu": min(r.result.metrics["fvu"] for r in recorded),
+                 "l0": min(r.result.metrics["l0"] for r in recorded)})
+
+
+def _member_runs(family: str, sweep_id: str, names: list[str], tracking_uri: str) -> dict:
+    """This sweep's runs for these member names, by name (the newest when there are several)."""
+    from .registry import _client
+
+    client = _client(tracking_uri)
+    experiment = client.get_experiment_by_name(family)
+    found: dict = {}
+    for name in names:
+        runs = client.search_runs([experiment.experiment_id],
+                                  f"tags.`sweep.id` = '{sweep_id}' and tags.`sweep.member` = '{name}'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        if runs:
+            found[name] = runs[0]
+    return found
+
+
+# -- the driver ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepResult:
+    sweep_id: str
+    parent_run_id: str
+    dictionaries: list[dict]  # one row per trained dictionary: run, shape, metrics, frontier, version
+    champion: str | None  # the version given the alias
+    failed_trials: int
+    wall_seconds: float
+
+
+def pareto_frontier(rows: list[dict]) -> list[bool]:
+    """Per dict_size, whether each row is on the FVU-vs-L0 frontier (no other row has both <=, one <)."""
+    on = []
+    for r in rows:
+        dominated = any(
+            o is not r and o["dict_size"] == r["dict_size"]
+            and o["fvu"] <= r["fvu"] and o["l0"] <= r["l0"] and (o["fvu"] < r["fvu"] or o["l0"] < r["l0"])
+            for o in rows
+        )
+        on.append(not dominated)
+    return on
+
+
+def _ensure_store(spec: SweepSpec) -> str:
+    """The store's absolute path or URL; harvested first when missing and the spec says how."""
+    from .store import ActivationStore
+
+    if "://" in spec.store:
+        return spec.store
+    path = Path(spec.store).absolute()
+    if not (path / "zarr.json").exists() and spec.harvest is not None:
+        from . import harvest as H
+
+        options = dict(spec.harvest)
+        text = options.pop("text", None)
+        texts = H.read_texts(text) if text else H.demo_texts()
+        H.harvest(path, texts, text_source=text or "python:pydoc_data.topics", **options)
+    ActivationStore.open(path)  # refuses missing, foreign or unfinished stores with a clear message
+    return str(path)
+
+
+def _start_ray(address: str | None):
+    """Connect to ``address`` / ``$RAY_ADDRESS``, or start a local Ray on this machine's CPUs."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return False
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise SAERegistryError(f"cannot reach a Ray cluster at {address}: {e}") from e
+    return True
+
+
+def _check_resources(spec: SweepSpec) -> None:
+    """Refuse trials the cluster can never place (Tune would leave them PENDING forever)."""
+    import ray
+
+    per_node = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    need_cpu, need_gpu = spec.resources.get("cpu", 0), spec.resources.get("gpu", 0)
+    if not any(r.get("CPU", 0) >= need_cpu and r.get("GPU", 0) >= need_gpu for r in per_node):
+        have = ", ".join(f"{r.get('CPU', 0):g} CPU/{r.get('GPU', 0):g} GPU" for r in per_node) or "no nodes"
+        raise SAERegistryError(
+            f"no node of the Ray cluster can run a trial needing {need_cpu:g} CPU and {need_gpu:g} GPU "
+            f"(nodes: {have}); lower resources: in the spec or add such a node"
+        )
+
+
+def run(
+    spec: SweepSpec,
+    *,
+    resume: bool = False,
+    address: str | None = None,
+    tracking_uri: str | None = None,
+    verbose: int = 1,
+) -> SweepResult:
+    """Run (or with ``resume``, continue) a sweep; register its dictionaries; summarise it on MLflow."""
+    import time
+
+    import ray
+    from ray import tune
+
+    from .registry import _client, ensure_experiment, lineage_tags, resolve_tracking_uri
+    from .store import ActivationStore
+
+    started = time.perf_counter()
+    uri = resolve_tracking_uri(tracking_uri)
+    store_path = _ensure_store(spec)
+    store = ActivationStore.open(store_path)
+    packs = spec.packs(store.d)
+    storage = spec.storage if "://" in spec.storage else str(Path(spec.storage).absolute())
+    state_path = Path(storage) / f"{spec.name}.sweep.json" if "://" not in storage else None
+    client = _client(uri)
+    if resume:
+        if state_path is None or not state_path.exists():
+            raise SAERegistryError(f"no sweep {spec.name!r} to resume in {storage}; run it without --resume")
+        state = json.loads(state_path.read_text())
+    else:
+        if state_path is not None and state_path.exists():
+            raise SAERegistryError(
+                f"sweep {spec.name!r} already ran in {storage}: continue it with --resume, or remove "
+                f"{state_path} and {Path(storage) / spec.name} to start over"
+            )
+        experiment_id = ensure_experiment(spec.name, uri)  # in the driver, before any trial (see STACK-NOTES)
+        sweep_id = f"{spec.name}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}"
+        parent = client.create_run(experiment_id, run_name=f"sweep {spec.name}",
+                                   tags={**lineage_tags(store, sweep_id), "sweep.role": "parent"})
+        client.log_dict(parent.info.run_id, spec.to_dict(), "sweep_spec.json")
+        state = {"sweep_id": sweep_id, "parent_run_id": parent.info.run_id, "tracking_uri": uri}
+        if state_path is not None:
+            state_path.parent.mkdir(parents=True, exist_ok=True)
+            state_path.write_text(json.dumps(state, indent=2))
+    sweep_id, parent_run_id = state["sweep_id"], state["parent_run_id"]
+
+    started_ray = _start_ray(address)
+    try:
+        _check_resources(spec)
+        cpu, gpu = spec.resources.get("cpu", 0), spec.resources.get("gpu", 0)
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial, spec=spec.to_dict(), store_path=store_path, sweep_id=sweep_id,
+                                 parent_run_id=parent_run_id, tracking_uri=uri,
+                                 device="cuda" if gpu > 0 else "cpu", threads=max(1, int(cpu))),
+            {"cpu": cpu, "gpu": gpu},
+        )
+        experiment_path = f"{storage}/{spec.name}"
+        if resume and tune.Tuner.can_restore(experiment_path):
+            tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"pack": tune.grid_search(list(range(len(packs))))},
+                tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials or None),
+                run_config=tune.RunConfig(
+                    name=spec.name, storage_path=storage, verbose=verbose,
+                    failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                ),
+            )
+        results = tuner.fit()
+        failed = sum(1 for r in results if r.error is not None)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    rows, champion = _register_and_summarise(spec, client, sweep_id, parent_run_id, failed, uri)
+    wall = time.perf_counter() - started
+    client.log_metric(parent_run_id, "wall_seconds", wall)
+    client.set_terminated(parent_run_id, "FAILED" if failed else "FINISHED")
+    return SweepResult(sweep_id, parent_run_id, rows, champion, failed, wall)
+
+
+def _register_and_summarise(spec: SweepSpec, client, sweep_id: str, parent_run_id: str, failed: int,
+                            uri: str) -> tuple[list[dict], str | None]:
+    """Frontier, registration per ``spec.register``, alias, and the summary on the parent run."""
+    import matplotlib.pyplot as plt
+
+    from . import plots
+    from .registry import register_run, set_alias
+
+    experiment = client.get_experiment_by_name(spec.name)
+    runs = client.search_runs([experiment.experiment_id],
+                              f"tags.`sweep.id` = '{sweep_id}' and attributes.status = 'FINISHED'",
+                              max_results=10_000)
+    rows = []
+    for r in runs:
+        if r.data.tags.get("sweep.role") == "parent" or "final/fvu" not in r.data.metrics:
+            continue
+        p, m = r.data.params, r.data.metrics
+        rows.append({"run_id": r.info.run_id, "name": r.info.run_name, "dict_size": int(p["dict_size"]),
+                     "sparsity": p["sparsity"], "k": int(p["top_k"]) if p["sparsity"] == "top_k" else None,
+                     "l1_coeff": float(p["l1_coeff"]), "lr": float(p["lr"]), "seed": int(p["seed"]),
+                     "fvu": m["final/fvu"], "l0": m["final/l0"], "dead_fraction": m["final/dead_fraction"]})
+    rows.sort(key=lambda r: (r["dict_size"], r["l0"], r["fvu"]))
+    for row, on in zip(rows, pareto_frontier(rows)):
+        row["frontier"] = on
+        wanted = spec.register == "all" or (spec.register == "pareto" and on)
+        row["version"] = register_run(row["run_id"], spec.name, tracking_uri=uri) if wanted else None
+    registered = [r for r in rows if r["version"]]
+    champion = None
+    if spec.alias and registered:
+        champion = min(registered, key=lambda r: r["fvu"])["version"]
+        set_alias(spec.name, spec.alias, champion, tracking_uri=uri)
+    if rows:
+        client.log_table(parent_run_id, data={k: [r[k] for r in rows] for k in rows[0]},
+                         artifact_file="sweep_summary.json")
+        fig = plots.frontier(rows)
+        client.log_figure(parent_run_id, fig, "plots/frontier.png")
+        plt.close(fig)
+    for key, value in (("dictionaries", len(rows)), ("registered", len(registered)), ("failed_trials", failed)):
+        client.log_metric(parent_run_id, key, value)
+    return rows, champion
+
+
+def summary_table(result: SweepResult, alias: str | None) -> str:
+    """The sweep as a text table, frontier marked with *, the champion named."""
+    lines = [f"{'dictionary':28} {'dict_size':>9} {'k':>4} {'l1_coeff':>9} {'FVU':>8} {'L0':>8} {'dead':>6}  version"]
+    for r in result.dictionaries:
+        version = (r["version"] or "-") + (f" ({alias})" if alias and r["version"] == result.champion else "")
+        lines.append(f"{('*' if r['frontier'] else ' ') + r['name']:28} {r['dict_size']:>9} {r['k'] or '-':>4} "
+                     f"{r['l1_coeff']:>9.2g} {r['fvu']:>8.4f} {r['l0']:>8.1f} {r['dead_fraction']:>6.3f}  {version}")
+    lines.append(f"* on the FVU-vs-L0 frontier of its dict_size; {result.failed_trials} failed trial(s); "
+                 f"{result.wall_seconds:.0f} s")
+    return "\n".join(lines)

@@ -1,0 +1,395 @@
+"""The deployment, docker-compose.yml: it parses with docker-compose v1, and its services work together.
+
+There is no Docker engine here, so the second half runs the compose services' own commands natively,
+inside a private network namespace that has only a loopback interface and an /etc/hosts naming every
+service 127.0.0.1: host names, ports, environment and commands are those `docker-compose config`
+prints (with one MLflow worker and small Ray nodes for two cores). Stand-ins for the two images that
+are not ours: Debian's PostgreSQL server for `postgres`, moto's S3 server for `minio`. Nothing
+listens outside the namespace, and teardown stops exactly the processes that live in it.
+Needs root (namespaces) and scripts/setup-deploy-tools.sh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / ".venv-compose" / "bin" / "docker-compose"
+BIN = Path(sys.executable).parent
+SERVICES = {"postgres", "minio", "create-buckets", "mlflow", "ray-head", "ray-worker"}
+APP_SERVICES = {"create-buckets", "mlflow", "ray-head", "ray-worker"}  # built from this project's image
+RAY_SERVICES = {"ray-head", "ray-worker"}
+TEST_ENV = {"MLFLOW_WORKERS": "1"}  # what a user could set too; the rest are the file's defaults
+# Each Ray node would otherwise claim the whole machine's CPUs and memory.
+RAY_NODE_LIMITS = ["--num-cpus=1", "--memory=1000000000", "--object-store-memory=100000000"]
+
+
+def compose_config(**env: str) -> dict:
+    """`docker-compose config`, rendered with only ``env`` set: the file's defaults are what is tested."""
+    if not COMPOSE.exists():
+        pytest.fail("no .venv-compose/bin/docker-compose: run scripts/setup-deploy-tools.sh")
+    out = subprocess.run([str(COMPOSE), "-f", str(ROOT / "docker-compose.yml"), "config"], cwd=ROOT,
+                         env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), **env},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return yaml.safe_load(out.stdout)
+
+
+# ---------------------------------------------------------------------------------------------
+# The file
+
+
+def test_compose_config_names_every_service_and_reserves_gpus_for_workers():
+    services = compose_config()["services"]
+    assert set(services) == SERVICES
+    assert services["ray-worker"]["deploy"]["resources"]["reservations"]["devices"] == [
+        {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    for name in APP_SERVICES:  # one image, built from this project
+        assert services[name]["build"]["context"] == str(ROOT), name
+        assert services[name]["image"] == services["mlflow"]["image"], name
+    assert services["ray-head"]["command"][:4] == ["ray", "start", "--head", "--port=6379"]
+    assert services["ray-worker"]["command"][:3] == ["ray", "start", "--address=ray-head:6379"]
+    for name in RAY_SERVICES:
+        env = services[name]["environment"]
+        assert env["RAY_AUTH_MODE"] == "disabled" and env["RAY_USAGE_STATS_ENABLED"] == "0", name
+        assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000", name
+    command = services["mlflow"]["command"]
+    assert command[:2] == ["mlflow", "server"] and "--serve-artifacts" in command
+    assert command[command.index("--backend-store-uri") + 1].startswith("postgresql://")
+    assert command[command.index("--artifacts-destination") + 1] == "s3://mlflow/"
+    assert services["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+    # published ports answer on the Docker host's loopback only
+    published = [p for s in services.values() for p in s.get("ports", [])]
+    assert published and all(p.startswith("127.0.0.1:") for p in published), published
+    for name, service in services.items():
+        if name != "create-buckets":
+            assert "healthcheck" in service or name == "ray-worker", name
+
+
+def test_credentials_and_settings_come_from_the_environment():
+    services = compose_config(POSTGRES_PASSWORD="pg-pass", MINIO_ROOT_USER="key-id", MINIO_ROOT_PASSWORD="s3-pass",
+                              RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="ray-token", MLFLOW_PORT="5555",
+                              MLFLOW_WORKERS="3")["services"]
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"] == "pg-pass"
+    mlflow = services["mlflow"]["command"]
+    assert "postgresql://mlflow:pg-pass@postgres:5432/mlflow" in mlflow
+    assert mlflow[mlflow.index("--workers") + 1] == "3"
+    assert "127.0.0.1:5555:5000/tcp" in services["mlflow"]["ports"]
+    assert services["minio"]["environment"] == {"MINIO_ROOT_USER": "key-id", "MINIO_ROOT_PASSWORD": "s3-pass"}
+    for name in APP_SERVICES:
+        env = services[name]["environment"]
+        assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == ("key-id", "s3-pass"), name
+    for name in RAY_SERVICES:
+        env = services[name]["environment"]
+        assert (env["RAY_AUTH_MODE"], env["RAY_AUTH_TOKEN"]) == ("token", "ray-token"), name
+
+
+def test_the_image_takes_the_build_args_compose_passes():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim$", dockerfile, re.M)
+    args = dict(re.findall(r'^ARG (\w+)="?([^"\n]*)"?$', dockerfile, re.M))
+    build = compose_config()["services"]["mlflow"]["build"]["args"]
+    assert set(build) <= set(args)
+    assert args["TORCH_SPEC"] == build["TORCH_SPEC"] == "torch==2.13.0"
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv", ".git", "data", "runs", "mlruns", "mlflow.db"} <= set(ignored)
+
+
+# ---------------------------------------------------------------------------------------------
+# The services, run natively in a private network namespace
+
+
+class Namespace:
+    """A network + mount namespace: loopback only, and an /etc/hosts that names ``hosts`` 127.0.0.1."""
+
+    def __init__(self, root: Path, hosts: list[str]):
+        hosts_file = root / "hosts"
+        hosts_file.write_text(f"127.0.0.1 localhost {socket.gethostname()} {' '.join(hosts)}\n::1 localhost\n")
+        script = f"ip link set lo up && mount --bind {hosts_file} /etc/hosts && echo ready && exec sleep infinity"
+        self.holder = subprocess.Popen(["unshare", "--net", "--mount", "--propagation", "private", "sh", "-c", script],
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                       start_new_session=True)
+        line = self.holder.stdout.readline()
+        if line.strip() != "ready":
+            self.holder.kill()
+            raise RuntimeError(f"could not make a network namespace: {line}{self.holder.stdout.read()}")
+        self.inode = os.stat(f"/proc/{self.holder.pid}/ns/net").st_ino
+        self.started: list[tuple[subprocess.Popen, int]] = []  # (process, its stop signal)
+        self.logs: dict[str, Path] = {}
+
+    def argv(self, argv: list[str], user: pwd.struct_passwd | None = None) -> list[str]:
+        prefix = ["nsenter", f"--target={self.holder.pid}", "--net", "--mount"]
+        if user is not None:
+            prefix += [f"--setgid={user.pw_gid}", f"--setuid={user.pw_uid}"]
+        return [*prefix, "--", *map(str, argv)]
+
+    def start(self, name: str, argv: list, env: dict, log_dir: Path, user=None, stop_signal=signal.SIGTERM):
+        self.logs[name] = log_dir / f"{name}.log"
+        proc = subprocess.Popen(self.argv(argv, user), stdout=open(self.logs[name], "w"), stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+        self.started.append((proc, stop_signal))
+        return proc
+
+    def run(self, argv: list, env: dict, timeout: float = 120, user=None) -> subprocess.CompletedProcess:
+        return subprocess.run(self.argv(argv, user), env=env, capture_output=True, text=True, timeout=timeout)
+
+    def python(self, code: str, env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return self.run([sys.executable, "-c", code, *args], env, timeout=timeout)
+
+    def pids(self) -> list[int]:
+        """Live (not zombie) processes in this network namespace: only what this test started."""
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    if os.stat(f"/proc/{entry}/ns/net").st_ino != self.inode:
+                        continue
+                    with open(f"/proc/{entry}/stat") as f:
+                        state = f.read().rsplit(")", 1)[1].split()[0]
+                except OSError:
+                    continue
+                if state != "Z":
+                    found.append(int(entry))
+        return found
+
+    def wait_until(self, name: str, proc: subprocess.Popen | None, check, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.tail(name)}")
+            if check():
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"{name} was not ready in {timeout}s:\n{self.tail(name)}")
+
+    def tail(self, name: str) -> str:
+        log = self.logs.get(name)
+        return log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+
+    def stop(self, grace: float = 10) -> None:
+        """Each service's stop signal first (`ray start --block` takes its node's processes down with
+        it), then TERM and at last KILL for whatever still lives in the namespace, the holder included."""
+        for proc, sig in reversed(self.started):
+            try:
+                os.kill(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        for proc, _ in self.started:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
+            pids = self.pids()
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + wait
+            while pids and time.monotonic() < deadline:
+                time.sleep(0.1)
+                pids = self.pids()
+            if not pids:
+                break
+        for proc in [p for p, _ in self.started] + [self.holder]:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def _healthcheck(service: dict) -> list[str]:
+    test = service["healthcheck"]["test"]
+    assert test[0] == "CMD", test
+    return test[1:]
+
+
+def _postgres(ns: Namespace, service: dict, port: int, root: Path, env: dict) -> None:
+    """The postgres image's job: a server with POSTGRES_USER/PASSWORD/DB, password login over TCP."""
+    conf = service["environment"]
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda p: int(p.parts[-3]))
+    assert found, "no PostgreSQL server under /usr/lib/postgresql: run scripts/setup-deploy-tools.sh"
+    bindir = found[-1].parent
+    try:
+        user = pwd.getpwnam("postgres")
+    except KeyError:
+        user = pwd.getpwnam("nobody")
+    data = root / "pg"
+    data.mkdir(mode=0o700)
+    pwfile = root / "pg.pw"
+    pwfile.write_text(conf["POSTGRES_PASSWORD"] + "\n")
+    for path in (data, pwfile):
+        os.chown(path, user.pw_uid, user.pw_gid)
+    init = subprocess.run([bindir / "initdb", "-D", data, "-U", conf["POSTGRES_USER"], f"--pwfile={pwfile}",
+                           "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync"],
+                          user=user.pw_uid, group=user.pw_gid, extra_groups=[], cwd=data, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert init.returncode == 0, init.stdout + init.stderr
+    proc = ns.start("postgres", [bindir / "postgres", "-D", data, "-k", data, "-p", port, "-h", "127.0.0.1"], env,
+                    root, user=user, stop_signal=signal.SIGINT)  # SIGINT: PostgreSQL's fast shutdown
+    ns.wait_until("postgres", proc, lambda: ns.run([bindir / "pg_isready", "-h", "postgres", "-p", port], env,
+                                                   timeout=30).returncode == 0, timeout=60)
+    made = ns.run([bindir / "createdb", "-h", data, "-p", port, "-U", conf["POSTGRES_USER"], conf["POSTGRES_DB"]],
+                  env, user=user)
+    assert made.returncode == 0, made.stderr
+
+
+def _answers_http(ns: Namespace, url: str, env: dict) -> bool:
+    code = ("import sys, urllib.request, urllib.error\n"
+            "try: urllib.request.urlopen(sys.argv[1], timeout=2)\n"
+            "except urllib.error.HTTPError: pass\n")
+    return ns.python(code, env, url, timeout=30).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def stack():
+    if os.geteuid() != 0:
+        pytest.skip("runs the services in a private network namespace: needs root")
+    services = compose_config(**TEST_ENV)["services"]
+    # Under /tmp, not pytest's 0700 tree: PostgreSQL runs as its own user, and Ray's socket paths
+    # must stay short.
+    root = Path(tempfile.mkdtemp(prefix="sae-deploy-", dir="/tmp"))
+    root.chmod(0o711)
+    (root / "home").mkdir()
+    base = {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}", "HOME": str(root / "home"),
+            "LANG": "C.UTF-8"}
+
+    def env(name: str) -> dict:
+        return {**base, **{k: "" if v is None else str(v) for k, v in services[name].get("environment", {}).items()}}
+
+    ns = Namespace(root, sorted(services))
+    try:
+        mlflow_cmd = services["mlflow"]["command"]
+        pg_port = urlparse(mlflow_cmd[mlflow_cmd.index("--backend-store-uri") + 1]).port
+        s3_url = services["create-buckets"]["environment"]["AWS_ENDPOINT_URL"]
+        _postgres(ns, services["postgres"], pg_port, root, base)
+
+        proc = ns.start("minio", [BIN / "moto_server", "-H", "127.0.0.1", "-p", urlparse(s3_url).port], base, root)
+        ns.wait_until("minio", proc, lambda: _answers_http(ns, s3_url, base))
+        made = ns.run(services["create-buckets"]["command"], env("create-buckets"))
+        assert made.returncode == 0, made.stdout + made.stderr
+
+        mlflow = ns.start("mlflow", mlflow_cmd, env("mlflow"), root)
+        temp = f"--temp-dir={root / 'ray'}"
+        head = ns.start("ray-head", [*services["ray-head"]["command"], *RAY_NODE_LIMITS, temp], env("ray-head"), root)
+        ns.wait_until("ray-head", head, lambda: ns.run(_healthcheck(services["ray-head"]), env("ray-head"),
+                                                       timeout=60).returncode == 0)
+        worker = ns.start("ray-worker", [*services["ray-worker"]["command"], *RAY_NODE_LIMITS, temp],
+                          env("ray-worker"), root)
+        ns.wait_until("mlflow", mlflow, lambda: ns.run(_healthcheck(services["mlflow"]), env("mlflow"),
+                                                       timeout=60).returncode == 0, timeout=180)
+        yield {"ns": ns, "services": services, "env": env, "base": base, "worker": worker}
+    finally:
+        ns.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _json(out: subprocess.CompletedProcess) -> dict:
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_postgres_takes_the_mlflow_login(stack):
+    conf = stack["services"]["postgres"]["environment"]
+    code = ("import json, sys, psycopg\n"
+            "c = psycopg.connect(host='postgres', port=5432, user=sys.argv[1], password=sys.argv[2], dbname=sys.argv[3])\n"
+            "cur = c.cursor(); cur.execute('select current_user, current_database()')\n"
+            "print(json.dumps(cur.fetchone()))\n")
+    got = _json(stack["ns"].python(code, stack["base"], conf["POSTGRES_USER"], conf["POSTGRES_PASSWORD"],
+                                   conf["POSTGRES_DB"]))
+    assert got == [conf["POSTGRES_USER"], conf["POSTGRES_DB"]]
+
+
+def test_the_object_store_has_the_buckets(stack):
+    code = "import json, boto3; print(json.dumps([b['Name'] for b in boto3.client('s3').list_buckets()['Buckets']]))"
+    assert set(_json(stack["ns"].python(code, stack["env"]("create-buckets")))) == {"mlflow", "activations"}
+
+
+def test_a_ray_node_logs_to_mlflow_with_runs_in_postgres_and_artifacts_in_the_bucket(stack):
+    # As a trial on a Ray worker would: MLFLOW_TRACKING_URI=http://mlflow:5000 from its environment.
+    code = """
+import json, boto3, mlflow
+mlflow.set_experiment("deploy-check")
+with mlflow.start_run() as run:
+    mlflow.log_metric("fvu", 0.25)
+    mlflow.log_text("hello from a ray node", "notes/hello.txt")
+s3 = boto3.client("s3")
+keys = [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow").get("Contents", [])]
+key = next(k for k in keys if k.endswith("notes/hello.txt"))
+body = s3.get_object(Bucket="mlflow", Key=key)["Body"].read().decode()
+print(json.dumps({"run_id": run.info.run_id, "uri": run.info.artifact_uri, "key": key, "body": body}))
+"""
+    got = _json(stack["ns"].python(code, stack["env"]("ray-worker")))
+    assert got["uri"].startswith("mlflow-artifacts:/")  # the server proxies artifacts: clients need no S3 keys
+    assert got["run_id"] in got["key"] and got["body"] == "hello from a ray node"
+    conf = stack["services"]["postgres"]["environment"]
+    code = ("import json, sys, psycopg\n"
+            "c = psycopg.connect(host='postgres', user=sys.argv[1], password=sys.argv[2], dbname=sys.argv[3])\n"
+            "cur = c.cursor(); cur.execute('select run_uuid from runs')\n"
+            "print(json.dumps([r[0] for r in cur.fetchall()]))\n")
+    runs = _json(stack["ns"].python(code, stack["base"], conf["POSTGRES_USER"], conf["POSTGRES_PASSWORD"],
+                                    conf["POSTGRES_DB"]))
+    assert got["run_id"] in runs
+
+
+def test_mlflow_serves_the_ui_and_answers_its_service_name_only(stack):
+    code = """
+import json, urllib.request, urllib.error
+def status(path, host):
+    request = urllib.request.Request("http://mlflow:5000" + path, headers={"Host": host})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, r.read(2000).decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+api = "/api/2.0/mlflow/experiments/search?max_results=1"
+ui = status("/", "localhost:5000")
+print(json.dumps({"ui": ui[0], "html": "<html" in ui[1].lower(), "mlflow": status(api, "mlflow:5000")[0],
+                  "localhost": status(api, "localhost:5000")[0], "foreign": status(api, "evil.example")[0]}))
+"""
+    got = _json(stack["ns"].python(code, stack["base"]))
+    assert got == {"ui": 200, "html": True, "mlflow": 200, "localhost": 200, "foreign": 403}
+
+
+def test_ray_head_and_worker_form_one_cluster(stack):
+    # Only the auth settings come along: tasks must get MLFLOW_TRACKING_URI from their node's environment.
+    node_env = stack["env"]("ray-worker")
+    env = {**stack["base"], **{k: node_env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_USAGE_STATS_ENABLED")}}
+    address = stack["services"]["ray-worker"]["command"][2].split("=", 1)[1]
+    code = """
+import json, os, sys, time, ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+ray.init(address=sys.argv[1], logging_level="warning")
+deadline = time.monotonic() + 60
+while len(alive := [n for n in ray.nodes() if n["Alive"]]) < 2 and time.monotonic() < deadline:
+    time.sleep(0.5)
+@ray.remote(num_cpus=1)
+def where():
+    return ray.get_runtime_context().get_node_id(), os.environ.get("MLFLOW_TRACKING_URI")
+seen = ray.get([where.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+                for n in alive], timeout=60)
+print(json.dumps({"alive": sorted(n["NodeID"] for n in alive), "seen": seen}))
+"""
+    got = _json(stack["ns"].python(code, env, address, timeout=150))
+    assert len(got["alive"]) == 2, got
+    assert sorted(node for node, _ in got["seen"]) == got["alive"]
+    assert {uri for _, uri in got["seen"]} == {"http://mlflow:5000"}
+    assert stack["worker"].poll() is None
