@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import queue
 import shutil
 import threading
@@ -42,6 +43,18 @@ FORMAT_VERSION = 1
 ARRAY = "activations"
 DTYPES = ("float32", "float16", "bfloat16")
 COMPRESSORS = ("lz4", "zstd", "none")
+
+
+def is_url(path: str | Path) -> bool:
+    return "://" in str(path)
+
+
+def _storage_options(url: str) -> dict:
+    """fsspec options for ``url``: an S3-compatible endpoint from the environment, when set."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if url.startswith("s3://") and endpoint:
+        return {"client_kwargs": {"endpoint_url": endpoint}}
+    return {}
 
 
 def _codecs(name: str) -> list:
@@ -75,7 +88,7 @@ class ActivationStore:
     >>> for batch in store.batches(4096, seed=0): ...   # float32 torch tensors [<=4096, 384]
     """
 
-    def __init__(self, path: Path, group: zarr.Group, writable: bool) -> None:
+    def __init__(self, path: Path | str, group: zarr.Group, writable: bool) -> None:
         self.path = path
         self._group = group
         self._array = group[ARRAY]
@@ -224,18 +237,31 @@ class ActivationStore:
 
     @classmethod
     def open(cls, path: str | Path) -> "ActivationStore":
-        """Open a finished store for reading; refuses missing, foreign or unfinished stores."""
-        path = Path(path).absolute()
-        if not (path / "zarr.json").exists():
-            raise SAERegistryError(
-                f"no activation store at {path}; make one with `sae-registry harvest`"
-            )
-        try:
-            group = zarr.open_group(zarr.storage.LocalStore(path, read_only=True), mode="r")
-            attrs = dict(group.attrs)
-            array = group[ARRAY]
-        except (KeyError, ValueError, OSError) as e:
-            raise SAERegistryError(f"{path} is not a readable activation store: {e}") from e
+        """Open a finished store for reading; refuses missing, foreign or unfinished stores.
+
+        ``path`` is a directory or a URL that fsspec knows (``s3://bucket/acts.zarr``: the
+        endpoint and credentials come from ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...), so
+        that every node of a cluster can read one store.
+        """
+        if is_url(path):
+            path = str(path).rstrip("/")
+            try:
+                zstore = zarr.storage.FsspecStore.from_url(path, read_only=True, storage_options=_storage_options(path))
+                group = zarr.open_group(zstore, mode="r")
+                attrs = dict(group.attrs)
+                array = group[ARRAY]
+            except Exception as e:  # fsspec and its backends raise many types for "not there"
+                raise SAERegistryError(f"no readable activation store at {path}: {type(e).__name__}: {e}") from e
+        else:
+            path = Path(path).absolute()
+            if not (path / "zarr.json").exists():
+                raise SAERegistryError(f"no activation store at {path}; make one with `sae-registry harvest`")
+            try:
+                group = zarr.open_group(zarr.storage.LocalStore(path, read_only=True), mode="r")
+                attrs = dict(group.attrs)
+                array = group[ARRAY]
+            except (KeyError, ValueError, OSError) as e:
+                raise SAERegistryError(f"{path} is not a readable activation store: {e}") from e
         if attrs.get("format") != "sae-registry/activation-store":
             raise SAERegistryError(f"{path} is a zarr group but not an sae-registry activation store")
         if attrs.get("status") != "complete":

@@ -49,6 +49,7 @@ class SweepSpec:
     pack: int = 1  # configurations trained together on one batch stream, per trial
     register: str = "pareto"
     alias: str | None = "champion"
+    champion_max_l0: float | None = None  # the alias goes to the lowest FVU among versions with L0 <= this
     max_failures: int = 2  # retries of a crashed trial, each from its last checkpoint
     storage: str = "ray_results"  # where Tune keeps trial state and checkpoints (shared path or URL on a cluster)
     harvest: dict | None = None  # how to make the store when it does not exist yet (see harvest.harvest)
@@ -95,6 +96,9 @@ class SweepSpec:
         require_positive_int("pack", self.pack)
         if isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int) or self.max_failures < 0:
             raise SAERegistryError(f"max_failures: must be an integer >= 0, got {self.max_failures!r}")
+        if self.champion_max_l0 is not None and not (isinstance(self.champion_max_l0, (int, float))
+                                                     and self.champion_max_l0 > 0):
+            raise SAERegistryError(f"champion_max_l0: must be a number > 0, got {self.champion_max_l0!r}")
         if self.register not in REGISTER_CHOICES:
             raise SAERegistryError(f"register: must be one of {', '.join(REGISTER_CHOICES)}, got {self.register!r}")
         self.configurations()  # every combination must be a valid SAE and training config
@@ -190,13 +194,17 @@ def _member_name(sae_cfg: SAEConfig, train_cfg: TrainConfig) -> str:
 def _trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, parent_run_id: str, tracking_uri: str,
            device: str, threads: int) -> None:
     """Train one pack; report to Tune at every evaluation, with a checkpoint when one was written."""
+    import ray
     import torch
     from ray import tune
 
-    from .registry import record_pack, start_runs
+    from .registry import _client, record_pack, start_runs
     from .store import ActivationStore
 
     torch.set_num_threads(max(1, threads))
+    # A node that names its own tracking server (docker-compose.yml does) uses it: the driver's
+    # address (say a laptop's tunnel to 127.0.0.1) may mean nothing on a worker.
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     store = ActivationStore.open(store_path)
     members = SweepSpec.from_dict(spec).packs(store.d)[config["pack"]]
@@ -227,6 +235,9 @@ def _trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, parent_r
                 out.mkdir(parents=True, exist_ok=True)
                 shutil.copytree(saved / name, out / "checkpoint")
 
+    client = _client(tracking_uri)
+    for run_id in run_ids:  # where it ran (the last attempt, when retried elsewhere)
+        client.set_tag(run_id, "ray.node_id", ray.get_runtime_context().get_node_id())
     pending: dict[int, dict] = {}
 
     def reporter(i: int):
@@ -349,6 +360,33 @@ def _check_resources(spec: SweepSpec) -> None:
         )
 
 
+def _sweep_state(spec: SweepSpec, store, storage: str, client, uri: str, resume: bool) -> dict:
+    """The sweep's id and parent run: made on the first run (kept beside Tune's state), read on resume."""
+    from .registry import ensure_experiment, lineage_tags
+
+    # Tune keeps its own state under storage/name; ours (ids only) sits beside it when storage is local.
+    state_path = None if "://" in storage else Path(storage) / f"{spec.name}.sweep.json"
+    if resume:
+        if state_path is None or not state_path.exists():
+            raise SAERegistryError(f"no sweep {spec.name!r} to resume in {storage}; run it without --resume")
+        return json.loads(state_path.read_text())
+    if state_path is not None and state_path.exists():
+        raise SAERegistryError(
+            f"sweep {spec.name!r} already ran in {storage}: continue it with --resume, or remove "
+            f"{state_path} and {Path(storage) / spec.name} to start over"
+        )
+    experiment_id = ensure_experiment(spec.name, uri)  # in the driver, before any trial (see STACK-NOTES)
+    sweep_id = f"{spec.name}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}"
+    parent = client.create_run(experiment_id, run_name=f"sweep {spec.name}",
+                               tags={**lineage_tags(store, sweep_id), "sweep.role": "parent"})
+    client.log_dict(parent.info.run_id, spec.to_dict(), "sweep_spec.json")
+    state = {"sweep_id": sweep_id, "parent_run_id": parent.info.run_id, "tracking_uri": uri}
+    if state_path is not None:
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        state_path.write_text(json.dumps(state, indent=2))
+    return state
+
+
 def run(
     spec: SweepSpec,
     *,
@@ -363,7 +401,7 @@ def run(
     import ray
     from ray import tune
 
-    from .registry import _client, ensure_experiment, lineage_tags, resolve_tracking_uri
+    from .registry import _client, resolve_tracking_uri
     from .store import ActivationStore
 
     started = time.perf_counter()
@@ -372,32 +410,12 @@ def run(
     store = ActivationStore.open(store_path)
     packs = spec.packs(store.d)
     storage = spec.storage if "://" in spec.storage else str(Path(spec.storage).absolute())
-    state_path = Path(storage) / f"{spec.name}.sweep.json" if "://" not in storage else None
-    client = _client(uri)
-    if resume:
-        if state_path is None or not state_path.exists():
-            raise SAERegistryError(f"no sweep {spec.name!r} to resume in {storage}; run it without --resume")
-        state = json.loads(state_path.read_text())
-    else:
-        if state_path is not None and state_path.exists():
-            raise SAERegistryError(
-                f"sweep {spec.name!r} already ran in {storage}: continue it with --resume, or remove "
-                f"{state_path} and {Path(storage) / spec.name} to start over"
-            )
-        experiment_id = ensure_experiment(spec.name, uri)  # in the driver, before any trial (see STACK-NOTES)
-        sweep_id = f"{spec.name}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}"
-        parent = client.create_run(experiment_id, run_name=f"sweep {spec.name}",
-                                   tags={**lineage_tags(store, sweep_id), "sweep.role": "parent"})
-        client.log_dict(parent.info.run_id, spec.to_dict(), "sweep_spec.json")
-        state = {"sweep_id": sweep_id, "parent_run_id": parent.info.run_id, "tracking_uri": uri}
-        if state_path is not None:
-            state_path.parent.mkdir(parents=True, exist_ok=True)
-            state_path.write_text(json.dumps(state, indent=2))
-    sweep_id, parent_run_id = state["sweep_id"], state["parent_run_id"]
-
     started_ray = _start_ray(address)
     try:
-        _check_resources(spec)
+        _check_resources(spec)  # before anything is created: a sweep that cannot run leaves no trace
+        client = _client(uri)
+        state = _sweep_state(spec, store, storage, client, uri, resume)
+        sweep_id, parent_run_id = state["sweep_id"], state["parent_run_id"]
         cpu, gpu = spec.resources.get("cpu", 0), spec.resources.get("gpu", 0)
         trainable = tune.with_resources(
             tune.with_parameters(_trial, spec=spec.to_dict(), store_path=store_path, sweep_id=sweep_id,
@@ -419,11 +437,21 @@ def run(
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 ),
             )
+        if resume:
+            client.update_run(parent_run_id, status="RUNNING")
         results = tuner.fit()
         failed = sum(1 for r in results if r.error is not None)
+        # Ctrl-C makes fit() return early with trials still running: nothing is registered then.
+        unfinished = sum(1 for r in results if r.error is None and not (r.metrics or {}).get("done"))
     finally:
         if started_ray:
             ray.shutdown()
+    if unfinished:
+        client.set_terminated(parent_run_id, "KILLED")
+        raise SAERegistryError(
+            f"sweep {spec.name!r} was interrupted with {unfinished} trial(s) unfinished; continue it with "
+            "`sae-registry sweep SPEC --resume` (finished trials are kept, nothing is duplicated)"
+        )
     rows, champion = _register_and_summarise(spec, client, sweep_id, parent_run_id, failed, uri)
     wall = time.perf_counter() - started
     client.log_metric(parent_run_id, "wall_seconds", wall)
@@ -458,9 +486,10 @@ def _register_and_summarise(spec: SweepSpec, client, sweep_id: str, parent_run_i
         wanted = spec.register == "all" or (spec.register == "pareto" and on)
         row["version"] = register_run(row["run_id"], spec.name, tracking_uri=uri) if wanted else None
     registered = [r for r in rows if r["version"]]
+    eligible = [r for r in registered if spec.champion_max_l0 is None or r["l0"] <= spec.champion_max_l0]
     champion = None
-    if spec.alias and registered:
-        champion = min(registered, key=lambda r: r["fvu"])["version"]
+    if spec.alias and eligible:
+        champion = min(eligible, key=lambda r: r["fvu"])["version"]
         set_alias(spec.name, spec.alias, champion, tracking_uri=uri)
     if rows:
         client.log_table(parent_run_id, data={k: [r[k] for r in rows] for k in rows[0]},

@@ -12,4 +12,5 @@ quiet_pip() {
     | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 }
 quiet_pip "${TORCH_SPEC:-torch==2.13.0}"
-quiet_pip -e ".[demo,test]"
+quiet_pip -e ".[demo,s3,test]"
+bash scripts/setup-deploy-tools.sh  # docker-compose v1 (own venv), PostgreSQL, moto: for tests/test_deploy.py

@@ -40,15 +40,26 @@ TEST_ENV = {"MLFLOW_WORKERS": "1"}  # what a user could set too; the rest are th
 RAY_NODE_LIMITS = ["--num-cpus=1", "--memory=1000000000", "--object-store-memory=100000000"]
 
 
-def compose_config(**env: str) -> dict:
+def compose_config(file: Path = ROOT / "docker-compose.yml", **env: str) -> dict:
     """`docker-compose config`, rendered with only ``env`` set: the file's defaults are what is tested."""
     if not COMPOSE.exists():
         pytest.fail("no .venv-compose/bin/docker-compose: run scripts/setup-deploy-tools.sh")
-    out = subprocess.run([str(COMPOSE), "-f", str(ROOT / "docker-compose.yml"), "config"], cwd=ROOT,
+    out = subprocess.run([str(COMPOSE), "--project-directory", str(ROOT), "-f", str(file), "config"], cwd=ROOT,
                          env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), **env},
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     return yaml.safe_load(out.stdout)
+
+
+@pytest.fixture(scope="module")
+def cluster_file(tmp_path_factory) -> Path:
+    """docs/deploy.md's docker-compose.cluster.yml (Ray nodes on the hosts' networks), saved as a file."""
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    found = re.findall(r"```yaml\n(# docker-compose\.cluster\.yml.*?)```", text, re.S)
+    assert len(found) == 1, "docs/deploy.md should show docker-compose.cluster.yml once"
+    path = tmp_path_factory.mktemp("cluster") / "docker-compose.cluster.yml"
+    path.write_text(found[0])
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,6 +109,27 @@ def test_credentials_and_settings_come_from_the_environment():
     for name in RAY_SERVICES:
         env = services[name]["environment"]
         assert (env["RAY_AUTH_MODE"], env["RAY_AUTH_TOKEN"]) == ("token", "ray-token"), name
+
+
+def test_the_documented_cluster_file_puts_ray_on_host_networks_with_a_token(cluster_file):
+    base = compose_config()["services"]
+    services = compose_config(cluster_file, HEAD_HOST="10.0.0.5", RAY_AUTH_TOKEN="t0k3n")["services"]
+    assert set(services) == RAY_SERVICES
+    for name, service in services.items():
+        assert service["network_mode"] == "host" and "ports" not in service, name
+        assert (service["image"], service["build"]) == (base[name]["image"], base[name]["build"]), name
+        env = service["environment"]
+        assert (env["RAY_AUTH_MODE"], env["RAY_AUTH_TOKEN"], env["RAY_USAGE_STATS_ENABLED"]) == ("token", "t0k3n", "0")
+        assert env["MLFLOW_TRACKING_URI"] == "http://10.0.0.5:5000"
+        assert env["AWS_ENDPOINT_URL"] == env["MLFLOW_S3_ENDPOINT_URL"] == "http://10.0.0.5:9000"
+    assert "--node-ip-address=10.0.0.5" in services["ray-head"]["command"]
+    assert services["ray-worker"]["command"][:3] == ["ray", "start", "--address=10.0.0.5:6379"]
+    assert services["ray-worker"]["deploy"] == base["ray-worker"]["deploy"]
+    # no token, no cluster
+    out = subprocess.run([str(COMPOSE), "--project-directory", str(ROOT), "-f", str(cluster_file), "config"],
+                         env={"PATH": os.environ["PATH"], "HEAD_HOST": "10.0.0.5"}, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0 and "RAY_AUTH_TOKEN" in out.stderr
 
 
 def test_the_image_takes_the_build_args_compose_passes():
@@ -259,11 +291,18 @@ def _answers_http(ns: Namespace, url: str, env: dict) -> bool:
     return ns.python(code, env, url, timeout=30).returncode == 0
 
 
-@pytest.fixture(scope="module")
-def stack():
-    if os.geteuid() != 0:
-        pytest.skip("runs the services in a private network namespace: needs root")
-    services = compose_config(**TEST_ENV)["services"]
+def _ray_nodes(ns: Namespace, services: dict, env, root: Path) -> subprocess.Popen:
+    """The ray-head service, healthy by its own healthcheck, then one ray-worker; returns the worker."""
+    temp = f"--temp-dir={root / 'ray'}"
+    head = ns.start("ray-head", [*services["ray-head"]["command"], *RAY_NODE_LIMITS, temp], env("ray-head"), root)
+    ns.wait_until("ray-head", head, lambda: ns.run(_healthcheck(services["ray-head"]), env("ray-head"),
+                                                   timeout=60).returncode == 0)
+    return ns.start("ray-worker", [*services["ray-worker"]["command"], *RAY_NODE_LIMITS, temp], env("ray-worker"),
+                    root)
+
+
+def _workspace(services: dict):
+    """A fresh directory, the base environment, and each service's environment on top of it."""
     # Under /tmp, not pytest's 0700 tree: PostgreSQL runs as its own user, and Ray's socket paths
     # must stay short.
     root = Path(tempfile.mkdtemp(prefix="sae-deploy-", dir="/tmp"))
@@ -275,6 +314,52 @@ def stack():
     def env(name: str) -> dict:
         return {**base, **{k: "" if v is None else str(v) for k, v in services[name].get("environment", {}).items()}}
 
+    return root, base, env
+
+
+def _json(out: subprocess.CompletedProcess) -> dict:
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+RAY_ADDRESS_CODE = """
+import json, os, sys, time, ray
+ray.init(address=sys.argv[1], logging_level="warning")
+deadline = time.monotonic() + 60
+while len(alive := [n for n in ray.nodes() if n["Alive"]]) < 2 and time.monotonic() < deadline:
+    time.sleep(0.5)
+"""
+
+
+def test_the_cluster_files_ray_nodes_join_with_the_token_and_refuse_others(cluster_file):
+    """docker-compose.cluster.yml's head and worker (HEAD_HOST=127.0.0.1 in the namespace): token auth."""
+    if os.geteuid() != 0:
+        pytest.skip("runs the services in a private network namespace: needs root")
+    services = compose_config(cluster_file, HEAD_HOST="127.0.0.1",
+                              RAY_AUTH_TOKEN="0123456789abcdef0123456789abcdef")["services"]
+    root, base, env = _workspace(services)
+    ns = Namespace(root, sorted(services))
+    try:
+        worker = _ray_nodes(ns, services, env, root)
+        code = RAY_ADDRESS_CODE + "print(json.dumps({'alive': len(alive)}))\n"
+        assert _json(ns.python(code, env("ray-worker"), "127.0.0.1:6379")) == {"alive": 2}
+        # A driver with a wrong token is refused too, but only after ~20 s of retries; `ray status` says so at once.
+        wrong = {**env("ray-worker"), "RAY_AUTH_TOKEN": "not-the-token"}
+        refused = ns.run(["ray", "status", "--address", "127.0.0.1:6379"], wrong, timeout=60)
+        assert refused.returncode != 0 and "token" in refused.stderr, refused.stderr[-2000:]
+        assert ns.run(["ray", "status", "--address", "127.0.0.1:6379"], env("ray-head"), timeout=60).returncode == 0
+        assert worker.poll() is None
+    finally:
+        ns.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def stack():
+    if os.geteuid() != 0:
+        pytest.skip("runs the services in a private network namespace: needs root")
+    services = compose_config(**TEST_ENV)["services"]
+    root, base, env = _workspace(services)
     ns = Namespace(root, sorted(services))
     try:
         mlflow_cmd = services["mlflow"]["command"]
@@ -288,12 +373,7 @@ def stack():
         assert made.returncode == 0, made.stdout + made.stderr
 
         mlflow = ns.start("mlflow", mlflow_cmd, env("mlflow"), root)
-        temp = f"--temp-dir={root / 'ray'}"
-        head = ns.start("ray-head", [*services["ray-head"]["command"], *RAY_NODE_LIMITS, temp], env("ray-head"), root)
-        ns.wait_until("ray-head", head, lambda: ns.run(_healthcheck(services["ray-head"]), env("ray-head"),
-                                                       timeout=60).returncode == 0)
-        worker = ns.start("ray-worker", [*services["ray-worker"]["command"], *RAY_NODE_LIMITS, temp],
-                          env("ray-worker"), root)
+        worker = _ray_nodes(ns, services, env, root)
         ns.wait_until("mlflow", mlflow, lambda: ns.run(_healthcheck(services["mlflow"]), env("mlflow"),
                                                        timeout=60).returncode == 0, timeout=180)
         yield {"ns": ns, "services": services, "env": env, "base": base, "worker": worker}
@@ -302,15 +382,11 @@ def stack():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _json(out: subprocess.CompletedProcess) -> dict:
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def test_postgres_takes_the_mlflow_login(stack):
     conf = stack["services"]["postgres"]["environment"]
     code = ("import json, sys, psycopg\n"
-            "c = psycopg.connect(host='postgres', port=5432, user=sys.argv[1], password=sys.argv[2], dbname=sys.argv[3])\n"
+            "c = psycopg.connect(host='postgres', port=5432, user=sys.argv[1], password=sys.argv[2],\n"
+            "                    dbname=sys.argv[3])\n"
             "cur = c.cursor(); cur.execute('select current_user, current_database()')\n"
             "print(json.dumps(cur.fetchone()))\n")
     got = _json(stack["ns"].python(code, stack["base"], conf["POSTGRES_USER"], conf["POSTGRES_PASSWORD"],
@@ -320,7 +396,8 @@ def test_postgres_takes_the_mlflow_login(stack):
 
 def test_the_object_store_has_the_buckets(stack):
     code = "import json, boto3; print(json.dumps([b['Name'] for b in boto3.client('s3').list_buckets()['Buckets']]))"
-    assert set(_json(stack["ns"].python(code, stack["env"]("create-buckets")))) == {"mlflow", "activations"}
+    buckets = set(_json(stack["ns"].python(code, stack["env"]("create-buckets"))))
+    assert buckets == {"mlflow", "activations", "ray-results"}  # ray-results: jobs/gpu-grid.yaml's Tune storage
 
 
 def test_a_ray_node_logs_to_mlflow_with_runs_in_postgres_and_artifacts_in_the_bucket(stack):
@@ -374,13 +451,8 @@ def test_ray_head_and_worker_form_one_cluster(stack):
     node_env = stack["env"]("ray-worker")
     env = {**stack["base"], **{k: node_env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_USAGE_STATS_ENABLED")}}
     address = stack["services"]["ray-worker"]["command"][2].split("=", 1)[1]
-    code = """
-import json, os, sys, time, ray
+    code = RAY_ADDRESS_CODE + """
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-ray.init(address=sys.argv[1], logging_level="warning")
-deadline = time.monotonic() + 60
-while len(alive := [n for n in ray.nodes() if n["Alive"]]) < 2 and time.monotonic() < deadline:
-    time.sleep(0.5)
 @ray.remote(num_cpus=1)
 def where():
     return ray.get_runtime_context().get_node_id(), os.environ.get("MLFLOW_TRACKING_URI")

@@ -1,0 +1,88 @@
+"""Starting and stopping the real servers that tests use (MLflow, moto's S3), on 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+MLFLOW = str(BIN / "mlflow")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer in {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a process we started, and its children, by its process group: TERM, then KILL."""
+    for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    # mlflow runs helpers (uvicorn, gunicorn) by name: they live beside this interpreter
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+@contextlib.contextmanager
+def start_mlflow_server(root: Path, artifacts: str | None = None, env: dict | None = None):
+    """A real `mlflow server` on a free loopback port, SQLite backend; artifacts proxied to ``artifacts``."""
+    port = free_port()
+    proc = start(
+        [MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--serve-artifacts", "--artifacts-destination", artifacts or str(root / "artifacts")],
+        root / "server.log", env=env,
+    )
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", proc, root / "server.log")
+        yield {"uri": f"http://127.0.0.1:{port}", "artifacts": root / "artifacts", "proc": proc}
+    finally:
+        stop(proc)
+
+
+@contextlib.contextmanager
+def start_moto(root: Path):
+    """moto's S3-compatible server on a free loopback port; yields the environment that points at it."""
+    port = free_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    proc = start([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], root / "moto.log", env=env)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/moto-api/", proc, root / "moto.log")
+        yield env
+    finally:
+        stop(proc)

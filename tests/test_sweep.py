@@ -1,0 +1,345 @@
+"""Sweeps on a real local Ray (and a two-node loopback cluster) against a real MLflow server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+import sae_registry
+from sae_registry import SAERegistryError
+from sae_registry.cli import main
+from sae_registry.sweep import SweepSpec, pareto_frontier, run
+
+from procs import BIN, free_port, start_mlflow_server, start_moto
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    with start_mlflow_server(tmp_path_factory.mktemp("mlflow-sweeps")) as server:
+        yield server
+
+
+@pytest.fixture
+def env(mlflow_server, tmp_path, monkeypatch):
+    """A fresh working directory, the tracking server, Ray settings shared by every process."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server["uri"])
+    monkeypatch.setenv("SAE_REGISTRY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return tmp_path
+
+
+def _client():
+    import mlflow
+
+    return mlflow.MlflowClient()
+
+
+def _children(family: str, sweep_id: str) -> list:
+    client = _client()
+    experiment = client.get_experiment_by_name(family)
+    runs = client.search_runs([experiment.experiment_id], f"tags.`sweep.id` = '{sweep_id}'", max_results=1000)
+    return [r for r in runs if r.data.tags.get("sweep.role") != "parent"]
+
+
+def _spec(store, name: str, **overrides) -> dict:
+    spec = {
+        "name": name,
+        "store": str(store.path),
+        "grid": [{"sparsity": ["top_k"], "dict_size": [256], "k": [8, 16]}],
+        "train": {"tokens": 24 * 1024, "batch_size": 1024, "eval_every": 4, "checkpoint_every": 4},
+        "resources": {"cpu": 1},
+        "max_concurrent_trials": 2,
+    }
+    spec.update(overrides)
+    return spec
+
+
+def test_the_demo_spec_runs_registers_the_frontier_and_the_champion_loads(env, minilm_store):
+    spec = yaml.safe_load((REPO / "jobs" / "demo.yaml").read_text())
+    assert len(SweepSpec.from_dict(spec).configurations()) == 8  # 2 sparsities x 2 dict sizes x 2 (k or l1)
+    spec.update(store=str(minilm_store.path), harvest=None)
+    spec["train"].update(tokens=8 * 2048, eval_every=4, checkpoint_every=4)
+    spec = SweepSpec.from_dict(spec)
+    result = run(spec, verbose=0)
+
+    assert result.failed_trials == 0 and len(result.dictionaries) == 8
+    children = _children("demo", result.sweep_id)
+    assert len(children) == 8
+    client = _client()
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == result.parent_run_id
+        assert child.data.tags["store.fingerprint"] == minilm_store.fingerprint
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "eval/fvu")] == [4, 8]
+        assert {"metrics.json", "plots"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
+    on_frontier = [r for r in result.dictionaries if r["frontier"]]
+    assert on_frontier and len(on_frontier) < 8 or all(r["frontier"] for r in result.dictionaries)
+    versions = sae_registry.find("demo")
+    assert sorted(v.run_id for v in versions) == sorted(r["run_id"] for r in on_frontier)
+    champion = sae_registry.load("demo@champion")
+    assert champion.version == result.champion
+    eligible = [r for r in on_frontier if r["l0"] <= 64]
+    assert champion.metrics["fvu"] == pytest.approx(min(r["fvu"] for r in eligible))
+    codes = champion.encode(minilm_store.read_split("eval", max_tokens=10))
+    assert codes.shape == (10, champion.config.dict_size)
+    parent = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"sweep_summary.json", "sweep_spec.json", "plots"} <= parent
+    assert client.get_run(result.parent_run_id).info.status == "FINISHED"
+    listing = CliRunner().invoke(main, ["list", "demo"])
+    assert listing.exit_code == 0 and len(listing.output.strip().splitlines()) == 1 + len(versions)
+
+
+def test_cli_sweep_and_no_duplicates_when_run_twice(env, synthetic_store, tmp_path):
+    store, _ = synthetic_store
+    spec_path = tmp_path / "s.yaml"
+    spec_path.write_text(yaml.safe_dump(_spec(store, "cli-sweep", register="all", pack=2)))
+    r = CliRunner().invoke(main, ["sweep", str(spec_path)])
+    assert r.exit_code == 0, r.output
+    assert "2 dictionaries in 1 trial(s)" in r.output and "(champion)" in r.output
+    again = CliRunner().invoke(main, ["sweep", str(spec_path)])
+    assert again.exit_code == 1 and "already ran" in again.output and "--resume" in again.output
+    assert len(sae_registry.find("cli-sweep")) == 2
+
+
+def _ray_node(tmp: Path, port: int | None, head_port: int) -> None:
+    cmd = [str(BIN / "ray"), "start", "--num-cpus=1", "--num-gpus=0", f"--memory={1 << 30}",
+           f"--object-store-memory={200 << 20}", "--disable-usage-stats"]
+    if port is None:
+        cmd += [f"--address=127.0.0.1:{head_port}"]
+    else:
+        cmd += ["--head", f"--port={head_port}", "--node-ip-address=127.0.0.1", f"--temp-dir={tmp}",
+                "--include-dashboard=false"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+
+
+def _stop_ray_started_under(tmp: Path) -> None:
+    """Stop the Ray processes of our test cluster (they name its temp dir), TERM then KILL."""
+    import psutil
+
+    def ours():
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if str(tmp) in cmd or "ray::" in cmd or "raylet" in cmd or "gcs_server" in cmd:
+                found.append(p)
+        return found
+
+    for p in ours():
+        p.terminate()
+    gone, alive = psutil.wait_procs(ours(), timeout=15)
+    for p in alive:
+        p.kill()
+
+
+def test_a_two_node_cluster_runs_trials_on_both_nodes(env, synthetic_store, tmp_path):
+    store, _ = synthetic_store
+    ray_tmp = Path(f"/tmp/ray-sae-{os.getpid()}")
+    head_port = free_port()
+    try:
+        _ray_node(ray_tmp, head_port, head_port)
+        _ray_node(ray_tmp, None, head_port)
+        spec = SweepSpec.from_dict(_spec(store, "two-nodes", grid=[{"dict_size": [128, 256], "k": [4, 8]}],
+                                         register="none"))
+        result = run(spec, address=f"127.0.0.1:{head_port}", verbose=0)
+    finally:
+        _stop_ray_started_under(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert result.failed_trials == 0 and len(result.dictionaries) == 4
+    nodes = Counter(r.data.tags["ray.node_id"] for r in _children("two-nodes", result.sweep_id))
+    assert len(nodes) == 2, nodes
+
+
+def _sweep_process(spec_path: Path, log: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "sae-registry"), "sweep", str(spec_path), *extra], stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for_step(family: str, step: int, proc: subprocess.Popen, log: Path, timeout: float = 180) -> str:
+    """Wait until some run of ``family`` has logged ``eval/fvu`` at ``step``; its run id."""
+    client = _client()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        experiment = client.get_experiment_by_name(family)
+        if experiment is not None:
+            for r in client.search_runs([experiment.experiment_id]):
+                if any(m.step >= step for m in client.get_metric_history(r.info.run_id, "eval/fvu")):
+                    return r.info.run_id
+        time.sleep(0.5)
+    raise AssertionError(f"no run reached step {step}:\n{log.read_text()[-3000:]}")
+
+
+def test_a_killed_trial_resumes_from_its_checkpoint(env, minilm_store, tmp_path):
+    import psutil
+
+    spec = _spec(minilm_store, "killed", grid=[{"dict_size": [2048], "k": [32]}],
+                 train={"tokens": 60 * 2048, "batch_size": 2048, "eval_every": 5, "checkpoint_every": 5})
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    proc = _sweep_process(tmp_path / "s.yaml", tmp_path / "sweep.log")
+    try:
+        run_id = _wait_for_step("killed", 15, proc, tmp_path / "sweep.log")
+        trials = [p for p in psutil.process_iter(["cmdline"]) if "ImplicitFunc" in " ".join(p.info["cmdline"] or [])]
+        assert len(trials) == 1
+        trials[0].kill()  # the trial's worker process dies mid-way, as on a lost machine
+        assert proc.wait(timeout=300) == 0, (tmp_path / "sweep.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    client = _client()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    steps = Counter(m.step for m in client.get_metric_history(run_id, "eval/fvu"))
+    assert steps[5] == 1 and steps[10] == 1  # resumed from a checkpoint, not from step 0
+    assert max(steps) == 60 and set(steps) == set(range(5, 61, 5))
+    assert len(_children("killed", run.data.tags["sweep.id"])) == 1
+    assert [v.run_id for v in sae_registry.find("killed")] == [run_id]
+    assert "after retrying" in (tmp_path / "sweep.log").read_text()
+
+
+def test_an_interrupted_sweep_resumes_without_duplicates(env, minilm_store, tmp_path):
+    spec = _spec(minilm_store, "interrupted", grid=[{"dict_size": [1024], "k": [16, 32]}], max_concurrent_trials=1,
+                 register="all", train={"tokens": 40 * 2048, "batch_size": 2048, "eval_every": 5,
+                                        "checkpoint_every": 5})
+    spec_path = tmp_path / "s.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    proc = _sweep_process(spec_path, tmp_path / "first.log")
+    try:
+        _wait_for_step("interrupted", 10, proc, tmp_path / "first.log")
+        os.kill(proc.pid, signal.SIGINT)  # Ctrl-C
+        assert proc.wait(timeout=120) == 1
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "--resume" in (tmp_path / "first.log").read_text()
+    assert sae_registry.find("interrupted") == [] if _has_family("interrupted") else True
+
+    resumed = CliRunner().invoke(main, ["sweep", str(spec_path), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    state = json.loads((tmp_path / "ray_results" / "interrupted.sweep.json").read_text())
+    children = _children("interrupted", state["sweep_id"])
+    assert sorted(c.data.tags["sweep.member"] for c in children) == ["topk-d1024-k16-s0", "topk-d1024-k32-s0"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    versions = sae_registry.find("interrupted")
+    assert sorted(v.run_id for v in versions) == sorted(c.info.run_id for c in children)
+    # resuming a finished sweep again changes nothing
+    assert CliRunner().invoke(main, ["sweep", str(spec_path), "--resume"]).exit_code == 0
+    assert len(sae_registry.find("interrupted")) == 2 and len(_children("interrupted", state["sweep_id"])) == 2
+
+
+def _has_family(name: str) -> bool:
+    return any(m.name == name for m in _client().search_registered_models())
+
+
+def test_a_store_on_s3_and_artifacts_on_s3(synthetic_store, tmp_path, monkeypatch):
+    import s3fs
+
+    store, _ = synthetic_store
+    with start_moto(tmp_path) as aws:
+        for key, value in aws.items():
+            monkeypatch.setenv(key, value)
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": aws["AWS_ENDPOINT_URL"]})
+        fs.mkdir("stores")
+        fs.mkdir("mlflow-artifacts")
+        fs.put(str(store.path), "stores/synthetic.zarr", recursive=True)
+        remote = sae_registry.ActivationStore.open("s3://stores/synthetic.zarr")
+        assert remote.fingerprint == store.fingerprint and len(remote) == len(store)
+        torch.testing.assert_close(torch.cat(list(remote.batches(4096, shuffle=False))),
+                                   store.read_split("train"))
+        with pytest.raises(SAERegistryError, match="no readable activation store"):
+            sae_registry.ActivationStore.open("s3://stores/missing.zarr")
+
+        with start_mlflow_server(tmp_path, artifacts="s3://mlflow-artifacts/", env=aws) as server:
+            monkeypatch.chdir(tmp_path)
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", server["uri"])
+            monkeypatch.setenv("SAE_REGISTRY_CACHE", str(tmp_path / "cache"))
+            monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+            spec = SweepSpec.from_dict(_spec(remote, "on-s3", grid=[{"dict_size": [128], "k": [4]}]))
+            assert spec.store == "s3://stores/synthetic.zarr"
+            result = run(spec, verbose=0)
+            assert result.failed_trials == 0
+            stored = fs.find("mlflow-artifacts")
+            assert any(p.endswith("sae.safetensors") for p in stored)
+            assert any(p.endswith("plots/frontier.png") for p in stored)
+            d = sae_registry.load("on-s3@champion")
+            assert d.lineage["store.path"] == "s3://stores/synthetic.zarr"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"grid": []}, "grid: is empty"),
+        ({"grid": {"dict_sise": [64]}}, "unknown key 'dict_sise'"),
+        ({"grid": {"k": 8}}, "grid.k: must be a non-empty list"),
+        ({"grid": {"k": [0]}}, "top_k must be a positive integer"),
+        ({"grid": {"dict_size": [8], "k": [16]}}, r"top_k \(16\) cannot exceed dict_size \(8\)"),
+        ({"train": {"tokenz": 5}}, "train: unknown options"),
+        ({"train": {"l1_coeff": -1}}, "l1_coeff must be a non-negative number"),
+        ({"registr": "all"}, r"unknown spec fields \['registr'\]"),
+        ({"register": "best"}, "register: must be one of"),
+        ({"resources": {"gpus": 1}}, "resources: unknown keys"),
+        ({"resources": {"cpu": 0}}, "a trial needs some cpu or gpu"),
+        ({"pack": 0}, "pack must be a positive integer"),
+        ({"name": "bad/name"}, "family name"),
+        ({"seeds": []}, "seeds: must be a non-empty list"),
+    ],
+)
+def test_bad_specs_name_the_field(change, message):
+    spec = {"name": "ok", "store": "x.zarr", "grid": {"dict_size": [64], "k": [4]}}
+    spec.update(change)
+    with pytest.raises(SAERegistryError, match=message):
+        SweepSpec.from_dict(spec)
+
+
+def test_spec_files_and_missing_fields(tmp_path):
+    with pytest.raises(SAERegistryError, match="no sweep spec at"):
+        SweepSpec.from_yaml(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("name: [unclosed")
+    with pytest.raises(SAERegistryError, match="not valid YAML"):
+        SweepSpec.from_yaml(tmp_path / "bad.yaml")
+    with pytest.raises(SAERegistryError, match="missing grid, store"):
+        SweepSpec.from_dict({"name": "x"})
+    for path in (REPO / "jobs").glob("*.yaml"):
+        assert SweepSpec.from_yaml(path).configurations()
+
+
+def test_equivalent_combinations_are_trained_once():
+    spec = SweepSpec.from_dict({"name": "x", "store": "s.zarr", "seeds": [0, 1], "pack": 3,
+                                "grid": [{"sparsity": ["l1"], "k": [8, 16, 32], "dict_size": [64]},
+                                         {"sparsity": ["top_k"], "k": [8, 16], "dict_size": [64]},
+                                         {"sparsity": ["top_k"], "k": [8], "dict_size": [64]}]})
+    configs = spec.configurations()
+    assert len(configs) == 2 * (1 + 2)  # l1 ignores k; the third grid repeats the second
+    packs = spec.packs()
+    assert [len(p) for p in packs] == [3, 3]  # packs never mix seeds (they share one batch stream)
+    assert all(len({t.seed for _, t in p}) == 1 for p in packs)
+
+
+def test_gpu_trials_on_a_cluster_without_gpus_are_refused(env, synthetic_store):
+    store, _ = synthetic_store
+    spec = SweepSpec.from_dict(_spec(store, "gpu-less", resources={"cpu": 1, "gpu": 0.25}))
+    with pytest.raises(SAERegistryError, match="no node of the Ray cluster can run a trial needing 1 CPU and 0.25 GPU"):
+        run(spec, verbose=0)
+
+
+def test_pareto_frontier_is_per_dict_size():
+    rows = [{"dict_size": 64, "fvu": 0.5, "l0": 8}, {"dict_size": 64, "fvu": 0.4, "l0": 16},
+            {"dict_size": 64, "fvu": 0.6, "l0": 16}, {"dict_size": 128, "fvu": 0.9, "l0": 32}]
+    assert pareto_frontier(rows) == [True, True, False, True]
