@@ -153,7 +153,6 @@ def demo(data_dir, out, dict_size, top_k, family, **options) -> None:
     from . import harvest as H
     from .sae import SAEConfig
     from .store import ActivationStore
-    from .train import train as run
 
     store_path = data_dir / DEMO_STORE
     try:

@@ -21,7 +21,6 @@ within a buffer of several chunks, decoded by background threads ahead of the co
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import queue
 import shutil

@@ -23,7 +23,6 @@ import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 from .errors import SAERegistryError, require_positive_int
 from .sae import SAEConfig
