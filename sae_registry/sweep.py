@@ -482,6 +482,7 @@ def _register_and_summarise(spec: SweepSpec, client, sweep_id: str, parent_run_i
     rows.sort(key=lambda r: (r["dict_size"], r["l0"], r["fvu"]))
     for row, on in zip(rows, pareto_frontier(rows)):
         row["frontier"] = on
+        client.set_tag(row["run_id"], "sweep.frontier", str(on).lower())  # also lands on its version
         wanted = spec.register == "all" or (spec.register == "pareto" and on)
         row["version"] = register_run(row["run_id"], spec.name, tracking_uri=uri) if wanted else None
     registered = [r for r in rows if r["version"]]
