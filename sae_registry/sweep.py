@@ -31,7 +31,6 @@ from .train import PACK_SHARED, TrainConfig
 REGISTER_CHOICES = ("all", "pareto", "none")
 SAE_KEYS = {"dict_size", "k", "sparsity"}
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
-STATE_FILE = "sae_registry_sweep.json"
 
 
 @dataclass(frozen=True)
@@ -359,31 +358,35 @@ def _check_resources(spec: SweepSpec) -> None:
         )
 
 
-def _sweep_state(spec: SweepSpec, store, storage: str, client, uri: str, resume: bool) -> dict:
-    """The sweep's id and parent run: made on the first run (kept beside Tune's state), read on resume."""
+def _sweep_state(spec: SweepSpec, store, experiment_path: str, client, uri: str, resume: bool) -> dict:
+    """The sweep's id and parent run: made on a first run, found again in MLflow on resume.
+
+    MLflow holds them (the parent run's tags), so resuming works wherever Tune's state lives.
+    """
+    from ray import tune
+
     from .registry import ensure_experiment, lineage_tags
 
-    # Tune keeps its own state under storage/name; ours (ids only) sits beside it when storage is local.
-    state_path = None if "://" in storage else Path(storage) / f"{spec.name}.sweep.json"
-    if resume:
-        if state_path is None or not state_path.exists():
-            raise SAERegistryError(f"no sweep {spec.name!r} to resume in {storage}; run it without --resume")
-        return json.loads(state_path.read_text())
-    if state_path is not None and state_path.exists():
-        raise SAERegistryError(
-            f"sweep {spec.name!r} already ran in {storage}: continue it with --resume, or remove "
-            f"{state_path} and {Path(storage) / spec.name} to start over"
-        )
     experiment_id = ensure_experiment(spec.name, uri)  # in the driver, before any trial (see STACK-NOTES)
+    if resume:
+        parents = client.search_runs(
+            [experiment_id],
+            f"tags.`sweep.role` = 'parent' and tags.`sweep.storage` = '{experiment_path}'",
+            order_by=["attributes.start_time DESC"], max_results=1,
+        )
+        if not parents:
+            raise SAERegistryError(f"no sweep {spec.name!r} to resume at {experiment_path}; run it without --resume")
+        return {"sweep_id": parents[0].data.tags["sweep.id"], "parent_run_id": parents[0].info.run_id}
+    if tune.Tuner.can_restore(experiment_path):
+        raise SAERegistryError(
+            f"sweep {spec.name!r} already ran at {experiment_path}: continue it with --resume, or remove that "
+            "directory (or change name:) to start over"
+        )
     sweep_id = f"{spec.name}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}"
-    parent = client.create_run(experiment_id, run_name=f"sweep {spec.name}",
-                               tags={**lineage_tags(store, sweep_id), "sweep.role": "parent"})
+    parent = client.create_run(experiment_id, run_name=f"sweep {spec.name}", tags={
+        **lineage_tags(store, sweep_id), "sweep.role": "parent", "sweep.storage": experiment_path})
     client.log_dict(parent.info.run_id, spec.to_dict(), "sweep_spec.json")
-    state = {"sweep_id": sweep_id, "parent_run_id": parent.info.run_id, "tracking_uri": uri}
-    if state_path is not None:
-        state_path.parent.mkdir(parents=True, exist_ok=True)
-        state_path.write_text(json.dumps(state, indent=2))
-    return state
+    return {"sweep_id": sweep_id, "parent_run_id": parent.info.run_id}
 
 
 def run(
@@ -413,7 +416,8 @@ def run(
     try:
         _check_resources(spec)  # before anything is created: a sweep that cannot run leaves no trace
         client = _client(uri)
-        state = _sweep_state(spec, store, storage, client, uri, resume)
+        experiment_path = f"{storage}/{spec.name}"
+        state = _sweep_state(spec, store, experiment_path, client, uri, resume)
         sweep_id, parent_run_id = state["sweep_id"], state["parent_run_id"]
         cpu, gpu = spec.resources.get("cpu", 0), spec.resources.get("gpu", 0)
         trainable = tune.with_resources(
@@ -422,7 +426,6 @@ def run(
                                  device="cuda" if gpu > 0 else "cpu", threads=max(1, int(cpu))),
             {"cpu": cpu, "gpu": gpu},
         )
-        experiment_path = f"{storage}/{spec.name}"
         if resume and tune.Tuner.can_restore(experiment_path):
             tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
         else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -237,7 +236,10 @@ def test_an_interrupted_sweep_resumes_without_duplicates(env, minilm_store, tmp_
 
     resumed = CliRunner().invoke(main, ["sweep", str(spec_path), "--resume"])
     assert resumed.exit_code == 0, resumed.output
-    state = json.loads((tmp_path / "ray_results" / "interrupted.sweep.json").read_text())
+    experiment = _client().get_experiment_by_name("interrupted")
+    (parent,) = _client().search_runs([experiment.experiment_id], "tags.`sweep.role` = 'parent'")
+    assert parent.info.status == "FINISHED"
+    state = {"sweep_id": parent.data.tags["sweep.id"]}
     children = _children("interrupted", state["sweep_id"])
     assert sorted(c.data.tags["sweep.member"] for c in children) == ["topk-d1024-k16-s0", "topk-d1024-k32-s0"]
     assert all(c.info.status == "FINISHED" for c in children)
@@ -310,6 +312,20 @@ def test_bad_specs_name_the_field(change, message):
     spec.update(change)
     with pytest.raises(SAERegistryError, match=message):
         SweepSpec.from_dict(spec)
+
+
+def test_a_missing_store_is_harvested_when_the_spec_says_how(tmp_path, monkeypatch):
+    from sae_registry.sweep import _ensure_store
+
+    monkeypatch.chdir(tmp_path)
+    spec = SweepSpec.from_dict({"name": "h", "store": "data/s.zarr", "grid": {"k": [4]},
+                                "harvest": {"layer": 1, "max_tokens": 2000}})
+    path = _ensure_store(spec)
+    store = sae_registry.ActivationStore.open(path)
+    assert path == str(tmp_path / "data" / "s.zarr") and len(store) == 2000 and store.source["layer"] == 1
+    assert _ensure_store(spec) == path  # there now: opened, not harvested again
+    with pytest.raises(SAERegistryError, match="no activation store at"):
+        _ensure_store(SweepSpec.from_dict({"name": "h", "store": "data/none.zarr", "grid": {"k": [4]}}))
 
 
 def test_spec_files_and_missing_fields(tmp_path):
