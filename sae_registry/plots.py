@@ -6,6 +6,7 @@ Pure functions from numbers to matplotlib figures (Agg backend, no display neede
 from __future__ import annotations
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -66,7 +67,9 @@ def frontier(rows: list[dict]):
         ax.scatter([r["l0"] for r in mine], [r["fvu"] for r in mine], color=color, alpha=0.5)
         front = sorted((r for r in mine if r.get("frontier")), key=lambda r: r["l0"])
         ax.plot([r["l0"] for r in front], [r["fvu"] for r in front], "o-", color=color, label=f"dict_size {size}")
-    ax.set(xscale="log", xlabel="L0 (active latents per token)", ylabel="FVU", title="Sweep: FVU vs L0 frontier")
+    ax.set_xscale("log", base=2)  # L0 budgets (k) are usually powers of two
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set(xlabel="L0 (active latents per token)", ylabel="FVU", title="Sweep: FVU vs L0 frontier")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
