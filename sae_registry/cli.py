@@ -219,14 +219,12 @@ def list_(family) -> None:
     from . import registry
 
     if family is None:
-        client = registry._client()
-        models = client.search_registered_models()
-        if not models:
+        found = registry.families()
+        if not found:
             click.echo(f"no dictionaries registered at {registry.resolve_tracking_uri()}")
-        for m in sorted(models, key=lambda m: m.name):
-            aliases = ", ".join(f"{a}=v{v}" for a, v in sorted(m.aliases.items()))
-            latest = max((int(v.version) for v in m.latest_versions), default=0)
-            click.echo(f"{m.name:32s} latest v{latest}  {aliases}")
+        for name, newest, aliases in found:
+            named = ", ".join(f"{a}=v{v}" for a, v in sorted(aliases.items()))
+            click.echo(f"{name:32s} latest v{newest}  {named}")
         return
     header = f"{'version':>7}  {'aliases':18} {'dict_size':>9} {'k':>4} {'l1_coeff':>9} {'FVU':>7} {'L0':>7} {'dead':>6}  created"
     click.echo(header)

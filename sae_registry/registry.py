@@ -413,6 +413,16 @@ def _families(client) -> list[str]:
     return sorted(m.name for m in client.search_registered_models())
 
 
+def families(tracking_uri: str | None = None) -> list[tuple[str, int, dict[str, str]]]:
+    """Every family in the registry: (name, newest version, {alias: version}), by name."""
+    client = _client(tracking_uri)
+    out = []
+    for m in client.search_registered_models():
+        newest = max((int(v.version) for v in _versions(client, m.name)), default=0)
+        out.append((m.name, newest, {a: str(v) for a, v in m.aliases.items()}))
+    return sorted(out)
+
+
 def _get_model(client, family: str):
     from mlflow.exceptions import MlflowException
 
@@ -440,7 +450,14 @@ def _get_version(client, family: str, version: str):
         raise SAERegistryError(f"{family} has no version {version}; versions: {_listing(existing)}") from None
 
 
-def _info(client, mv, aliases_by_version: dict[str, list[str]]) -> VersionInfo:
+def _aliases_by_version(model) -> dict[str, list[str]]:
+    by_version: dict[str, list[str]] = {}
+    for alias, version in sorted(model.aliases.items()):
+        by_version.setdefault(str(version), []).append(alias)
+    return by_version
+
+
+def _info(mv, aliases_by_version: dict[str, list[str]]) -> VersionInfo:
     version = str(mv.version)
     return VersionInfo(mv.name, version, aliases_by_version.get(version, []), dict(mv.tags), mv.run_id,
                        mv.creation_timestamp)
@@ -449,11 +466,8 @@ def _info(client, mv, aliases_by_version: dict[str, list[str]]) -> VersionInfo:
 def versions(family: str, tracking_uri: str | None = None) -> list[VersionInfo]:
     """Every version of ``family``, newest first."""
     client = _client(tracking_uri)
-    model = _get_model(client, family)
-    by_version: dict[str, list[str]] = {}
-    for alias, v in model.aliases.items():
-        by_version.setdefault(str(v), []).append(alias)
-    infos = [_info(client, mv, by_version) for mv in _versions(client, family)]
+    by_version = _aliases_by_version(_get_model(client, family))
+    infos = [_info(mv, by_version) for mv in _versions(client, family)]
     return sorted(infos, key=lambda i: int(i.version), reverse=True)
 
 
@@ -518,10 +532,7 @@ def resolve(name: str, tracking_uri: str | None = None) -> VersionInfo:
             raise SAERegistryError(f"{family} has no versions yet")
         version = str(max(int(v.version) for v in all_versions))
     mv, _ = _get_version(client, family, version)
-    by_version: dict[str, list[str]] = {}
-    for a, v in model.aliases.items():
-        by_version.setdefault(str(v), []).append(a)
-    return _info(client, mv, by_version)
+    return _info(mv, _aliases_by_version(model))
 
 
 def cache_root() -> Path:
