@@ -72,19 +72,27 @@ class TrainConfig:
             require_positive_int(name, getattr(self, name))
         if self.aux_k is not None:
             require_positive_int("aux_k", self.aux_k)
-        for name in ("lr", "l1_coeff"):
+        def number(name: str, low: float, high: float = math.inf, low_ok: bool = True) -> None:
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)
-                                          and value >= (0 if name == "l1_coeff" else 1e-12)):
-                raise SAERegistryError(f"{name} must be a {'non-negative' if name == 'l1_coeff' else 'positive'} number, got {value!r}")
-        for name in ("l1_warmup_fraction", "lr_decay_fraction"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise SAERegistryError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
-        if not self.aux_coeff >= 0:
-            raise SAERegistryError(f"aux_coeff must be >= 0, got {self.aux_coeff!r}")
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+                and (value >= low if low_ok else value > low) and value <= high
+            if not ok:
+                bound = f"in [{low:g}, {high:g}]" if high < math.inf else f"{'>=' if low_ok else '>'} {low:g}"
+                raise SAERegistryError(f"{name} must be a number {bound}, got {value!r}")
+
+        if self.lr is not None:
+            number("lr", 0, low_ok=False)
+        if self.l1_coeff is not None:
+            number("l1_coeff", 0)
+        number("aux_coeff", 0)
+        number("l1_warmup_fraction", 0, 1)
+        number("lr_decay_fraction", 0, 1)
+        for name in ("normalize_inputs", "unit_norm_decoder"):
+            if not isinstance(getattr(self, name), bool):
+                raise SAERegistryError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.b_dec_init not in B_DEC_INITS:
             raise SAERegistryError(f"b_dec_init must be one of {', '.join(B_DEC_INITS)}, got {self.b_dec_init!r}")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+        if not isinstance(self.device, str) or (self.device not in ("auto", "cpu") and not self.device.startswith("cuda")):
             raise SAERegistryError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
 
     def resolved(self, sae_cfg: SAEConfig) -> "TrainConfig":
