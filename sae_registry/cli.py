@@ -74,6 +74,7 @@ def _train_options(f):
         ("--aux-coeff", dict(type=float, help="Weight of the dead-latent auxiliary loss (top_k) [default: 1/32].")),
         ("--dead-after-tokens", dict(type=int, help="Tokens without firing before a latent counts as dead.")),
         ("--b-dec-init", dict(type=click.Choice(["geometric_median", "mean", "zeros"]))),
+        ("--encoder-init", dict(type=click.Choice(["decoder_transpose", "kaiming"]))),
         ("--normalize-inputs/--no-normalize-inputs", dict(default=None, help="Scale inputs to mean norm sqrt(d).")),
         ("--unit-norm-decoder/--free-decoder-norm", dict(default=None, help="Keep decoder rows at unit norm.")),
         ("--eval-every", dict(type=int, help="Steps between held-out evaluations.")),

@@ -470,6 +470,11 @@ def _register_and_summarise(spec: SweepSpec, client, sweep_id: str, parent_run_i
     from .registry import register_run, set_alias
 
     experiment = client.get_experiment_by_name(spec.name)
+    # fit() is over: a run still RUNNING belongs to a trial whose last attempt died; it failed.
+    for r in client.search_runs([experiment.experiment_id],
+                                f"tags.`sweep.id` = '{sweep_id}' and attributes.status = 'RUNNING'"):
+        if r.data.tags.get("sweep.role") != "parent":
+            client.set_terminated(r.info.run_id, "FAILED")
     runs = client.search_runs([experiment.experiment_id],
                               f"tags.`sweep.id` = '{sweep_id}' and attributes.status = 'FINISHED'",
                               max_results=10_000)

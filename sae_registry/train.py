@@ -7,7 +7,7 @@ The recipe (each part a :class:`TrainConfig` option, defaults after Gao et al. 2
   constant is stored with the model as ``input_scale``;
 - decoder rows at unit norm after every step, with the gradient component that would change a
   row's norm removed before the step (``unit_norm_decoder``);
-- encoder initialised to the decoder's transpose (always: :meth:`SparseAutoencoder.build`);
+- encoder initialised to the decoder's transpose (``encoder_init``; ``kaiming`` for nn.Linear's own);
 - decoder bias initialised to the geometric median of a data sample (``b_dec_init``);
 - top_k: an auxiliary loss that lets the top ``aux_k`` dead latents model the residual
   (``aux_coeff``, ``dead_after_tokens``); l1: the L1 coefficient ramped up over the first
@@ -38,6 +38,7 @@ from .sae import SAEConfig, SparseAutoencoder, auxk_loss
 from .store import ActivationStore
 
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
+ENCODER_INITS = ("decoder_transpose", "kaiming")
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.json"
 
@@ -59,6 +60,7 @@ class TrainConfig:
     dead_after_tokens: int = 1_000_000  # a latent unfired for this many tokens counts as dead
     normalize_inputs: bool = True
     unit_norm_decoder: bool = True
+    encoder_init: str = "decoder_transpose"  # or "kaiming" (nn.Linear's default init)
     b_dec_init: str = "geometric_median"
     eval_every: int = 50  # steps between evaluations on the held-out split
     eval_tokens: int = 16_384  # held-out tokens used by each evaluation (the split's head)
@@ -90,6 +92,10 @@ class TrainConfig:
         for name in ("normalize_inputs", "unit_norm_decoder"):
             if not isinstance(getattr(self, name), bool):
                 raise SAERegistryError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.encoder_init not in ENCODER_INITS:
+            raise SAERegistryError(
+                f"encoder_init must be one of {', '.join(ENCODER_INITS)}, got {self.encoder_init!r}"
+            )
         if self.b_dec_init not in B_DEC_INITS:
             raise SAERegistryError(f"b_dec_init must be one of {', '.join(B_DEC_INITS)}, got {self.b_dec_init!r}")
         if not isinstance(self.device, str) or (self.device not in ("auto", "cpu") and not self.device.startswith("cuda")):
@@ -238,7 +244,9 @@ class _Member:
         self.callback, self.extra = callback, extra
         self.device = torch.device(cfg.device)
         torch.manual_seed(cfg.seed)
-        self.sae = SparseAutoencoder(sae_cfg)
+        self.sae = SparseAutoencoder(sae_cfg)  # encoder = decoder transpose (Gao et al.)
+        if cfg.encoder_init == "kaiming":
+            self.sae.encoder.encoder.reset_parameters()
         self.scale = math.sqrt(store.d) / store.mean_norm if cfg.normalize_inputs else 1.0
         self.sae.encoder.input_scale.fill_(self.scale)
         self.sae.to(self.device).train()

@@ -81,6 +81,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(synthetic_store, tmp_path):
         (dict(aux_coeff=float("nan")), "aux_coeff must be a number >= 0"),
         (dict(normalize_inputs="yes"), "normalize_inputs must be true or false"),
         (dict(b_dec_init="median"), "b_dec_init must be one of"),
+        (dict(encoder_init="xavier"), "encoder_init must be one of"),
         (dict(device="tpu"), "device must be"),
     ],
 )
@@ -104,6 +105,16 @@ def test_defaults_follow_the_dictionary_shape():
     assert top_k.lr == pytest.approx(2e-4) and top_k.l1_coeff == 0 and top_k.aux_k == 192
     assert top_k.device == "cpu"
     assert TrainConfig().resolved(SAEConfig(384, 4096, sparsity="l1")).l1_coeff > 0
+
+
+def test_encoder_init_option(synthetic_store, tmp_path):
+    store, _ = synthetic_store
+    cfg = dict(tokens=1024, batch_size=1024, lr=1e-12, lr_decay_fraction=0.0, b_dec_init="zeros")
+    tied = train(store, SAEConfig(32, 64, 4), TrainConfig(**cfg), tmp_path / "a", progress=False).sae
+    free = train(store, SAEConfig(32, 64, 4), TrainConfig(encoder_init="kaiming", **cfg), tmp_path / "b",
+                 progress=False).sae
+    torch.testing.assert_close(tied.encoder.encoder.weight, tied.W_dec, atol=1e-6, rtol=0)
+    assert not torch.allclose(free.encoder.encoder.weight, free.W_dec, atol=1e-3)
 
 
 def test_geometric_median_resists_outliers():
