@@ -27,6 +27,19 @@ def sparse_dictionary_data(n: int, d: int = 32, n_true: int = 64, k_true: int = 
     return codes @ directions, directions
 
 
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Every test in its own working directory, with no registry, cluster or cache of the user's.
+
+    The embedded registry lives in the working directory, so without this a test would write into
+    the checkout's mlflow.db (or into a server that MLFLOW_TRACKING_URI names).
+    """
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("SAE_REGISTRY_CACHE", str(tmp_path / "sae-registry-cache"))
+
+
 @pytest.fixture(scope="session")
 def synthetic_store(tmp_path_factory):
     """A 60k-token store of known sparse structure, plus the true directions."""

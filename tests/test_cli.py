@@ -54,6 +54,8 @@ def test_demo_reuses_its_store_and_prints_metrics(minilm_store, tmp_path):
     assert "using" in r.output and "harvesting" not in r.output
     assert '"fvu"' in r.output and '"dead_fraction"' in r.output
     assert (tmp_path / "run" / "sae.safetensors").exists()
+    assert "registered as minilm-l3-demo/1" in r.output and "loaded back" in r.output
+    assert (tmp_path / "mlflow.db").exists()  # the embedded registry, in the working directory
 
 
 def test_errors_are_one_clear_line(tmp_path):
