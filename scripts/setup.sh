@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Set up (or refresh) the project's virtual environment in .venv: idempotent, safe to run every time.
+# With --test, also what the test suite needs beside it (scripts/setup-deploy-tools.sh: docker-compose
+# v1, Debian's PostgreSQL, moto; apt needs root), which the demo does not.
 # torch goes in first as the CPU build (TORCH_SPEC overrides it, e.g. TORCH_SPEC=torch on a GPU
 # machine): a bare `torch` requirement would pull a multi-GB CUDA build.
 set -euo pipefail
@@ -13,4 +15,6 @@ quiet_pip() {
 }
 quiet_pip "${TORCH_SPEC:-torch==2.13.0}"
 quiet_pip -e ".[demo,s3,test]"
-bash scripts/setup-deploy-tools.sh  # docker-compose v1 (own venv), PostgreSQL, moto: for tests/test_deploy.py
+if [ "${1:-}" = "--test" ]; then
+  bash scripts/setup-deploy-tools.sh
+fi
