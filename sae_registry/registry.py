@@ -23,6 +23,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -300,7 +301,9 @@ def _log_outputs(client, run_id: str, result: TrainResult) -> None:
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, cfg.input_size))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, cfg.dict_size))]),
     )
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # MLflow's advice to pyfunc authors (type hints, an input example): our signature is explicit.
+        warnings.filterwarnings("ignore", message=".*(Add type hints|input example was not provided)")
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
             python_model=str(SERVING_CODE),
