@@ -303,7 +303,7 @@ def _log_outputs(client, run_id: str, result: TrainResult) -> None:
     )
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         # MLflow's advice to pyfunc authors (type hints, an input example): our signature is explicit.
-        warnings.filterwarnings("ignore", message=".*(Add type hints|input example was not provided)")
+        warnings.filterwarnings("ignore", message=".*(Add type hints|input example was not provided|Any type hint)")
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
             python_model=str(SERVING_CODE),
