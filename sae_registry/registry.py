@@ -401,19 +401,12 @@ class VersionInfo:
     def metrics(self) -> dict[str, float]:
         return {k: float(self.tags[k]) for k in METRIC_TAGS if self.tags.get(k)}
 
-    def get(self, key: str) -> Any:
-        return self.tags.get(key)
-
 
 def _listing(items: list[str], limit: int = 20) -> str:
     if not items:
         return "(none)"
     shown = ", ".join(items[:limit])
     return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
-
-
-def _families(client) -> list[str]:
-    return sorted(m.name for m in client.search_registered_models())
 
 
 def families(tracking_uri: str | None = None) -> list[tuple[str, int, dict[str, str]]]:
@@ -434,7 +427,7 @@ def _get_model(client, family: str):
     except MlflowException:
         raise SAERegistryError(
             f"no dictionary family {family!r} in the registry at {resolve_tracking_uri()}; "
-            f"families: {_listing(_families(client))}"
+            f"families: {_listing([name for name, _, _ in families()])}"
         ) from None
 
 

@@ -74,9 +74,8 @@ class SweepSpec:
         unknown = set(self.train) - TRAIN_KEYS
         if unknown:
             raise SAERegistryError(f"train: unknown options {sorted(unknown)}; known: {', '.join(sorted(TRAIN_KEYS))}")
-        for key in ("seed",):
-            if key in self.train:
-                raise SAERegistryError("train.seed: use seeds: [..] at the top level")
+        if "seed" in self.train:
+            raise SAERegistryError("train.seed: use seeds: [..] at the top level")
         if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
             raise SAERegistryError(f"seeds: must be a non-empty list of integers, got {list(self.seeds)!r}")
         unknown = set(self.resources) - {"cpu", "gpu"}
