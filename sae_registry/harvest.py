@@ -116,6 +116,11 @@ def harvest(
     Documents are shuffled with ``seed`` (so the store's held-out tail is a random sample of
     documents), cut into windows of ``max_length`` tokens (long documents give several windows), and
     run ``batch_size`` windows at a time. Returns the finished store, opened for reading.
+
+    Every row keeps its provenance (``store.provenance()``): the token's id, its window ``seq``
+    (0, 1, ... in harvest order) and its position ``pos`` in that window's ``input_ids`` (special
+    tokens counted), so that any row can be shown in its text; ``source["tokenizer"]`` names the
+    tokenizer (loaded from ``source["model_path"]``).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
@@ -154,14 +159,18 @@ def harvest(
         "hook": f"hidden_states.{layer}",
         "max_length": max_length,
         "exclude_special": exclude_special,
+        "tokenizer": _model_name(model_path),
+        "tokenizer_class": type(tokenizer).__name__,
         "text": text_source,
         "n_documents": len(texts),
         "seed": seed,
     }
     store = ActivationStore.create(
-        store_path, d, dtype=dtype, chunk_tokens=chunk_tokens, source=source, overwrite=overwrite
+        store_path, d, dtype=dtype, chunk_tokens=chunk_tokens, source=source, overwrite=overwrite,
+        provenance=True,
     )
     written = 0
+    windows = 0  # global window index: the `seq` of every row of the current batch's first window
     bar = tqdm(total=max_tokens or None, unit="tok", desc="harvest", disable=not progress)
     try:
         with torch.inference_mode():
@@ -186,9 +195,13 @@ def harvest(
                 }
                 hidden = _run(model, inputs, layer, hook is not None, captured)
                 rows = hidden[keep.to(device)].float().cpu()
+                window, pos = keep.nonzero(as_tuple=True)  # row-major, the order of hidden[keep]
+                provenance = {"token_id": enc["input_ids"][keep], "seq": window + windows, "pos": pos}
+                windows += len(keep)
                 if max_tokens is not None:
                     rows = rows[: max_tokens - written]
-                store.append(rows)
+                    provenance = {k: v[: len(rows)] for k, v in provenance.items()}
+                store.append(rows, provenance)
                 written += len(rows)
                 bar.update(len(rows))
                 if max_tokens is not None and written >= max_tokens:

@@ -5,6 +5,9 @@ Layout of a store directory::
     store.zarr/
       zarr.json                 group; attributes = the store's metadata (see ``metadata``)
       activations/              [n_tokens, d], chunked along tokens, compressed
+      token_id/ seq/ pos/       optional token provenance, one entry per row, chunked like the rows:
+                                the token's id (int32), its model input window (int64, 0, 1, ... in
+                                harvest order) and its index in that window's input_ids (int32)
 
 The group's ``status`` attribute is ``"writing"`` until :meth:`ActivationStore.close` writes the
 statistics and the fingerprint and sets it to ``"complete"``; :meth:`ActivationStore.open` refuses
@@ -42,6 +45,7 @@ FORMAT_VERSION = 1
 ARRAY = "activations"
 DTYPES = ("float32", "float16", "bfloat16")
 COMPRESSORS = ("lz4", "zstd", "none")
+PROVENANCE = {"token_id": "int32", "seq": "int64", "pos": "int32"}  # array name -> dtype
 
 
 def is_url(path: str | Path) -> bool:
@@ -93,7 +97,9 @@ class ActivationStore:
         self._array = group[ARRAY]
         self._writable = writable
         self.metadata: dict = dict(group.attrs)
+        self._provenance = {name: group[name] for name in PROVENANCE} if self.has_provenance else {}
         if writable:
+            self._pending_provenance: dict[str, list[np.ndarray]] = {name: [] for name in self._provenance}
             self._pending: list[np.ndarray] = []
             self._pending_rows = 0
             self._n_written = 0
@@ -116,10 +122,12 @@ class ActivationStore:
         eval_fraction: float = 0.05,
         source: dict | None = None,
         overwrite: bool = False,
+        provenance: bool = False,
     ) -> "ActivationStore":
         """Start a new store at ``path`` for ``d``-wide activations; fill it with :meth:`append`.
 
-        ``source`` is free-form lineage (model, layer, hook, text...) kept in the metadata.
+        ``source`` is free-form lineage (model, layer, hook, text...) kept in the metadata. With
+        ``provenance``, every :meth:`append` must also give each row's ``token_id``, ``seq`` and ``pos``.
         """
         require_positive_int("d", d)
         require_positive_int("chunk_tokens", chunk_tokens)
@@ -146,6 +154,10 @@ class ActivationStore:
             dtype="uint16" if dtype == "bfloat16" else dtype,
             compressors=_codecs(compressor),
         )
+        for name, int_dtype in PROVENANCE.items() if provenance else ():
+            # small integers compress well whatever the activations use
+            group.create_array(name, shape=(0,), chunks=(chunk_tokens,), dtype=int_dtype,
+                               compressors=[zarr.codecs.ZstdCodec(level=3)])
         group.attrs.update(
             {
                 "format": "sae-registry/activation-store",
@@ -157,13 +169,20 @@ class ActivationStore:
                 "compressor": compressor,
                 "eval_fraction": eval_fraction,
                 "source": source or {},
+                "provenance": bool(provenance),
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
         )
         return cls(path, group, writable=True)
 
-    def append(self, array: np.ndarray | torch.Tensor) -> None:
-        """Add rows ``[n, d]``. Full chunks go to disk at once; the rest waits for more rows."""
+    def append(
+        self, array: np.ndarray | torch.Tensor, provenance: dict[str, np.ndarray | torch.Tensor] | None = None
+    ) -> None:
+        """Add rows ``[n, d]``. Full chunks go to disk at once; the rest waits for more rows.
+
+        A store created with ``provenance=True`` needs ``provenance={"token_id": [n], "seq": [n],
+        "pos": [n]}`` with every append; the arrays stay aligned with the rows.
+        """
         if not self._writable:
             raise SAERegistryError(f"{self.path} is open for reading; create a new store to write")
         tensor = torch.as_tensor(array).detach().cpu()
@@ -171,6 +190,7 @@ class ActivationStore:
             raise SAERegistryError(
                 f"append needs rows of shape [n, {self.d}], got {tuple(tensor.shape)}"
             )
+        columns = self._provenance_columns(provenance, len(tensor))
         rows = _to_numpy(tensor, self.dtype)
         stored = _to_float32(rows, self.dtype).double()  # statistics of what is on disk
         if not torch.isfinite(stored).all():
@@ -182,10 +202,37 @@ class ActivationStore:
         self._sum_sq += stored.pow(2).sum(0).numpy()
         self._norm_sum += float(stored.norm(dim=1).sum())
         self._pending.append(rows)
+        for name, column in columns.items():
+            self._pending_provenance[name].append(column)
         self._pending_rows += len(rows)
         chunk = self.metadata["chunk_tokens"]
         if self._pending_rows >= chunk:
             self._flush(whole_chunks_only=True)
+
+    def _provenance_columns(self, provenance: dict | None, n: int) -> dict[str, np.ndarray]:
+        """``provenance`` checked against this store: the same keys it was created with, ``n`` each."""
+        if not self._provenance:
+            if provenance is not None:
+                raise SAERegistryError(
+                    f"{self.path} was created without token provenance; create it with provenance=True "
+                    "to store token_id/seq/pos"
+                )
+            return {}
+        if provenance is None or set(provenance) != set(PROVENANCE):
+            got = "nothing" if provenance is None else sorted(provenance)
+            raise SAERegistryError(
+                f"{self.path} keeps token provenance: append needs provenance with keys "
+                f"{sorted(PROVENANCE)}, got {got}"
+            )
+        columns = {}
+        for name, int_dtype in PROVENANCE.items():
+            column = np.asarray(torch.as_tensor(provenance[name]).cpu())
+            if column.shape != (n,) or not np.issubdtype(column.dtype, np.integer):
+                raise SAERegistryError(
+                    f"provenance[{name!r}] must be {n} integers (one per row), got {column.dtype} {column.shape}"
+                )
+            columns[name] = column.astype(int_dtype)
+        return columns
 
     def _flush(self, whole_chunks_only: bool) -> None:
         data = np.concatenate(self._pending) if self._pending else np.zeros((0, self.d))
@@ -196,6 +243,12 @@ class ActivationStore:
             self._array.resize((start + n, self.d))
             self._array[start : start + n] = data[:n]
             self._hash.update(np.ascontiguousarray(data[:n]).tobytes())
+            for name, array in self._provenance.items():
+                column = np.concatenate(self._pending_provenance[name])
+                array.resize((start + n,))
+                array[start : start + n] = column[:n]
+                self._hash.update(column[:n].tobytes())
+                self._pending_provenance[name] = [column[n:]]
             self._n_written += n
         self._pending = [data[n:]] if n < len(data) else []
         self._pending_rows = len(data) - n
@@ -273,6 +326,12 @@ class ActivationStore:
                 f"{path} says it holds {attrs['n_tokens']} x {attrs['d']} but its array is "
                 f"{array.shape}; the store is damaged. Delete it and harvest again."
             )
+        for name in PROVENANCE if attrs.get("provenance") else ():
+            if name not in group or group[name].shape != (attrs["n_tokens"],):
+                raise SAERegistryError(
+                    f"{path} says it keeps token provenance but its {name!r} array is missing or does not "
+                    "match its rows; the store is damaged. Delete it and harvest again."
+                )
         return cls(path, group, writable=False)
 
     def __len__(self) -> int:
@@ -293,6 +352,20 @@ class ActivationStore:
     @property
     def source(self) -> dict:
         return self.metadata.get("source", {})
+
+    @property
+    def has_provenance(self) -> bool:
+        """Whether each row's token id and place (window ``seq``, position ``pos``) were kept."""
+        return bool(self.metadata.get("provenance", False))
+
+    def provenance(self, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
+        """``{"token_id", "seq", "pos"}`` of rows ``[start, stop)``, aligned with :meth:`read`."""
+        if not self.has_provenance:
+            raise SAERegistryError(
+                f"{self.path} was harvested without token provenance (token ids, windows, positions); "
+                "re-harvest it with this version of sae-registry (`sae-registry harvest`) to get them"
+            )
+        return {name: array[start:stop] for name, array in self._provenance.items()}
 
     @property
     def mean(self) -> torch.Tensor:

