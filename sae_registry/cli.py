@@ -293,6 +293,37 @@ def encode(name, store_path, out, split, batch_size, device, overwrite) -> None:
 
 
 @main.command()
+@click.argument("name")
+@click.option("--features", default=None, help="Comma-separated latent indices, e.g. 0,5,7 [default: the --top most frequent].")
+@click.option("--top", default=16, show_default=True, help="Without --features: this many of the most frequent latents.")
+@click.option("--store", "store_path", type=click.Path(path_type=Path), default=None,
+              help="Store to read [default: the one the dictionary was trained on].")
+@click.option("--split", type=click.Choice(["eval", "train", "all"]), default="eval", show_default=True)
+@click.option("--max-tokens", type=int, default=None, help="Read at most this many tokens of the split.")
+@click.option("--contexts", default=10, show_default=True, help="Top activating contexts per latent.")
+@click.option("--window", default=8, show_default=True, help="Tokens shown either side of the activating one.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Where to write index.html + cards.json [default: cards/FAMILY-vVERSION].")
+@click.option("--no-log", is_flag=True, help="Do not log the cards on the dictionary's MLflow run.")
+@click.option("--print", "print_text", is_flag=True, help="Also print each card's top contexts as text.")
+def cards(name, features, top, store_path, split, max_tokens, contexts, window, out_dir, no_log, print_text) -> None:
+    """Feature cards for dictionary NAME: frequency, mean activation, top contexts, promoted tokens (HTML + JSON)."""
+    from .cards import cards_for
+
+    try:
+        chosen = [int(f) for f in features.split(",") if f.strip()] if features else None
+    except ValueError:
+        raise click.UsageError(f"--features takes comma-separated integers, got {features!r}") from None
+    made, out, uri = cards_for(name, store_path=store_path, out_dir=out_dir, log=not no_log, features=chosen,
+                               top=top, n_contexts=contexts, window=window, split=split, max_tokens=max_tokens)
+    if print_text:
+        click.echo(made.text())
+    click.echo(f"{len(made.cards)} feature cards written to {out / 'index.html'} (+ cards.json)")
+    if uri:
+        click.echo(f"logged on the dictionary's run: {uri}  (MLflow UI: run > Artifacts > cards)")
+
+
+@main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=5000, show_default=True)
 def ui(host, port) -> None:
