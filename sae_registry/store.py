@@ -247,7 +247,6 @@ class ActivationStore:
                 column = np.concatenate(self._pending_provenance[name])
                 array.resize((start + n,))
                 array[start : start + n] = column[:n]
-                self._hash.update(column[:n].tobytes())
                 self._pending_provenance[name] = [column[n:]]
             self._n_written += n
         self._pending = [data[n:]] if n < len(data) else []
