@@ -5,6 +5,7 @@
 #     clash with the project's), to check docker-compose.yml without a Docker engine;
 #   - PostgreSQL's server binaries (Debian's postgresql package), unshare/nsenter and ip: the test
 #     runs the compose services natively inside a private network namespace;
+#   - Debian's chromium (+ a font), in which tests/test_cards.py renders the feature-card page headless;
 #   - moto[server] (the S3 stand-in for MinIO) and psycopg[binary] in .venv: MLflow's PostgreSQL driver
 #     (SQLAlchemy 2.1 opens postgresql:// URIs with psycopg 3, no longer psycopg2).
 set -euo pipefail
@@ -29,11 +30,12 @@ if ! .venv-compose/bin/docker-compose version >/dev/null 2>&1; then
     docker-compose==1.29.2
 fi
 
-# System packages: PostgreSQL server, util-linux (unshare, nsenter, runuser), iproute2 (ip).
+# System packages: PostgreSQL server, util-linux (unshare, nsenter, runuser), iproute2 (ip), chromium.
 missing=()
 compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || missing+=(postgresql)
 command -v unshare >/dev/null && command -v nsenter >/dev/null || missing+=(util-linux)
 command -v ip >/dev/null || missing+=(iproute2)
+command -v chromium >/dev/null || missing+=(chromium fonts-dejavu-core)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "setup-deploy-tools: need root to install ${missing[*]} (apt-get install ${missing[*]})" >&2
