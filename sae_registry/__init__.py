@@ -8,6 +8,7 @@
 __version__ = "0.1.0"
 
 from .errors import SAERegistryError  # noqa: E402
+from .evaluate import evaluate  # the function (the module stays reachable by `from sae_registry.evaluate import ...`)
 from .registry import Dictionary, find, load  # noqa: E402
 from .sae import SAEConfig, SparseAutoencoder, SparseEncoder  # noqa: E402
 from .store import ActivationStore  # noqa: E402
@@ -19,6 +20,7 @@ __all__ = [
     "SAERegistryError",
     "SparseAutoencoder",
     "SparseEncoder",
+    "evaluate",
     "find",
     "load",
 ]
