@@ -1,0 +1,438 @@
+"""Interchange with SAELens and dictionary_learning: their saved formats in and out, weights mapped exactly.
+
+Every SAE this module maps, ours and theirs, computes on raw activations ``x [..., d_in]``
+
+    codes = TopK_k(ReLU((x - b_dec) @ W_enc + b_enc))     # top_k;  ReLU only for ReLU/L1 SAEs
+    x_hat = codes @ W_dec + b_dec
+
+with ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``. Ours first scales inputs by ``input_scale`` s
+(``sae.py``); folding s into the weights gives that same form with the same codes and reconstructions:
+
+    W_enc = s * encoder.weight.T     b_enc = encoder.bias     W_dec = W_dec / s     b_dec = b_dec / s
+
+which is what SAELens's own ``fold_activation_norm_scaling_factor`` does. These *folded* weights are
+what :func:`folded_weights` returns, what ``Dictionary.W_enc`` etc. expose and what the exports hold;
+an import is a dictionary with ``input_scale`` 1 holding them. With s = 1 (and for anything imported)
+the mapping is bit for bit; otherwise ``s * W`` rounds, so codes agree to float32 rounding (same
+top-k support on anything but near-ties). Note the decoder rows of a folded dictionary have norm
+``1/s`` when ours are unit-norm: codes keep their meaning, the directions are the rows' directions.
+
+Formats:
+
+- **SAELens** (``sae-lens`` 6.x, ``SAE.load_from_disk(DIR)``): ``cfg.json`` + ``sae_weights.safetensors``
+  (``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``). Architectures ``topk`` and ``standard`` (ReLU). On
+  import, ``apply_b_dec_to_input: false`` is folded into ``b_enc`` (``b_enc + b_dec @ W_enc``) and
+  topk's ``rescale_acts_by_decoder_norm`` into ``W_enc``/``b_enc``/``W_dec``; both are exact
+  reparametrisations. ``normalize_activations`` other than ``none``, ``reshape_activations: hook_z``,
+  a ``scaling_factor`` and the other architectures (jumprelu, gated, batchtopk, ...) are refused.
+- **dictionary_learning** (``dictionary-learning`` 0.1.0, ``AutoEncoderTopK.from_pretrained(DIR/ae.pt)``,
+  ``AutoEncoder.from_pretrained(DIR/ae.pt, normalize_decoder=False)``): ``ae.pt`` (a torch state dict)
+  + ``config.json`` (``{"trainer": {"dict_class": ...}}``, as its trainer writes). ``AutoEncoderTopK``
+  (per-row top-k; its ``threshold`` buffer is only used with ``use_threshold=True`` and is ignored)
+  and ``AutoEncoder`` (ReLU). ``BatchTopKSAE`` is refused: its inference is a global threshold, not a
+  per-row top-k. ``ae.pt`` is read with ``torch.load(weights_only=True)``: tensors only, no code runs.
+  ``AutoEncoder.from_pretrained`` renormalises decoder columns by default, which rescales codes;
+  ``normalize_decoder=False`` loads the weights as written (a no-op anyway when s = 1 and ours are
+  unit-norm).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from . import __version__
+from .errors import SAERegistryError
+from .sae import SAEConfig, SparseAutoencoder
+
+FORMATS = ("saelens", "dictionary_learning")
+SAELENS_CONFIG = "cfg.json"
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+DL_WEIGHTS = "ae.pt"
+DL_CONFIG = "config.json"
+# The config format written: SAELens reads a config as pre-6.0 (and rewrites it) unless it says >= 6.
+SAELENS_CONFIG_VERSION = "6.0.0"
+SAELENS_ARCHITECTURES = ("topk", "standard")
+DL_CLASSES = ("AutoEncoderTopK", "AutoEncoder")
+
+
+class Weights(NamedTuple):
+    """Folded weights: ``codes = sparsify(ReLU((x - b_dec) @ W_enc + b_enc))``, ``x_hat = codes @ W_dec + b_dec``."""
+
+    W_enc: torch.Tensor  # [d_in, d_sae]
+    b_enc: torch.Tensor  # [d_sae]
+    W_dec: torch.Tensor  # [d_sae, d_in]
+    b_dec: torch.Tensor  # [d_in]
+
+
+@torch.no_grad()
+def folded_weights(sae: SparseAutoencoder) -> Weights:
+    """The weights of ``sae`` with its ``input_scale`` folded in (see the module docstring)."""
+    s = sae.input_scale
+    W = sae.encoder.encoder.weight
+    if float(s) == 1.0:  # bit for bit: no rounding from a multiply by one, no copy
+        return Weights(W.detach().T, sae.encoder.encoder.bias.detach(), sae.W_dec.detach(), sae.b_dec.detach())
+    return Weights((W.T * s).contiguous(), sae.encoder.encoder.bias.detach().clone(), sae.W_dec / s, sae.b_dec / s)
+
+
+@torch.no_grad()
+def from_weights(weights: Weights, top_k: int | None) -> SparseAutoencoder:
+    """A dictionary (``input_scale`` 1) computing exactly ``weights``; ``top_k`` None means ReLU (sparsity l1)."""
+    names = ("W_enc", "b_enc", "W_dec", "b_dec")
+    W_enc, b_enc, W_dec, b_dec = (torch.as_tensor(w).detach().to("cpu", torch.float32) for w in weights)
+    if W_enc.ndim != 2:
+        raise SAERegistryError(f"W_enc must be a matrix [d_in, d_sae], got shape {tuple(W_enc.shape)}")
+    d_in, d_sae = W_enc.shape
+    for name, w, shape in zip(names, (W_enc, b_enc, W_dec, b_dec), ((d_in, d_sae), (d_sae,), (d_sae, d_in), (d_in,))):
+        if tuple(w.shape) != shape:
+            raise SAERegistryError(f"{name} has shape {tuple(w.shape)}; W_enc [{d_in}, {d_sae}] implies {shape}")
+        if not torch.isfinite(w).all():
+            raise SAERegistryError(f"{name} holds NaN or Inf")
+    if top_k is None:
+        cfg = SAEConfig(input_size=d_in, dict_size=d_sae, top_k=min(32, d_sae), sparsity="l1")
+    else:
+        cfg = SAEConfig(input_size=d_in, dict_size=d_sae, top_k=top_k, sparsity="top_k")
+    sae = SparseAutoencoder(cfg)
+    sae.encoder.encoder.weight.copy_(W_enc.T)
+    sae.encoder.encoder.bias.copy_(b_enc)
+    sae.W_dec.copy_(W_dec)
+    sae.b_dec.copy_(b_dec)
+    sae.encoder.input_scale.fill_(1.0)
+    return sae.eval()
+
+
+# -- SAEBench ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class SAEBenchConfig:
+    """The ``cfg`` SAEBench's custom-SAE interface reads (its ``CustomSAEConfig`` fields)."""
+
+    model_name: str
+    d_in: int
+    d_sae: int
+    hook_layer: int
+    hook_name: str
+    context_size: int | None = None
+    hook_head_index: int | None = None
+    architecture: str = ""
+    apply_b_dec_to_input: bool = True
+    finetuning_scaling_factor: bool = False
+    activation_fn_str: str = ""
+    activation_fn_kwargs: dict = field(default_factory=dict)
+    prepend_bos: bool = True
+    normalize_activations: str = "none"
+    dtype: str = "float32"
+    device: str = "cpu"
+    model_from_pretrained_kwargs: dict = field(default_factory=dict)
+    dataset_path: str = ""
+    dataset_trust_remote_code: bool = True
+    seqpos_slice: tuple = (None,)
+    training_tokens: int = -100_000
+    sae_lens_training_version: str | None = None
+    neuronpedia_id: str | None = None
+
+
+def saebench_config(cfg: SAEConfig, lineage: dict[str, str], device: torch.device, dtype: torch.dtype) -> SAEBenchConfig:
+    """SAEBench's view of a dictionary: shape, architecture, and where its activations came from."""
+    try:
+        layer = int(lineage.get("source.layer", ""))
+    except ValueError:
+        layer = -1
+    top_k = cfg.sparsity == "top_k"
+    return SAEBenchConfig(
+        model_name=lineage.get("source.model", ""), d_in=cfg.input_size, d_sae=cfg.dict_size, hook_layer=layer,
+        hook_name=lineage.get("source.hook", ""), architecture="topk" if top_k else "standard",
+        activation_fn_str="topk" if top_k else "relu", activation_fn_kwargs={"k": cfg.top_k} if top_k else {},
+        dtype=str(dtype).removeprefix("torch."), device=str(device), dataset_path=lineage.get("store.path", ""),
+    )
+
+
+# -- export -------------------------------------------------------------------------------------------
+
+
+def _source_of(dictionary) -> tuple[SparseAutoencoder, dict[str, str], dict[str, str]]:
+    """(sae, lineage, provenance) of a registry ``Dictionary`` or a bare ``SparseAutoencoder``."""
+    if isinstance(dictionary, SparseAutoencoder):
+        return dictionary, {}, {}
+    sae = getattr(dictionary, "sae", None)
+    if not isinstance(sae, SparseAutoencoder):
+        raise SAERegistryError(f"can export a Dictionary or a SparseAutoencoder, got {type(dictionary).__name__}")
+    provenance = {"family": dictionary.family, "version": dictionary.version}
+    return sae, dict(dictionary.lineage), provenance
+
+
+def export(dictionary, fmt: str, directory: str | Path, *, overwrite: bool = False) -> Path:
+    """Write ``dictionary`` (a loaded ``Dictionary`` or a ``SparseAutoencoder``) in ``fmt`` to ``directory``.
+
+    ``fmt`` is ``saelens`` (``cfg.json`` + ``sae_weights.safetensors``) or ``dictionary_learning``
+    (``ae.pt`` + ``config.json``). The weights are the folded ones (module docstring): the other
+    library's ``encode`` on raw activations gives our codes. Refuses to overwrite those files unless
+    ``overwrite``.
+    """
+    if fmt not in FORMATS:
+        raise SAERegistryError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    sae, lineage, provenance = _source_of(dictionary)
+    directory = Path(directory)
+    files = (SAELENS_CONFIG, SAELENS_WEIGHTS) if fmt == "saelens" else (DL_WEIGHTS, DL_CONFIG)
+    existing = [name for name in files if (directory / name).exists()]
+    if existing and not overwrite:
+        raise SAERegistryError(f"{directory} already holds {', '.join(existing)}; choose another directory or overwrite")
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = Weights(*(w.detach().float().cpu().contiguous() for w in folded_weights(sae)))
+    provenance = {**provenance, "exported_by": f"sae-registry {__version__}", "input_scale": float(sae.input_scale)}
+    if fmt == "saelens":
+        _write_saelens(sae.cfg, weights, lineage, provenance, directory)
+    else:
+        _write_dictionary_learning(sae.cfg, weights, lineage, provenance, directory)
+    return directory
+
+
+def _layer(lineage: dict[str, str]) -> int | None:
+    try:
+        return int(lineage.get("source.layer", ""))
+    except ValueError:
+        return None
+
+
+def _write_saelens(cfg: SAEConfig, w: Weights, lineage: dict, provenance: dict, directory: Path) -> None:
+    from safetensors.torch import save_file
+
+    top_k = cfg.sparsity == "top_k"
+    config = {
+        "architecture": "topk" if top_k else "standard",
+        "d_in": cfg.input_size,
+        "d_sae": cfg.dict_size,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {
+            "sae_lens_version": SAELENS_CONFIG_VERSION,
+            "model_name": lineage.get("source.model") or None,
+            "hook_name": lineage.get("source.hook") or None,
+            "hook_layer": _layer(lineage),
+            "hook_head_index": None,
+            "sae_registry": provenance,
+        },
+    }
+    if top_k:
+        config.update(k=cfg.top_k, rescale_acts_by_decoder_norm=False)
+    save_file(w._asdict(), str(directory / SAELENS_WEIGHTS))
+    (directory / SAELENS_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def _write_dictionary_learning(cfg: SAEConfig, w: Weights, lineage: dict, provenance: dict, directory: Path) -> None:
+    top_k = cfg.sparsity == "top_k"
+    # dictionary_learning keeps nn.Linear layouts: encoder.weight [d_sae, d_in], decoder.weight [d_in, d_sae].
+    state = {"encoder.weight": w.W_enc.T.contiguous(), "encoder.bias": w.b_enc,
+             "decoder.weight": w.W_dec.T.contiguous()}
+    if top_k:
+        state.update({"b_dec": w.b_dec, "k": torch.tensor(cfg.top_k, dtype=torch.int),
+                      "threshold": torch.tensor(-1.0)})  # -1: no inference threshold (AutoEncoderTopK's "unset")
+    else:
+        state["bias"] = w.b_dec
+    trainer = {
+        "dict_class": "AutoEncoderTopK" if top_k else "AutoEncoder",
+        "trainer_class": "sae_registry",  # not one of theirs: these weights were trained here
+        "activation_dim": cfg.input_size,
+        "dict_size": cfg.dict_size,
+        "lm_name": lineage.get("source.model") or None,
+        "layer": _layer(lineage),
+        "submodule_name": lineage.get("source.hook") or None,
+    }
+    if top_k:
+        trainer["k"] = cfg.top_k
+    torch.save(state, directory / DL_WEIGHTS)
+    (directory / DL_CONFIG).write_text(json.dumps({"trainer": trainer, "sae_registry": provenance}, indent=4))
+
+
+# -- import -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Foreign:
+    """A dictionary read from another library's files, mapped into ours."""
+
+    sae: SparseAutoencoder
+    format: str  # saelens | dictionary_learning
+    architecture: str  # theirs: topk, standard, AutoEncoderTopK, AutoEncoder
+    origin: Path  # the directory read
+    config: dict  # their config, as read
+    config_file: Path | None
+    weights_file: Path
+    source: dict[str, str]  # source.model / source.layer / source.hook, where their config says
+    conversions: list[str] = field(default_factory=list)  # exact reparametrisations applied on the way in
+
+
+def detect_format(directory: str | Path) -> str:
+    """``saelens`` or ``dictionary_learning``, from the files in ``directory``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise SAERegistryError(f"{directory} is not a directory")
+    if (directory / SAELENS_CONFIG).is_file() and (directory / SAELENS_WEIGHTS).is_file():
+        return "saelens"
+    if (directory / DL_WEIGHTS).is_file():
+        return "dictionary_learning"
+    raise SAERegistryError(
+        f"{directory} holds neither a SAELens SAE ({SAELENS_CONFIG} + {SAELENS_WEIGHTS}) nor a "
+        f"dictionary_learning one ({DL_WEIGHTS} + {DL_CONFIG})"
+    )
+
+
+def read(directory: str | Path, fmt: str | None = None) -> Foreign:
+    """Read a SAELens or dictionary_learning dictionary from ``directory`` (``fmt`` None: detect it)."""
+    directory = Path(directory)
+    fmt = fmt or detect_format(directory)
+    if fmt == "saelens":
+        return _read_saelens(directory)
+    if fmt == "dictionary_learning":
+        return _read_dictionary_learning(directory)
+    raise SAERegistryError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SAERegistryError(f"cannot read {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise SAERegistryError(f"{path} must hold a JSON object")
+    return data
+
+
+def _positive_int(path: Path, name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise SAERegistryError(f"{path}: {name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _read_saelens(directory: Path) -> Foreign:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    cfg_path, weights_path = directory / SAELENS_CONFIG, directory / SAELENS_WEIGHTS
+    cfg = _json(cfg_path)
+    metadata = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    # Configs older than SAELens 6 name the activation instead of the architecture (as SAELens reads them).
+    architecture = cfg.get("architecture")
+    if architecture is None:
+        fn = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
+        k = (cfg.get("activation_fn_kwargs") or {}).get("k")
+        if fn == "topk" and k is not None:
+            architecture, cfg = "topk", {**cfg, "k": k}
+        elif fn == "relu":
+            architecture = "standard"
+        else:
+            raise SAERegistryError(f"{cfg_path}: activation_fn {fn!r} cannot be mapped exactly; supported: relu, topk")
+    if architecture not in SAELENS_ARCHITECTURES:
+        raise SAERegistryError(
+            f"{cfg_path}: architecture {architecture!r} cannot be mapped exactly onto a sae-registry dictionary "
+            f"(per-row top-k or ReLU); supported: {', '.join(SAELENS_ARCHITECTURES)}"
+        )
+    normalize = cfg.get("normalize_activations", "none") or "none"
+    if normalize != "none":
+        hint = (" (the scaling factor is not in these files: fold it first with SAELens's "
+                "sae.fold_activation_norm_scaling_factor(factor) and save again)"
+                if normalize == "expected_average_only_in" else "")
+        raise SAERegistryError(
+            f"{cfg_path}: normalize_activations {normalize!r} cannot be mapped exactly; only 'none' can{hint}"
+        )
+    if (cfg.get("reshape_activations") or "none") != "none":
+        raise SAERegistryError(
+            f"{cfg_path}: reshape_activations {cfg['reshape_activations']!r} is not supported: sae-registry "
+            "dictionaries take flat [..., d_in] activations"
+        )
+    if cfg.get("finetuning_scaling_factor"):
+        raise SAERegistryError(f"{cfg_path}: finetuning_scaling_factor is not supported")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as e:
+        raise SAERegistryError(f"{weights_path} is not a readable safetensors file: {e}") from e
+    scaling = tensors.pop("scaling_factor", None)
+    if scaling is not None and not torch.allclose(scaling.float(), torch.ones_like(scaling, dtype=torch.float32)):
+        raise SAERegistryError(f"{weights_path}: scaling_factor (a finetuning scale) is not supported")
+    expected = {"W_enc", "b_enc", "W_dec", "b_dec"}
+    if set(tensors) != expected:
+        raise SAERegistryError(
+            f"{weights_path} holds {sorted(tensors)}; a {architecture} SAE has exactly {sorted(expected)}"
+        )
+    t = {name: v.to(torch.float32) for name, v in tensors.items()}
+    W_enc, b_enc, W_dec, b_dec = t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"]
+    d_in = _positive_int(cfg_path, "d_in", cfg.get("d_in"))
+    d_sae = _positive_int(cfg_path, "d_sae", cfg.get("d_sae"))
+    if tuple(W_enc.shape) != (d_in, d_sae):
+        raise SAERegistryError(f"{weights_path}: W_enc has shape {tuple(W_enc.shape)}, cfg.json says [{d_in}, {d_sae}]")
+    conversions = []
+    with torch.no_grad():
+        if not cfg.get("apply_b_dec_to_input", True):
+            # relu(x @ W + b) == relu((x - b_dec) @ W + (b + b_dec @ W))
+            b_enc = b_enc + b_dec @ W_enc
+            conversions.append("apply_b_dec_to_input=false folded into b_enc")
+        top_k = None
+        if architecture == "topk":
+            top_k = _positive_int(cfg_path, "k", cfg.get("k"))
+            if top_k > d_sae:
+                raise SAERegistryError(f"{cfg_path}: k ({top_k}) exceeds d_sae ({d_sae})")
+            if cfg.get("rescale_acts_by_decoder_norm"):
+                # SAELens: codes = topk(pre * |W_dec rows|), decoded as (codes / |rows|) @ W_dec.
+                norms = W_dec.norm(dim=-1)
+                W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
+                conversions.append("rescale_acts_by_decoder_norm folded into W_enc, b_enc, W_dec")
+    sae = from_weights(Weights(W_enc, b_enc, W_dec, b_dec), top_k)
+    hook = metadata.get("hook_name", cfg.get("hook_name"))
+    source = {"source.model": metadata.get("model_name", cfg.get("model_name")), "source.hook": hook,
+              "source.layer": metadata.get("hook_layer", cfg.get("hook_layer"))}
+    return Foreign(sae, "saelens", architecture, directory, cfg, cfg_path, weights_path,
+                   {k: str(v) for k, v in source.items() if v is not None}, conversions)
+
+
+def _read_dictionary_learning(directory: Path) -> Foreign:
+    weights_path, cfg_path = directory / DL_WEIGHTS, directory / DL_CONFIG
+    if not cfg_path.is_file():
+        raise SAERegistryError(
+            f"{directory} has {DL_WEIGHTS} but no {DL_CONFIG}: its trainer.dict_class is needed (an "
+            "AutoEncoderTopK and a BatchTopKSAE have the same weights but encode differently)"
+        )
+    cfg = _json(cfg_path)
+    trainer = cfg.get("trainer") if isinstance(cfg.get("trainer"), dict) else {}
+    dict_class = trainer.get("dict_class")
+    if dict_class not in DL_CLASSES:
+        raise SAERegistryError(
+            f"{cfg_path}: trainer.dict_class {dict_class!r} cannot be mapped exactly onto a sae-registry "
+            f"dictionary (per-row top-k or ReLU); supported: {', '.join(DL_CLASSES)}"
+            + (" (BatchTopKSAE encodes with a global threshold, not a per-row top-k)"
+               if dict_class in ("BatchTopKSAE", "MatryoshkaBatchTopKSAE") else "")
+        )
+    try:
+        # weights_only: tensors and plain containers only; nothing in the file is executed.
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... for foreign or damaged files
+        raise SAERegistryError(f"{weights_path} is not a plain torch state dict of tensors: {e}") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SAERegistryError(f"{weights_path} must hold a state dict of tensors")
+    if dict_class == "AutoEncoderTopK":
+        expected = {"encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k"}
+        optional = {"threshold"}
+    else:
+        expected, optional = {"encoder.weight", "encoder.bias", "decoder.weight", "bias"}, set()
+    if not expected <= set(state) <= expected | optional:
+        raise SAERegistryError(f"{weights_path} holds {sorted(state)}; a {dict_class} has {sorted(expected)}")
+    top_k = None
+    if dict_class == "AutoEncoderTopK":
+        top_k = int(state["k"])
+        if "k" in trainer and trainer["k"] != top_k:
+            raise SAERegistryError(f"{cfg_path}: trainer.k is {trainer['k']} but {weights_path} says k = {top_k}")
+    f = {name: v.to(torch.float32) for name, v in state.items()}
+    b_dec = f["b_dec"] if dict_class == "AutoEncoderTopK" else f["bias"]
+    sae = from_weights(Weights(f["encoder.weight"].T, f["encoder.bias"], f["decoder.weight"].T, b_dec), top_k)
+    source = {"source.model": trainer.get("lm_name"), "source.layer": trainer.get("layer"),
+              "source.hook": trainer.get("submodule_name")}
+    return Foreign(sae, "dictionary_learning", dict_class, directory, cfg, cfg_path, weights_path,
+                   {k: str(v) for k, v in source.items() if v is not None})
+
