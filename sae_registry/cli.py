@@ -178,6 +178,14 @@ def demo(data_dir, out, dict_size, top_k, family, **options) -> None:
     values, indices = dictionary.encode_topk(batch)
     click.echo(f"\nregistered as {family}/{recorded.version}; loaded back with sae_registry.load({name!r})")
     click.echo(f"encoded {len(batch)} held-out tokens: first token's top latents {indices[0, :8].tolist()}")
+    if store.has_provenance:  # a few seconds: one pass over the held-out split
+        from .cards import cards_for
+
+        made, cards_dir, _ = cards_for(name, store_path=store.path, out_dir=out / "cards", top=16)
+        click.echo(f"feature cards of {len(made.cards)} latents: {cards_dir / 'index.html'} (also on the run, "
+                   f"Artifacts > cards); more with `sae-registry cards {name}`")
+    else:
+        click.echo(f"no feature cards: {store_path} was harvested without token provenance (delete it to re-harvest)")
     click.echo(f"browse it: .venv/bin/sae-registry ui   (MLflow UI over {resolve_tracking_uri()})")
 
 
