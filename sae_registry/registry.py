@@ -33,6 +33,7 @@ import torch
 
 from . import __version__
 from .errors import SAERegistryError
+from .interchange import SAEBenchConfig, Weights, folded_weights, saebench_config
 from .sae import CONFIG_FILE, WEIGHTS_FILE, SAEConfig, SparseAutoencoder
 from .store import ActivationStore
 from .train import METRICS_FILE, TrainConfig, TrainResult, train_pack
@@ -277,10 +278,7 @@ def _end_run(client, run_id: str, status: str) -> None:
 def _log_outputs(client, run_id: str, result: TrainResult) -> None:
     """Final metrics, artifacts, plots and the logged model; the run ends FINISHED."""
     import matplotlib.pyplot as plt
-    import mlflow
     from mlflow.entities import Metric
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
 
     from . import plots
 
@@ -296,7 +294,15 @@ def _log_outputs(client, run_id: str, result: TrainResult) -> None:
     ):
         client.log_figure(run_id, fig, f"plots/{name}.png")
         plt.close(fig)
-    cfg = result.sae.cfg
+    _log_model(run_id, out, result.sae.cfg)
+
+
+def _log_model(run_id: str, out: Path, cfg: SAEConfig) -> None:
+    """Log the dictionary in ``out`` as the run's pyfunc model, with the tags registration needs; ends the run FINISHED."""
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, cfg.input_size))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, cfg.dict_size))]),
@@ -340,9 +346,10 @@ def register_run(run_id: str, family: str, tracking_uri: str | None = None) -> s
         "dict_size": params["dict_size"],
         "k": params["top_k"] if sparsity == "top_k" else "",
         "sparsity": sparsity,
-        "l1_coeff": params["l1_coeff"],
-        **{k: repr(float(metrics[f"final/{k}"])) for k in METRIC_TAGS},
-        **{k: v for k, v in rt.items() if k.split(".")[0] in ("store", "source", "sweep", "git", "sae_registry", "sha256")},
+        "l1_coeff": params.get("l1_coeff", ""),  # none for an imported dictionary
+        **{k: repr(float(metrics[f"final/{k}"])) for k in METRIC_TAGS if f"final/{k}" in metrics},
+        **{k: v for k, v in rt.items() if k.split(".")[0] in ("store", "source", "sweep", "git", "sae_registry", "sha256",
+                                                            "import")},
     }
     _ensure_registered_model(client, family)
     model_uri = rt["sae.model_uri"]
@@ -361,6 +368,84 @@ def _ensure_registered_model(client, family: str) -> None:
             client.create_registered_model(family, description="sae-registry dictionary family")
         except MlflowException:  # created meanwhile by another process
             client.get_registered_model(family)
+
+
+# -- imports from other libraries ---------------------------------------------------------------------
+
+
+@dataclass
+class Imported:
+    """What :func:`import_dictionary` made: the run, the version, and what was read."""
+
+    run_id: str
+    version: str
+    format: str  # saelens | dictionary_learning
+    architecture: str  # theirs: topk, standard, AutoEncoderTopK, AutoEncoder
+
+
+def import_dictionary(
+    directory: str | Path,
+    family: str,
+    *,
+    fmt: str | None = None,
+    alias: str | None = None,
+    tracking_uri: str | None = None,
+) -> Imported:
+    """Register a SAELens or dictionary_learning dictionary saved in ``directory`` as the next version of ``family``.
+
+    ``fmt`` None detects the format from the files; the weights are mapped exactly or refused (see
+    ``interchange.py``). One MLflow run records it like a trained dictionary, without training
+    metrics: params (the shape, ``import.format``, ``import.architecture``, ``import.origin``), tags
+    (``import.*`` incl. the SHA-256 of the weights read, ``source.*`` where their config names the
+    model and hook, ``sae_registry.version``), their config file as the artifact ``import/``, and the
+    dictionary logged as trained ones are (``sae.safetensors`` + ``config.json``), so that
+    :func:`load`, its checksums and serving work. A failure marks the run FAILED and registers nothing.
+    """
+    from mlflow.entities import Param
+
+    from .interchange import read
+
+    check_family_name(family)
+    foreign = read(directory, fmt)  # refuses what cannot be mapped before any run exists
+    cfg = foreign.sae.cfg
+    origin = str(foreign.origin.resolve())
+    tags = {
+        "import.format": foreign.format,
+        "import.architecture": foreign.architecture,
+        "import.origin": origin,
+        f"import.sha256.{foreign.weights_file.name}": _sha256(foreign.weights_file),
+        **foreign.source,
+        "sae_registry.version": __version__,
+    }
+    if foreign.conversions:
+        tags["import.conversions"] = "; ".join(foreign.conversions)
+    commit = _git_commit()
+    if commit:
+        tags["git.commit"] = commit
+    client = _client(tracking_uri)
+    experiment_id = ensure_experiment(family, tracking_uri)
+    shape = f"topk-d{cfg.dict_size}-k{cfg.top_k}" if cfg.sparsity == "top_k" else f"relu-d{cfg.dict_size}"
+    run_id = client.create_run(experiment_id, run_name=f"import-{foreign.format}-{shape}", tags=tags).info.run_id
+    try:
+        params = {**cfg.to_dict(), "import.format": foreign.format, "import.architecture": foreign.architecture,
+                  "import.origin": origin}
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        client.log_artifact(run_id, str(foreign.config_file), "import")
+        with tempfile.TemporaryDirectory(prefix="sae-import-") as tmp:
+            foreign.sae.save(tmp, extra={"lineage": tags, "imported_from": {
+                "format": foreign.format, "architecture": foreign.architecture, "origin": origin,
+                "conversions": foreign.conversions, "config": foreign.config}})
+            _log_model(run_id, Path(tmp), cfg)
+    except KeyboardInterrupt:
+        _end_run(client, run_id, "KILLED")
+        raise
+    except BaseException:
+        _end_run(client, run_id, "FAILED")
+        raise
+    version = register_run(run_id, family, tracking_uri=tracking_uri)
+    if alias:
+        set_alias(family, alias, version, tracking_uri=tracking_uri)
+    return Imported(run_id, version, foreign.format, foreign.architecture)
 
 
 # -- aliases ------------------------------------------------------------------------------------------
@@ -569,7 +654,25 @@ def _download(info: VersionInfo, directory: Path) -> None:
 
 @dataclass
 class Dictionary:
-    """A registered dictionary, ready to encode. Get one with :func:`load`."""
+    """A registered dictionary, ready to encode. Get one with :func:`load`.
+
+    It is also an SAE as SAEBench's custom-SAE interface wants one (``sae_bench.custom_saes.base_sae``):
+    ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``, ``b_enc [d_sae]``, ``b_dec [d_in]``, ``encode``,
+    ``decode``, ``forward`` (and calling it), ``device``, ``dtype``, ``to(device=, dtype=)`` and ``cfg``
+    (``d_in``, ``d_sae``, ``model_name``, ``hook_name``, ``hook_layer``, ``architecture``, ...). The
+    weights are the model's with its ``input_scale`` s folded in (see ``interchange.py``):
+
+        W_enc = s * encoder.weight.T    b_enc = encoder.bias    W_dec = W_dec / s    b_dec = b_dec / s
+
+    so that on raw activations ``x [..., d_in]`` and codes ``f [..., d_sae]``
+
+        encode(x) == TopK_k(ReLU((x - b_dec) @ W_enc + b_enc))     # sparsity l1: no TopK
+        decode(f) == f @ W_dec + b_dec
+
+    bit for bit when s is 1 (every imported dictionary), else to float32 rounding. They are tensors
+    derived from ``sae`` (read-only views or copies, cached until :meth:`to`), not its parameters.
+    Decoder rows have norm 1/s when the trainer kept them at unit norm.
+    """
 
     name: str
     family: str
@@ -580,6 +683,7 @@ class Dictionary:
     lineage: dict[str, str]
     path: Path
     tags: dict[str, str] = field(repr=False, default_factory=dict)
+    _folded: Weights | None = field(init=False, repr=False, compare=False, default=None)
 
     @property
     def config(self) -> SAEConfig:
@@ -589,14 +693,48 @@ class Dictionary:
     def device(self) -> torch.device:
         return self.sae.W_dec.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.sae.W_dec.dtype
+
+    @property
+    def cfg(self) -> SAEBenchConfig:
+        """SAEBench's config view: shape, architecture, source model and hook (from the lineage)."""
+        return saebench_config(self.sae.cfg, self.lineage, self.device, self.dtype)
+
+    def _weights(self) -> Weights:
+        if self._folded is None:
+            self._folded = folded_weights(self.sae)
+        return self._folded
+
+    @property
+    def W_enc(self) -> torch.Tensor:
+        """``[d_in, d_sae]``, input_scale folded in (see the class docstring)."""
+        return self._weights().W_enc
+
+    @property
+    def b_enc(self) -> torch.Tensor:
+        """``[d_sae]``."""
+        return self._weights().b_enc
+
+    @property
+    def W_dec(self) -> torch.Tensor:
+        """``[d_sae, d_in]``, rows are the dictionary directions, input_scale folded in."""
+        return self._weights().W_dec
+
+    @property
+    def b_dec(self) -> torch.Tensor:
+        """``[d_in]``, input_scale folded in."""
+        return self._weights().b_dec
+
     def _tensor(self, x) -> torch.Tensor:
         if isinstance(x, torch.Tensor):
-            return x.to(self.device, torch.float32)
-        return torch.as_tensor(np.asarray(x, dtype=np.float32), device=self.device)
+            return x.to(self.device, self.dtype)
+        return torch.as_tensor(np.asarray(x, dtype=np.float32), device=self.device).to(self.dtype)
 
     @torch.no_grad()
     def encode(self, x) -> torch.Tensor:
-        """Sparse codes ``[batch, dict_size]`` of raw activations ``[batch, input_size]``."""
+        """Sparse codes ``[..., dict_size]`` of raw activations ``[..., input_size]``."""
         return self.sae.encode(self._tensor(x))
 
     @torch.no_grad()
@@ -606,14 +744,23 @@ class Dictionary:
 
     @torch.no_grad()
     def decode(self, codes) -> torch.Tensor:
+        """Reconstruction ``[..., input_size]`` (raw units) of dense codes ``[..., dict_size]``."""
         return self.sae.decode(self._tensor(codes))
 
     @torch.no_grad()
     def reconstruct(self, x) -> torch.Tensor:
         return self.sae(self._tensor(x))
 
-    def to(self, device: str | torch.device) -> "Dictionary":
-        self.sae.to(device)
+    def forward(self, x) -> torch.Tensor:
+        """``decode(encode(x))``: the reconstruction (SAEBench calls the SAE itself)."""
+        return self.reconstruct(x)
+
+    __call__ = forward
+
+    def to(self, *args, **kwargs) -> Dictionary:
+        """Move and/or cast the model in place, as ``nn.Module.to``: ``to("cuda")``, ``to(dtype=torch.bfloat16)``."""
+        self.sae.to(*args, **kwargs)
+        self._folded = None
         return self
 
 
@@ -638,7 +785,7 @@ def load(name: str, *, device: str | torch.device = "cpu", tracking_uri: str | N
             )
     sae = SparseAutoencoder.load(directory, device=device)
     lineage = {k: v for k, v in info.tags.items() if k.split(".")[0] in ("store", "source", "sweep", "git",
-                                                                           "sae_registry")}
+                                                                           "sae_registry", "import")}
     lineage["run_id"] = info.run_id or ""
     return Dictionary(name, info.family, info.version, info.aliases, sae, info.metrics, lineage, directory,
                       info.tags)
