@@ -302,6 +302,37 @@ def encode(name, store_path, out, split, batch_size, device, overwrite) -> None:
 
 @main.command()
 @click.argument("name")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["saelens", "dictionary_learning"]), required=True,
+              help="saelens: cfg.json + sae_weights.safetensors; dictionary_learning: ae.pt + config.json.")
+@click.option("--overwrite", is_flag=True, help="Replace those files if DIRECTORY already holds them.")
+def export(name, directory, fmt, overwrite) -> None:
+    """Write dictionary NAME to DIRECTORY in SAELens's or dictionary_learning's saved format (weights mapped exactly)."""
+    from .interchange import export as export_dictionary
+    from .registry import load
+
+    dictionary = load(name)
+    export_dictionary(dictionary, fmt, directory, overwrite=overwrite)
+    click.echo(f"wrote {dictionary.family}/{dictionary.version} as {fmt} to {directory}")
+
+
+@main.command("import")
+@click.argument("directory", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--name", "family", required=True, help="The family to register it in (as its next version).")
+@click.option("--format", "fmt", type=click.Choice(["auto", "saelens", "dictionary_learning"]), default="auto",
+              show_default=True, help="auto: SAELens if DIRECTORY has cfg.json + sae_weights.safetensors, else ae.pt.")
+@click.option("--alias", default=None, help="Also point this alias at the new version.")
+def import_(directory, family, fmt, alias) -> None:
+    """Register a SAELens or dictionary_learning SAE saved in DIRECTORY as the next version of --name."""
+    from .registry import import_dictionary
+
+    made = import_dictionary(directory, family, fmt=None if fmt == "auto" else fmt, alias=alias)
+    click.echo(f"imported {made.format} {made.architecture} from {directory} as {family}/{made.version}"
+               + (f" ({family}@{alias})" if alias else "") + f"  run: {made.run_id}")
+
+
+@main.command()
+@click.argument("name")
 @click.option("--features", default=None, help="Comma-separated latent indices, e.g. 0,5,7 [default: the --top most frequent].")
 @click.option("--top", default=16, show_default=True, help="Without --features: this many of the most frequent latents.")
 @click.option("--store", "store_path", type=click.Path(path_type=Path), default=None,
@@ -329,6 +360,36 @@ def cards(name, features, top, store_path, split, max_tokens, contexts, window, 
     click.echo(f"{len(made.cards)} feature cards written to {out / 'index.html'} (+ cards.json)")
     if uri:
         click.echo(f"logged on the dictionary's run: {uri}  (MLflow UI: run > Artifacts > cards)")
+
+
+@main.command("evaluate")
+@click.argument("name")
+@click.option("--store", "store_path", type=click.Path(path_type=Path), default=None,
+              help="The store whose held-out text to use [default: the one the dictionary was trained on].")
+@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
+              help="The model to splice into [default: the store's].")
+@click.option("--text", "text_path", type=click.Path(path_type=Path), default=None,
+              help="Evaluate on these texts (a file or a directory of .txt/.md) instead of the held-out split.")
+@click.option("--layer", type=int, default=None, help="Residual stream to splice into [default: the store's layer].")
+@click.option("--tokens", default=4096, show_default=True, help="Tokens to splice (whole windows).")
+@click.option("--device", default="auto", show_default=True)
+def evaluate_(name, store_path, model_path, text_path, layer, tokens, device) -> None:
+    """Downstream fidelity of NAME: splice it into its source model and measure what the model loses."""
+    from .evaluate import evaluate
+    from .registry import load
+
+    dictionary = load(name)
+    texts = None
+    if text_path is not None:
+        from .harvest import read_texts
+
+        texts = read_texts(text_path)
+    store = store_path or (None if model_path else dictionary.lineage.get("store.path"))
+    m = evaluate(dictionary, store, texts=texts, model=model_path, layer=layer, max_tokens=tokens, device=device)
+    click.echo(f"{dictionary.family}/{dictionary.version}: downstream fidelity {m['downstream/fidelity']:.4f} "
+               f"({m['downstream/tokens']:,.0f} tokens in {m['downstream/windows']:.0f} windows)")
+    for key in sorted(m):
+        click.echo(f"  {key:28s} {m[key]:.6g}")
 
 
 @main.command()

@@ -403,6 +403,20 @@ def prepare(
     return Downstream(path, tokenizer, windows, layer=layer, kind=kind, batch_size=batch_size, device=device)
 
 
+def check_store(store: ActivationStore) -> Path:
+    """The model directory that dictionaries of ``store`` are evaluated in; refuses a store that
+    :func:`prepare` could not use without ``texts`` (no model, no layer, no token provenance)."""
+    path = _model_path(None, store.source)
+    if "layer" not in store.source:
+        raise SAERegistryError(f"{store.path} does not say which layer it was harvested from")
+    if not store.has_provenance:
+        raise SAERegistryError(
+            f"{store.path} keeps no token provenance, so its held-out text cannot be rebuilt for downstream "
+            "evaluation: re-harvest it with this version of sae-registry (or set evaluate: none)"
+        )
+    return path
+
+
 def _open_store(store_or_model) -> ActivationStore | None:
     if isinstance(store_or_model, ActivationStore):
         return store_or_model

@@ -220,8 +220,13 @@ def record_pack(
     resume: bool = False,
     progress: bool = True,
     callbacks: list | None = None,
+    finish=None,
 ) -> list[Recorded]:
     """Train a pack of dictionaries on one batch stream (see ``train.train_pack``), one MLflow run each.
+
+    ``finish(results) -> [{metric: value}, ...]`` adds final metrics per member after training and
+    before the runs end (the sweep's downstream fidelity): logged like ``final/*``, and as run tags
+    (``downstream/fidelity`` -> ``downstream.fidelity``) that registration copies onto the version.
 
     ``run_ids`` continue existing runs (made by :func:`start_runs`; a retried trial) instead of starting
     new ones. Nothing is registered here: see :func:`register_run`. If training raises, every run of
@@ -249,11 +254,12 @@ def record_pack(
         results = train_pack(store, members, resume=resume, progress=progress,
                              callbacks=[on_eval(lg, cb) for lg, cb in zip(loggers, user_callbacks)],
                              extras=[{"lineage": tags}] * len(members))
+        more = finish(results) if finish is not None else [{}] * len(results)
         import mlflow
 
         mlflow.flush_async_logging()
-        for run_id, result in zip(run_ids, results):
-            _log_outputs(client, run_id, result)
+        for run_id, result, extra in zip(run_ids, results, more):
+            _log_outputs(client, run_id, result, extra)
     except KeyboardInterrupt:
         for run_id in run_ids:
             _end_run(client, run_id, "KILLED")
@@ -275,16 +281,18 @@ def _end_run(client, run_id: str, status: str) -> None:
         pass
 
 
-def _log_outputs(client, run_id: str, result: TrainResult) -> None:
-    """Final metrics, artifacts, plots and the logged model; the run ends FINISHED."""
+def _log_outputs(client, run_id: str, result: TrainResult, extra: dict[str, float] | None = None) -> None:
+    """Final metrics (and ``extra`` ones, also as tags), artifacts, plots, the logged model; the run ends FINISHED."""
     import matplotlib.pyplot as plt
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, RunTag
 
     from . import plots
 
     step = result.history[-1]["step"] if result.history else 0
     client.log_batch(run_id, metrics=[Metric(f"final/{k}", v, 0, step) for k, v in result.metrics.items()]
-                     + [Metric("final/tokens_per_second", result.tokens_per_second, 0, step)])
+                     + [Metric("final/tokens_per_second", result.tokens_per_second, 0, step)]
+                     + [Metric(k, v, 0, step) for k, v in (extra or {}).items()],
+                     tags=[RunTag(k.replace("/", "."), repr(float(v))) for k, v in (extra or {}).items()])
     out = result.out_dir
     client.log_artifact(run_id, str(out / METRICS_FILE))
     for name, fig in (
@@ -348,8 +356,9 @@ def register_run(run_id: str, family: str, tracking_uri: str | None = None) -> s
         "sparsity": sparsity,
         "l1_coeff": params.get("l1_coeff", ""),  # none for an imported dictionary
         **{k: repr(float(metrics[f"final/{k}"])) for k in METRIC_TAGS if f"final/{k}" in metrics},
-        **{k: v for k, v in rt.items() if k.split(".")[0] in ("store", "source", "sweep", "git", "sae_registry", "sha256",
-                                                            "import")},
+        **{k: v for k, v in rt.items()
+           if k.split(".")[0] in ("store", "source", "sweep", "git", "sae_registry", "sha256", "downstream",
+                                     "import")},
     }
     _ensure_registered_model(client, family)
     model_uri = rt["sae.model_uri"]

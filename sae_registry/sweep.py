@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from .errors import SAERegistryError, require_positive_int
@@ -29,6 +29,8 @@ from .sae import SAEConfig
 from .train import PACK_SHARED, TrainConfig
 
 REGISTER_CHOICES = ("all", "pareto", "none")
+EVALUATE_CHOICES = ("none", "downstream")
+CHAMPION_BY = ("fvu", "downstream")
 SAE_KEYS = {"dict_size", "k", "sparsity"}
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
 
@@ -51,6 +53,9 @@ class SweepSpec:
     max_failures: int = 2  # retries of a crashed trial, each from its last checkpoint
     storage: str = "ray_results"  # where Tune keeps trial state and checkpoints (shared path or URL on a cluster)
     harvest: dict | None = None  # how to make the store when it does not exist yet (see harvest.harvest)
+    evaluate: str = "none"  # "downstream": splice each dictionary into the source model (evaluate.py) at the end
+    evaluate_tokens: int = 4096  # held-out tokens spliced per dictionary for that
+    champion_by: str = "fvu"  # the alias goes to the lowest FVU, or ("downstream") the highest downstream fidelity
 
     def __post_init__(self) -> None:
         from .registry import check_family_name
@@ -98,12 +103,19 @@ class SweepSpec:
             raise SAERegistryError(f"champion_max_l0: must be a number > 0, got {self.champion_max_l0!r}")
         if self.register not in REGISTER_CHOICES:
             raise SAERegistryError(f"register: must be one of {', '.join(REGISTER_CHOICES)}, got {self.register!r}")
+        if self.evaluate not in EVALUATE_CHOICES:
+            raise SAERegistryError(f"evaluate: must be one of {', '.join(EVALUATE_CHOICES)}, got {self.evaluate!r}")
+        require_positive_int("evaluate_tokens", self.evaluate_tokens)
+        if self.champion_by not in CHAMPION_BY:
+            raise SAERegistryError(f"champion_by: must be one of {', '.join(CHAMPION_BY)}, got {self.champion_by!r}")
+        if self.champion_by == "downstream" and self.evaluate != "downstream":
+            raise SAERegistryError("champion_by: downstream needs evaluate: downstream (the fidelity it ranks by)")
         self.configurations()  # every combination must be a valid SAE and training config
 
     # -- building -------------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SweepSpec":
+    def from_dict(cls, data: dict) -> SweepSpec:
         if not isinstance(data, dict):
             raise SAERegistryError("a sweep spec must be a YAML mapping")
         known = {f.name for f in fields(cls)}
@@ -125,7 +137,7 @@ class SweepSpec:
         return cls(**data)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "SweepSpec":
+    def from_yaml(cls, path: str | Path) -> SweepSpec:
         import yaml
 
         path = Path(path)
@@ -257,9 +269,17 @@ def _trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, parent_r
             pending.clear()
         return call
 
+    def downstream(results) -> list[dict]:
+        """Downstream fidelity of every member: one model load and clean pass for the pack."""
+        from .evaluate import prepare
+
+        splice = prepare(store, max_tokens=spec.get("evaluate_tokens", 4096), device=device)
+        return [splice.run(r.sae) for r in results]
+
     recorded = record_pack(store, members, family=spec["name"], run_ids=run_ids, tracking_uri=tracking_uri,
                            resume=checkpoint is not None, progress=False,
-                           callbacks=[reporter(i) for i in range(len(members))])
+                           callbacks=[reporter(i) for i in range(len(members))],
+                           finish=downstream if spec.get("evaluate") == "downstream" else None)
     tune.report({"step": recorded[0].result.history[-1]["step"], "done": 1,
                  "fvu": min(r.result.metrics["fvu"] for r in recorded),
                  "l0": min(r.result.metrics["l0"] for r in recorded)})
@@ -381,7 +401,7 @@ def _sweep_state(spec: SweepSpec, store, experiment_path: str, client, uri: str,
             f"sweep {spec.name!r} already ran at {experiment_path}: continue it with --resume, or remove that "
             "directory (or change name:) to start over"
         )
-    sweep_id = f"{spec.name}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}"
+    sweep_id = f"{spec.name}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
     parent = client.create_run(experiment_id, run_name=f"sweep {spec.name}", tags={
         **lineage_tags(store, sweep_id), "sweep.role": "parent", "sweep.storage": experiment_path})
     client.log_dict(parent.info.run_id, spec.to_dict(), "sweep_spec.json")
@@ -410,6 +430,10 @@ def run(
     store_path = _ensure_store(spec)
     store = ActivationStore.open(store_path)
     packs = spec.packs(store.d)
+    if spec.evaluate == "downstream":
+        from .evaluate import check_store
+
+        check_store(store)  # in the driver: a store the trials cannot evaluate on fails before any training
     storage = spec.storage if "://" in spec.storage else str(Path(spec.storage).absolute())
     started_ray = _start_ray(address)
     try:
@@ -485,7 +509,8 @@ def _register_and_summarise(spec: SweepSpec, client, sweep_id: str, parent_run_i
         rows.append({"run_id": r.info.run_id, "name": r.info.run_name, "dict_size": int(p["dict_size"]),
                      "sparsity": p["sparsity"], "k": int(p["top_k"]) if p["sparsity"] == "top_k" else None,
                      "l1_coeff": float(p["l1_coeff"]), "lr": float(p["lr"]), "seed": int(p["seed"]),
-                     "fvu": m["final/fvu"], "l0": m["final/l0"], "dead_fraction": m["final/dead_fraction"]})
+                     "fvu": m["final/fvu"], "l0": m["final/l0"], "dead_fraction": m["final/dead_fraction"],
+                     "fidelity": m.get("downstream/fidelity")})
     rows.sort(key=lambda r: (r["dict_size"], r["l0"], r["fvu"]))
     for row, on in zip(rows, pareto_frontier(rows)):
         row["frontier"] = on
@@ -495,8 +520,13 @@ def _register_and_summarise(spec: SweepSpec, client, sweep_id: str, parent_run_i
     registered = [r for r in rows if r["version"]]
     eligible = [r for r in registered if spec.champion_max_l0 is None or r["l0"] <= spec.champion_max_l0]
     champion = None
+    if spec.champion_by == "downstream":  # only dictionaries with a fidelity (NaN: zero-ablation changed nothing)
+        eligible = [r for r in eligible if r["fidelity"] is not None and not math.isnan(r["fidelity"])]
     if spec.alias and eligible:
-        champion = min(eligible, key=lambda r: r["fvu"])["version"]
+        if spec.champion_by == "downstream":
+            champion = max(eligible, key=lambda r: (r["fidelity"], -r["fvu"]))["version"]
+        else:
+            champion = min(eligible, key=lambda r: r["fvu"])["version"]
         set_alias(spec.name, spec.alias, champion, tracking_uri=uri)
     if rows:
         client.log_table(parent_run_id, data={k: [r[k] for r in rows] for k in rows[0]},
@@ -511,11 +541,15 @@ def _register_and_summarise(spec: SweepSpec, client, sweep_id: str, parent_run_i
 
 def summary_table(result: SweepResult, alias: str | None) -> str:
     """The sweep as a text table, frontier marked with *, the champion named."""
-    lines = [f"{'dictionary':28} {'dict_size':>9} {'k':>4} {'l1_coeff':>9} {'FVU':>8} {'L0':>8} {'dead':>6}  version"]
+    downstream = any(r.get("fidelity") is not None for r in result.dictionaries)
+    lines = [f"{'dictionary':28} {'dict_size':>9} {'k':>4} {'l1_coeff':>9} {'FVU':>8} {'L0':>8} {'dead':>6}"
+             + (f" {'fidelity':>8}" if downstream else "") + "  version"]
     for r in result.dictionaries:
         version = (r["version"] or "-") + (f" ({alias})" if alias and r["version"] == result.champion else "")
+        fidelity = f" {r['fidelity']:>8.4f}" if r.get("fidelity") is not None else f" {'-':>8}"
         lines.append(f"{('*' if r['frontier'] else ' ') + r['name']:28} {r['dict_size']:>9} {r['k'] or '-':>4} "
-                     f"{r['l1_coeff']:>9.2g} {r['fvu']:>8.4f} {r['l0']:>8.1f} {r['dead_fraction']:>6.3f}  {version}")
+                     f"{r['l1_coeff']:>9.2g} {r['fvu']:>8.4f} {r['l0']:>8.1f} {r['dead_fraction']:>6.3f}"
+                     + (fidelity if downstream else "") + f"  {version}")
     lines.append(f"* on the FVU-vs-L0 frontier of its dict_size; {result.failed_trials} failed trial(s); "
                  f"{result.wall_seconds:.0f} s")
     return "\n".join(lines)

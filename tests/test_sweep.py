@@ -18,7 +18,7 @@ from click.testing import CliRunner
 import sae_registry
 from sae_registry import SAERegistryError
 from sae_registry.cli import main
-from sae_registry.sweep import SweepSpec, pareto_frontier, run
+from sae_registry.sweep import SweepSpec, pareto_frontier, run, summary_table
 
 from procs import BIN, free_port, start_mlflow_server, start_moto
 
@@ -108,6 +108,26 @@ def test_the_demo_spec_runs_registers_the_frontier_and_the_champion_loads(env, m
     assert client.get_run(result.parent_run_id).info.status == "FINISHED"
     listing = CliRunner().invoke(main, ["list", "demo"])
     assert listing.exit_code == 0 and len(listing.output.strip().splitlines()) == 1 + 8  # the whole grid
+
+
+def test_downstream_fidelity_is_logged_tagged_and_chooses_the_champion(env, minilm_store):
+    spec = SweepSpec.from_dict(_spec(minilm_store, "downstream", pack=2, register="all", evaluate="downstream",
+                                     evaluate_tokens=512, champion_by="downstream"))
+    result = run(spec, verbose=0)
+    assert result.failed_trials == 0 and len(result.dictionaries) == 2
+    client = _client()
+    for row in result.dictionaries:
+        m = client.get_run(row["run_id"]).data.metrics
+        assert 0.0 < m["downstream/fidelity"] == row["fidelity"] < 1.0
+        assert m["downstream/cosine_zero"] < m["downstream/cosine_spliced"] < 1.0 and m["downstream/tokens"] >= 512
+        version = sae_registry.registry.resolve(f"downstream/{row['version']}")
+        assert float(version.tags["downstream.fidelity"]) == pytest.approx(row["fidelity"])
+    best = max(result.dictionaries, key=lambda r: r["fidelity"])
+    assert result.champion == best["version"] == sae_registry.load("downstream@champion").version
+    assert "fidelity" in summary_table(result, "champion")
+    r = CliRunner().invoke(main, ["evaluate", "downstream@champion", "--tokens", "512"])
+    assert r.exit_code == 0, r.output
+    assert f"fidelity {best['fidelity']:.4f}" in r.output
 
 
 def test_cli_sweep_and_no_duplicates_when_run_twice(env, synthetic_store, tmp_path):
@@ -305,6 +325,10 @@ def test_a_store_on_s3_and_artifacts_on_s3(synthetic_store, tmp_path, monkeypatc
         ({"pack": 0}, "pack must be a positive integer"),
         ({"name": "bad/name"}, "family name"),
         ({"seeds": []}, "seeds: must be a non-empty list"),
+        ({"evaluate": "yes"}, "evaluate: must be one of none, downstream"),
+        ({"evaluate": "downstream", "evaluate_tokens": 0}, "evaluate_tokens must be a positive integer"),
+        ({"champion_by": "l0"}, "champion_by: must be one of fvu, downstream"),
+        ({"champion_by": "downstream"}, "champion_by: downstream needs evaluate: downstream"),
     ],
 )
 def test_bad_specs_name_the_field(change, message):
