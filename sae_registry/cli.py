@@ -333,37 +333,6 @@ def import_(directory, family, fmt, alias) -> None:
 
 @main.command()
 @click.argument("name")
-@click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["saelens", "dictionary_learning"]), required=True,
-              help="saelens: cfg.json + sae_weights.safetensors; dictionary_learning: ae.pt + config.json.")
-@click.option("--overwrite", is_flag=True, help="Replace those files if DIRECTORY already holds them.")
-def export(name, directory, fmt, overwrite) -> None:
-    """Write dictionary NAME to DIRECTORY in SAELens's or dictionary_learning's saved format (weights mapped exactly)."""
-    from .interchange import export as export_dictionary
-    from .registry import load
-
-    dictionary = load(name)
-    export_dictionary(dictionary, fmt, directory, overwrite=overwrite)
-    click.echo(f"wrote {dictionary.family}/{dictionary.version} as {fmt} to {directory}")
-
-
-@main.command("import")
-@click.argument("directory", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--name", "family", required=True, help="The family to register it in (as its next version).")
-@click.option("--format", "fmt", type=click.Choice(["auto", "saelens", "dictionary_learning"]), default="auto",
-              show_default=True, help="auto: SAELens if DIRECTORY has cfg.json + sae_weights.safetensors, else ae.pt.")
-@click.option("--alias", default=None, help="Also point this alias at the new version.")
-def import_(directory, family, fmt, alias) -> None:
-    """Register a SAELens or dictionary_learning SAE saved in DIRECTORY as the next version of --name."""
-    from .registry import import_dictionary
-
-    made = import_dictionary(directory, family, fmt=None if fmt == "auto" else fmt, alias=alias)
-    click.echo(f"imported {made.format} {made.architecture} from {directory} as {family}/{made.version}"
-               + (f" ({family}@{alias})" if alias else "") + f"  run: {made.run_id}")
-
-
-@main.command()
-@click.argument("name")
 @click.option("--features", default=None, help="Comma-separated latent indices, e.g. 0,5,7 [default: the --top most frequent].")
 @click.option("--top", default=16, show_default=True, help="Without --features: this many of the most frequent latents.")
 @click.option("--store", "store_path", type=click.Path(path_type=Path), default=None,
