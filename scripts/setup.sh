@@ -14,7 +14,13 @@ quiet_pip() {
     | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 }
 quiet_pip "${TORCH_SPEC:-torch==2.13.0}"
-quiet_pip -e ".[demo,s3,test]"
+# Whatever torch is now installed stays: nothing below (sae-lens pulls transformer-lens) may swap it.
+.venv/bin/python -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > .venv/constraints.txt
+quiet_pip -c .venv/constraints.txt -e ".[demo,s3,test]"
+# dictionary_learning (the interchange tests) without its dependencies: nnsight names torchvision,
+# whose PyPI build needs CUDA torch and breaks `import torchvision` on the CPU build (transformers
+# imports it when present). What dictionary_learning imports is in the test extra.
+quiet_pip --no-deps "dictionary-learning==0.1.0" "nnsight==0.3.7"
 if [ "${1:-}" = "--test" ]; then
   bash scripts/setup-deploy-tools.sh
 fi
