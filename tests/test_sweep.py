@@ -88,6 +88,7 @@ def test_the_demo_spec_runs_registers_the_frontier_and_the_champion_loads(env, m
         assert child.data.tags["store.fingerprint"] == minilm_store.fingerprint
         assert [m.step for m in client.get_metric_history(child.info.run_id, "eval/fvu")] == [4, 8]
         assert {"metrics.json", "plots"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert 0.0 < child.data.metrics["downstream/fidelity"] < 1.0  # the demo spec asks for it
     on_frontier = [r for r in result.dictionaries if r["frontier"]]
     assert on_frontier
     for r in result.dictionaries:  # everything off the frontier is beaten on both counts by a frontier point
