@@ -4,7 +4,9 @@ A trial trains one *pack* of configurations on one shared batch stream (``pack: 
 dictionary per trial). Every dictionary is its own MLflow run, a child of the sweep's parent run.
 When the grid is done, the Pareto frontier of FVU against L0 (per dict_size) is computed from the
 registry, the chosen versions are registered, the best gets the alias, and the parent run gets a
-summary table and a frontier plot.
+summary table and a frontier plot. With ``evaluate: downstream`` each trial also splices every
+dictionary of its pack into the source model (``evaluate.py``) before the runs end, and
+``champion_by: downstream`` gives the alias to the highest downstream fidelity instead of the lowest FVU.
 
 Faults: trials report a Tune checkpoint (our safetensors checkpoints + the MLflow run ids) every
 ``checkpoint_every`` steps; a crashed trial is retried from it (``max_failures``) and continues the
