@@ -6,6 +6,8 @@ codes ``h [n, dict_size]`` (dense; zeros where a latent is off).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -49,13 +51,14 @@ def summary(x: torch.Tensor, x_hat: torch.Tensor, density: torch.Tensor) -> dict
 
     Takes the feature density (``feature_density(h)``, or the same computed batch by batch)
     rather than the codes, so that evaluating a large dictionary never holds all codes at once.
-    The mean number of non-zeros per row (L0) is the sum of the densities.
+    The mean number of non-zeros per row (L0) is the sum of the densities, rounded to 1e-9 so
+    that summation error never lifts a top-k dictionary's L0 above k.
     """
     unexplained = fvu(x, x_hat)
     return {
         "mse": mse(x, x_hat),
         "fvu": unexplained,
         "explained_variance": 1.0 - unexplained,
-        "l0": float(density.sum()),
+        "l0": round(math.fsum(density.tolist()), 9),
         "dead_fraction": float((density == 0).double().mean()),
     }

@@ -16,7 +16,7 @@ norm by the trainer), which is also the layout a sparse ``(values, indices)`` de
 from __future__ import annotations
 
 import json
-import math
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -31,6 +31,9 @@ SPARSITY_MODES = ("top_k", "l1")
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"
 DICTIONARY_FORMAT = "sae-registry/dictionary"
+
+# The sparse backward uses CSR tensors, stable in use but still labelled beta by torch.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,96 @@ class Codes(NamedTuple):
     reconstruction: torch.Tensor  # [batch, input_size]
     hidden_acts: torch.Tensor  # top_k: the k values [batch, k]; l1: dense codes [batch, dict_size]
     indices: torch.Tensor | None  # top_k: latent ids [batch, k]; l1: None
-    pre_acts: torch.Tensor  # post-ReLU activations before sparsification [batch, dict_size]
+    pre_acts: torch.Tensor  # encoder outputs before ReLU [batch, dict_size] (no autograd graph
+    #                         on the sparse path: use SparseAutoencoder.latents to differentiate)
+    centered: torch.Tensor  # x_n - b_dec, the encoder's input [batch, input_size]
+
+
+class _Pattern(NamedTuple):
+    """Where a batch's codes are non-zero, in the two layouts the sparse backward needs.
+
+    ``indices [batch, m]`` (sorted within each row) is the row-major layout; the CSR arrays of its
+    transpose ``[dict_size, batch]`` (``crow``, ``col``, and ``order``, which sends a row-major
+    entry to its place in them) let one sparse product gather every latent's rows at once.
+    Built once per batch with a sort and a binary search (no host sync), shared by the encoder's
+    and the decoder's backward.
+    """
+
+    indices: torch.Tensor
+    order: torch.Tensor
+    crow: torch.Tensor
+    col: torch.Tensor
+
+    @classmethod
+    def of(cls, indices: torch.Tensor, dict_size: int) -> "_Pattern":
+        flat = indices.flatten()
+        sorted_ids, order = flat.sort()
+        crow = torch.searchsorted(sorted_ids, torch.arange(dict_size + 1, device=flat.device))
+        return cls(indices, order, crow, order.div(indices.shape[1], rounding_mode="floor"))
+
+    def gather_rows(self, weights: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """``out[i] = sum of weights[b, j] * dense[b] over (b, j) with indices[b, j] == i``: [dict_size, d]."""
+        sparse = torch.sparse_csr_tensor(self.crow, self.col, weights.flatten()[self.order],
+                                         (len(self.crow) - 1, len(dense)), check_invariants=False)
+        return sparse @ dense
+
+    def dots(self, dense: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """``out[b, j] = dense[b] . table[indices[b, j]]``: [batch, m], computed at the pattern only."""
+        batch, m = self.indices.shape
+        mask = torch.sparse_csr_tensor(
+            torch.arange(0, batch * m + 1, m, device=dense.device), self.indices.flatten(),
+            dense.new_ones(batch * m), (batch, len(table)), check_invariants=False)
+        return torch.sparse.sampled_addmm(mask, dense, table.t(), beta=0.0).values().view(batch, m)
+
+
+class _SelectedLatents(torch.autograd.Function):
+    """``pre[b, indices[b, j]]`` for ``pre = centered @ weight.T + bias``, differentiated sparsely.
+
+    The forward receives those values already computed (the dense encoder product is the one
+    unavoidable cost of top-k; it runs without an autograd graph). The backward touches only the
+    selected latents: with ``g = grad [batch, m]``,
+
+        grad_centered  = sum_j g[b, j] * weight[indices[b, j]]      (an embedding-bag of weight)
+        grad_weight[i] = sum over (b, j) with indices[b, j] == i of g[b, j] * centered[b]
+        grad_bias[i]   = sum over the same (b, j) of g[b, j]
+
+    which is O(batch * m * input_size) instead of two dense ``[batch, dict_size]`` products.
+    """
+
+    @staticmethod
+    def forward(ctx, values, centered, weight, bias, *pattern):  # noqa: D102
+        ctx.save_for_backward(centered, weight, *pattern)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        centered, weight, *pattern = ctx.saved_tensors
+        pattern = _Pattern(*pattern)
+        grad = grad.contiguous()
+        grad_centered = F.embedding_bag(pattern.indices, weight, per_sample_weights=grad, mode="sum")
+        grad_weight = pattern.gather_rows(grad, centered)
+        grad_bias = grad.new_zeros(len(weight)).index_add_(0, pattern.indices.flatten(), grad.flatten())
+        return None, grad_centered, grad_weight, grad_bias, *([None] * len(pattern))
+
+
+class _SparseDecode(torch.autograd.Function):
+    """``sum_j values[b, j] * W_dec[indices[b, j]]`` (no bias), differentiated sparsely.
+
+    Forward is an embedding-bag; backward computes ``grad_values`` as dot products at the pattern
+    only (a sampled matmul) and ``grad_W_dec`` as one sparse product, each O(batch * m * d).
+    """
+
+    @staticmethod
+    def forward(ctx, values, W_dec, *pattern):  # noqa: D102
+        ctx.save_for_backward(values, W_dec, *pattern)
+        return F.embedding_bag(pattern[0], W_dec, per_sample_weights=values, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        values, W_dec, *pattern = ctx.saved_tensors
+        pattern = _Pattern(*pattern)
+        grad = grad.contiguous()
+        return pattern.dots(grad, W_dec), pattern.gather_rows(values, grad), *([None] * len(pattern))
 
 
 def _check_input(x: torch.Tensor, width: int, what: str) -> torch.Tensor:
@@ -106,27 +198,33 @@ class SparseEncoder(nn.Module):
         """Post-ReLU encoder activations of already-scaled inputs."""
         return F.relu(self.encoder(x_n - self.b_dec))
 
-    def sparsify(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """top_k: the k largest activations per row as ``(values, indices)``; l1: ``(pre, None)``."""
+    def sparsify(self, x_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Codes of already-scaled inputs: top_k ``(values, indices)`` of the k largest
+        activations per row; l1 ``(dense codes, None)``.
+
+        top_k selects among the encoder outputs and applies the ReLU to the k chosen only: the
+        same codes as ReLU-then-top-k, without a dense ReLU pass.
+        """
         if self.cfg.sparsity == "l1":
-            return pre, None
-        return pre.topk(self.cfg.top_k, dim=-1, sorted=False)
+            return self.pre_acts(x_n), None
+        values, indices = self.encoder(x_n - self.b_dec).topk(self.cfg.top_k, dim=-1, sorted=False)
+        return values.clamp_min(0), indices
 
     def encode_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Compact codes of raw inputs: ``(values [batch, k], indices [batch, k])`` (top_k only)."""
         if self.cfg.sparsity != "top_k":
             raise SAERegistryError("encode_topk needs sparsity='top_k'; use encode() for l1")
         x = _check_input(x, self.cfg.input_size, "input")
-        values, indices = self.sparsify(self.pre_acts(x * self.input_scale))
-        return values, indices
+        return self.sparsify(x * self.input_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Dense sparse codes ``[batch, dict_size]`` of raw inputs (zeros outside the top k)."""
         shape = x.shape[:-1] if isinstance(x, torch.Tensor) else ()
         x = _check_input(x, self.cfg.input_size, "input")
-        pre = self.pre_acts(x * self.input_scale)
-        values, indices = self.sparsify(pre)
-        codes = values if indices is None else torch.zeros_like(pre).scatter_(-1, indices, values)
+        values, indices = self.sparsify(x * self.input_scale)
+        if indices is not None:
+            values = values.new_zeros(len(values), self.cfg.dict_size).scatter_(-1, indices, values)
+        codes = values
         return codes.reshape(*shape, self.cfg.dict_size)
 
 
@@ -309,19 +407,47 @@ class SparseAutoencoder(nn.Module):
 
     # -- training ------------------------------------------------------------------------------
 
-    def forward_train(self, x_n: torch.Tensor) -> Codes:
+    def forward_train(self, x_n: torch.Tensor, sparse_backward: bool = True) -> Codes:
         """One unchecked pass over already-scaled inputs, as the trainer needs it.
 
-        top_k decodes from ``(values, indices)`` with an embedding-bag, so the decoder touches
-        only the k selected rows of ``W_dec`` per token.
+        top_k selects the k largest encoder outputs and applies the ReLU to those k only (the
+        same codes as ReLU-then-top-k), decodes from ``(values, indices)`` with an embedding-bag,
+        and, with ``sparse_backward``, differentiates only the selected latents (see
+        :class:`_SelectedLatents`): the dense encoder product is then the only
+        ``[batch, dict_size]`` work of a step. ``sparse_backward=False`` is plain autograd through
+        the dense product (same numbers, about three times the work); l1 always is.
         """
-        pre = self.encoder.pre_acts(x_n)
-        values, indices = self.encoder.sparsify(pre)
-        if indices is None:
-            recon = values @ self.W_dec + self.b_dec
+        centered = x_n - self.b_dec
+        linear = self.encoder.encoder
+        if self.cfg.sparsity == "l1":
+            pre = F.linear(centered, linear.weight, linear.bias)
+            codes = F.relu(pre)
+            return Codes(codes @ self.W_dec + self.b_dec, codes, None, pre, centered)
+        if sparse_backward:
+            with torch.no_grad():
+                pre = torch.addmm(linear.bias, centered, linear.weight.t())
         else:
-            recon = self._decode_sparse(values, indices)
-        return Codes(recon, values, indices, pre)
+            pre = F.linear(centered, linear.weight, linear.bias)
+        indices = pre.detach().topk(self.cfg.top_k, dim=-1, sorted=False).indices.sort(dim=-1).values
+        out = Codes(None, None, indices, pre, centered)
+        values, decoded = self.decode_latents(out, indices)
+        return out._replace(reconstruction=decoded + self.b_dec, hidden_acts=values)
+
+    def decode_latents(self, out: Codes, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ReLU'd encoder outputs of ``out``'s batch at ``indices [batch, m]`` (each row's ids
+        distinct and sorted) and their decoding without bias, both differentiable.
+
+        On the sparse path (``out.pre_acts`` without a graph) the backward of both touches only
+        these ``m`` latents per row (:class:`_SelectedLatents`, :class:`_SparseDecode`).
+        """
+        if out.pre_acts.requires_grad:
+            values = out.pre_acts.gather(1, indices).clamp_min(0)
+            return values, F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum")
+        linear = self.encoder.encoder
+        pattern = _Pattern.of(indices, self.cfg.dict_size)
+        values = _SelectedLatents.apply(out.pre_acts.gather(1, indices), out.centered, linear.weight,
+                                        linear.bias, *pattern).clamp_min(0)
+        return values, _SparseDecode.apply(values, self.W_dec, *pattern)
 
     def _decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         return F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
@@ -364,23 +490,26 @@ def auxk_loss(
     sae: SparseAutoencoder,
     x_n: torch.Tensor,
     out: Codes,
-    dead_mask: torch.Tensor,
+    dead: torch.Tensor,
     k_aux: int,
 ) -> torch.Tensor:
     """Gao et al.'s auxiliary loss that revives dead latents (top_k mode).
 
-    The ``k_aux`` largest pre-activations among *dead* latents try to reconstruct the main
-    model's residual; gradients flow only into those latents. Normalised by the residual's
-    variance around its mean so that its scale does not depend on the data.
+    ``dead`` holds the ids of the dead latents (a 1-d index tensor; its length is known on the
+    host, so nothing here waits for the device). The ``k_aux`` largest encoder outputs among them
+    try to reconstruct the main model's residual; gradients flow only into those latents.
+    Normalised by the residual's variance around its mean so that its scale does not depend on
+    the data.
     """
-    num_dead = int(dead_mask.sum())
-    if num_dead == 0:
+    if dead.dtype == torch.bool:
+        dead = dead.nonzero().flatten()
+    if len(dead) == 0:
         return x_n.new_zeros(())
-    k = min(k_aux, num_dead)
+    k = min(k_aux, len(dead))
     residual = (x_n - out.reconstruction).detach()
-    dead_pre = out.pre_acts.masked_fill(~dead_mask, -math.inf)
-    values, indices = dead_pre.topk(k, dim=-1, sorted=False)
-    values = values.clamp_min(0)
-    residual_hat = F.embedding_bag(indices, sae.W_dec, per_sample_weights=values, mode="sum")
+    with torch.no_grad():
+        _, position = out.pre_acts.detach().index_select(1, dead).topk(k, dim=-1, sorted=False)
+        indices = dead[position.sort(dim=-1).values]  # dead is sorted, so these rows are too
+    _, residual_hat = sae.decode_latents(out, indices)
     total_var = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
-    return (residual_hat - residual).pow(2).sum() / total_var * min(num_dead / k_aux, 1.0)
+    return (residual_hat - residual).pow(2).sum() / total_var * min(len(dead) / k_aux, 1.0)

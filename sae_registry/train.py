@@ -67,6 +67,7 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps between checkpoints
     seed: int = 0
     device: str = "auto"  # "auto": cuda when there is one, else cpu
+    sparse_backward: bool = True  # top_k: differentiate only the k selected latents (same numbers)
 
     def __post_init__(self) -> None:
         for name in ("tokens", "batch_size", "dead_after_tokens", "eval_every", "eval_tokens",
@@ -89,7 +90,7 @@ class TrainConfig:
         number("aux_coeff", 0)
         number("l1_warmup_fraction", 0, 1)
         number("lr_decay_fraction", 0, 1)
-        for name in ("normalize_inputs", "unit_norm_decoder"):
+        for name in ("normalize_inputs", "unit_norm_decoder", "sparse_backward"):
             if not isinstance(getattr(self, name), bool):
                 raise SAERegistryError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.encoder_init not in ENCODER_INITS:
@@ -252,6 +253,7 @@ class _Member:
         self.sae.to(self.device).train()
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, eps=6.25e-10)
         self.since_fired = torch.zeros(sae_cfg.dict_size, dtype=torch.long, device=self.device)
+        self.dead = torch.zeros(0, dtype=torch.long, device=self.device)
         # Running sums stay on the device: one host sync per evaluation, not per step.
         self.running = torch.zeros(4, device=self.device)  # loss, mse, aux_loss, l0
         self.running_steps = 0
@@ -278,20 +280,28 @@ class _Member:
                 "train into a new --out directory, or drop --resume to start over"
             )
         self.step, self.history = state["step"], state["history"]
+        self.refresh_dead()
 
     def checkpoint(self) -> None:
+        self.refresh_dead()  # so that a run resumed from here uses the same dead set as this one
         _save_checkpoint(self.checkpoint_path, self.sae, self.opt, self.since_fired,
                          {**self.identity, "step": self.step, "history": self.history})
 
+    def refresh_dead(self) -> None:
+        """Recompute the ids of dead latents (a host sync, so done at evaluations, not every step)."""
+        self.dead = (self.since_fired >= self.cfg.dead_after_tokens).nonzero().flatten()
+
     def train_step(self, batch: torch.Tensor, total_steps: int) -> None:
+        """One optimiser step. Nothing in it waits for the device: no ``.item()``, no boolean
+        indexing; the dead-latent set it uses is the one found at the last evaluation."""
         cfg, sae = self.cfg, self.sae
         x = batch * self.scale
-        out = sae.forward_train(x)
+        out = sae.forward_train(x, sparse_backward=cfg.sparse_backward)
         l1_ramp = min(1.0, (self.step + 1) / max(1.0, cfg.l1_warmup_fraction * total_steps))
         loss = SparseAutoencoder.loss(x, out.reconstruction, out.hidden_acts, cfg.l1_coeff * l1_ramp)
         aux = x.new_zeros(())
         if out.indices is not None and cfg.aux_coeff > 0:
-            aux = auxk_loss(sae, x, out, self.since_fired >= cfg.dead_after_tokens, cfg.aux_k)
+            aux = auxk_loss(sae, x, out, self.dead, cfg.aux_k)
             loss = loss + cfg.aux_coeff * aux
         for group in self.opt.param_groups:
             group["lr"] = cfg.lr * _lr_factor(self.step, total_steps, cfg.lr_decay_fraction)
@@ -304,13 +314,13 @@ class _Member:
             sae.normalize_decoder_()
         with torch.no_grad():
             active = out.hidden_acts > 0
-            fired = torch.zeros_like(self.since_fired, dtype=torch.bool)
             if out.indices is not None:
-                fired[out.indices[active]] = True
+                fired = torch.zeros(sae.cfg.dict_size, device=x.device).index_add_(
+                    0, out.indices.flatten(), active.flatten().to(x.dtype)) > 0
             else:
-                fired |= active.any(0)
+                fired = active.any(0)
             self.since_fired += len(x)
-            self.since_fired[fired] = 0
+            self.since_fired.masked_fill_(fired, 0)
             mse = (out.reconstruction - x).pow(2).mean()
             self.running += torch.stack([loss.detach(), mse, aux.detach(), active.sum(-1).float().mean()])
         self.running_steps += 1
@@ -321,6 +331,7 @@ class _Member:
         self.sae.eval()
         ev = evaluate(self.sae, x_eval).metrics
         self.sae.train()
+        self.refresh_dead()
         entry = {
             "step": self.step,
             "tokens": self.step * cfg.batch_size,

@@ -1,0 +1,94 @@
+"""What every benchmark shares: the real activation store, timing, tables, JSON, peak memory.
+
+Benchmarks compare against a baseline measured in the same run on the same machine, and print
+ratios; absolute figures move with the machine and whatever else runs on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "benchmarks" / ".data"  # stores and registries made by the benchmarks (git-ignored)
+RESULTS = ROOT / "benchmarks" / "results"
+STORE = DATA / "minilm-l3.zarr"
+
+
+def real_store(path: Path = STORE, **options):
+    """The demo's MiniLM-L6 layer-3 store (128 k real tokens), harvested once and kept."""
+    from sae_registry import ActivationStore
+    from sae_registry.harvest import demo_texts, harvest
+
+    try:
+        return ActivationStore.open(path)
+    except Exception:
+        print(f"harvesting {path} (once, about a minute)", file=sys.stderr)
+        return harvest(path, demo_texts(), layer=3, overwrite=True, text_source="pydoc_data.topics", **options)
+
+
+def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_rss_mb(code: str) -> float:
+    """Peak resident memory (MiB) of a fresh Python process running ``code``."""
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise RuntimeError(f"memory probe failed ({status}): {code[:200]}")
+    return usage.ru_maxrss / 1024
+
+
+def own_peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine() -> dict:
+    import torch
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+    }
+
+
+def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """``columns``: (key, header, format spec). Missing values print as blanks."""
+    cells = [[h for _, h, _ in columns]]
+    for row in rows:
+        cells.append([
+            "" if row.get(k) is None else (format(row[k], f) if f else str(row[k])) for k, _, f in columns
+        ])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_results(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = {"benchmark": name, "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(), **payload}
+    path.write_text(json.dumps(payload, indent=2))
+    return path
