@@ -1,7 +1,8 @@
 """Interchange with SAELens and dictionary_learning: files both ways, checked against the libraries' own encode.
 
 SAELens (``sae-lens``) and dictionary_learning (``dictionary-learning``) are real installs from PyPI
-(the test extra; ``scripts/setup.sh``): every comparison runs their code on their loading path.
+(the test extra; ``scripts/setup.sh``), imported unconditionally so that a broken install fails here
+instead of skipping: every comparison runs their code on their loading path.
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ import json
 import pickle
 from pathlib import Path
 
+import dictionary_learning.dictionary as dl_dictionary
+import dictionary_learning.trainers.top_k as dl_topk
 import pytest
+import sae_lens
 import torch
 from click.testing import CliRunner
 
@@ -25,10 +29,6 @@ from sae_registry.registry import (
     train_and_register,
 )
 from sae_registry.train import TrainConfig
-
-sae_lens = pytest.importorskip("sae_lens")
-dl_topk = pytest.importorskip("dictionary_learning.trainers.top_k")
-dl_dictionary = pytest.importorskip("dictionary_learning.dictionary")
 
 D_IN, D_SAE, K = 16, 64, 4
 FAMILY = "interchange"
