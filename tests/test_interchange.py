@@ -79,6 +79,18 @@ def test_folded_weights_give_our_encode_and_decode_on_raw_inputs(sparsity, input
         assert torch.equal(w.b_dec, sae.b_dec) and torch.equal(w.b_enc, sae.encoder.encoder.bias)
 
 
+@pytest.mark.parametrize("fmt", ["saelens", "dictionary_learning"])
+@pytest.mark.parametrize("sparsity", ["top_k", "l1"])
+def test_round_trip_is_bit_exact_when_input_scale_is_one(tmp_path, fmt, sparsity):
+    sae, x = _random_sae(sparsity, 1.0), _x()
+    ic.export(sae, fmt, tmp_path)
+    back = ic.read(tmp_path).sae
+    for name, tensor in sae.state_tensors().items():
+        assert torch.equal(back.state_tensors()[name], tensor), name
+    with torch.no_grad():
+        assert torch.equal(back.encode(x), sae.encode(x))
+
+
 # -- ours into theirs -------------------------------------------------------------------------------------
 
 
