@@ -71,14 +71,15 @@ class DenseReference(nn.Module):
         return {"fvu": float(M.fvu(x, self.decoder(h))), "l0": float((h > 0).sum(-1).float().mean())}
 
 
-def ours(store, sparsity: str, dict_size: int, total_steps: int, sparse_backward: bool = True):
+def ours(store, sparsity: str, dict_size: int, total_steps: int, sparse_backward: bool = True,
+         precision: str = "float32"):
     """Our trainer for one dictionary (the object train() drives), ready to step."""
     from sae_registry import SAEConfig
     from sae_registry.train import TrainConfig, _Member
 
     sae_cfg = SAEConfig(D_IN, dict_size, K, sparsity)
     cfg = TrainConfig(batch_size=BATCH, tokens=total_steps * BATCH, l1_coeff=L1_COEFF if sparsity == "l1" else None,
-                      sparse_backward=sparse_backward, device="cpu").resolved(sae_cfg)
+                      sparse_backward=sparse_backward, precision=precision, device="cpu").resolved(sae_cfg)
     member = _Member(store, sae_cfg, cfg, Path(tempfile.mkdtemp()), None, None)
     member.init_b_dec(store.read(0, 16_384))
     return member
@@ -92,6 +93,7 @@ def run_case(store, name: str, steps: int, batches: list[torch.Tensor], x_eval: 
     scale = math.sqrt(D_IN) / store.mean_norm
     contenders = {"ours": ours(store, sparsity, dict_size, steps)}
     if sparsity == "top_k":
+        contenders["ours, bf16 selection"] = ours(store, sparsity, dict_size, steps, precision="bfloat16")
         contenders["ours, dense backward"] = ours(store, sparsity, dict_size, steps, sparse_backward=False)
     reference = DenseReference(sparsity, dict_size, contenders["ours"].cfg.lr)
     bound_w, bound_b = torch.randn(dict_size, D_IN), torch.zeros(dict_size)
@@ -141,7 +143,9 @@ sparsity, dict_size, _ = T.CASES[{case!r}]
 if {impl!r} == "reference":
     m = T.DenseReference(sparsity, dict_size, 1e-4); step = lambda: m.step(batch)
 else:
-    m = T.ours(store, sparsity, dict_size, 3, sparse_backward={impl!r} == "ours"); step = lambda: m.train_step(batch, 3)
+    m = T.ours(store, sparsity, dict_size, 3, sparse_backward={impl!r} != "dense",
+               precision="bfloat16" if {impl!r} == "bf16" else "float32")
+    step = lambda: m.train_step(batch, 3)
 for _ in range(3): step()
 """
 
@@ -178,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
                 r["tokens_per_s"] for r in case_rows if r["impl"] == "dense reference")
         if not args.no_memory:
             for row in case_rows:
-                impl = {"ours": "ours", "ours, dense backward": "dense", "dense reference": "reference"}.get(row["impl"])
+                impl = {"ours": "ours", "ours, bf16 selection": "bf16", "ours, dense backward": "dense",
+                        "dense reference": "reference"}.get(row["impl"])
                 if impl:
                     row["peak_rss_mb"] = peak_rss_mb(MEMORY_PROBE.format(case=name, impl=impl))
         rows += case_rows

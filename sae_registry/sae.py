@@ -407,7 +407,8 @@ class SparseAutoencoder(nn.Module):
 
     # -- training ------------------------------------------------------------------------------
 
-    def forward_train(self, x_n: torch.Tensor, sparse_backward: bool = True) -> Codes:
+    def forward_train(self, x_n: torch.Tensor, sparse_backward: bool = True,
+                      select_dtype: torch.dtype | None = None) -> Codes:
         """One unchecked pass over already-scaled inputs, as the trainer needs it.
 
         top_k selects the k largest encoder outputs and applies the ReLU to those k only (the
@@ -416,6 +417,10 @@ class SparseAutoencoder(nn.Module):
         :class:`_SelectedLatents`): the dense encoder product is then the only
         ``[batch, dict_size]`` work of a step. ``sparse_backward=False`` is plain autograd through
         the dense product (same numbers, about three times the work); l1 always is.
+
+        ``select_dtype`` (sparse path only, e.g. ``torch.bfloat16``) runs the dense product that
+        *selects* the k latents in that dtype; the selected values are then recomputed exactly in
+        the weights' dtype (k dot products per row), so only near-ties can pick differently.
         """
         centered = x_n - self.b_dec
         linear = self.encoder.encoder
@@ -423,11 +428,21 @@ class SparseAutoencoder(nn.Module):
             pre = F.linear(centered, linear.weight, linear.bias)
             codes = F.relu(pre)
             return Codes(codes @ self.W_dec + self.b_dec, codes, None, pre, centered)
-        if sparse_backward:
+        if not sparse_backward:
+            pre = F.linear(centered, linear.weight, linear.bias)
+        elif select_dtype is None or select_dtype == linear.weight.dtype:
             with torch.no_grad():
                 pre = torch.addmm(linear.bias, centered, linear.weight.t())
         else:
-            pre = F.linear(centered, linear.weight, linear.bias)
+            with torch.no_grad():
+                low = torch.addmm(linear.bias.to(select_dtype), centered.to(select_dtype),
+                                  linear.weight.to(select_dtype).t())
+                indices = low.topk(self.cfg.top_k, dim=-1, sorted=False).indices.sort(dim=-1).values
+                pattern = _Pattern.of(indices, self.cfg.dict_size)
+                exact = pattern.dots(centered, linear.weight) + linear.bias[indices]
+            values = _SelectedLatents.apply(exact, centered, linear.weight, linear.bias, *pattern).clamp_min(0)
+            decoded = _SparseDecode.apply(values, self.W_dec, *pattern)
+            return Codes(decoded + self.b_dec, values, indices, low, centered)
         indices = pre.detach().topk(self.cfg.top_k, dim=-1, sorted=False).indices.sort(dim=-1).values
         out = Codes(None, None, indices, pre, centered)
         values, decoded = self.decode_latents(out, indices)

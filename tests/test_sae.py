@@ -252,3 +252,18 @@ def test_sparse_backward_matches_in_float32_at_training_shape():
     _, dense = _grads(sae, x, torch.arange(0, 1024, 7), False)
     for name in sparse:
         torch.testing.assert_close(sparse[name], dense[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bfloat16_selection_keeps_exact_values_and_nearly_the_same_latents():
+    torch.manual_seed(0)
+    sae = SparseAutoencoder.build(64, 512, top_k=16)
+    x = torch.randn(256, 64)
+    exact = sae.forward_train(x)
+    low = sae.forward_train(x, select_dtype=torch.bfloat16)
+    pre = sae.encoder.encoder(x - sae.b_dec)
+    # the values are the float32 encoder outputs at the chosen latents, whatever chose them
+    torch.testing.assert_close(low.hidden_acts, pre.gather(1, low.indices).clamp_min(0))
+    same = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(low.indices, exact.indices))
+    assert same / exact.indices.numel() > 0.95
+    low.reconstruction.pow(2).mean().backward()
+    assert sae.encoder.encoder.weight.grad is not None and sae.W_dec.grad is not None
