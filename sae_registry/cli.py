@@ -50,8 +50,9 @@ def main(tracking_uri: str | None) -> None:
 @click.option("--include-special", is_flag=True, help="Keep [CLS]/[SEP]-style special tokens.")
 @click.option("--device", default=None, help="cpu or cuda [default: cuda when available].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted harvest into --out (same options).")
 def harvest(out, model_path, text_path, layer, max_length, batch_size, max_tokens, dtype, include_special,
-            device, overwrite) -> None:
+            device, overwrite, resume) -> None:
     """Run a model over text and write one layer's activations to a zarr store."""
     from . import harvest as H
 
@@ -60,6 +61,7 @@ def harvest(out, model_path, text_path, layer, max_length, batch_size, max_token
         out, texts, model_path=model_path, layer=layer, max_length=max_length, batch_size=batch_size,
         max_tokens=max_tokens, exclude_special=not include_special, dtype=dtype, device=device,
         text_source=str(text_path) if text_path else "python:pydoc_data.topics", overwrite=overwrite,
+        resume=resume,
     )
     click.echo(f"wrote {len(store):,} tokens x {store.d} to {store.path} (fingerprint {store.fingerprint})")
 
@@ -286,7 +288,8 @@ def promote(family, version, alias, remove) -> None:
 @click.option("--batch-size", default=8192, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--overwrite", is_flag=True)
-def encode(name, store_path, out, split, batch_size, device, overwrite) -> None:
+@click.option("--resume", is_flag=True, help="Continue an interrupted encoding into --out (same options).")
+def encode(name, store_path, out, split, batch_size, device, overwrite, resume) -> None:
     """Encode a whole store with dictionary NAME; top_k codes are kept as values + indices."""
     from .encode import encode_store
     from .registry import load
@@ -296,7 +299,7 @@ def encode(name, store_path, out, split, batch_size, device, overwrite) -> None:
     dictionary = load(name, device=resolve_device(device))
     store = ActivationStore.open(store_path)
     path = encode_store(dictionary.sae, store, out, split=split, batch_size=batch_size, overwrite=overwrite,
-                        attrs={"dictionary": f"{dictionary.family}/{dictionary.version}"})
+                        resume=resume, attrs={"dictionary": f"{dictionary.family}/{dictionary.version}"})
     click.echo(f"encoded {store.num_tokens(split):,} tokens with {dictionary.family}/{dictionary.version} into {path}")
 
 

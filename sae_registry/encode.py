@@ -15,6 +15,7 @@ disk and :func:`open_codes` refuses anything else.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -42,12 +43,17 @@ def encode_store(
     overwrite: bool = False,
     progress: bool = True,
     attrs: dict | None = None,
+    resume: bool = False,
 ) -> Path:
     """Encode every token of ``store``'s ``split``, in order, and write the codes to ``out``.
 
     top_k dictionaries are written compactly (``values`` + ``indices``), l1 ones densely
     (``codes``). Each batch goes straight to its slice on disk, so memory stays at one batch.
     ``attrs`` (e.g. the dictionary's registered name and version) join the group's attributes.
+
+    With ``resume``, codes at ``out`` left unfinished by an interrupted encoding (same dictionary,
+    store, split, batch size and attrs) are continued from the first batch not on disk; the result
+    equals an uninterrupted encoding's bit for bit.
     """
     require_positive_int("batch_size", batch_size)
     cfg, out = sae.cfg, Path(out)
@@ -68,36 +74,28 @@ def encode_store(
         "split": split,
         "store_fingerprint": store.fingerprint,
         "store_path": str(store.path),
+        "batch_size": batch_size,
+        "sae_sha256": _weights_sha256(sae),
+        "encoded_tokens": 0,  # how far the writer got: a resumed encoding starts there
     }
     # Our own keys say how to read the file; a caller's key of the same name would corrupt that.
     if clash := sorted(set(attrs or {}) & set(meta)):
         raise SAERegistryError(f"attrs may not set {clash}; encode_store writes those itself")
-    if out.exists():
-        if not overwrite:
-            raise SAERegistryError(
-                f"{out} already exists; pass overwrite=True (--overwrite) to replace it"
-            )
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-
-    group = zarr.create_group(store=zarr.storage.LocalStore(out), zarr_format=3)
-    group.attrs.update({**(attrs or {}), **meta})
     top_k = cfg.sparsity == "top_k"
     widths = {"values": cfg.top_k, "indices": cfg.top_k} if top_k else {"codes": cfg.dict_size}
-    arrays = {
-        name: group.create_array(
-            name,
-            shape=(n, width),
-            chunks=(batch_size, width),  # one batch = one row of chunks: writes never overlap
-            dtype="int32" if name == "indices" else "float32",
-            compressors=_codecs("lz4"),
-        )
-        for name, width in widths.items()
-    }
+    if resume and (out / "zarr.json").exists():
+        group, done = _reopen(out, {**(attrs or {}), **meta})
+    else:
+        group, done = _create(out, {**(attrs or {}), **meta}, widths, n, batch_size, overwrite), 0
+    arrays = {name: group[name] for name in widths}
     device = next(sae.parameters()).device
-    bar = tqdm(total=n, unit="tok", desc="encode", disable=not progress)
+    bar = tqdm(total=n, initial=done, unit="tok", desc="encode", disable=not progress)
     start = 0
     for x in store.batches(batch_size, split=split, shuffle=False):
         stop = start + len(x)
+        if stop <= done:  # on disk already (resume)
+            start = stop
+            continue
         x = x.to(device)
         if top_k:
             values, indices = sae.encode_topk(x)
@@ -106,6 +104,7 @@ def encode_store(
             arrays["indices"][start:stop] = indices.int().cpu().numpy()
         else:
             arrays["codes"][start:stop] = sae.encode(x).float().cpu().numpy()
+        group.attrs["encoded_tokens"] = stop
         bar.update(stop - start)
         start = stop
     bar.close()
@@ -113,6 +112,51 @@ def encode_store(
         raise SAERegistryError(f"encoded {start} tokens but the {split} split holds {n}")
     group.attrs["status"] = "complete"
     return out
+
+
+def _weights_sha256(sae: SparseAutoencoder) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(sae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _reopen(out: Path, wanted: dict) -> tuple[zarr.Group, int]:
+    """An unfinished codes group written with the same settings, and how many tokens it holds."""
+    group = zarr.open_group(zarr.storage.LocalStore(out), mode="r+")
+    have = dict(group.attrs)
+    if have.get("format") != CODES_FORMAT or have.get("status") != "writing":
+        raise SAERegistryError(
+            f"{out} is not an unfinished codes group (status {have.get('status')!r}); nothing to resume"
+        )
+    if differ := sorted(k for k, v in wanted.items() if k != "encoded_tokens" and have.get(k) != v):
+        raise SAERegistryError(
+            f"{out} was started with another dictionary, store or settings ({', '.join(differ)}); "
+            "resume with the same ones, or start again with overwrite=True (--overwrite)"
+        )
+    return group, int(have["encoded_tokens"])
+
+
+def _create(out: Path, attrs: dict, widths: dict, n: int, batch_size: int, overwrite: bool) -> zarr.Group:
+    if out.exists():
+        if not overwrite:
+            raise SAERegistryError(
+                f"{out} already exists; pass overwrite=True (--overwrite) to replace it"
+            )
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+
+    group = zarr.create_group(store=zarr.storage.LocalStore(out), zarr_format=3)
+    group.attrs.update(attrs)
+    for name, width in widths.items():
+        group.create_array(
+            name,
+            shape=(n, width),
+            chunks=(batch_size, width),  # one batch = one row of chunks: writes never overlap
+            dtype="int32" if name == "indices" else "float32",
+            compressors=_codecs("lz4"),
+        )
+    return group
 
 
 def open_codes(path: str | Path) -> tuple[dict, dict[str, zarr.Array]]:

@@ -9,6 +9,7 @@ output, ``L`` the output of block ``L``. The forward pass stops right after that
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -110,6 +111,7 @@ def harvest(
     text_source: str = "",
     overwrite: bool = False,
     progress: bool = True,
+    resume: bool = False,
 ) -> ActivationStore:
     """Write the layer-``layer`` hidden state of every (non-padding) token of ``texts`` to a store.
 
@@ -121,6 +123,11 @@ def harvest(
     (0, 1, ... in harvest order) and its position ``pos`` in that window's ``input_ids`` (special
     tokens counted), so that any row can be shown in its text; ``source["tokenizer"]`` names the
     tokenizer (loaded from ``source["model_path"]``).
+
+    With ``resume``, a store at ``store_path`` left unfinished by an interrupted harvest is
+    continued: its whole chunks are kept and the harvest goes on from the next token, so that the
+    result equals an uninterrupted harvest's bit for bit. The options and texts must be the same
+    (they are recorded in ``source`` at creation); with no store there, it starts afresh.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
@@ -164,11 +171,26 @@ def harvest(
         "text": text_source,
         "n_documents": len(texts),
         "seed": seed,
+        # what else decides the rows, so that a resumed harvest can check it continues the same one
+        "batch_size": batch_size,
+        "max_tokens": max_tokens,
+        "texts_sha256": hashlib.sha256("\0".join(texts).encode()).hexdigest(),
     }
-    store = ActivationStore.create(
-        store_path, d, dtype=dtype, chunk_tokens=chunk_tokens, source=source, overwrite=overwrite,
-        provenance=True,
-    )
+    if resume and Path(store_path).exists():
+        store = ActivationStore.reopen(store_path)
+        wanted = {**{f"source.{k}": v for k, v in source.items()}, "dtype": dtype, "chunk_tokens": chunk_tokens}
+        have = {**{f"source.{k}": v for k, v in store.source.items()}, **store.metadata}
+        if differ := sorted(k for k, v in wanted.items() if have.get(k) != v):
+            raise SAERegistryError(
+                f"{store_path} was started with other harvest options or texts ({', '.join(differ)}); "
+                "resume with the same ones, or start again with overwrite=True (--overwrite)"
+            )
+    else:
+        store = ActivationStore.create(
+            store_path, d, dtype=dtype, chunk_tokens=chunk_tokens, source=source, overwrite=overwrite,
+            provenance=True,
+        )
+    skip = len(store)  # rows already on disk (resume); the harvest is replayed up to there without the model
     written = 0
     windows = 0  # global window index: the `seq` of every row of the current batch's first window
     bar = tqdm(total=max_tokens or None, unit="tok", desc="harvest", disable=not progress)
@@ -188,6 +210,14 @@ def harvest(
                 keep = enc["attention_mask"].bool()
                 if exclude_special:
                     keep &= ~enc["special_tokens_mask"].bool()
+                n_rows = int(keep.sum())
+                if written + n_rows <= skip:  # on disk already
+                    windows += len(keep)
+                    written += n_rows
+                    bar.update(n_rows)
+                    if max_tokens is not None and written >= max_tokens:
+                        break
+                    continue
                 inputs = {
                     k: v.to(device)
                     for k, v in enc.items()
@@ -201,7 +231,8 @@ def harvest(
                 if max_tokens is not None:
                     rows = rows[: max_tokens - written]
                     provenance = {k: v[: len(rows)] for k, v in provenance.items()}
-                store.append(rows, provenance)
+                drop = max(0, skip - written)  # the first rows of this batch may be on disk already
+                store.append(rows[drop:], {k: v[drop:] for k, v in provenance.items()})
                 written += len(rows)
                 bar.update(len(rows))
                 if max_tokens is not None and written >= max_tokens:

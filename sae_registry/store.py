@@ -198,9 +198,6 @@ class ActivationStore:
                 f"append got NaN or Inf activations (or values too large for {self.dtype}); "
                 "refusing to store them"
             )
-        self._sum += stored.sum(0).numpy()
-        self._sum_sq += stored.pow(2).sum(0).numpy()
-        self._norm_sum += float(stored.norm(dim=1).sum())
         self._pending.append(rows)
         for name, column in columns.items():
             self._pending_provenance[name].append(column)
@@ -243,6 +240,8 @@ class ActivationStore:
             self._array.resize((start + n, self.d))
             self._array[start : start + n] = data[:n]
             self._hash.update(np.ascontiguousarray(data[:n]).tobytes())
+            for i in range(0, n, chunk):  # chunk by chunk, so that reopen() can redo the same sums
+                self._add_stats(data[i : min(i + chunk, n)])
             for name, array in self._provenance.items():
                 column = np.concatenate(self._pending_provenance[name])
                 array.resize((start + n,))
@@ -251,6 +250,43 @@ class ActivationStore:
             self._n_written += n
         self._pending = [data[n:]] if n < len(data) else []
         self._pending_rows = len(data) - n
+
+    def _add_stats(self, rows: np.ndarray) -> None:
+        stored = _to_float32(rows, self.dtype).double()  # statistics of what is on disk
+        self._sum += stored.sum(0).numpy()
+        self._sum_sq += stored.pow(2).sum(0).numpy()
+        self._norm_sum += float(stored.norm(dim=1).sum())
+
+    @classmethod
+    def reopen(cls, path: str | Path) -> ActivationStore:
+        """Reopen a store that an interrupted writer left ``writing``, to append where it stopped.
+
+        Keeps the whole chunks on disk (before close() a writer flushes only whole chunks), drops
+        anything past them, and redoes the fingerprint and statistics from those rows in the order a
+        writer does, so that a store finished after reopen() equals one written in one go, bit for
+        bit. ``len(store)`` says how many rows were kept: the writer goes on from the next one.
+        """
+        path = Path(path).absolute()
+        if not (path / "zarr.json").exists():
+            raise SAERegistryError(f"no activation store at {path} to resume; start a new one")
+        group = zarr.open_group(zarr.storage.LocalStore(path), mode="r+")
+        status = group.attrs.get("status")
+        if group.attrs.get("format") != "sae-registry/activation-store" or status != "writing":
+            raise SAERegistryError(
+                f"{path} is not an unfinished activation store (status {status!r}); nothing to resume"
+            )
+        store = cls(path, group, writable=True)
+        chunk = store.metadata["chunk_tokens"]
+        arrays = [store._array, *store._provenance.values()]
+        n = min(a.shape[0] for a in arrays) // chunk * chunk
+        for a in arrays:
+            a.resize((n, *a.shape[1:]))
+        for start in range(0, n, chunk):
+            rows = store._array[start : start + chunk]
+            store._hash.update(np.ascontiguousarray(rows).tobytes())
+            store._add_stats(rows)
+        store._n_written = n
+        return store
 
     def close(self) -> None:
         """Write what is pending, the statistics and the fingerprint; mark the store complete."""
