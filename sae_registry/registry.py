@@ -114,11 +114,45 @@ def lineage_tags(store: ActivationStore, sweep_id: str | None = None) -> dict[st
     return tags
 
 
+RETRY_SECONDS = float(os.environ.get("SAE_REGISTRY_RETRY_SECONDS", 600))
+
+
+def _retrying(call, what: str, seconds: float | None = None):
+    """``call()``, again and again (with backoff) while the tracking server cannot be reached.
+
+    MLflow's client retries each request a few times, but an asynchronous batch that still fails is
+    only logged and dropped; a server restarted in the middle of a sweep must lose nothing. Errors
+    that the server answered (a bad value, a name taken) are raised at once.
+    """
+    import random
+    import time
+
+    import requests
+    from mlflow.exceptions import MlflowException, RestException
+
+    deadline = time.monotonic() + (RETRY_SECONDS if seconds is None else seconds)
+    wait = 1.0
+    while True:
+        try:
+            return call()
+        except RestException:
+            raise  # the server answered
+        except (MlflowException, requests.RequestException, OSError) as e:
+            if time.monotonic() + wait > deadline:
+                raise SAERegistryError(f"{what}: the tracking server did not come back ({e})") from e
+            time.sleep(wait + random.random())
+            wait = min(wait * 2, 30.0)
+
+
 class MetricLogger:
-    """Training callback: each evaluation's numbers as one asynchronous ``log_batch`` call."""
+    """Training callback: each evaluation's numbers as one asynchronous ``log_batch`` call.
+
+    :meth:`flush` waits for them all and sends again, synchronously, any that failed.
+    """
 
     def __init__(self, client, run_id: str) -> None:
         self.client, self.run_id = client, run_id
+        self.pending: list = []  # (MLflow's handle of an asynchronous batch, its metrics)
 
     def __call__(self, step: int, entry: dict, _checkpoint=None) -> None:
         import time
@@ -127,7 +161,17 @@ class MetricLogger:
 
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, step) for k, v in entry.items() if k != "step"]
-        self.client.log_batch(self.run_id, metrics=metrics, synchronous=False)
+        self.pending.append((self.client.log_batch(self.run_id, metrics=metrics, synchronous=False), metrics))
+
+    def flush(self) -> None:
+        """Every metric logged so far is on the server when this returns (or it raises)."""
+        for operation, metrics in self.pending:
+            try:
+                operation.wait()
+            except Exception:  # dropped by MLflow's logging thread: send it ourselves
+                _retrying(lambda m=metrics: self.client.log_batch(self.run_id, metrics=m),
+                          f"logging metrics of run {self.run_id}")
+        self.pending.clear()
 
 
 def _sha256(path: Path) -> str:
@@ -255,9 +299,8 @@ def record_pack(
                              callbacks=[on_eval(lg, cb) for lg, cb in zip(loggers, user_callbacks)],
                              extras=[{"lineage": tags}] * len(members))
         more = finish(results) if finish is not None else [{}] * len(results)
-        import mlflow
-
-        mlflow.flush_async_logging()
+        for logger in loggers:  # a run ends only once all its step metrics are on the server
+            logger.flush()
         for run_id, result, extra in zip(run_ids, results, more):
             _log_outputs(client, run_id, result, extra)
     except KeyboardInterrupt:

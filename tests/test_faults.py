@@ -8,6 +8,14 @@ registering at once, a tracking server stopped and started again on the same por
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +23,8 @@ import torch
 from sae_registry import ActivationStore, SAERegistryError, SparseAutoencoder
 from sae_registry.encode import encode_store, open_codes
 from sae_registry.store import PROVENANCE
+
+from procs import MLFLOW, free_port, start, stop, wait_for
 
 
 class Crash(Exception):
@@ -163,3 +173,105 @@ def test_an_interrupted_encoding_resumes_to_the_same_codes(tmp_path, monkeypatch
             encode_store(sae, store, tmp_path / "again.zarr", **options)
     with pytest.raises(SAERegistryError, match="another dictionary.*sae_sha256"):
         encode_store(other, store, tmp_path / "again.zarr", resume=True, **options)
+
+
+# -- the tracking server restarted; processes registering at once --------------------------------------
+
+
+@contextlib.contextmanager
+def restartable_server(root: Path):
+    """An `mlflow server` on a fixed loopback port that a test may stop and start again (same port,
+    same SQLite database, same artifact directory): ``down()``, ``up()``."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    cmd = [MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--serve-artifacts", "--artifacts-destination", str(root / "artifacts")]
+    procs: list[subprocess.Popen] = []
+
+    def up() -> None:
+        log = root / f"server-{len(procs)}.log"
+        procs.append(start(cmd, log))
+        wait_for(f"{uri}/health", procs[-1], log)
+
+    def down() -> None:
+        stop(procs[-1])
+
+    up()
+    try:
+        yield {"uri": uri, "up": up, "down": down}
+    finally:
+        for proc in procs:
+            stop(proc)
+
+
+@pytest.mark.slow
+def test_metrics_logged_while_the_server_is_down_arrive_when_it_is_back(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from sae_registry.registry import MetricLogger
+
+    # MLflow's own client gives up at once: only our retry can carry the batches across the outage
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with restartable_server(tmp_path) as server:
+        client = MlflowClient(server["uri"])
+        run_id = client.create_run(client.create_experiment("outage")).info.run_id
+        logger = MetricLogger(client, run_id)
+        logger(0, {"step": 0, "eval/fvu": 1.0})
+        logger.flush()
+        server["down"]()
+        for step in range(1, 6):
+            logger(step, {"step": step, "eval/fvu": 1.0 / (step + 1), "eval/l0": float(step)})
+        back = threading.Thread(target=server["up"])
+        back.start()  # the server comes back (~10 s) while flush() waits
+        logger.flush()
+        back.join()
+        assert sorted(m.step for m in client.get_metric_history(run_id, "eval/fvu")) == list(range(6))
+        assert sorted(m.step for m in client.get_metric_history(run_id, "eval/l0")) == list(range(1, 6))
+
+
+REGISTER = """
+import sys, time
+from pathlib import Path
+from sae_registry.registry import register_run
+go = Path(sys.argv[1])
+while not go.exists():
+    time.sleep(0.01)
+print(register_run(sys.argv[2], "at-once"))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["embedded", "server"])
+def test_processes_registering_into_one_family_at_once_get_distinct_versions(tmp_path, synthetic_store, where):
+    from mlflow import MlflowClient
+
+    from sae_registry import SAEConfig
+    from sae_registry.registry import record_pack, register_run, resolve_tracking_uri
+    from sae_registry.train import TrainConfig
+
+    store, _ = synthetic_store
+    with contextlib.ExitStack() as stack:
+        env = dict(os.environ)
+        if where == "server":
+            server = stack.enter_context(restartable_server(tmp_path))
+            env["MLFLOW_TRACKING_URI"] = server["uri"]
+            os.environ["MLFLOW_TRACKING_URI"] = server["uri"]
+            stack.callback(os.environ.pop, "MLFLOW_TRACKING_URI")
+        cfg = TrainConfig(tokens=4096, batch_size=1024, eval_every=2, seed=0)
+        members = [(SAEConfig(32, 64, k), cfg, tmp_path / f"d{k}") for k in (2, 3, 4, 5)]
+        run_ids = [r.run_id for r in record_pack(store, members, family="at-once", progress=False)]
+
+        go = tmp_path / "go"
+        procs = [subprocess.Popen([sys.executable, "-c", REGISTER, str(go), run_id], cwd=tmp_path, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for run_id in run_ids]
+        time.sleep(8)  # every process imported and waiting
+        go.touch()
+        outputs = [p.communicate(timeout=300) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
+        got = {run_id: out.split()[-1] for run_id, (out, _) in zip(run_ids, outputs)}
+        assert sorted(got.values(), key=int) == ["1", "2", "3", "4"]
+        client = MlflowClient(resolve_tracking_uri())
+        listed = {mv.run_id: str(mv.version) for mv in client.search_model_versions("name='at-once'")}
+        assert listed == got  # none lost, none twice
+        assert {register_run(run_id, "at-once") for run_id in run_ids} == set(got.values())  # idempotent
