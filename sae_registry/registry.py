@@ -52,10 +52,40 @@ def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
     return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+_REACHED: set[str] = set()  # tracking servers this process has connected to
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Refuse, in seconds and naming it, a tracking server that does not accept connections.
+
+    MLflow would retry each request for minutes and then fail deep inside ``requests``. Checked once
+    per server per process (a server seen once gets MLflow's own retries); skipped behind a proxy.
+    """
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or uri in _REACHED:
+        return
+    if urllib.request.getproxies().get(parts.scheme) and not urllib.request.proxy_bypass(parts.hostname or ""):
+        return
+    try:
+        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+    except OSError as e:
+        raise SAERegistryError(
+            f"cannot reach the MLflow tracking server at {uri} ({e}); start it, or point "
+            "MLFLOW_TRACKING_URI (--tracking-uri) at one that runs (unset it for the embedded registry)"
+        ) from None
+    _REACHED.add(uri)
+
+
 def _client(tracking_uri: str | None = None):
     import mlflow
 
     uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     return mlflow.MlflowClient(tracking_uri=uri)
 
@@ -561,7 +591,9 @@ def _get_model(client, family: str):
 
     try:
         return client.get_registered_model(family)
-    except MlflowException:
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":  # not "no such family": the server's own error
+            raise
         raise SAERegistryError(
             f"no dictionary family {family!r} in the registry at {resolve_tracking_uri()}; "
             f"families: {_listing([name for name, _, _ in families()])}"

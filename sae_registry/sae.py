@@ -63,11 +63,21 @@ class SAEConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "SAEConfig":
-        known = {f: data[f] for f in cls.__dataclass_fields__ if f in data}
-        missing = set(cls.__dataclass_fields__) - set(known) - {"dict_size", "top_k", "sparsity"}
-        if missing:
-            raise SAERegistryError(f"SAE config is missing {sorted(missing)}")
-        return cls(**known)
+        """The config ``to_dict`` wrote (a saved ``config.json``'s ``"sae"`` section), checked.
+
+        Only the four fields: an unknown key is refused rather than dropped (it may be a typo, or a
+        setting of another SAE type this model would silently ignore); ``input_size`` is required;
+        every value is checked as on construction.
+        """
+        if not isinstance(data, dict):
+            raise SAERegistryError(f"SAE config must be a mapping, got {type(data).__name__}")
+        names = list(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise SAERegistryError(f"SAE config has unknown fields {unknown}; the fields are {names}")
+        if "input_size" not in data:
+            raise SAERegistryError("SAE config is missing ['input_size']")
+        return cls(**data)
 
 
 class Codes(NamedTuple):
@@ -176,7 +186,7 @@ def _check_input(x: torch.Tensor, width: int, what: str) -> torch.Tensor:
             f"{what} must have last dimension {width}, got shape {tuple(x.shape)}"
         )
     if not torch.isfinite(x).all():
-        raise SAERegistryError(f"{what} contains NaN or Inf values")
+        raise SAERegistryError(f"{what} contains NaN or Inf values; drop or fix those rows first")
     return x.reshape(-1, width)
 
 
@@ -379,11 +389,21 @@ class SparseAutoencoder(nn.Module):
                 raise SAERegistryError(f"{directory} holds no {name}; it is not a saved dictionary")
         try:
             config = json.loads((directory / CONFIG_FILE).read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SAERegistryError(f"{directory / CONFIG_FILE} is not valid JSON: {e}") from e
         if not isinstance(config, dict) or not isinstance(config.get("sae"), dict):
             raise SAERegistryError(f"{directory / CONFIG_FILE} has no 'sae' section")
-        sae = cls(SAEConfig.from_dict(config["sae"]))
+        # format and sae are read; every other top-level key (train, store, metrics, lineage, ...:
+        # what save(extra=...) wrote) is description only and never interpreted.
+        if (config.get("format"), config.get("format_version")) != (DICTIONARY_FORMAT, 1):
+            raise SAERegistryError(
+                f"{directory / CONFIG_FILE} says format {config.get('format')!r} version "
+                f"{config.get('format_version')!r}; this sae-registry reads {DICTIONARY_FORMAT!r} version 1"
+            )
+        try:
+            sae = cls(SAEConfig.from_dict(config["sae"]))
+        except SAERegistryError as e:
+            raise SAERegistryError(f"{directory / CONFIG_FILE}: {e}; refusing to load it") from None
         try:
             tensors = load_file(str(directory / WEIGHTS_FILE))
         except (SafetensorError, OSError) as e:

@@ -23,6 +23,8 @@ within a buffer of several chunks, decoded by background threads ahead of the co
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import queue
@@ -74,6 +76,15 @@ def _to_numpy(array: np.ndarray | torch.Tensor, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
         return tensor.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     return tensor.to(getattr(torch, dtype)).numpy()
+
+
+def _finite(raw: np.ndarray, dtype: str) -> bool:
+    """Whether stored rows hold no NaN or Inf: two reductions (min and max propagate NaN)."""
+    if raw.size == 0:
+        return True
+    if dtype == "bfloat16":  # raw bits: an all-ones exponent is Inf or NaN
+        return not ((raw & 0x7F80) == 0x7F80).any()
+    return bool(np.isfinite(raw.min()) and np.isfinite(raw.max()))
 
 
 def _to_float32(raw: np.ndarray, dtype: str) -> torch.Tensor:
@@ -204,7 +215,8 @@ class ActivationStore:
         self._pending_rows += len(rows)
         chunk = self.metadata["chunk_tokens"]
         if self._pending_rows >= chunk:
-            self._flush(whole_chunks_only=True)
+            with self._writing():
+                self._flush(whole_chunks_only=True)
 
     def _provenance_columns(self, provenance: dict | None, n: int) -> dict[str, np.ndarray]:
         """``provenance`` checked against this store: the same keys it was created with, ``n`` each."""
@@ -288,8 +300,25 @@ class ActivationStore:
         store._n_written = n
         return store
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A full disk while writing is an error that says so (zarr raises a bare OSError)."""
+        try:
+            yield
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise SAERegistryError(
+                f"the disk is full: writing {self.path} failed ({e}). The store is left 'writing' (unfinished), "
+                "so nothing will read it as whole; free some space, then harvest again"
+            ) from e
+
     def close(self) -> None:
         """Write what is pending, the statistics and the fingerprint; mark the store complete."""
+        with self._writing():
+            self._close()
+
+    def _close(self) -> None:
         if not self._writable:
             return
         self._flush(whole_chunks_only=False)
@@ -431,7 +460,32 @@ class ActivationStore:
 
     def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows ``[start, stop)`` as a float32 tensor."""
-        return _to_float32(self._array[start:stop], self.dtype)
+        start, stop, _ = slice(start, stop).indices(self._array.shape[0])
+        return _to_float32(self._rows(start, stop), self.dtype)
+
+    def _rows(self, start: int, stop: int) -> np.ndarray:
+        """Stored rows ``[start, stop)``; a chunk that cannot be decoded, or holds NaN/Inf, is an error naming it."""
+        rows, why = self._try_rows(start, stop)
+        if why is None:
+            return rows
+        chunk = self.metadata["chunk_tokens"]
+        for lo in range(start - start % chunk, stop, chunk):  # which chunk: only read again on failure
+            bad = self._try_rows(max(lo, start), min(lo + chunk, stop))[1]
+            if bad is not None:
+                start, stop, why = max(lo, start), min(lo + chunk, stop), bad
+                break
+        raise SAERegistryError(
+            f"{self.path} is damaged: chunk {start // chunk} of {ARRAY}/ (rows {start}-{stop}) cannot be read "
+            f"({why}). Delete the store and harvest it again."
+        )
+
+    def _try_rows(self, start: int, stop: int) -> tuple[np.ndarray | None, str | None]:
+        try:
+            rows = self._array[start:stop]
+        except (RuntimeError, ValueError, OSError) as e:  # codecs raise RuntimeError, a short raw chunk ValueError
+            return None, f"{type(e).__name__}: {e}"
+        return rows, None if _finite(rows, self.dtype) else "it holds NaN or Inf"
+
 
     def read_split(self, split: str = "eval", max_tokens: int | None = None) -> torch.Tensor:
         """A whole split (or its first ``max_tokens`` rows) as a float32 tensor."""
@@ -485,7 +539,7 @@ class ActivationStore:
                 with ThreadPoolExecutor(max_workers=2) as pool:
                     for g in range(0, len(spans), buffer_chunks):
                         group = spans[g : g + buffer_chunks]
-                        parts = list(pool.map(lambda s: self._array[s[0] : s[1]], group))
+                        parts = list(pool.map(lambda s: self._rows(s[0], s[1]), group))
                         rows = np.concatenate([leftover, *parts])
                         if shuffle:
                             rows = rows[rng.permutation(len(rows))]

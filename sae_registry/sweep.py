@@ -355,6 +355,8 @@ def _start_ray(address: str | None):
     address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return False
+    if address:
+        _check_ray_address(address)
     try:
         if address:
             ray.init(address=address, log_to_driver=False)
@@ -363,6 +365,26 @@ def _start_ray(address: str | None):
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise SAERegistryError(f"cannot reach a Ray cluster at {address}: {e}") from e
     return True
+
+
+def _check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Refuse, in seconds, a ``host:port`` (or ``ray://host:port``) where nothing listens.
+
+    ``ray.init`` on such an address retries for minutes (forever, for some forms) instead of failing.
+    ``auto``/``local`` and other forms are left to Ray.
+    """
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise SAERegistryError(
+            f"no Ray cluster answers at {address} ({e}); start one (`ray start --head`), fix --address / "
+            "RAY_ADDRESS, or unset both to run on a local Ray"
+        ) from None
 
 
 def _check_resources(spec: SweepSpec) -> None:
