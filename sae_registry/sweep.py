@@ -209,7 +209,7 @@ def _trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, parent_r
     import torch
     from ray import tune
 
-    from .registry import _client, record_pack, start_runs
+    from .registry import _REACHED, _client, record_pack, start_runs
     from .store import ActivationStore
 
     torch.set_num_threads(max(1, threads))
@@ -217,6 +217,7 @@ def _trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, parent_r
     # address (say a laptop's tunnel to 127.0.0.1) may mean nothing on a worker.
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    _REACHED.add(tracking_uri)  # the driver checked it: a trial rides out a server restart on MLflow's retries
     store = ActivationStore.open(store_path)
     members = SweepSpec.from_dict(spec).packs(store.d)[config["pack"]]
     trial_dir = Path(tune.get_context().get_trial_dir())
