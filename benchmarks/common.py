@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -47,17 +46,24 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> 
     return statistics.median(times)
 
 
+PEAK_RSS_LINE = """
+def _peak_rss_mb():
+    try:  # VmHWM starts afresh at exec; ru_maxrss would still count the parent we were forked from
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except OSError:
+                return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+"""
+
+
 def peak_rss_mb(code: str) -> float:
     """Peak resident memory (MiB) of a fresh Python process running ``code``."""
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise RuntimeError(f"memory probe failed ({status}): {code[:200]}")
-    return usage.ru_maxrss / 1024
-
-
-def own_peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    program = f"{code}\n{PEAK_RSS_LINE}\nprint('PEAK_RSS_MB', _peak_rss_mb())\n"
+    out = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe failed ({out.returncode}): {out.stderr[-2000:]}")
+    return float(next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("PEAK_RSS_MB")))
 
 
 def machine() -> dict:

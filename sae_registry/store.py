@@ -129,7 +129,7 @@ class ActivationStore:
         *,
         dtype: str = "float32",
         chunk_tokens: int = 8192,
-        compressor: str = "lz4",
+        compressor: str = "none",
         eval_fraction: float = 0.05,
         source: dict | None = None,
         overwrite: bool = False,
@@ -485,7 +485,6 @@ class ActivationStore:
         except (RuntimeError, ValueError, OSError) as e:  # codecs raise RuntimeError, a short raw chunk ValueError
             return None, f"{type(e).__name__}: {e}"
         return rows, None if _finite(rows, self.dtype) else "it holds NaN or Inf"
-
 
     def read_split(self, split: str = "eval", max_tokens: int | None = None) -> torch.Tensor:
         """A whole split (or its first ``max_tokens`` rows) as a float32 tensor."""

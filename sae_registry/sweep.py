@@ -203,7 +203,7 @@ def _member_name(sae_cfg: SAEConfig, train_cfg: TrainConfig) -> str:
 
 
 def _trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, parent_run_id: str, tracking_uri: str,
-           device: str, threads: int) -> None:
+           device: str, threads: int, on_cluster: bool = True) -> None:
     """Train one pack; report to Tune at every evaluation, with a checkpoint when one was written."""
     import ray
     import torch
@@ -213,9 +213,11 @@ def _trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, parent_r
     from .store import ActivationStore
 
     torch.set_num_threads(max(1, threads))
-    # A node that names its own tracking server (docker-compose.yml does) uses it: the driver's
-    # address (say a laptop's tunnel to 127.0.0.1) may mean nothing on a worker.
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri
+    # On a cluster, a node that names its own tracking server (docker-compose.yml does) uses it: the
+    # driver's address (say a laptop's tunnel to 127.0.0.1) may mean nothing there. A local Ray
+    # inherits the driver's environment, which may still hold an earlier sweep's URI: not that.
+    if on_cluster:
+        tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     _REACHED.add(tracking_uri)  # the driver checked it: a trial rides out a server restart on MLflow's retries
     store = ActivationStore.open(store_path)
@@ -471,6 +473,7 @@ def run(
         trainable = tune.with_resources(
             tune.with_parameters(_trial, spec=spec.to_dict(), store_path=store_path, sweep_id=sweep_id,
                                  parent_run_id=parent_run_id, tracking_uri=uri,
+                                 on_cluster=bool(address or os.environ.get("RAY_ADDRESS")),
                                  device="cuda" if gpu > 0 else "cpu", threads=max(1, int(cpu))),
             {"cpu": cpu, "gpu": gpu},
         )

@@ -1,0 +1,92 @@
+"""Run every benchmark (or those named), print their tables, then the targets and how far each is met.
+
+    .venv/bin/python benchmarks/run.py                 # all: train store sweep use (~15 min on 2 cores)
+    .venv/bin/python benchmarks/run.py train store     # some
+    .venv/bin/python benchmarks/run.py --quick         # fewer steps and tokens, for a smoke run
+
+Each benchmark runs in its own process and writes ``benchmarks/results/NAME.json``. Not part of CI:
+the numbers mean something only on a machine doing nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+from common import RESULTS, ROOT
+
+BENCHMARKS = {
+    "train": ("train_speed.py", [], ["--steps-scale", "0.3"]),
+    "store": ("store_speed.py", [], []),
+    "sweep": ("sweep_speed.py", [], ["--tokens", "60000"]),
+    "use": ("use_speed.py", [], ["--harvest-texts", "60"]),
+}
+
+
+def targets() -> list[tuple[str, str, bool | None]]:
+    """(target, measured, met) from the JSON files present."""
+
+    def load(name: str) -> dict | None:
+        path = RESULTS / f"{name}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    out = []
+    train = load("train_speed")
+    if train:
+        rows = train["rows"]
+
+        def row(case: str, impl: str) -> dict | None:
+            return next((r for r in rows if r["case"] == case and r["impl"] == impl), None)
+
+        for case, want in (("top_k 16384", 4.0), ("top_k 4096", 2.5)):
+            ours, ref = row(case, "ours"), row(case, "dense reference")
+            if ours and ref:
+                out.append((f"{case}: >= {want}x the dense reference's tokens/s", f"{ours['vs_reference']:.2f}x",
+                            ours["vs_reference"] >= want))
+                gap = ours["fvu"] / ref["fvu"] - 1
+                out.append((f"{case}: FVU within 2% of the reference's (or better)",
+                            f"{ours['fvu']:.4f} vs {ref['fvu']:.4f} ({gap:+.1%})", gap <= 0.02))
+        ours = row("top_k 16384", "ours")
+        if ours:
+            out.append(("top_k 16384: >= 40% of the encoder-product bound", f"{ours['of_bound']:.0%}",
+                        ours["of_bound"] >= 0.4))
+    store = load("store_speed")
+    if store:
+        default = next((r for r in store["rows"] if r["variant"] == "float32 none chunk 8192"), None)
+        if default:
+            out.append(("store reads >= 5x training consumption (default store)", f"{default['vs_training']:.1f}x",
+                        default["vs_training"] >= 5))
+    sweep = load("sweep_speed")
+    if sweep:
+        packed = sweep["rows"][0]
+        out.append((f"packed sweep of 8 >= 2.5x faster than 8 trials ({sweep['tokens_per_dictionary']:,} tokens each)",
+                    f"{packed['speedup']:.2f}x", packed["speedup"] >= 2.5))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run: {', '.join(BENCHMARKS)} (default: all)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps and tokens")
+    args = parser.parse_args()
+    unknown = set(args.names) - set(BENCHMARKS)
+    if unknown:
+        parser.error(f"unknown benchmarks {sorted(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    for name in args.names or list(BENCHMARKS):
+        script, full, quick = BENCHMARKS[name]
+        print(f"\n=== {name} ({script}) ===", flush=True)
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *(quick if args.quick else full)],
+                              cwd=ROOT)
+        print(f"=== {name}: {'ok' if done.returncode == 0 else f'FAILED ({done.returncode})'}, "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
+    print("\n=== targets (issue 5) ===")
+    for target, measured, met in targets():
+        print(f"{'met ' if met else 'MISS'}  {target}: {measured}")
+
+
+if __name__ == "__main__":
+    main()
