@@ -444,16 +444,14 @@ class SparseAutoencoder(nn.Module):
         """
         centered = x_n - self.b_dec
         linear = self.encoder.encoder
-        if self.cfg.sparsity == "l1":
-            pre = F.linear(centered, linear.weight, linear.bias)
-            codes = F.relu(pre)
-            return Codes(codes @ self.W_dec + self.b_dec, codes, None, pre, centered)
-        if not sparse_backward:
-            pre = F.linear(centered, linear.weight, linear.bias)
-        elif select_dtype is None or select_dtype == linear.weight.dtype:
-            with torch.no_grad():
-                pre = torch.addmm(linear.bias, centered, linear.weight.t())
-        else:
+        if self.cfg.sparsity == "l1" or not sparse_backward:
+            # W (x - b_dec) + b_enc written as W x + (b_enc - W b_dec): b_dec's gradient through
+            # the encoder is then a vector-matrix product, not a [batch, dict_size] product.
+            pre = F.linear(x_n, linear.weight, linear.bias - linear.weight @ self.b_dec)
+            if self.cfg.sparsity == "l1":
+                codes = F.relu(pre)
+                return Codes(codes @ self.W_dec + self.b_dec, codes, None, pre, centered)
+        elif select_dtype is not None and select_dtype != linear.weight.dtype:
             with torch.no_grad():
                 low = torch.addmm(linear.bias.to(select_dtype), centered.to(select_dtype),
                                   linear.weight.to(select_dtype).t())
@@ -463,6 +461,9 @@ class SparseAutoencoder(nn.Module):
             values = _SelectedLatents.apply(exact, centered, linear.weight, linear.bias, *pattern).clamp_min(0)
             decoded = _SparseDecode.apply(values, self.W_dec, *pattern)
             return Codes(decoded + self.b_dec, values, indices, low, centered)
+        else:
+            with torch.no_grad():
+                pre = torch.addmm(linear.bias, centered, linear.weight.t())
         indices = pre.detach().topk(self.cfg.top_k, dim=-1, sorted=False).indices.sort(dim=-1).values
         out = Codes(None, None, indices, pre, centered)
         values, decoded = self.decode_latents(out, indices)
