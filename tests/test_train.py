@@ -83,6 +83,9 @@ def test_resume_refuses_a_checkpoint_of_another_run(synthetic_store, tmp_path):
         (dict(b_dec_init="median"), "b_dec_init must be one of"),
         (dict(encoder_init="xavier"), "encoder_init must be one of"),
         (dict(device="tpu"), "device must be"),
+        (dict(precision="fp8"), "precision must be one of float32, bfloat16"),
+        (dict(sparse_backward=1), "sparse_backward must be true or false"),
+        (dict(encoder_init_scale=0), "encoder_init_scale must be a number > 0"),
     ],
 )
 def test_bad_training_options_raise_our_error(options, message):
@@ -170,3 +173,32 @@ def test_a_pack_resumes_members_left_at_different_steps(synthetic_store, tmp_pat
         for a, b in zip(w.sae.state_tensors().values(), r.sae.state_tensors().values()):
             torch.testing.assert_close(a, b)
         assert [h["step"] for h in r.history] == [h["step"] for h in w.history]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dict_size,k", [(256, 8), (512, 32)])
+def test_the_sparse_backward_trains_to_the_dense_backwards_fvu(minilm_store, tmp_path, dict_size, k):
+    """Speed must not cost quality: on real activations the sparse top-k path reaches the FVU and
+    L0 that plain autograd through the dense product reaches, step for step."""
+    base = dict(tokens=60 * 1024, batch_size=1024, eval_every=20, dead_after_tokens=8192)
+    sae_cfg = SAEConfig(minilm_store.d, dict_size, k)
+    sparse = train(minilm_store, sae_cfg, TrainConfig(**base), tmp_path / "sparse", progress=False)
+    dense = train(minilm_store, sae_cfg, TrainConfig(sparse_backward=False, **base), tmp_path / "dense",
+                  progress=False)
+    assert sparse.metrics["fvu"] < 0.5  # it learned something
+    assert sparse.metrics["fvu"] == pytest.approx(dense.metrics["fvu"], rel=0.01)
+    assert sparse.metrics["l0"] == pytest.approx(dense.metrics["l0"], abs=0.5)
+    for a, b in zip(sparse.history, dense.history):
+        assert a["eval/fvu"] == pytest.approx(b["eval/fvu"], rel=0.02)
+
+
+@pytest.mark.slow
+def test_bfloat16_selection_trains_to_nearly_the_same_fvu(minilm_store, tmp_path):
+    base = dict(tokens=40 * 1024, batch_size=1024, eval_every=20)
+    sae_cfg = SAEConfig(minilm_store.d, 512, 16)
+    exact = train(minilm_store, sae_cfg, TrainConfig(**base), tmp_path / "f32", progress=False)
+    low = train(minilm_store, sae_cfg, TrainConfig(precision="bfloat16", **base), tmp_path / "bf16", progress=False)
+    assert low.metrics["fvu"] == pytest.approx(exact.metrics["fvu"], rel=0.03)
+    with pytest.raises(SAERegistryError, match="precision: bfloat16 needs sparsity top_k"):
+        train(minilm_store, SAEConfig(minilm_store.d, 512, sparsity="l1"), TrainConfig(precision="bfloat16", **base),
+              tmp_path / "l1", progress=False)
