@@ -134,6 +134,20 @@ class TrainConfig:
         return cls(**data)
 
 
+def fit_threads_to_cpus() -> int:
+    """Lower torch's thread count to the CPUs this process may use, and return it.
+
+    torch starts one thread per physical core of the machine; in a container, under ``taskset`` or
+    in a Ray worker given fewer CPUs, more threads than CPUs makes every OpenMP barrier wait on a
+    descheduled thread (on a 2-core machine with one other busy process, small ops of a step ran
+    up to 20x slower). Only ever lowers: a count set on purpose (a Ray trial's CPUs, ``OMP_NUM_THREADS``) stays.
+    """
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if torch.get_num_threads() > available:
+        torch.set_num_threads(available)
+    return torch.get_num_threads()
+
+
 def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is an error."""
     if device == "auto":
@@ -418,6 +432,7 @@ def train_pack(
         )
     callbacks = callbacks or [None] * len(members)
     extras = extras or [None] * len(members)
+    fit_threads_to_cpus()
     pack = [_Member(store, sae_cfg, rcfg, Path(out), cb, ex)
             for (sae_cfg, _, out), rcfg, cb, ex in zip(members, resolved, callbacks, extras)]
     batches = store.batches(min(n_train, 16_384), seed=cfg.seed)

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -202,3 +203,19 @@ def test_bfloat16_selection_trains_to_nearly_the_same_fvu(minilm_store, tmp_path
     with pytest.raises(SAERegistryError, match="precision: bfloat16 needs sparsity top_k"):
         train(minilm_store, SAEConfig(minilm_store.d, 512, sparsity="l1"), TrainConfig(precision="bfloat16", **base),
               tmp_path / "l1", progress=False)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")
+def test_threads_follow_the_cpus_the_process_may_use():
+    from sae_registry.train import fit_threads_to_cpus
+
+    cpus, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    try:
+        os.sched_setaffinity(0, {min(cpus)})
+        torch.set_num_threads(max(2, threads))
+        assert fit_threads_to_cpus() == 1
+        os.sched_setaffinity(0, cpus)
+        assert fit_threads_to_cpus() == 1  # never raised: one thread may have been chosen on purpose
+    finally:
+        os.sched_setaffinity(0, cpus)
+        torch.set_num_threads(threads)
