@@ -16,7 +16,6 @@ import time
 
 import numpy as np
 import torch
-
 from common import DATA, peak_rss_mb, real_store, table, write_results
 
 VARIANTS = [  # (dtype, compressor, chunk_tokens)

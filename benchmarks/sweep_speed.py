@@ -71,7 +71,7 @@ class WorkerMemory:
                     total += proc.info["memory_info"].rss
             self.peak = max(self.peak, total / 2**20)
 
-    def __enter__(self) -> "WorkerMemory":
+    def __enter__(self) -> WorkerMemory:
         self._thread.start()
         return self
 

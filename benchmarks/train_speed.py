@@ -19,9 +19,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from common import peak_rss_mb, real_store, table, write_results
+from torch import nn
 
 D_IN, K, BATCH = 384, 32, 4096
 CASES = {  # name -> (sparsity, dict_size, steps)

@@ -62,7 +62,7 @@ class SAEConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SAEConfig":
+    def from_dict(cls, data: dict) -> SAEConfig:
         """The config ``to_dict`` wrote (a saved ``config.json``'s ``"sae"`` section), checked.
 
         Only the four fields: an unknown key is refused rather than dropped (it may be a typo, or a
@@ -107,7 +107,7 @@ class _Pattern(NamedTuple):
     col: torch.Tensor
 
     @classmethod
-    def of(cls, indices: torch.Tensor, dict_size: int) -> "_Pattern":
+    def of(cls, indices: torch.Tensor, dict_size: int) -> _Pattern:
         flat = indices.flatten()
         sorted_ids, order = flat.sort()
         crow = torch.searchsorted(sorted_ids, torch.arange(dict_size + 1, device=flat.device))
@@ -143,12 +143,12 @@ class _SelectedLatents(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, values, centered, weight, bias, *pattern):  # noqa: D102
+    def forward(ctx, values, centered, weight, bias, *pattern):
         ctx.save_for_backward(centered, weight, *pattern)
         return values.clone()
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: D102
+    def backward(ctx, grad):
         centered, weight, *pattern = ctx.saved_tensors
         pattern = _Pattern(*pattern)
         grad = grad.contiguous()
@@ -166,12 +166,12 @@ class _SparseDecode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, values, W_dec, *pattern):  # noqa: D102
+    def forward(ctx, values, W_dec, *pattern):
         ctx.save_for_backward(values, W_dec, *pattern)
         return F.embedding_bag(pattern[0], W_dec, per_sample_weights=values, mode="sum")
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: D102
+    def backward(ctx, grad):
         values, W_dec, *pattern = ctx.saved_tensors
         pattern = _Pattern(*pattern)
         grad = grad.contiguous()
@@ -257,7 +257,7 @@ class SparseAutoencoder(nn.Module):
     @classmethod
     def build(
         cls, input_size: int, dict_size: int = 4096, top_k: int = 32, sparsity: str = "top_k"
-    ) -> "SparseAutoencoder":
+    ) -> SparseAutoencoder:
         """Build a sparse autoencoder; raises :class:`SAERegistryError` on bad options."""
         return cls(SAEConfig(input_size, dict_size, top_k, sparsity))
 
@@ -378,7 +378,7 @@ class SparseAutoencoder(nn.Module):
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "SparseAutoencoder":
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
         """Rebuild a dictionary from ``sae.safetensors`` + ``config.json``; checks every shape."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file

@@ -26,9 +26,10 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -110,7 +111,7 @@ class TrainConfig:
         if not isinstance(self.device, str) or (self.device not in ("auto", "cpu") and not self.device.startswith("cuda")):
             raise SAERegistryError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
 
-    def resolved(self, sae_cfg: SAEConfig) -> "TrainConfig":
+    def resolved(self, sae_cfg: SAEConfig) -> TrainConfig:
         """This config with every ``None`` default filled in for ``sae_cfg``."""
         return replace(
             self,
@@ -126,7 +127,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
+    def from_dict(cls, data: dict) -> TrainConfig:
         names = {f.name for f in fields(cls)}
         unknown = set(data) - names
         if unknown:
