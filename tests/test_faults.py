@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -182,6 +183,7 @@ def test_an_interrupted_encoding_resumes_to_the_same_codes(tmp_path, monkeypatch
 def restartable_server(root: Path):
     """An `mlflow server` on a fixed loopback port that a test may stop and start again (same port,
     same SQLite database, same artifact directory): ``down()``, ``up()``."""
+    root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     cmd = [MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
@@ -275,3 +277,46 @@ def test_processes_registering_into_one_family_at_once_get_distinct_versions(tmp
         listed = {mv.run_id: str(mv.version) for mv in client.search_model_versions("name='at-once'")}
         assert listed == got  # none lost, none twice
         assert {register_run(run_id, "at-once") for run_id in run_ids} == set(got.values())  # idempotent
+
+
+@pytest.mark.slow
+def test_a_sweep_rides_out_a_tracking_server_restart(tmp_path, minilm_store, monkeypatch):
+    import yaml
+    from mlflow import MlflowClient
+
+    from test_sweep import _children, _spec, _sweep_process, _wait_for_step
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    steps, every = 40, 5
+    spec = _spec(minilm_store, "restarted", grid=[{"dict_size": [1024], "k": [8, 16, 32, 64]}], register="all",
+                 train={"tokens": steps * 2048, "batch_size": 2048, "eval_every": every, "checkpoint_every": every})
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    with restartable_server(tmp_path / "server") as server:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server["uri"])
+        proc = _sweep_process(tmp_path / "s.yaml", tmp_path / "sweep.log")
+        try:
+            _wait_for_step("restarted", every, proc, tmp_path / "sweep.log")
+            down_at = time.time() * 1000
+            server["down"]()  # trials go on training and logging while it is away (~15 s)
+            time.sleep(5)
+            server["up"]()
+            up_at = time.time() * 1000
+            assert proc.wait(timeout=600) == 0, (tmp_path / "sweep.log").read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        client = MlflowClient(server["uri"])
+        (parent,) = client.search_runs([client.get_experiment_by_name("restarted").experiment_id],
+                                       "tags.`sweep.role` = 'parent'")
+        children = _children("restarted", parent.data.tags["sweep.id"])
+        assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+        logged_while_down = 0
+        for child in children:  # every evaluation of every trial arrived
+            for key in ("eval/fvu", "eval/l0"):
+                history = client.get_metric_history(child.info.run_id, key)
+                assert {m.step for m in history} == set(range(every, steps + 1, every)), child.data.tags["sweep.member"]
+                logged_while_down += sum(down_at < m.timestamp < up_at for m in history)  # stamped when logged
+        assert logged_while_down > 0
+        versions = client.search_model_versions("name='restarted'")
+        assert sorted(v.run_id for v in versions) == sorted(c.info.run_id for c in children)  # each once
