@@ -394,19 +394,13 @@ def render_html(cards: Cards) -> str:
     )
 
 
-# -- MLflow ---------------------------------------------------------------------------------------------
-
-
 def log_cards(out_dir: str | Path, run_id: str, tracking_uri: str | None = None) -> str:
-    """Log ``out_dir``'s ``index.html`` + ``cards.json`` on the run as ``cards/``; returns the artifact URI."""
-    import mlflow
+    """Log ``out_dir``'s ``index.html`` + ``cards.json`` on the run as ``cards/``; returns the page's URI."""
+    from .registry import log_files
 
-    from .registry import resolve_tracking_uri
-
-    client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
-    for name in ("index.html", "cards.json"):
-        client.log_artifact(run_id, str(Path(out_dir) / name), artifact_path=CARDS_DIR)
-    return f"{client.get_run(run_id).info.artifact_uri}/{CARDS_DIR}/index.html"
+    folder = log_files(run_id, [Path(out_dir) / name for name in ("index.html", "cards.json")], CARDS_DIR,
+                       tracking_uri)
+    return f"{folder}/index.html"
 
 
 def cards_for(

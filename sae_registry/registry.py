@@ -407,6 +407,14 @@ def _log_model(run_id: str, out: Path, cfg: SAEConfig) -> None:
         # leaving the block ends the run FINISHED
 
 
+def log_files(run_id: str, files: list[Path], artifact_path: str, tracking_uri: str | None = None) -> str:
+    """Log ``files`` on a run under ``artifact_path`` (e.g. feature cards); returns that folder's URI."""
+    client = _client(tracking_uri)
+    for path in files:
+        client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+    return f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+
+
 def register_run(run_id: str, family: str, tracking_uri: str | None = None) -> str:
     """Register a finished run's dictionary as a version of ``family``; returns the version.
 
