@@ -25,10 +25,11 @@ WORKDIR /opt/sae-registry
 # The project's dependencies, from pyproject.toml alone (a stub package stands in for the code), so
 # that editing the code does not reinstall Ray and MLflow. ray[default,client]: the dashboard's job
 # submission API and Ray Client (ray://); psycopg and boto3: MLflow's PostgreSQL and S3 stores
-# (SQLAlchemy 2.1 opens postgresql:// URIs with psycopg 3, not psycopg2).
+# (SQLAlchemy 2.1 opens postgresql:// URIs with psycopg 3, not psycopg2); the auth extra: MLflow's
+# basic-auth app, which docker-compose.yml's tracking server runs.
 COPY pyproject.toml README.md ./
 RUN mkdir sae_registry && touch sae_registry/__init__.py \
- && pip install ".[s3]" "ray[default,client]" "psycopg[binary]" boto3 \
+ && pip install ".[s3,auth]" "ray[default,client]" "psycopg[binary]" boto3 \
  && pip uninstall -y sae-registry && rm -rf sae_registry build
 
 COPY . .
@@ -36,7 +37,8 @@ RUN pip install --no-deps . && rm -rf build
 
 # Services run as an unprivileged user; sweep specs shipped with the image are under
 # /opt/sae-registry/jobs/ (or send your own with `ray job submit --working-dir .`).
-RUN useradd --create-home --uid 1000 sae
+RUN useradd --create-home --uid 1000 sae \
+ && mkdir -p /var/lib/mlflow-auth && chown sae:sae /var/lib/mlflow-auth  # the auth app's users (a volume)
 USER sae
 WORKDIR /home/sae
 

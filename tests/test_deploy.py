@@ -35,20 +35,29 @@ BIN = Path(sys.executable).parent
 SERVICES = {"postgres", "minio", "create-buckets", "mlflow", "ray-head", "ray-worker"}
 APP_SERVICES = {"create-buckets", "mlflow", "ray-head", "ray-worker"}  # built from this project's image
 RAY_SERVICES = {"ray-head", "ray-worker"}
-TEST_ENV = {"MLFLOW_WORKERS": "1"}  # what a user could set too; the rest are the file's defaults
+# The credentials the file requires (it has no defaults for them), and what a user could set too.
+SECRETS = {"POSTGRES_PASSWORD": "pg-test-pass", "MINIO_ROOT_USER": "test-key", "MINIO_ROOT_PASSWORD": "test-s3-pass",
+           "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "mlflow-test-pass",
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask-test-key",
+           "RAY_AUTH_TOKEN": "0123456789abcdef0123456789abcdef"}
+TEST_ENV = {"MLFLOW_WORKERS": "1"}
 # Each Ray node would otherwise claim the whole machine's CPUs and memory.
 RAY_NODE_LIMITS = ["--num-cpus=1", "--memory=1000000000", "--object-store-memory=100000000"]
 
 
 def compose_config(file: Path = ROOT / "docker-compose.yml", **env: str) -> dict:
-    """`docker-compose config`, rendered with only ``env`` set: the file's defaults are what is tested."""
-    if not COMPOSE.exists():
-        pytest.fail("no .venv-compose/bin/docker-compose: run scripts/setup-deploy-tools.sh")
-    out = subprocess.run([str(COMPOSE), "--project-directory", str(ROOT), "-f", str(file), "config"], cwd=ROOT,
-                         env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), **env},
-                         capture_output=True, text=True, timeout=120)
+    """`docker-compose config`, rendered with only SECRETS and ``env`` set: the file's defaults are tested."""
+    out = _compose_config(file, {**SECRETS, **env})
     assert out.returncode == 0, out.stdout + out.stderr
     return yaml.safe_load(out.stdout)
+
+
+def _compose_config(file: Path, env: dict) -> subprocess.CompletedProcess:
+    if not COMPOSE.exists():
+        pytest.fail("no .venv-compose/bin/docker-compose: run scripts/setup-deploy-tools.sh")
+    return subprocess.run([str(COMPOSE), "--project-directory", str(ROOT), "-f", str(file), "config"], cwd=ROOT,
+                          env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), **env},
+                          capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +87,16 @@ def test_compose_config_names_every_service_and_reserves_gpus_for_workers():
     assert services["ray-worker"]["command"][:3] == ["ray", "start", "--address=ray-head:6379"]
     for name in RAY_SERVICES:
         env = services[name]["environment"]
-        assert env["RAY_AUTH_MODE"] == "disabled" and env["RAY_USAGE_STATS_ENABLED"] == "0", name
+        assert env["RAY_AUTH_MODE"] == "token" and env["RAY_USAGE_STATS_ENABLED"] == "0", name
+        assert env["RAY_AUTH_TOKEN"] == SECRETS["RAY_AUTH_TOKEN"], name
         assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000", name
+        assert env["MLFLOW_TRACKING_USERNAME"] == SECRETS["MLFLOW_TRACKING_USERNAME"], name
+        assert env["MLFLOW_TRACKING_PASSWORD"] == SECRETS["MLFLOW_TRACKING_PASSWORD"], name
     command = services["mlflow"]["command"]
     assert command[:2] == ["mlflow", "server"] and "--serve-artifacts" in command
+    assert command[command.index("--app-name") + 1] == "basic-auth"
+    env = services["mlflow"]["environment"]
+    assert (env["MLFLOW_AUTH_ADMIN_USERNAME"], env["MLFLOW_AUTH_ADMIN_PASSWORD"]) == ("admin", "mlflow-test-pass")
     assert command[command.index("--backend-store-uri") + 1].startswith("postgresql://")
     assert command[command.index("--artifacts-destination") + 1] == "s3://mlflow/"
     assert services["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
@@ -111,6 +126,14 @@ def test_credentials_and_settings_come_from_the_environment():
         assert (env["RAY_AUTH_MODE"], env["RAY_AUTH_TOKEN"]) == ("token", "ray-token"), name
 
 
+@pytest.mark.parametrize("missing", sorted(SECRETS))
+def test_the_file_refuses_to_start_without_each_credential(missing):
+    """No default password anywhere: compose names the credential that is not set."""
+    out = _compose_config(ROOT / "docker-compose.yml", {k: v for k, v in SECRETS.items() if k != missing})
+    assert out.returncode != 0 and missing in out.stderr, out.stderr[-2000:]
+    assert "minioadmin" not in (ROOT / "docker-compose.yml").read_text()
+
+
 def test_the_documented_cluster_file_puts_ray_on_host_networks_with_a_token(cluster_file):
     base = compose_config()["services"]
     services = compose_config(cluster_file, HEAD_HOST="10.0.0.5", RAY_AUTH_TOKEN="t0k3n")["services"]
@@ -126,9 +149,8 @@ def test_the_documented_cluster_file_puts_ray_on_host_networks_with_a_token(clus
     assert services["ray-worker"]["command"][:3] == ["ray", "start", "--address=10.0.0.5:6379"]
     assert services["ray-worker"]["deploy"] == base["ray-worker"]["deploy"]
     # no token, no cluster
-    out = subprocess.run([str(COMPOSE), "--project-directory", str(ROOT), "-f", str(cluster_file), "config"],
-                         env={"PATH": os.environ["PATH"], "HEAD_HOST": "10.0.0.5"}, capture_output=True, text=True,
-                         timeout=120)
+    out = _compose_config(cluster_file, {**{k: v for k, v in SECRETS.items() if k != "RAY_AUTH_TOKEN"},
+                                         "HEAD_HOST": "10.0.0.5"})
     assert out.returncode != 0 and "RAY_AUTH_TOKEN" in out.stderr
 
 
@@ -171,10 +193,11 @@ class Namespace:
             prefix += [f"--setgid={user.pw_gid}", f"--setuid={user.pw_uid}"]
         return [*prefix, "--", *map(str, argv)]
 
-    def start(self, name: str, argv: list, env: dict, log_dir: Path, user=None, stop_signal=signal.SIGTERM):
+    def start(self, name: str, argv: list, env: dict, log_dir: Path, user=None, stop_signal=signal.SIGTERM,
+              cwd: Path | None = None):
         self.logs[name] = log_dir / f"{name}.log"
         proc = subprocess.Popen(self.argv(argv, user), stdout=open(self.logs[name], "w"), stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)
+                                env=env, start_new_session=True, cwd=cwd)
         self.started.append((proc, stop_signal))
         return proc
 
@@ -372,7 +395,10 @@ def stack():
         made = ns.run(services["create-buckets"]["command"], env("create-buckets"))
         assert made.returncode == 0, made.stdout + made.stderr
 
-        mlflow = ns.start("mlflow", mlflow_cmd, env("mlflow"), root)
+        # its working_dir (where the auth app keeps basic_auth.db) is a volume: a directory here
+        auth_dir = root / services["mlflow"]["working_dir"].strip("/").replace("/", "-")
+        auth_dir.mkdir()
+        mlflow = ns.start("mlflow", mlflow_cmd, env("mlflow"), root, cwd=auth_dir)
         worker = _ray_nodes(ns, services, env, root)
         ns.wait_until("mlflow", mlflow, lambda: ns.run(_healthcheck(services["mlflow"]), env("mlflow"),
                                                        timeout=60).returncode == 0, timeout=180)
@@ -427,11 +453,14 @@ print(json.dumps({"run_id": run.info.run_id, "uri": run.info.artifact_uri, "key"
     assert got["run_id"] in runs
 
 
-def test_mlflow_serves_the_ui_and_answers_its_service_name_only(stack):
+def test_mlflow_serves_the_ui_to_its_users_only_and_answers_its_service_name_only(stack):
     code = """
-import json, urllib.request, urllib.error
-def status(path, host):
-    request = urllib.request.Request("http://mlflow:5000" + path, headers={"Host": host})
+import base64, json, sys, urllib.request, urllib.error
+def status(path, host, login=(sys.argv[1], sys.argv[2])):
+    headers = {"Host": host}
+    if login:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(login).encode()).decode()
+    request = urllib.request.Request("http://mlflow:5000" + path, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=10) as r:
             return r.status, r.read(2000).decode(errors="replace")
@@ -440,10 +469,24 @@ def status(path, host):
 api = "/api/2.0/mlflow/experiments/search?max_results=1"
 ui = status("/", "localhost:5000")
 print(json.dumps({"ui": ui[0], "html": "<html" in ui[1].lower(), "mlflow": status(api, "mlflow:5000")[0],
-                  "localhost": status(api, "localhost:5000")[0], "foreign": status(api, "evil.example")[0]}))
+                  "localhost": status(api, "localhost:5000")[0], "foreign": status(api, "evil.example")[0],
+                  "anonymous api": status(api, "mlflow:5000", None)[0], "anonymous ui": status("/", "mlflow:5000", None)[0],
+                  "wrong password": status(api, "mlflow:5000", (sys.argv[1], "guess"))[0],
+                  "health": status("/health", "mlflow:5000", None)[0]}))
 """
-    got = _json(stack["ns"].python(code, stack["base"]))
-    assert got == {"ui": 200, "html": True, "mlflow": 200, "localhost": 200, "foreign": 403}
+    login = SECRETS["MLFLOW_TRACKING_USERNAME"], SECRETS["MLFLOW_TRACKING_PASSWORD"]
+    got = _json(stack["ns"].python(code, stack["base"], *login))
+    assert got == {"ui": 200, "html": True, "mlflow": 200, "localhost": 200, "foreign": 403,
+                   "anonymous api": 401, "anonymous ui": 401, "wrong password": 401, "health": 200}
+
+
+def test_an_mlflow_client_without_the_login_is_refused(stack):
+    # A Ray node's environment, less the login: what anyone else who reaches port 5000 would have.
+    env = {k: v for k, v in stack["env"]("ray-worker").items() if not k.startswith("MLFLOW_TRACKING_USER")
+           and k != "MLFLOW_TRACKING_PASSWORD"}
+    code = "import mlflow; mlflow.MlflowClient().search_experiments()"
+    out = stack["ns"].python(code, {**env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+    assert out.returncode != 0 and "401" in out.stderr, out.stderr[-2000:]
 
 
 def test_ray_head_and_worker_form_one_cluster(stack):
