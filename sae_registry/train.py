@@ -188,15 +188,28 @@ class Evaluation(NamedTuple):
 
 @torch.no_grad()
 def evaluate(sae: SparseAutoencoder, x: torch.Tensor, batch_size: int = 4096) -> Evaluation:
-    """Metrics of ``sae`` on raw activations ``x`` (see :mod:`metrics`), batch by batch."""
+    """Metrics of ``sae`` on raw activations ``x`` (see :mod:`metrics`), batch by batch.
+
+    top_k dictionaries are evaluated in their compact form (``encode_topk``/``decode_topk``): no
+    dense ``[batch, dict_size]`` codes, no dense decoder product.
+    """
     device = next(sae.parameters()).device
-    recon, l0s, fired = [], [], torch.zeros(sae.cfg.dict_size, dtype=torch.float64)
+    dict_size = sae.cfg.dict_size
+    recon, l0s, fired = [], [], torch.zeros(dict_size, dtype=torch.float64)
     for xb in x.split(batch_size):
-        h = sae.encode(xb.to(device))
-        recon.append(sae.decode(h).cpu())
-        active = (h != 0).cpu()
-        fired += active.sum(0).double()
-        l0s.append(active.sum(-1))
+        xb = xb.to(device)
+        if sae.cfg.sparsity == "top_k":
+            values, indices = sae.encode_topk(xb)
+            recon.append(sae.decode_topk(values, indices).cpu())
+            active = values > 0
+            counts = torch.zeros(dict_size, device=device).index_add_(0, indices.flatten(), active.flatten().float())
+        else:
+            h = sae.encode(xb)
+            recon.append(sae.decode(h).cpu())
+            active = h != 0
+            counts = active.sum(0)
+        fired += counts.cpu().double()
+        l0s.append(active.sum(-1).cpu())
     density = fired / len(x)
     return Evaluation(M.summary(x, torch.cat(recon), density), density, torch.cat(l0s))
 
