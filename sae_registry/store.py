@@ -106,6 +106,8 @@ class ActivationStore:
         self.path = path
         self._group = group
         self._array = group[ARRAY]
+        if writable:  # every chunk a file, zeros too, so that open() can tell when one is missing
+            self._array = self._array.with_config({"write_empty_chunks": True})
         self._writable = writable
         self.metadata: dict = dict(group.attrs)
         self._provenance = {name: group[name] for name in PROVENANCE} if self.has_provenance else {}
@@ -389,6 +391,11 @@ class ActivationStore:
             raise SAERegistryError(
                 f"{path} says it holds {attrs['n_tokens']} x {attrs['d']} but its array is "
                 f"{array.shape}; the store is damaged. Delete it and harvest again."
+            )
+        if not is_url(path) and array.nchunks_initialized != array.nchunks:  # zarr would read zeros there
+            raise SAERegistryError(
+                f"{path} is damaged: {array.nchunks - array.nchunks_initialized} of the {array.nchunks} chunk "
+                f"files of {ARRAY}/ are missing (deleted, or never copied). Delete the store and harvest it again."
             )
         for name in PROVENANCE if attrs.get("provenance") else ():
             if name not in group or group[name].shape != (attrs["n_tokens"],):

@@ -218,6 +218,12 @@ def store_disk_full(env, tmp, mp):
         store.append(torch.randn(1000, 8))
 
 
+def store_missing_chunk(env, tmp, mp):
+    path = _store(tmp / "m.zarr")
+    _chunk(path, 3).unlink()
+    ActivationStore.open(path)
+
+
 def _after_disk_full(env, tmp):
     with pytest.raises(SAERegistryError, match="never finished"):
         ActivationStore.open(tmp / "full.zarr")
@@ -317,6 +323,8 @@ CASES = {
     "store-encode-d-mismatch": (store_encode_d_mismatch, "holds 8-wide activations but the dictionary takes input_size=16"),
     "store-disk-full": (store_disk_full, ("the disk is full: writing .*full.zarr failed .*No space left on device.*"
                         "left 'writing' \\(unfinished\\).*free some space, then harvest again"), _after_disk_full),
+    "store-missing-chunk": (store_missing_chunk, (r"m.zarr is damaged: 1 of the 8 chunk files of activations/ are "
+                            r"missing \(deleted, or never copied\)\. Delete the store and harvest it again")),
     "spec-empty-grid": (lambda e, t, m: SweepSpec.from_dict(_spec(grid=[])), "grid: is empty; give at least one key"),
     "spec-unknown-grid-key": (lambda e, t, m: SweepSpec.from_dict(_spec(grid={"dict_sise": [64]})),
                               "grid: unknown key 'dict_sise'; use dict_size, k, sparsity or a training option"),
