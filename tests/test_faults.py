@@ -320,3 +320,26 @@ def test_a_sweep_rides_out_a_tracking_server_restart(tmp_path, minilm_store, mon
         assert logged_while_down > 0
         versions = client.search_model_versions("name='restarted'")
         assert sorted(v.run_id for v in versions) == sorted(c.info.run_id for c in children)  # each once
+
+
+@pytest.mark.slow
+def test_sae_registry_harvest_resume_continues_an_interrupted_harvest(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from sae_registry.cli import main
+    from sae_registry.harvest import demo_texts
+
+    (tmp_path / "text.txt").write_text("\n\n".join(demo_texts()[:100]))  # ~13k tokens: one whole 8192-row chunk
+    args = ["harvest", "--text", str(tmp_path / "text.txt"), "--layer", "1", "--batch-size", "2"]
+    whole = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "whole.zarr")])
+    assert whole.exit_code == 0, whole.output
+    with monkeypatch.context() as m:
+        _crash_after(m, ActivationStore, "_flush", 1)  # first chunk written, then dies in close()
+        cut = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "cut.zarr")])
+    assert isinstance(cut.exception, Crash)
+    assert len(ActivationStore.reopen(tmp_path / "cut.zarr")) == 8192  # the chunk on disk is kept
+    again = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "cut.zarr")])
+    assert again.exit_code != 0 and "already exists" in again.output  # no silent restart without --resume
+    resumed = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "cut.zarr"), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    _same_store(ActivationStore.open(tmp_path / "cut.zarr"), ActivationStore.open(tmp_path / "whole.zarr"))
