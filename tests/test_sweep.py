@@ -220,7 +220,8 @@ def test_a_killed_trial_resumes_from_its_checkpoint(env, minilm_store, tmp_path)
     proc = _sweep_process(tmp_path / "s.yaml", tmp_path / "sweep.log")
     try:
         run_id = _wait_for_step("killed", 15, proc, tmp_path / "sweep.log")
-        trials = [p for p in psutil.process_iter(["cmdline"]) if "ImplicitFunc" in " ".join(p.info["cmdline"] or [])]
+        # this sweep's trial worker only (Ray's workers descend from the driver), not another on the machine
+        trials = [p for p in psutil.Process(proc.pid).children(recursive=True) if "ImplicitFunc" in " ".join(p.cmdline())]
         assert len(trials) == 1
         trials[0].kill()  # the trial's worker process dies mid-way, as on a lost machine
         assert proc.wait(timeout=300) == 0, (tmp_path / "sweep.log").read_text()[-3000:]
