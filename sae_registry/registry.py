@@ -443,9 +443,33 @@ def register_run(run_id: str, family: str, tracking_uri: str | None = None) -> s
     }
     _ensure_registered_model(client, family)
     model_uri = rt["sae.model_uri"]
-    version = client.create_model_version(family, source=model_uri, run_id=run_id, tags=version_tags,
-                                          model_id=model_uri.rsplit("/", 1)[-1])
-    return str(version.version)
+    return _create_version(client, family, run_id, model_uri, version_tags)
+
+
+def _create_version(client, family: str, run_id: str, model_uri: str, tags: dict, attempts: int = 8) -> str:
+    """A new version of ``family`` for ``run_id``, with many processes registering at once.
+
+    MLflow retries a version number taken meanwhile 3 times and SQLite waits 20 s for its lock;
+    more writers than that are retried here, checking first that the version did not land.
+    """
+    import random
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            version = client.create_model_version(family, source=model_uri, run_id=run_id, tags=tags,
+                                                  model_id=model_uri.rsplit("/", 1)[-1])
+            return str(version.version)
+        except MlflowException as e:
+            if attempt == attempts - 1 or not ("Giving up after" in str(e) or "database is locked" in str(e)):
+                raise
+        for mv in client.search_model_versions(f"run_id='{run_id}'"):
+            if mv.name == family:
+                return str(mv.version)
+        time.sleep(random.uniform(0.1, 1.0) * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _ensure_registered_model(client, family: str) -> None:

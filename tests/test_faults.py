@@ -237,6 +237,7 @@ import sys, time
 from pathlib import Path
 from sae_registry.registry import register_run
 go = Path(sys.argv[1])
+(go.parent / f"ready-{sys.argv[2]}").touch()
 while not go.exists():
     time.sleep(0.01)
 print(register_run(sys.argv[2], "at-once"))
@@ -261,18 +262,20 @@ def test_processes_registering_into_one_family_at_once_get_distinct_versions(tmp
             os.environ["MLFLOW_TRACKING_URI"] = server["uri"]
             stack.callback(os.environ.pop, "MLFLOW_TRACKING_URI")
         cfg = TrainConfig(tokens=4096, batch_size=1024, eval_every=2, seed=0)
-        members = [(SAEConfig(32, 64, k), cfg, tmp_path / f"d{k}") for k in (2, 3, 4, 5)]
+        members = [(SAEConfig(32, 64, k), cfg, tmp_path / f"d{k}") for k in (2, 3, 4, 5, 6, 7)]
         run_ids = [r.run_id for r in record_pack(store, members, family="at-once", progress=False)]
 
         go = tmp_path / "go"
         procs = [subprocess.Popen([sys.executable, "-c", REGISTER, str(go), run_id], cwd=tmp_path, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for run_id in run_ids]
-        time.sleep(8)  # every process imported and waiting
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("ready-*"))) < len(procs) and time.monotonic() < deadline:
+            time.sleep(0.2)  # every process imported and waiting
         go.touch()
         outputs = [p.communicate(timeout=300) for p in procs]
         assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
         got = {run_id: out.split()[-1] for run_id, (out, _) in zip(run_ids, outputs)}
-        assert sorted(got.values(), key=int) == ["1", "2", "3", "4"]
+        assert sorted(got.values(), key=int) == [str(v) for v in range(1, len(run_ids) + 1)]
         client = MlflowClient(resolve_tracking_uri())
         listed = {mv.run_id: str(mv.version) for mv in client.search_model_versions("name='at-once'")}
         assert listed == got  # none lost, none twice
