@@ -295,6 +295,12 @@ class ActivationStore:
         n = min(a.shape[0] for a in arrays) // chunk * chunk
         for a in arrays:
             a.resize((n, *a.shape[1:]))
+        # a writer killed between growing an array and writing its rows leaves chunk files missing at the
+        # end (zarr would read zeros there): drop chunks until every one left is on disk
+        while n and any(a.nchunks_initialized != a.nchunks for a in arrays):
+            n -= chunk
+            for a in arrays:
+                a.resize((n, *a.shape[1:]))
         for start in range(0, n, chunk):
             rows = store._array[start : start + chunk]
             store._hash.update(np.ascontiguousarray(rows).tobytes())

@@ -135,6 +135,19 @@ def test_a_store_reopened_after_a_crash_keeps_whole_chunks_and_finishes_identica
         ActivationStore.reopen(tmp_path / "cut.zarr")
 
 
+def test_a_store_reopened_after_a_crash_between_growing_and_writing_drops_the_missing_chunk(tmp_path):
+    x = torch.randn(500, 8, generator=torch.Generator().manual_seed(1))
+    cut = ActivationStore.create(tmp_path / "cut.zarr", d=8, chunk_tokens=64, provenance=False)
+    cut.append(x[:200])  # 192 rows (3 chunks) on disk
+    cut._array.resize((256, 8))  # the next flush grew the array, then the writer died before writing
+    del cut
+    store = ActivationStore.reopen(tmp_path / "cut.zarr")
+    assert len(store) == 192
+    store.append(x[192:])
+    store.close()
+    assert np.array_equal(ActivationStore.open(tmp_path / "cut.zarr").read(), x.numpy())
+
+
 # -- encode -------------------------------------------------------------------------------------------
 
 
