@@ -305,7 +305,7 @@ def test_a_sweep_rides_out_a_tracking_server_restart(tmp_path, minilm_store, mon
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    steps, every = 40, 5
+    steps, every = 60, 5  # long enough that trials train through the outage
     spec = _spec(minilm_store, "restarted", grid=[{"dict_size": [1024], "k": [8, 16, 32, 64]}], register="all",
                  train={"tokens": steps * 2048, "batch_size": 2048, "eval_every": every, "checkpoint_every": every})
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
