@@ -86,8 +86,8 @@ class Codes(NamedTuple):
     reconstruction: torch.Tensor  # [batch, input_size]
     hidden_acts: torch.Tensor  # top_k: the k values [batch, k]; l1: dense codes [batch, dict_size]
     indices: torch.Tensor | None  # top_k: latent ids [batch, k]; l1: None
-    pre_acts: torch.Tensor  # encoder outputs before ReLU [batch, dict_size] (no autograd graph
-    #                         on the sparse path: use SparseAutoencoder.latents to differentiate)
+    pre_acts: torch.Tensor  # encoder outputs before ReLU [batch, dict_size] (no autograd graph on
+    #                         the sparse path: SparseAutoencoder.decode_latents differentiates them)
     centered: torch.Tensor  # x_n - b_dec, the encoder's input [batch, input_size]
 
 
@@ -451,19 +451,11 @@ class SparseAutoencoder(nn.Module):
             if self.cfg.sparsity == "l1":
                 codes = F.relu(pre)
                 return Codes(codes @ self.W_dec + self.b_dec, codes, None, pre, centered)
-        elif select_dtype is not None and select_dtype != linear.weight.dtype:
-            with torch.no_grad():
-                low = torch.addmm(linear.bias.to(select_dtype), centered.to(select_dtype),
-                                  linear.weight.to(select_dtype).t())
-                indices = low.topk(self.cfg.top_k, dim=-1, sorted=False).indices.sort(dim=-1).values
-                pattern = _Pattern.of(indices, self.cfg.dict_size)
-                exact = pattern.dots(centered, linear.weight) + linear.bias[indices]
-            values = _SelectedLatents.apply(exact, centered, linear.weight, linear.bias, *pattern).clamp_min(0)
-            decoded = _SparseDecode.apply(values, self.W_dec, *pattern)
-            return Codes(decoded + self.b_dec, values, indices, low, centered)
         else:
             with torch.no_grad():
-                pre = torch.addmm(linear.bias, centered, linear.weight.t())
+                low = select_dtype is not None and select_dtype != linear.weight.dtype
+                dtype = select_dtype if low else linear.weight.dtype
+                pre = torch.addmm(linear.bias.to(dtype), centered.to(dtype), linear.weight.to(dtype).t())
         indices = pre.detach().topk(self.cfg.top_k, dim=-1, sorted=False).indices.sort(dim=-1).values
         out = Codes(None, None, indices, pre, centered)
         values, decoded = self.decode_latents(out, indices)
@@ -481,8 +473,11 @@ class SparseAutoencoder(nn.Module):
             return values, F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum")
         linear = self.encoder.encoder
         pattern = _Pattern.of(indices, self.cfg.dict_size)
-        values = _SelectedLatents.apply(out.pre_acts.gather(1, indices), out.centered, linear.weight,
-                                        linear.bias, *pattern).clamp_min(0)
+        with torch.no_grad():
+            selected = out.pre_acts.gather(1, indices)
+            if selected.dtype != linear.weight.dtype:  # chosen by a low-precision product: exact values
+                selected = pattern.dots(out.centered, linear.weight) + linear.bias[indices]
+        values = _SelectedLatents.apply(selected, out.centered, linear.weight, linear.bias, *pattern).clamp_min(0)
         return values, _SparseDecode.apply(values, self.W_dec, *pattern)
 
     def _decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

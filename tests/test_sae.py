@@ -267,3 +267,14 @@ def test_bfloat16_selection_keeps_exact_values_and_nearly_the_same_latents():
     assert same / exact.indices.numel() > 0.95
     low.reconstruction.pow(2).mean().backward()
     assert sae.encoder.encoder.weight.grad is not None and sae.W_dec.grad is not None
+
+
+def test_bfloat16_selection_with_dead_latents_trains_them_in_float32():
+    torch.manual_seed(0)
+    sae = SparseAutoencoder.build(32, 256, top_k=8)
+    x = torch.randn(64, 32)
+    out = sae.forward_train(x, select_dtype=torch.bfloat16)
+    loss = auxk_loss(sae, x, out, torch.arange(0, 256, 3), k_aux=16)
+    assert loss > 0
+    (out.reconstruction.pow(2).mean() + loss).backward()
+    assert all(torch.isfinite(p.grad).all() for p in sae.parameters())

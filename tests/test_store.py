@@ -243,3 +243,13 @@ def test_store_with_a_missing_provenance_array_is_refused(tmp_path):
     shutil.rmtree(tmp_path / "s.zarr" / "pos")
     with pytest.raises(SAERegistryError, match="'pos' array is missing"):
         ActivationStore.open(tmp_path / "s.zarr")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_the_chunk_check_finds_nan_and_inf_in_every_dtype(dtype):
+    from sae_registry.store import _finite, _to_numpy
+
+    fine = _to_numpy(torch.tensor([[1.0, -2.0], [65000.0, 0.0]]), dtype)
+    assert _finite(fine, dtype)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        assert not _finite(_to_numpy(torch.tensor([[1.0, bad]]), dtype), dtype)
