@@ -71,7 +71,7 @@ def _train_options(f):
     for decl, kw in reversed([
         ("--tokens", dict(type=int, help="Training tokens (the store is repeated as needed).")),
         ("--batch-size", dict(type=int, help="Tokens per step [default: 4096].")),
-        ("--lr", dict(type=float, help="Adam learning rate [default: 2e-4 / sqrt(dict_size / 16384)].")),
+        ("--lr", dict(type=float, help="Adam learning rate [default: 5e-4 / sqrt(dict_size / 16384)].")),
         ("--l1-coeff", dict(type=float, help="L1 coefficient [default: 0 for top_k, 5e-3 for l1].")),
         ("--aux-coeff", dict(type=float, help="Weight of the dead-latent auxiliary loss (top_k) [default: 1/32].")),
         ("--dead-after-tokens", dict(type=int, help="Tokens without firing before a latent counts as dead.")),

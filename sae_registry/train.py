@@ -54,7 +54,7 @@ class TrainConfig:
 
     tokens: int = 2_000_000  # training tokens; the store is read for as many epochs as needed
     batch_size: int = 4096
-    lr: float | None = None  # None: 2e-4 / sqrt(dict_size / 2**14), Gao et al.'s scaling law
+    lr: float | None = None  # None: 5e-4 / sqrt(dict_size / 2**14) (see resolved)
     l1_coeff: float | None = None  # None: 0 for top_k, 5e-3 for l1 (see SparseAutoencoder.loss)
     l1_warmup_fraction: float = 0.05
     lr_decay_fraction: float = 0.2
@@ -115,7 +115,9 @@ class TrainConfig:
         """This config with every ``None`` default filled in for ``sae_cfg``."""
         return replace(
             self,
-            lr=self.lr if self.lr is not None else 2e-4 / math.sqrt(sae_cfg.dict_size / 2**14),
+            # Gao et al.'s 1/sqrt(dict_size) scaling; their base, 2e-4, measured 2.5x too small on
+            # MiniLM with inputs at mean norm sqrt(d): FVU 0.169 vs 0.113 after 1.5 M tokens at 4096
+            lr=self.lr if self.lr is not None else 5e-4 / math.sqrt(sae_cfg.dict_size / 2**14),
             l1_coeff=self.l1_coeff if self.l1_coeff is not None else (0.0 if sae_cfg.sparsity == "top_k" else 5e-3),
             aux_k=self.aux_k if self.aux_k is not None else max(1, sae_cfg.input_size // 2),
             encoder_init_scale=self.encoder_init_scale if self.encoder_init_scale is not None

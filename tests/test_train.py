@@ -106,9 +106,10 @@ def test_mismatches_with_the_store_are_clear(synthetic_store, tmp_path):
 
 def test_defaults_follow_the_dictionary_shape():
     top_k = TrainConfig().resolved(SAEConfig(384, 16384, 32))
-    assert top_k.lr == pytest.approx(2e-4) and top_k.l1_coeff == 0 and top_k.aux_k == 192
+    assert top_k.lr == pytest.approx(5e-4) and top_k.l1_coeff == 0 and top_k.aux_k == 192
     assert top_k.device == "cpu"
-    assert TrainConfig().resolved(SAEConfig(384, 4096, sparsity="l1")).l1_coeff > 0
+    l1 = TrainConfig().resolved(SAEConfig(384, 4096, sparsity="l1"))
+    assert l1.l1_coeff > 0 and l1.lr == pytest.approx(1e-3) and l1.encoder_init_scale == 0.1
 
 
 def test_encoder_init_option(synthetic_store, tmp_path):
