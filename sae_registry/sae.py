@@ -340,7 +340,7 @@ class SparseAutoencoder(nn.Module):
                 f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must both be "
                 "[batch, k]"
             )
-        return self._decode_sparse(values, indices) / self.input_scale
+        return (self._decode_sparse(values, indices) + self.b_dec) / self.input_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The reconstruction of raw activations ``x``."""
@@ -470,7 +470,7 @@ class SparseAutoencoder(nn.Module):
         """
         if out.pre_acts.requires_grad:
             values = out.pre_acts.gather(1, indices).clamp_min(0)
-            return values, F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum")
+            return values, self._decode_sparse(values, indices)
         linear = self.encoder.encoder
         pattern = _Pattern.of(indices, self.cfg.dict_size)
         with torch.no_grad():
@@ -481,7 +481,8 @@ class SparseAutoencoder(nn.Module):
         return values, _SparseDecode.apply(values, self.W_dec, *pattern)
 
     def _decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        return F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
+        """``sum_j values[b, j] * W_dec[indices[b, j]]``, without the bias: an embedding-bag."""
+        return F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum")
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

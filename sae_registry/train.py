@@ -188,6 +188,15 @@ class Evaluation(NamedTuple):
     l0_per_row: torch.Tensor  # [n] active latents per token
 
 
+def fire_counts(indices: torch.Tensor, active: torch.Tensor, dict_size: int) -> torch.Tensor:
+    """Per latent, how many rows fired it, from compact codes: ``indices``/``active`` ``[batch, k]``.
+
+    A scatter-add, no dense ``[batch, dict_size]`` mask and nothing that waits for the device.
+    """
+    counts = torch.zeros(dict_size, device=indices.device)
+    return counts.index_add_(0, indices.flatten(), active.flatten().float())
+
+
 @torch.no_grad()
 def evaluate(sae: SparseAutoencoder, x: torch.Tensor, batch_size: int = 4096) -> Evaluation:
     """Metrics of ``sae`` on raw activations ``x`` (see :mod:`metrics`), batch by batch.
@@ -204,7 +213,7 @@ def evaluate(sae: SparseAutoencoder, x: torch.Tensor, batch_size: int = 4096) ->
             values, indices = sae.encode_topk(xb)
             recon.append(sae.decode_topk(values, indices).cpu())
             active = values > 0
-            counts = torch.zeros(dict_size, device=device).index_add_(0, indices.flatten(), active.flatten().float())
+            counts = fire_counts(indices, active, dict_size)
         else:
             h = sae.encode(xb)
             recon.append(sae.decode(h).cpu())
@@ -367,8 +376,7 @@ class _Member:
         with torch.no_grad():
             active = out.hidden_acts > 0
             if out.indices is not None:
-                fired = torch.zeros(sae.cfg.dict_size, device=x.device).index_add_(
-                    0, out.indices.flatten(), active.flatten().to(x.dtype)) > 0
+                fired = fire_counts(out.indices, active, sae.cfg.dict_size) > 0
             else:
                 fired = active.any(0)
             self.since_fired += len(x)
