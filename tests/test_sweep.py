@@ -389,3 +389,23 @@ def test_pareto_frontier_is_per_dict_size():
     rows = [{"dict_size": 64, "fvu": 0.5, "l0": 8}, {"dict_size": 64, "fvu": 0.4, "l0": 16},
             {"dict_size": 64, "fvu": 0.6, "l0": 16}, {"dict_size": 128, "fvu": 0.9, "l0": 32}]
     assert pareto_frontier(rows) == [True, True, False, True]
+
+
+def test_a_local_sweep_logs_where_it_is_told_not_where_the_environment_points(env, mlflow_server, synthetic_store,
+                                                                               tmp_path):
+    """A driver's environment may still name another tracking server (mlflow.set_tracking_uri sets
+    it, e.g. for an earlier sweep in the same notebook); a local Ray's trials inherit that
+    environment, yet must log to the URI this sweep was given."""
+    import mlflow
+
+    store, _ = synthetic_store
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    result = run(SweepSpec.from_dict(_spec(store, "told-uri", pack=2, register="none")), tracking_uri=elsewhere,
+                 verbose=0)
+    assert result.failed_trials == 0
+    here = mlflow.MlflowClient(tracking_uri=elsewhere)
+    experiment = here.get_experiment_by_name("told-uri")
+    children = [r for r in here.search_runs([experiment.experiment_id], f"tags.`sweep.id` = '{result.sweep_id}'")
+                if r.data.tags.get("sweep.role") != "parent"]
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    assert mlflow.MlflowClient(tracking_uri=mlflow_server["uri"]).get_experiment_by_name("told-uri") is None
