@@ -1,4 +1,10 @@
-"""The one exception type that sae-registry raises for bad input and bad state."""
+"""The one exception type that sae-registry raises for bad input and bad state, and the small checks
+every public entry point runs on its arguments before any work starts."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
 
 
 class SAERegistryError(ValueError):
@@ -9,8 +15,42 @@ class SAERegistryError(ValueError):
     """
 
 
+def require_int(name: str, value: object, *, min: int | None = None, max: int | None = None) -> int:
+    """``value`` if it is an integer (bools excluded) within ``[min, max]``, else an error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SAERegistryError(f"{name} must be an integer, got {value!r}")
+    if min is not None and value < min:
+        raise SAERegistryError(f"{name} must be >= {min}, got {value}")
+    if max is not None and value > max:
+        raise SAERegistryError(f"{name} must be <= {max}, got {value}")
+    return value
+
+
 def require_positive_int(name: str, value: object) -> int:
     """``value`` if it is a positive integer (bools excluded), else an error naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise SAERegistryError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+def require_float(
+    name: str, value: object, *, min: float | None = None, max: float | None = None, above: float | None = None
+) -> float:
+    """``value`` as a finite float within ``[min, max]`` (and ``> above``), else an error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SAERegistryError(f"{name} must be a finite number, got {value!r}")
+    if min is not None and value < min:
+        raise SAERegistryError(f"{name} must be >= {min:g}, got {value:g}")
+    if max is not None and value > max:
+        raise SAERegistryError(f"{name} must be <= {max:g}, got {value:g}")
+    if above is not None and value <= above:
+        raise SAERegistryError(f"{name} must be > {above:g}, got {value:g}")
+    return float(value)
+
+
+def require_choice(name: str, value: object, choices: Iterable[str]) -> str:
+    """``value`` if it is one of ``choices``, else an error naming ``name`` and listing them."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise SAERegistryError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value  # type: ignore[return-value]
