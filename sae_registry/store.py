@@ -42,7 +42,6 @@ import zarr.storage
 from . import zarr_files
 from .errors import SAERegistryError, require_choice, require_int, require_positive_int
 from .prefetch import prefetched
-from .zarr_files import is_url  # noqa: F401  (kept importable from here)
 
 if TYPE_CHECKING:
     from .store_writer import StoreWriter
@@ -87,10 +86,6 @@ def to_float32(raw: np.ndarray, dtype: str) -> torch.Tensor:
     if dtype == "bfloat16":
         return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).float()
     return torch.from_numpy(np.ascontiguousarray(raw)).float()
-
-
-# the names these had before the writer moved out (tests and notebooks import them)
-_to_numpy, _finite, _to_float32 = to_numpy, finite, to_float32
 
 
 class ActivationStore:
@@ -346,7 +341,9 @@ def _check_shape(path: object, attrs: dict, group: zarr.Group, array: zarr.Array
         chunk = require_positive_int("chunk_tokens", attrs.get("chunk_tokens"))
         require_choice("dtype", attrs.get("dtype"), DTYPES)
     except SAERegistryError as e:
-        raise SAERegistryError(f"{path} has bad metadata ({e}); the store is damaged. Delete it and harvest again.") from e
+        raise SAERegistryError(
+            f"{path} has bad metadata ({e}); the store is damaged. Delete it and harvest again."
+        ) from e
     if array.shape != (n, d):
         raise SAERegistryError(
             f"{path} says it holds {n} x {d} but its array is {array.shape}; the store is damaged. "
@@ -355,7 +352,8 @@ def _check_shape(path: object, attrs: dict, group: zarr.Group, array: zarr.Array
     stored = "uint16" if attrs["dtype"] == "bfloat16" else attrs["dtype"]
     why = None
     if array.shards is not None or array.dtype != np.dtype(stored):
-        why = f"its array is {array.dtype}{' and sharded' if array.shards is not None else ''}, not {stored} in plain chunks"
+        sharded = " and sharded" if array.shards is not None else ""
+        why = f"its array is {array.dtype}{sharded}, not {stored} in plain chunks"
     elif array.chunks != (chunk, d):
         why = f"its metadata says chunks of ({chunk}, {d})"
     elif chunk > max(n, DEFAULT_CHUNK_TOKENS):

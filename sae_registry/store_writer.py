@@ -68,7 +68,7 @@ class StoreWriter:
         overwrite: bool = False,
         provenance: bool = False,
     ) -> StoreWriter:
-        """Start a new store at ``path``; see :meth:`ActivationStore.create <sae_registry.store.ActivationStore.create>`."""
+        """Start a new store at ``path``; see :meth:`sae_registry.store.ActivationStore.create`."""
         require_positive_int("d", d)
         require_positive_int("chunk_tokens", chunk_tokens)
         require_choice("dtype", dtype, DTYPES)

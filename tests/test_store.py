@@ -247,12 +247,12 @@ def test_store_with_a_missing_provenance_array_is_refused(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_the_chunk_check_finds_nan_and_inf_in_every_dtype(dtype):
-    from sae_registry.store import _finite, _to_numpy
+    from sae_registry.store import finite, to_numpy
 
-    fine = _to_numpy(torch.tensor([[1.0, -2.0], [65000.0, 0.0]]), dtype)
-    assert _finite(fine, dtype)
+    fine = to_numpy(torch.tensor([[1.0, -2.0], [65000.0, 0.0]]), dtype)
+    assert finite(fine, dtype)
     for bad in (float("nan"), float("inf"), float("-inf")):
-        assert not _finite(_to_numpy(torch.tensor([[1.0, bad]]), dtype), dtype)
+        assert not finite(to_numpy(torch.tensor([[1.0, bad]]), dtype), dtype)
 
 
 def test_stores_are_uncompressed_by_default(tmp_path):
