@@ -127,7 +127,7 @@ class ActivationStore:
         Returns a :class:`~sae_registry.store_writer.StoreWriter` (a context manager that closes
         the store when its block ends without an error).
         """
-        from .store_writer import StoreWriter
+        from .store_writer import StoreWriter  # here: the writer imports this module's layout constants
 
         return StoreWriter.create(path, d, dtype=dtype, chunk_tokens=chunk_tokens, compressor=compressor,
                                   eval_fraction=eval_fraction, source=source, overwrite=overwrite,
