@@ -113,3 +113,74 @@ def test_unfinished_codes_are_refused(tmp_path, store, monkeypatch):
         open_codes(tmp_path / "codes.zarr")
     with pytest.raises(SAERegistryError, match="no codes at"):
         open_codes(tmp_path / "missing.zarr")
+
+
+def test_sae_sha256_is_the_checksum_of_the_weights_file(tmp_path, store):
+    import hashlib
+
+    from sae_registry.sae import WEIGHTS_FILE
+
+    _sae(top_k=4).save(tmp_path / "d")
+    sae = SparseAutoencoder.load(tmp_path / "d")  # as the registry hands it out
+    attrs, _ = open_codes(encode_store(sae, store, tmp_path / "codes.zarr", progress=False))
+    # the registry records the same digest for a version as its sha256.sae.safetensors tag
+    assert attrs["sae_sha256"] == hashlib.sha256((tmp_path / "d" / WEIGHTS_FILE).read_bytes()).hexdigest()
+    assert attrs["format_version"] == 2
+
+
+@pytest.mark.parametrize("sparsity", ["top_k", "l1"])
+def test_read_codes_gives_the_stored_arrays(tmp_path, store, sparsity):
+    from sae_registry.encode import read_codes
+
+    sae = _sae(top_k=4) if sparsity == "top_k" else _sae(sparsity="l1")
+    out = encode_store(sae, store, tmp_path / "codes.zarr", batch_size=128, progress=False)
+    _, arrays = open_codes(out)
+    got = read_codes(out, 100, 300)
+    assert set(got) == set(arrays)
+    for name, tensor in got.items():
+        assert tensor.shape[0] == 200 and np.array_equal(tensor.numpy(), arrays[name][100:300])
+    if sparsity == "top_k":
+        assert got["indices"].dtype == torch.int64 and got["values"].dtype == torch.float32
+        dense = torch.zeros(200, 64).scatter_(-1, got["indices"], got["values"])
+        assert torch.equal(dense, dense_codes(out, 100, 300))
+    else:
+        assert torch.equal(got["codes"], dense_codes(out)[100:300])
+    assert all(len(t) == N for t in read_codes(out).values())
+    for bad in ({"start": -1}, {"start": 10, "stop": 5}, {"stop": N + 1}, {"start": 1.5}):
+        with pytest.raises(SAERegistryError, match="start|stop"):
+            read_codes(out, **bad)
+
+
+def test_codes_written_by_someone_else_are_checked(tmp_path, store):
+    import json
+
+    import zarr
+
+    out = encode_store(_sae(top_k=4), store, tmp_path / "codes.zarr", batch_size=128, progress=False)
+    # an index past dict_size: dense_codes would fail inside torch's scatter
+    indices = zarr.open_array(str(out / "indices"), mode="r+")
+    indices[5, 0] = 64
+    with pytest.raises(SAERegistryError, match=r"damaged: indices/ outside \[0, 64\) in rows 0-1037"):
+        dense_codes(out)
+    # chunks far larger than the file: one row read would decode them whole
+    meta = out / "values" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["chunk_grid"]["configuration"]["chunk_shape"][0] = 2**26
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(SAERegistryError, match=r"damaged or not ours: values/ is \(1037, 4\) in chunks \(67108864, 4\)"):
+        open_codes(out)
+
+
+def test_overwrite_replaces_only_codes(tmp_path, store):
+    sae = _sae(top_k=4)
+    # an activation store is ours too, but not codes: encoding over it would lose the activations
+    with pytest.raises(SAERegistryError, match="not made by sae-registry as 'sae-registry/codes'"):
+        encode_store(sae, store, store.path, overwrite=True, progress=False)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("mine")
+    (tmp_path / "file").write_text("mine")
+    for path in (tmp_path / "notes", tmp_path / "file"):
+        with pytest.raises(SAERegistryError, match="refusing to delete it"):
+            encode_store(sae, store, path, overwrite=True, progress=False)
+    assert (tmp_path / "notes" / "a.txt").read_text() == "mine" and (tmp_path / "file").read_text() == "mine"
+    assert len(ActivationStore.open(store.path)) == N

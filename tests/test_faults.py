@@ -24,6 +24,7 @@ import torch
 from sae_registry import ActivationStore, SAERegistryError, SparseAutoencoder
 from sae_registry.encode import encode_store, open_codes
 from sae_registry.store import PROVENANCE
+from sae_registry.store_writer import StoreWriter
 
 from procs import MLFLOW, free_port, start, stop, wait_for
 
@@ -67,7 +68,7 @@ def test_an_interrupted_harvest_resumes_to_the_same_store(tmp_path, monkeypatch,
     whole = harvest(tmp_path / "whole.zarr", texts, **options)
 
     with monkeypatch.context() as m:
-        _crash_after(m, ActivationStore, "append", 3)  # a few chunks on disk, some rows pending
+        _crash_after(m, StoreWriter, "append", 3)  # a few chunks on disk, some rows pending
         with pytest.raises(Crash):
             harvest(tmp_path / "cut.zarr", texts, **options)
     with pytest.raises(SAERegistryError, match="never finished"):
@@ -100,7 +101,7 @@ def test_resuming_a_harvest_with_other_options_is_refused(tmp_path, monkeypatch)
 
     texts = demo_texts()[:12]
     with monkeypatch.context() as m:
-        _crash_after(m, ActivationStore, "append", 2)
+        _crash_after(m, StoreWriter, "append", 2)
         with pytest.raises(Crash):
             harvest(tmp_path / "cut.zarr", texts, layer=2, batch_size=2, chunk_tokens=128, progress=False)
     with pytest.raises(SAERegistryError, match="other harvest options or texts.*source.layer"):
@@ -352,7 +353,7 @@ def test_sae_registry_harvest_resume_continues_an_interrupted_harvest(tmp_path, 
     whole = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "whole.zarr")])
     assert whole.exit_code == 0, whole.output
     with monkeypatch.context() as m:
-        _crash_after(m, ActivationStore, "_flush", 1)  # first chunk written, then dies in close()
+        _crash_after(m, StoreWriter, "_flush", 1)  # first chunk written, then dies in close()
         cut = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "cut.zarr")])
     assert isinstance(cut.exception, Crash)
     assert len(ActivationStore.reopen(tmp_path / "cut.zarr")) == 8192  # the chunk on disk is kept

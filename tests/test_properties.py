@@ -9,11 +9,12 @@ import tempfile
 from itertools import pairwise
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sae_registry import ActivationStore, SparseAutoencoder
+from sae_registry import ActivationStore, SAERegistryError, SparseAutoencoder
 
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, database=None)
 
@@ -138,3 +139,19 @@ def test_shuffled_batches_are_a_permutation_of_the_split(example, batch_size, bu
         again = list(store.batches(batch_size, split=split, shuffle=shuffle, seed=seed, buffer_chunks=buffer_chunks,
                                    drop_last=drop_last))
         assert len(again) == len(batches) and all(torch.equal(a, b) for a, b in zip(again, batches))
+
+
+
+@SETTINGS
+@given(stores())
+def test_every_store_the_writer_makes_opens_within_a_budget_of_one_chunk_and_can_be_replaced(example):
+    x, bounds, dtype, chunk_tokens, compressor = example
+    with tempfile.TemporaryDirectory() as tmp:
+        store = _write(x, bounds, dtype, chunk_tokens, compressor, Path(tmp))
+        chunk_bytes = chunk_tokens * x.shape[1] * (4 if dtype == "float32" else 2)
+        assert len(ActivationStore.open(store.path, max_chunk_bytes=chunk_bytes)) == len(x)
+        with pytest.raises(SAERegistryError, match="over the budget"):
+            ActivationStore.open(store.path, max_chunk_bytes=chunk_bytes - 1)
+        with ActivationStore.create(store.path, d=x.shape[1], chunk_tokens=chunk_tokens, overwrite=True) as again:
+            again.append(x[:2])  # --overwrite deletes a store: it is one of ours
+        assert len(ActivationStore.open(store.path)) == 2

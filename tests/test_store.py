@@ -247,12 +247,12 @@ def test_store_with_a_missing_provenance_array_is_refused(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_the_chunk_check_finds_nan_and_inf_in_every_dtype(dtype):
-    from sae_registry.store import _finite, _to_numpy
+    from sae_registry.store import finite, to_numpy
 
-    fine = _to_numpy(torch.tensor([[1.0, -2.0], [65000.0, 0.0]]), dtype)
-    assert _finite(fine, dtype)
+    fine = to_numpy(torch.tensor([[1.0, -2.0], [65000.0, 0.0]]), dtype)
+    assert finite(fine, dtype)
     for bad in (float("nan"), float("inf"), float("-inf")):
-        assert not _finite(_to_numpy(torch.tensor([[1.0, bad]]), dtype), dtype)
+        assert not finite(to_numpy(torch.tensor([[1.0, bad]]), dtype), dtype)
 
 
 def test_stores_are_uncompressed_by_default(tmp_path):
@@ -261,3 +261,163 @@ def test_stores_are_uncompressed_by_default(tmp_path):
     store = _make(tmp_path / "s.zarr", _rows(1000), chunk_tokens=256)
     assert store.metadata["compressor"] == "none"
     assert store._array.compressors == ()
+
+
+# -- stores written by someone else ---------------------------------------------------------------
+
+
+def _set_chunk_rows(path, rows: int) -> None:
+    """Rewrite a store's metadata as another tool could: its activations in chunks of ``rows`` rows."""
+    meta = path / "activations" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["chunk_grid"]["configuration"]["chunk_shape"][0] = rows
+    meta.write_text(json.dumps(doc))
+    group = json.loads((path / "zarr.json").read_text())
+    group["attributes"]["chunk_tokens"] = rows
+    (path / "zarr.json").write_text(json.dumps(group))
+
+
+def test_a_chunk_far_larger_than_the_store_is_refused_before_any_read(tmp_path):
+    # a few KB on disk whose single 2^25-row chunk would cost 2 GiB to decode for a two-row read
+    path = tmp_path / "bomb.zarr"
+    _make(path, _rows(8, d=16), chunk_tokens=8)
+    _set_chunk_rows(path, 2**25)
+    with pytest.raises(SAERegistryError, match=r"refusing its chunk shape \(33554432, 16\).*more rows than the whole store"):
+        ActivationStore.open(path)
+
+
+def test_chunks_are_bounded_by_a_memory_budget_and_must_match_the_metadata(tmp_path):
+    path = tmp_path / "s.zarr"
+    _make(path, _rows(3000), chunk_tokens=1024)  # 32 KiB per chunk
+    assert len(ActivationStore.open(path, max_chunk_bytes=32 * 1024)) == 3000
+    with pytest.raises(SAERegistryError, match=r"chunk shape \(1024, 8\).*over the budget"):
+        ActivationStore.open(path, max_chunk_bytes=32 * 1024 - 1)
+    group = json.loads((path / "zarr.json").read_text())
+    group["attributes"]["chunk_tokens"] = 512  # the reader would cut batches at the wrong rows
+    (path / "zarr.json").write_text(json.dumps(group))
+    with pytest.raises(SAERegistryError, match=r"chunk shape \(1024, 8\).*metadata says chunks of \(512, 8\)"):
+        ActivationStore.open(path)
+
+
+def test_a_small_store_in_default_chunks_still_opens(tmp_path):
+    # the default chunk holds more rows than a small store: allowed up to the default's size
+    store = _make(tmp_path / "s.zarr", _rows(100, d=384))
+    assert store._array.chunks == (8192, 384) and len(store) == 100
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/acts.zarr", "memory://acts.zarr", "file:///tmp/acts.zarr",
+                                 "simplecache::s3://b/acts.zarr", "ftp://host/acts.zarr"])
+def test_only_local_paths_and_object_stores_are_read(url):
+    with pytest.raises(SAERegistryError, match=r"is not a place sae-registry reads stores from"):
+        ActivationStore.open(url)
+
+
+def test_a_store_behind_a_refused_url_is_never_fetched(tmp_path):
+    """A store a registry tag points at over plain HTTP (or fsspec's memory://) is refused, not read."""
+    import fsspec
+    import http.server
+    import threading
+
+    path = tmp_path / "s.zarr"
+    _make(path, _rows(100))
+    memory = fsspec.filesystem("memory")
+    memory.put(str(path), "/there.zarr", recursive=True)
+    with pytest.raises(SAERegistryError, match="memory:// is not a place"):
+        ActivationStore.open("memory://there.zarr")
+
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(tmp_path), **kwargs)
+
+        def log_message(self, *args):
+            requests.append(args)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(SAERegistryError, match="http:// is not a place"):
+            ActivationStore.open(f"http://127.0.0.1:{server.server_address[1]}/s.zarr")
+    finally:
+        server.shutdown()
+    assert requests == []
+    with pytest.raises(SAERegistryError, match=r"give a plain path"):
+        ActivationStore.open(f"file://{path}")
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """moto's S3 in this process, on a free loopback port; yields an s3fs filesystem on it."""
+    import socket
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+        monkeypatch.setenv(key, value)
+    try:
+        yield s3fs.S3FileSystem(client_kwargs={"endpoint_url": f"http://127.0.0.1:{port}"}, skip_instance_cache=True)
+    finally:
+        server.stop()
+
+
+def test_a_store_on_s3_with_a_missing_chunk_is_refused(tmp_path, s3):
+    path = tmp_path / "s.zarr"
+    _make(path, _rows(1000), chunk_tokens=100)
+    s3.mkdir("stores")
+    s3.put(str(path), "stores/whole.zarr", recursive=True)
+    assert len(ActivationStore.open("s3://stores/whole.zarr")) == 1000
+    (path / "activations" / "c" / "3" / "0").unlink()  # lost in the copy
+    s3.put(str(path), "stores/cut.zarr", recursive=True)
+    with pytest.raises(SAERegistryError, match=r"cut.zarr is damaged: 1 of the 10 chunk files of activations/ are missing"):
+        ActivationStore.open("s3://stores/cut.zarr")
+
+
+# -- --overwrite deletes only what our tools made -------------------------------------------------
+
+
+def test_overwrite_refuses_folders_that_are_not_stores(tmp_path):
+    import zarr
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.tex").write_text("years of work")
+    foreign = tmp_path / "foreign.zarr"
+    zarr.create_group(store=str(foreign), zarr_format=3).create_array("activations", shape=(4, 2), dtype="float32")
+    mixed = tmp_path / "mixed.zarr"
+    _make(mixed, _rows(100))
+    (mixed / "thesis.tex").write_text("put here by hand")
+    (tmp_path / "file.zarr").write_text("a file")
+    for path, why in [(notes, "does not mark it"), (foreign, "does not mark it"), (mixed, "also holds thesis.tex"),
+                      (tmp_path / "file.zarr", "not a folder")]:
+        with pytest.raises(SAERegistryError, match=f"was not made by sae-registry.*{why}.*refusing to delete"):
+            ActivationStore.create(path, d=8, overwrite=True)
+    assert (notes / "thesis.tex").read_text() == "years of work" and (mixed / "thesis.tex").exists()
+    assert (foreign / "zarr.json").exists() and (tmp_path / "file.zarr").read_text() == "a file"
+
+
+def test_overwrite_replaces_an_unfinished_store(tmp_path):
+    ActivationStore.create(tmp_path / "s.zarr", d=8, chunk_tokens=100, provenance=True).append(
+        _rows(250), _provenance(250))  # a harvest that died
+    assert len(_make(tmp_path / "s.zarr", _rows(300), overwrite=True)) == 300
+
+
+def test_the_writer_is_a_separate_object_from_the_reader(tmp_path):
+    from sae_registry.store_writer import StoreWriter
+
+    with ActivationStore.create(tmp_path / "s.zarr", d=8, chunk_tokens=100) as writer:
+        assert isinstance(writer, StoreWriter) and not isinstance(writer, ActivationStore)
+        writer.append(_rows(250))
+        assert len(writer) == 200  # whole chunks on disk; 50 rows pending
+    assert len(writer) == 250 and writer.metadata["status"] == "complete"
+    with pytest.raises(SAERegistryError, match="finished"):
+        writer.append(_rows(3))
+    reader = ActivationStore.open(tmp_path / "s.zarr")
+    assert reader.fingerprint == writer.metadata["fingerprint"]

@@ -1,0 +1,128 @@
+"""What activation stores and codes files share: where they may live, and their ``status`` life cycle.
+
+Both are zarr v3 groups whose ``zarr.json`` attributes carry our format marker (``format``) and a
+``status`` that is ``"writing"`` from the first byte on disk until the writer has put down the
+last one, then ``"complete"``. Readers refuse anything else, so an interrupted writer's output is
+never read as if it were whole; resuming writers accept only ``"writing"``.
+
+A group is replaced (``overwrite``) only when it is one of ours: its marker is one of our formats
+and it holds nothing but the arrays we write, so a mistyped ``--out`` never deletes someone's data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+import zarr
+import zarr.codecs
+import zarr.storage
+
+from .errors import SAERegistryError
+
+# Object stores a store may live on (fsspec protocols). Anything else that looks like a URL
+# (http://, memory://, file://, chained "a::b" URLs ...) is refused before anything is fetched:
+# a store path can come from a registry tag that anyone with write access set.
+OBJECT_STORE_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "abfss")
+
+
+def is_url(path: str | Path) -> bool:
+    return "://" in str(path)
+
+
+def location(path: str | Path) -> Path | str:
+    """``path`` as a local absolute ``Path`` or an object-store URL; any other URL is an error."""
+    if not is_url(path):
+        return Path(path).absolute()
+    url = str(path).rstrip("/")
+    scheme = url.split("://", 1)[0].lower()
+    if scheme not in OBJECT_STORE_SCHEMES:
+        hint = " (give a plain path for a local folder)" if scheme == "file" else ""
+        raise SAERegistryError(
+            f"{url}: {scheme}:// is not a place sae-registry reads stores from{hint}; use a local path "
+            f"or one of {', '.join(s + '://' for s in OBJECT_STORE_SCHEMES)}"
+        )
+    return url
+
+
+def storage_options(url: str) -> dict:
+    """fsspec options for ``url``: an S3-compatible endpoint from the environment, when set."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if url.startswith("s3://") and endpoint:
+        return {"client_kwargs": {"endpoint_url": endpoint}}
+    return {}
+
+
+def codecs(name: str) -> list:
+    """zarr compressors for one of our compressor names (``lz4``, ``zstd``, ``none``)."""
+    if name == "lz4":
+        return [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
+    if name == "zstd":
+        return [zarr.codecs.ZstdCodec(level=3)]
+    return []
+
+
+def create(path: Path, fmt: str, attrs: dict, *, overwrite: bool, arrays: Iterable[str]) -> zarr.Group:
+    """A new group at ``path`` with ``attrs``, marked ``fmt`` and ``"writing"`` from its first write.
+
+    An existing ``path`` needs ``overwrite`` and must be a group of format ``fmt`` holding only
+    ``zarr.json`` and ``arrays`` (see :func:`replaceable`); then it is deleted first.
+    """
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise SAERegistryError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+        replaceable(path, fmt, arrays)
+        shutil.rmtree(path)
+    # the marker goes in with the group's first write: no moment where our folder is unrecognisable
+    return zarr.create_group(
+        store=zarr.storage.LocalStore(path), zarr_format=3, attributes={**attrs, "format": fmt, "status": "writing"}
+    )
+
+
+def replaceable(path: Path, fmt: str, arrays: Iterable[str]) -> None:
+    """Refuse to delete ``path`` unless our own tools made it (a ``fmt`` group of our arrays only)."""
+    why = None
+    if path.is_symlink() or not path.is_dir():
+        why = "it is not a folder" if not path.is_symlink() else "it is a symbolic link"
+    else:
+        try:
+            marker = json.loads((path / "zarr.json").read_text()).get("attributes", {}).get("format")
+        except (OSError, ValueError, AttributeError):
+            marker = None
+        extra = sorted(p.name for p in path.iterdir() if p.name not in {"zarr.json", *arrays})
+        if marker != fmt:
+            why = f"its zarr.json does not mark it as {fmt!r}"
+        elif extra:
+            why = f"it also holds {', '.join(extra[:5])}"
+    if why:
+        raise SAERegistryError(
+            f"{path} exists and was not made by sae-registry as {fmt!r} ({why}); refusing to delete it "
+            "with --overwrite. Choose another output path, or remove it yourself."
+        )
+
+
+def finish(group: zarr.Group, attrs: dict) -> None:
+    """Write the final ``attrs`` and mark the group ``"complete"`` in one metadata write."""
+    group.attrs.update({**attrs, "status": "complete"})
+
+
+def require_finished(path: object, attrs: dict, fmt: str, *, what: str, stopped: str, fix: str) -> None:
+    """Refuse a group of another format, or one whose writer stopped before marking it complete.
+
+    ``what`` names the kind ("an sae-registry activation store"), ``stopped`` how its writer stops,
+    ``fix`` what the user does about an unfinished one.
+    """
+    if attrs.get("format") != fmt:
+        raise SAERegistryError(f"{path} is a zarr group but not {what}")
+    if attrs.get("status") != "complete":
+        raise SAERegistryError(f"{path} was never finished ({stopped}); it may be missing tokens. {fix}")
+
+
+def require_unfinished(path: object, attrs: dict, fmt: str, what: str) -> None:
+    """Refuse to resume anything but an unfinished group of format ``fmt``."""
+    status = attrs.get("status")
+    if attrs.get("format") != fmt or status != "writing":
+        raise SAERegistryError(f"{path} is not an unfinished {what} (status {status!r}); nothing to resume")
