@@ -41,11 +41,11 @@ import zarr
 import zarr.codecs
 import zarr.storage
 
+from .config import STORE_DTYPES as DTYPES
 from .errors import SAERegistryError, require_positive_int
 
 FORMAT_VERSION = 1
 ARRAY = "activations"
-DTYPES = ("float32", "float16", "bfloat16")
 COMPRESSORS = ("lz4", "zstd", "none")
 PROVENANCE = {"token_id": "int32", "seq": "int64", "pos": "int32"}  # array name -> dtype
 

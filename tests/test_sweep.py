@@ -319,7 +319,7 @@ def test_a_store_on_s3_and_artifacts_on_s3(synthetic_store, tmp_path, monkeypatc
         ({"grid": {"k": [0]}}, "top_k must be a positive integer"),
         ({"grid": {"dict_size": [8], "k": [16]}}, r"top_k \(16\) cannot exceed dict_size \(8\)"),
         ({"train": {"tokenz": 5}}, "train: unknown options"),
-        ({"train": {"l1_coeff": -1}}, "l1_coeff must be a number >= 0"),
+        ({"train": {"l1_coeff": -1}}, "l1_coeff must be >= 0, got -1"),
         ({"registr": "all"}, r"unknown spec fields \['registr'\]"),
         ({"register": "best"}, "register: must be one of"),
         ({"resources": {"gpus": 1}}, "resources: unknown keys"),
