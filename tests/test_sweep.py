@@ -364,6 +364,25 @@ def test_a_missing_store_is_harvested_when_the_spec_says_how(tmp_path, monkeypat
         _ensure_store(SweepSpec.from_dict({"name": "h", "store": "data/none.zarr", "grid": {"k": [4]}}))
 
 
+def test_an_unfinished_store_is_refused_or_harvested_again_when_asked(tmp_path):
+    """A sweep never overwrites a store it was given; the demo (replace_unreadable) harvests its own again."""
+    from sae_registry.harvest import ensure_store
+    from sae_registry.sweep import HarvestSpec
+
+    path = tmp_path / "half.zarr"
+    sae_registry.ActivationStore.create(path, d=8, chunk_tokens=100).append(torch.randn(450, 8))  # never closed
+    spec = HarvestSpec(layer=1, max_tokens=1000)
+    with pytest.raises(SAERegistryError, match="never finished"):
+        ensure_store(path, spec)
+    said = []
+    store = ensure_store(path, spec, replace_unreadable=True, say=said.append)
+    assert len(store) == 1000 and store.d == 384 and store.source["layer"] == 1
+    assert "harvesting it again" in said[0] and said[1].startswith("harvesting")
+    said.clear()
+    assert len(ensure_store(path, spec, replace_unreadable=True, say=said.append)) == 1000
+    assert said == [f"using {path} (1,000 tokens)"]  # finished now: opened, not harvested again
+
+
 def test_the_specs_typed_parts_round_trip():
     from sae_registry.sweep import HarvestSpec, Resources
 
