@@ -12,6 +12,7 @@ a number; an int with ``min=1`` is a positive integer); ``flags`` (the CLI optio
 
 from __future__ import annotations
 
+import functools
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from types import UnionType
@@ -30,9 +31,14 @@ def option(default=MISSING, help: str = "", **meta) -> typing.Any:
     return field(default=default, metadata={"help": help, **meta})
 
 
+@functools.cache
+def _hints(cls: type) -> dict:
+    return typing.get_type_hints(cls)  # evaluates every annotation string: once per class
+
+
 def field_type(cls: type, name: str) -> tuple[type, bool]:
     """The base type of field ``name`` of ``cls`` (int, float, bool or str) and whether ``None`` is allowed."""
-    hint = typing.get_type_hints(cls)[name]
+    hint = _hints(cls)[name]
     if isinstance(hint, UnionType) or typing.get_origin(hint) is typing.Union:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         return args[0], len(args) < len(typing.get_args(hint))
