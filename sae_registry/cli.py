@@ -69,11 +69,30 @@ def _options(cls, *, only: tuple[str, ...] | None = None, defaults: dict | None 
 SAE_OPTIONS = ("dict_size", "top_k", "sparsity")  # the dictionary's shape; input_size is the store's d
 
 
+def _flag(cls, name: str) -> str:
+    """The command-line name of field ``name`` of ``cls`` (``top_k`` -> ``--k``)."""
+    flags = cls.__dataclass_fields__[name].metadata.get("flags")
+    return flags[0].split("/")[0] if flags else "--" + name.replace("_", "-")
+
+
+def _built(cls, prefix: str = "", **values):
+    """``cls(**values)``; an error about one field names its option instead (the user's words here)."""
+    try:
+        return cls(**values)
+    except SAERegistryError as e:
+        message = str(e).removeprefix(prefix)
+        name = message.split(" ", 1)[0]
+        if name in cls.__dataclass_fields__ and message[len(name):].startswith(" must"):
+            raise SAERegistryError(_flag(cls, name) + message[len(name):]) from None
+        raise
+
+
 def _configs(input_size: int, options: dict, defaults: dict | None = None):
     """The SAEConfig and TrainConfig of the options given (the rest: ``defaults``, then the dataclasses')."""
     given = {**(defaults or {}), **{k: v for k, v in options.items() if v is not None}}
     sae = {k: v for k, v in given.items() if k in SAE_OPTIONS}
-    return SAEConfig(input_size, **sae), TrainConfig(**{k: v for k, v in given.items() if k not in SAE_OPTIONS})
+    return (_built(SAEConfig, input_size=input_size, **sae),
+            _built(TrainConfig, **{k: v for k, v in given.items() if k not in SAE_OPTIONS}))
 
 
 @main.command()
@@ -83,7 +102,7 @@ def _configs(input_size: int, options: dict, defaults: dict | None = None):
 @click.option("--resume", is_flag=True, help="Continue an interrupted harvest into --out (same options).")
 def harvest(out, overwrite, resume, **options) -> None:
     """Run a model over text and write one layer's activations to a zarr store."""
-    spec = HarvestSpec(**{k: v for k, v in options.items() if v is not None})  # checked before any work
+    spec = _built(HarvestSpec, "harvest.", **{k: v for k, v in options.items() if v is not None})  # before any work
     from . import harvest as H
 
     texts = H.read_texts(spec.text) if spec.text else H.demo_texts()

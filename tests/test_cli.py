@@ -130,17 +130,17 @@ def test_options_reach_the_configs_and_unset_ones_keep_the_defaults(monkeypatch)
 
 def test_bad_options_are_refused_before_any_work(tmp_path):
     for args, message in [(["--precision", "fp8"], "Invalid value for '--precision'"),
-                          (["--lr", "0"], "Error: lr must be > 0, got 0"),
+                          (["--lr", "0"], "Error: --lr must be > 0, got 0"),
                           (["--k", "64", "--dict-size", "32"], r"top_k \(64\) cannot exceed dict_size \(32\)")]:
         # the store does not exist: the option is refused first, and nothing is harvested or opened
         r = CliRunner().invoke(main, ["train", "--store", str(tmp_path / "nope.zarr"), "--out", str(tmp_path), *args])
         assert r.exit_code in (1, 2) and re.search(message, r.output), r.output
         assert "no activation store" not in r.output
     r = CliRunner().invoke(main, ["demo", "--data-dir", str(tmp_path / "d"), "--batch-size", "0"])
-    assert r.exit_code == 1 and "batch_size must be a positive integer, got 0" in r.output, r.output
+    assert r.exit_code == 1 and "Error: --batch-size must be a positive integer, got 0" in r.output, r.output
     assert not (tmp_path / "d").exists()
     r = CliRunner().invoke(main, ["harvest", "--out", str(tmp_path / "h.zarr"), "--layer", "-1"])
-    assert r.exit_code == 1 and "layer must be >= 0, got -1" in r.output, r.output
+    assert r.exit_code == 1 and "Error: --layer must be >= 0, got -1" in r.output, r.output
 
 
 def test_a_typo_inside_a_specs_harvest_block_is_one_error(tmp_path):
