@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
