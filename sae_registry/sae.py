@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,59 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import SPARSITY_MODES, SAEConfig  # noqa: F401  (declared torch-free, re-exported here)
 from .errors import SAERegistryError, require_positive_int
 
-SPARSITY_MODES = ("top_k", "l1")
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"
 DICTIONARY_FORMAT = "sae-registry/dictionary"
 
 # The sparse backward uses CSR tensors, stable in use but still labelled beta by torch.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-
-
-@dataclass(frozen=True)
-class SAEConfig:
-    """The shape of a dictionary. Validated on construction; errors name the field."""
-
-    input_size: int
-    dict_size: int = 4096
-    top_k: int = 32
-    sparsity: str = "top_k"
-
-    def __post_init__(self) -> None:
-        require_positive_int("input_size", self.input_size)
-        require_positive_int("dict_size", self.dict_size)
-        require_positive_int("top_k", self.top_k)
-        if self.sparsity not in SPARSITY_MODES:
-            raise SAERegistryError(
-                f"sparsity must be one of {', '.join(SPARSITY_MODES)}, got {self.sparsity!r}"
-            )
-        if self.sparsity == "top_k" and self.top_k > self.dict_size:
-            raise SAERegistryError(
-                f"top_k ({self.top_k}) cannot exceed dict_size ({self.dict_size})"
-            )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> SAEConfig:
-        """The config ``to_dict`` wrote (a saved ``config.json``'s ``"sae"`` section), checked.
-
-        Only the four fields: an unknown key is refused rather than dropped (it may be a typo, or a
-        setting of another SAE type this model would silently ignore); ``input_size`` is required;
-        every value is checked as on construction.
-        """
-        if not isinstance(data, dict):
-            raise SAERegistryError(f"SAE config must be a mapping, got {type(data).__name__}")
-        names = list(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise SAERegistryError(f"SAE config has unknown fields {unknown}; the fields are {names}")
-        if "input_size" not in data:
-            raise SAERegistryError("SAE config is missing ['input_size']")
-        return cls(**data)
 
 
 class Codes(NamedTuple):

@@ -40,6 +40,7 @@ import zarr
 import zarr.storage
 
 from . import zarr_files
+from .config import STORE_DTYPES as DTYPES
 from .errors import SAERegistryError, require_choice, require_int, require_positive_int
 from .prefetch import prefetched
 
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
 FORMAT = "sae-registry/activation-store"
 FORMAT_VERSION = 1
 ARRAY = "activations"
-DTYPES = ("float32", "float16", "bfloat16")
 COMPRESSORS = ("lz4", "zstd", "none")
 PROVENANCE = {"token_id": "int32", "seq": "int64", "pos": "int32"}  # array name -> dtype
 STORE_ARRAYS = (ARRAY, *PROVENANCE)
@@ -186,6 +186,8 @@ class ActivationStore:
                 f"{path} is damaged: {array.nchunks - array.nchunks_initialized} of the {array.nchunks} chunk "
                 f"files of {ARRAY}/ are missing (deleted, or never copied). Delete the store and harvest it again."
             )
+        if not zarr_files.is_url(path):
+            _check_blosc_frames(path, array, attrs.get("chunk_tokens") or array.chunks[0])
         return cls(path, group)
 
     # -- reading ----------------------------------------------------------------------------------
@@ -377,3 +379,27 @@ def _check_shape(path: object, attrs: dict, group: zarr.Group, array: zarr.Array
                 f"{path}: refusing the chunk shape {group[name].chunks} of {name}/: its metadata says chunks of "
                 f"({chunk},). Harvest the store again."
             )
+
+
+def _check_blosc_frames(path: Path, array: zarr.Array, chunk_tokens: int) -> None:
+    """Refuse a blosc chunk file shorter than its frame says (a writer killed mid-file).
+
+    Blosc can decode a truncated frame without an error, reading past the data it was given; its
+    16-byte header holds the frame's size, so a cut file is caught here, before any read.
+    """
+    if not any(type(c).__name__ == "BloscCodec" for c in array.compressors):
+        return
+    for chunk_file in sorted((path / ARRAY / "c").glob("*/*")):
+        with open(chunk_file, "rb") as f:
+            header = f.read(16)
+        size = chunk_file.stat().st_size
+        frame = int.from_bytes(header[12:16], "little") if len(header) == 16 else -1
+        if frame != size:
+            i = int(chunk_file.parent.name)
+            n = array.shape[0]
+            raise SAERegistryError(
+                f"{path} is damaged: chunk {i} of {ARRAY}/ (rows {i * chunk_tokens}-{min(n, (i + 1) * chunk_tokens)}) "
+                f"cannot be read (RuntimeError: its blosc frame is {frame} bytes but the file holds {size}; it was "
+                "cut short). Delete the store and harvest it again."
+            )
+

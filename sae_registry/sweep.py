@@ -16,181 +16,20 @@ are not rerun, registration is idempotent, so no run or version is duplicated.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .errors import SAERegistryError, require_positive_int
-from .sae import SAEConfig
-from .train import PACK_SHARED, TrainConfig
-
-REGISTER_CHOICES = ("all", "pareto", "none")
-EVALUATE_CHOICES = ("none", "downstream")
-CHAMPION_BY = ("fvu", "downstream")
-SAE_KEYS = {"dict_size", "k", "sparsity"}
-TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
-
-
-@dataclass(frozen=True)
-class SweepSpec:
-    """A sweep, as written in ``jobs/*.yaml``. Validated once; errors name the field."""
-
-    name: str  # the registry family, and the sweep's name
-    store: str  # path (relative to the working directory) or URL of the activation store
-    grid: tuple[dict, ...]  # one or more grids: {key: [values]}; keys: dict_size, k, sparsity, any train option
-    train: dict = field(default_factory=dict)  # fixed training options
-    seeds: tuple[int, ...] = (0,)
-    resources: dict = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
-    max_concurrent_trials: int = 0  # 0: as many as the resources allow
-    pack: int = 1  # configurations trained together on one batch stream, per trial
-    register: str = "pareto"
-    alias: str | None = "champion"
-    champion_max_l0: float | None = None  # the alias goes to the lowest FVU among versions with L0 <= this
-    max_failures: int = 2  # retries of a crashed trial, each from its last checkpoint
-    storage: str = "ray_results"  # where Tune keeps trial state and checkpoints (shared path or URL on a cluster)
-    harvest: dict | None = None  # how to make the store when it does not exist yet (see harvest.harvest)
-    evaluate: str = "none"  # "downstream": splice each dictionary into the source model (evaluate.py) at the end
-    evaluate_tokens: int = 4096  # held-out tokens spliced per dictionary for that
-    champion_by: str = "fvu"  # the alias goes to the lowest FVU, or ("downstream") the highest downstream fidelity
-
-    def __post_init__(self) -> None:
-        from .registry import check_family_name
-
-        check_family_name(self.name)
-        if not isinstance(self.store, str) or not self.store:
-            raise SAERegistryError("store: give the path or URL of an activation store")
-        if not self.grid:
-            raise SAERegistryError("grid: is empty; give at least one key with a list of values")
-        for g in self.grid:
-            if not isinstance(g, dict) or not g:
-                raise SAERegistryError("grid: each grid must be a non-empty mapping of key -> list of values")
-            for key, values in g.items():
-                if key not in SAE_KEYS | TRAIN_KEYS:
-                    raise SAERegistryError(
-                        f"grid: unknown key {key!r}; use dict_size, k, sparsity or a training option "
-                        f"({', '.join(sorted(TRAIN_KEYS))})"
-                    )
-                if not isinstance(values, list) or not values:
-                    raise SAERegistryError(f"grid.{key}: must be a non-empty list, got {values!r}")
-        unknown = set(self.train) - TRAIN_KEYS
-        if unknown:
-            raise SAERegistryError(f"train: unknown options {sorted(unknown)}; known: {', '.join(sorted(TRAIN_KEYS))}")
-        if "seed" in self.train:
-            raise SAERegistryError("train.seed: use seeds: [..] at the top level")
-        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
-            raise SAERegistryError(f"seeds: must be a non-empty list of integers, got {list(self.seeds)!r}")
-        unknown = set(self.resources) - {"cpu", "gpu"}
-        if unknown:
-            raise SAERegistryError(f"resources: unknown keys {sorted(unknown)}; use cpu and gpu")
-        for key in ("cpu", "gpu"):
-            value = self.resources.get(key, 0)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or not math.isfinite(value):
-                raise SAERegistryError(f"resources.{key}: must be a number >= 0, got {value!r}")
-        if self.resources.get("cpu", 0) <= 0 and self.resources.get("gpu", 0) <= 0:
-            raise SAERegistryError("resources: a trial needs some cpu or gpu")
-        if isinstance(self.max_concurrent_trials, bool) or not isinstance(self.max_concurrent_trials, int) \
-                or self.max_concurrent_trials < 0:
-            raise SAERegistryError(f"max_concurrent_trials: must be an integer >= 0, got {self.max_concurrent_trials!r}")
-        require_positive_int("pack", self.pack)
-        if isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int) or self.max_failures < 0:
-            raise SAERegistryError(f"max_failures: must be an integer >= 0, got {self.max_failures!r}")
-        if self.champion_max_l0 is not None and not (isinstance(self.champion_max_l0, (int, float))
-                                                     and self.champion_max_l0 > 0):
-            raise SAERegistryError(f"champion_max_l0: must be a number > 0, got {self.champion_max_l0!r}")
-        if self.register not in REGISTER_CHOICES:
-            raise SAERegistryError(f"register: must be one of {', '.join(REGISTER_CHOICES)}, got {self.register!r}")
-        if self.evaluate not in EVALUATE_CHOICES:
-            raise SAERegistryError(f"evaluate: must be one of {', '.join(EVALUATE_CHOICES)}, got {self.evaluate!r}")
-        require_positive_int("evaluate_tokens", self.evaluate_tokens)
-        if self.champion_by not in CHAMPION_BY:
-            raise SAERegistryError(f"champion_by: must be one of {', '.join(CHAMPION_BY)}, got {self.champion_by!r}")
-        if self.champion_by == "downstream" and self.evaluate != "downstream":
-            raise SAERegistryError("champion_by: downstream needs evaluate: downstream (the fidelity it ranks by)")
-        self.configurations()  # every combination must be a valid SAE and training config
-
-    # -- building -------------------------------------------------------------------------------
-
-    @classmethod
-    def from_dict(cls, data: dict) -> SweepSpec:
-        if not isinstance(data, dict):
-            raise SAERegistryError("a sweep spec must be a YAML mapping")
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise SAERegistryError(f"unknown spec fields {sorted(unknown)}; known: {', '.join(sorted(known))}")
-        missing = {"name", "store", "grid"} - set(data)
-        if missing:
-            raise SAERegistryError(f"the spec is missing {', '.join(sorted(missing))}")
-        data = dict(data)
-        grid = data["grid"]
-        data["grid"] = tuple(grid) if isinstance(grid, list) else (grid,)
-        if "seeds" in data:
-            seeds = data["seeds"]
-            data["seeds"] = tuple(seeds) if isinstance(seeds, list) else (seeds,)
-        for key in ("train", "resources"):
-            if key in data and not isinstance(data[key], dict):
-                raise SAERegistryError(f"{key}: must be a mapping, got {data[key]!r}")
-        return cls(**data)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> SweepSpec:
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise SAERegistryError(f"no sweep spec at {path}")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise SAERegistryError(f"{path} is not valid YAML: {e}") from e
-        return cls.from_dict(data)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["grid"], d["seeds"] = list(self.grid), list(self.seeds)
-        return d
-
-    def configurations(self, input_size: int = 1) -> list[tuple[SAEConfig, TrainConfig]]:
-        """Every distinct (SAEConfig, TrainConfig) of the grid(s) x seeds, in a stable order.
-
-        Combinations that mean the same thing are kept once: k does not matter for ``l1``.
-        ``input_size`` is the store's width (unknown, and irrelevant, when only validating).
-        """
-        seen, out = set(), []
-        for g, seed in itertools.product(self.grid, self.seeds):
-            keys = list(g)
-            for values in itertools.product(*(g[k] for k in keys)):
-                point = dict(zip(keys, values))
-                sparsity = point.get("sparsity", "top_k")
-                sae_kw = {"dict_size": point.get("dict_size", 4096), "sparsity": sparsity,
-                          "top_k": point.get("k", 32) if sparsity == "top_k" else 32}
-                train_kw = {**self.train, **{k: v for k, v in point.items() if k in TRAIN_KEYS}, "seed": seed}
-                try:
-                    sae_cfg = SAEConfig(input_size=input_size, **sae_kw)
-                    train_cfg = TrainConfig(**train_kw)
-                except SAERegistryError as e:
-                    raise SAERegistryError(f"grid point {point} (seed {seed}): {e}") from None
-                except TypeError as e:
-                    raise SAERegistryError(f"grid point {point}: {e}") from None
-                key = (json.dumps(sae_cfg.to_dict(), sort_keys=True), json.dumps(train_cfg.to_dict(), sort_keys=True))
-                if key not in seen:
-                    seen.add(key)
-                    out.append((sae_cfg, train_cfg))
-        return out
-
-    def packs(self, input_size: int = 1) -> list[list[tuple[SAEConfig, TrainConfig]]]:
-        """Configurations grouped ``pack`` at a time; a pack only holds configs that can share batches."""
-        groups: dict[tuple, list] = {}
-        for sae_cfg, train_cfg in self.configurations(input_size):
-            shared = tuple(getattr(train_cfg, k) for k in PACK_SHARED)
-            groups.setdefault(shared, []).append((sae_cfg, train_cfg))
-        return [members[i: i + self.pack] for members in groups.values() for i in range(0, len(members), self.pack)]
+from .config import SAEConfig, TrainConfig
+from .errors import SAERegistryError
+from .sweep_spec import (  # noqa: F401  (the spec's names, re-exported: `from sae_registry.sweep import SweepSpec`)
+    CHAMPION_BY, EVALUATE_CHOICES, REGISTER_CHOICES, HarvestSpec, Resources, SweepSpec,
+)
 
 
 def _member_name(sae_cfg: SAEConfig, train_cfg: TrainConfig) -> str:
@@ -334,20 +173,11 @@ def pareto_frontier(rows: list[dict]) -> list[bool]:
 
 def _ensure_store(spec: SweepSpec) -> str:
     """The store's absolute path or URL; harvested first when missing and the spec says how."""
-    from .store import ActivationStore
+    from .harvest import ensure_store
 
-    if "://" in spec.store:
-        return spec.store
-    path = Path(spec.store).absolute()
-    if not (path / "zarr.json").exists() and spec.harvest is not None:
-        from . import harvest as H
-
-        options = dict(spec.harvest)
-        text = options.pop("text", None)
-        texts = H.read_texts(text) if text else H.demo_texts()
-        H.harvest(path, texts, text_source=text or "python:pydoc_data.topics", **options)
-    ActivationStore.open(path)  # refuses missing, foreign or unfinished stores with a clear message
-    return str(path)
+    location = spec.store if "://" in spec.store else str(Path(spec.store).absolute())
+    ensure_store(location, spec.harvest)
+    return location
 
 
 def _start_ray(address: str | None):
@@ -395,7 +225,7 @@ def _check_resources(spec: SweepSpec) -> None:
     import ray
 
     per_node = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    need_cpu, need_gpu = spec.resources.get("cpu", 0), spec.resources.get("gpu", 0)
+    need_cpu, need_gpu = spec.resources.cpu, spec.resources.gpu
     if not any(r.get("CPU", 0) >= need_cpu and r.get("GPU", 0) >= need_gpu for r in per_node):
         have = ", ".join(f"{r.get('CPU', 0):g} CPU/{r.get('GPU', 0):g} GPU" for r in per_node) or "no nodes"
         raise SAERegistryError(
@@ -469,7 +299,7 @@ def run(
         experiment_path = f"{storage}/{spec.name}"
         state = _sweep_state(spec, store, experiment_path, client, uri, resume)
         sweep_id, parent_run_id = state["sweep_id"], state["parent_run_id"]
-        cpu, gpu = spec.resources.get("cpu", 0), spec.resources.get("gpu", 0)
+        cpu, gpu = spec.resources.cpu, spec.resources.gpu
         trainable = tune.with_resources(
             tune.with_parameters(_trial, spec=spec.to_dict(), store_path=store_path, sweep_id=sweep_id,
                                  parent_run_id=parent_run_id, tracking_uri=uri,

@@ -27,7 +27,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -35,106 +35,16 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics as M
-from .errors import SAERegistryError, require_positive_int
-from .sae import SAEConfig, SparseAutoencoder, auxk_loss
+# the configurations live in config.py (no torch there: the CLI builds its options from them)
+from .config import B_DEC_INITS, ENCODER_INITS, PACK_SHARED, PRECISIONS, SAEConfig, TrainConfig  # noqa: F401
+from .errors import SAERegistryError
+from .sae import SparseAutoencoder, auxk_loss
 from .store import ActivationStore
 
-B_DEC_INITS = ("geometric_median", "mean", "zeros")
-ENCODER_INITS = ("decoder_transpose", "kaiming")
-PRECISIONS = ("float32", "bfloat16")
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.json"
 
 Callback = Callable[[int, dict, "Path | None"], None]  # (step, metrics, checkpoint just written)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How to train one dictionary. ``None`` fields take a default derived from the SAE's shape."""
-
-    tokens: int = 2_000_000  # training tokens; the store is read for as many epochs as needed
-    batch_size: int = 4096
-    lr: float | None = None  # None: 5e-4 / sqrt(dict_size / 2**14) (see resolved)
-    l1_coeff: float | None = None  # None: 0 for top_k, 5e-3 for l1 (see SparseAutoencoder.loss)
-    l1_warmup_fraction: float = 0.05
-    lr_decay_fraction: float = 0.2
-    aux_coeff: float = 1 / 32
-    aux_k: int | None = None  # None: input_size // 2
-    dead_after_tokens: int = 1_000_000  # a latent unfired for this many tokens counts as dead
-    normalize_inputs: bool = True
-    unit_norm_decoder: bool = True
-    encoder_init: str = "decoder_transpose"  # or "kaiming" (nn.Linear's default init)
-    encoder_init_scale: float | None = None  # decoder_transpose times this; None: 1 for top_k, 0.1 for l1
-    b_dec_init: str = "geometric_median"
-    eval_every: int = 50  # steps between evaluations on the held-out split
-    eval_tokens: int = 16_384  # held-out tokens used by each evaluation (the split's head)
-    checkpoint_every: int = 200  # steps between checkpoints
-    seed: int = 0
-    device: str = "auto"  # "auto": cuda when there is one, else cpu
-    sparse_backward: bool = True  # top_k: differentiate only the k selected latents (same numbers)
-    precision: str = "float32"  # "bfloat16": top_k selects latents with a bfloat16 encoder product
-
-    def __post_init__(self) -> None:
-        for name in ("tokens", "batch_size", "dead_after_tokens", "eval_every", "eval_tokens",
-                     "checkpoint_every"):
-            require_positive_int(name, getattr(self, name))
-        if self.aux_k is not None:
-            require_positive_int("aux_k", self.aux_k)
-        def number(name: str, low: float, high: float = math.inf, low_ok: bool = True) -> None:
-            value = getattr(self, name)
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-                and (value >= low if low_ok else value > low) and value <= high
-            if not ok:
-                bound = f"in [{low:g}, {high:g}]" if high < math.inf else f"{'>=' if low_ok else '>'} {low:g}"
-                raise SAERegistryError(f"{name} must be a number {bound}, got {value!r}")
-
-        if self.lr is not None:
-            number("lr", 0, low_ok=False)
-        if self.l1_coeff is not None:
-            number("l1_coeff", 0)
-        number("aux_coeff", 0)
-        if self.encoder_init_scale is not None:
-            number("encoder_init_scale", 0, low_ok=False)
-        number("l1_warmup_fraction", 0, 1)
-        number("lr_decay_fraction", 0, 1)
-        for name in ("normalize_inputs", "unit_norm_decoder", "sparse_backward"):
-            if not isinstance(getattr(self, name), bool):
-                raise SAERegistryError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.encoder_init not in ENCODER_INITS:
-            raise SAERegistryError(
-                f"encoder_init must be one of {', '.join(ENCODER_INITS)}, got {self.encoder_init!r}"
-            )
-        if self.precision not in PRECISIONS:
-            raise SAERegistryError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.b_dec_init not in B_DEC_INITS:
-            raise SAERegistryError(f"b_dec_init must be one of {', '.join(B_DEC_INITS)}, got {self.b_dec_init!r}")
-        if not isinstance(self.device, str) or (self.device not in ("auto", "cpu") and not self.device.startswith("cuda")):
-            raise SAERegistryError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
-
-    def resolved(self, sae_cfg: SAEConfig) -> TrainConfig:
-        """This config with every ``None`` default filled in for ``sae_cfg``."""
-        return replace(
-            self,
-            # Gao et al.'s 1/sqrt(dict_size) scaling; their base, 2e-4, measured 2.5x too small on
-            # MiniLM with inputs at mean norm sqrt(d): FVU 0.169 vs 0.113 after 1.5 M tokens at 4096
-            lr=self.lr if self.lr is not None else 5e-4 / math.sqrt(sae_cfg.dict_size / 2**14),
-            l1_coeff=self.l1_coeff if self.l1_coeff is not None else (0.0 if sae_cfg.sparsity == "top_k" else 5e-3),
-            aux_k=self.aux_k if self.aux_k is not None else max(1, sae_cfg.input_size // 2),
-            encoder_init_scale=self.encoder_init_scale if self.encoder_init_scale is not None
-            else (1.0 if sae_cfg.sparsity == "top_k" else 0.1),
-            device=resolve_device(self.device),
-        )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise SAERegistryError(f"unknown training options {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**data)
 
 
 def fit_threads_to_cpus() -> int:
@@ -278,7 +188,6 @@ def _load_checkpoint(path: Path, sae: SparseAutoencoder, opt: torch.optim.Optimi
 
 
 # Options every member of a pack must share: they read one batch stream and evaluate together.
-PACK_SHARED = ("tokens", "batch_size", "seed", "eval_every", "eval_tokens", "checkpoint_every", "device")
 
 
 class _Member:

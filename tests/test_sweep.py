@@ -319,18 +319,28 @@ def test_a_store_on_s3_and_artifacts_on_s3(synthetic_store, tmp_path, monkeypatc
         ({"grid": {"k": [0]}}, "top_k must be a positive integer"),
         ({"grid": {"dict_size": [8], "k": [16]}}, r"top_k \(16\) cannot exceed dict_size \(8\)"),
         ({"train": {"tokenz": 5}}, "train: unknown options"),
-        ({"train": {"l1_coeff": -1}}, "l1_coeff must be a number >= 0"),
+        ({"train": {"l1_coeff": -1}}, "l1_coeff must be >= 0, got -1"),
         ({"registr": "all"}, r"unknown spec fields \['registr'\]"),
-        ({"register": "best"}, "register: must be one of"),
+        ({"register": "best"}, "register must be one of all, pareto, none, got .best."),
         ({"resources": {"gpus": 1}}, "resources: unknown keys"),
         ({"resources": {"cpu": 0}}, "a trial needs some cpu or gpu"),
         ({"pack": 0}, "pack must be a positive integer"),
         ({"name": "bad/name"}, "family name"),
         ({"seeds": []}, "seeds: must be a non-empty list"),
-        ({"evaluate": "yes"}, "evaluate: must be one of none, downstream"),
+        ({"evaluate": "yes"}, "evaluate must be one of none, downstream"),
         ({"evaluate": "downstream", "evaluate_tokens": 0}, "evaluate_tokens must be a positive integer"),
-        ({"champion_by": "l0"}, "champion_by: must be one of fvu, downstream"),
+        ({"champion_by": "l0"}, "champion_by must be one of fvu, downstream"),
         ({"champion_by": "downstream"}, "champion_by: downstream needs evaluate: downstream"),
+        ({"harvest": {"layr": 3}}, "harvest.layr: unknown harvest option; the options are text, model_path, layer"),
+        ({"harvest": {"layer": -1}}, "harvest.layer must be >= 0, got -1"),
+        ({"harvest": {"dtype": "fp8"}}, "harvest.dtype must be one of float32, float16, bfloat16"),
+        ({"harvest": {"max_tokens": "many"}}, "harvest.max_tokens must be a positive integer, got 'many'"),
+        ({"harvest": [3]}, "harvest: must be a mapping"),
+        ({"resources": {"cpu": "two"}}, "resources.cpu must be a finite number, got 'two'"),
+        ({"resources": {"gpu": -0.5}}, "resources.gpu must be >= 0, got -0.5"),
+        ({"seeds": [0, "1"]}, "seeds must be an integer, got '1'"),
+        ({"max_failures": -1}, "max_failures must be >= 0, got -1"),
+        ({"champion_max_l0": 0}, "champion_max_l0 must be > 0, got 0"),
     ],
 )
 def test_bad_specs_name_the_field(change, message):
@@ -352,6 +362,36 @@ def test_a_missing_store_is_harvested_when_the_spec_says_how(tmp_path, monkeypat
     assert _ensure_store(spec) == path  # there now: opened, not harvested again
     with pytest.raises(SAERegistryError, match="no activation store at"):
         _ensure_store(SweepSpec.from_dict({"name": "h", "store": "data/none.zarr", "grid": {"k": [4]}}))
+
+
+def test_an_unfinished_store_is_refused_or_harvested_again_when_asked(tmp_path):
+    """A sweep never overwrites a store it was given; the demo (replace_unreadable) harvests its own again."""
+    from sae_registry.harvest import ensure_store
+    from sae_registry.sweep import HarvestSpec
+
+    path = tmp_path / "half.zarr"
+    sae_registry.ActivationStore.create(path, d=8, chunk_tokens=100).append(torch.randn(450, 8))  # never closed
+    spec = HarvestSpec(layer=1, max_tokens=1000)
+    with pytest.raises(SAERegistryError, match="never finished"):
+        ensure_store(path, spec)
+    said = []
+    store = ensure_store(path, spec, replace_unreadable=True, say=said.append)
+    assert len(store) == 1000 and store.d == 384 and store.source["layer"] == 1
+    assert "harvesting it again" in said[0] and said[1].startswith("harvesting")
+    said.clear()
+    assert len(ensure_store(path, spec, replace_unreadable=True, say=said.append)) == 1000
+    assert said == [f"using {path} (1,000 tokens)"]  # finished now: opened, not harvested again
+
+
+def test_the_specs_typed_parts_round_trip():
+    from sae_registry.sweep import HarvestSpec, Resources
+
+    spec = SweepSpec.from_dict({"name": "t", "store": "s.zarr", "grid": {"k": [4]}, "resources": {"gpu": 0.25},
+                                "harvest": {"layer": 1, "max_tokens": 2000}})
+    assert spec.resources == Resources(cpu=0, gpu=0.25) and spec.resources.device == "cuda"
+    assert spec.harvest == HarvestSpec(layer=1, max_tokens=2000)
+    assert SweepSpec.from_dict(spec.to_dict()) == spec  # what a trial rebuilds from its config
+    assert SweepSpec.from_dict({"name": "t", "store": "s.zarr", "grid": {"k": [4]}}).resources == Resources(1, 0)
 
 
 def test_spec_files_and_missing_fields(tmp_path):

