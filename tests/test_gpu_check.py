@@ -33,7 +33,8 @@ def test_the_gpu_check_smoke_run_prints_every_row_and_writes_positive_numbers(tm
     out = tmp_path / "gpu.json"
     env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_TIMEOUT": "1500"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--smoke", "--out", str(out)],
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--smoke", "--out", str(out),
+                           "--budget", "1400"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
