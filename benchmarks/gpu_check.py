@@ -24,6 +24,8 @@ the ``sae-registry sweep`` command.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
 import shutil
@@ -174,9 +176,13 @@ def speed_row(store, dict_size: int, k: int, precision: str, shape: dict, device
         train(store, SAEConfig(store.d, dict_size, k), cfg, work / "speed", callback=callback, progress=False)
     except _Measured:
         pass
+    finally:
+        shutil.rmtree(work / "speed", ignore_errors=True)
+        gc.collect()  # the interrupted trainer's tensors go before the next row allocates its own
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
     seconds = marks[-1] - marks[0]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-    shutil.rmtree(work / "speed", ignore_errors=True)
     note = f"{intervals * every} steps of {batch} timed" + (f"; peak {peak:.1f} GiB" if peak else "")
     return {"section": "speed", "case": f"d {store.d}, dict_size {dict_size}, k {k}, {precision}", "status": "ok",
             "value": intervals * every * batch / seconds, "unit": "tokens/s", "note": note,
@@ -260,7 +266,7 @@ def sweep_rows(store_path: Path, shape: dict, device: str, work: Path, timeout: 
     log = root / "sweep.log"
     gpu = device.startswith("cuda")
     start = time.perf_counter()
-    with GpuSampler() if gpu else _nothing() as sampler:
+    with GpuSampler() if gpu else contextlib.nullcontext() as sampler:
         proc = subprocess.Popen([sys.executable, "-m", "sae_registry.cli", "sweep", str(root / "spec.yaml")],
                                 cwd=root, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -291,14 +297,6 @@ def sweep_rows(store_path: Path, shape: dict, device: str, work: Path, timeout: 
                  "note": (f"GPU memory peak {max(sampler.memory):,.0f} MiB" if gpu and sampler.memory else
                           "n/a: no GPU in this run" if not gpu else "")})
     return rows
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc) -> None:
-        return None
 
 
 def _registered(uri: str, family: str) -> int:
@@ -379,12 +377,12 @@ def main(argv: list[str] | None = None) -> int:
         print("  sweep", flush=True)
         remaining = max(30.0, args.budget - (time.perf_counter() - started))
         rows += sweep_rows(stores[shape["d"][0]].path, shape, device, work, timeout=remaining)
-    finally:
+    finally:  # stopped part way (timeout, error): the rows measured so far are still printed and written
         payload["wall_seconds"] = round(time.perf_counter() - started, 1)
         write(out, payload)
         shutil.rmtree(work, ignore_errors=True)
-    print(table([{**r, "shown": shown(r.get("value"))} for r in rows], COLUMNS))
-    print(f"\n{payload['wall_seconds']:.0f} s; wrote {out}")
+        print(table([{**r, "shown": shown(r.get("value"))} for r in rows], COLUMNS))
+        print(f"\n{payload['wall_seconds']:.0f} s; wrote {out}", flush=True)
     return 0 if all(r["status"] in ("ok", "n/a") for r in rows) else 1
 
 
