@@ -249,7 +249,7 @@ def sweep_spec(store_path: Path, shape: dict) -> dict:
     }
 
 
-def sweep_rows(store_path: Path, shape: dict, device: str, work: Path, timeout: float) -> list[dict]:
+def sweep_rows(store_path: Path, shape: dict, device: str, work: Path, timeout: float, log_path: Path) -> list[dict]:
     """``sae-registry sweep`` of 8 dictionaries in a subprocess: wall time, GPU utilisation, registered."""
     import yaml
 
@@ -281,7 +281,12 @@ def sweep_rows(store_path: Path, shape: dict, device: str, work: Path, timeout: 
     wall = time.perf_counter() - start
     registered = _registered(uri, spec["name"])
     ok = rc == 0 and registered == planned
-    tail = "" if ok else f"; exit {rc}, log {log}: " + log.read_text()[-300:].replace("\n", " | ")
+    tail = ""
+    if not ok:  # the work directory goes at the end: keep the log beside the JSON
+        kept = log_path.with_name(log_path.name + ".sweep.log")
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(log, kept)
+        tail = f"; exit {rc}, log {kept}: " + log.read_text()[-160:].replace("\n", " | ")
     resources = ", ".join(f"{k} {v:g}" for k, v in spec["resources"].items())
     case = f"{planned} trials of 1, {resources} each, {spec['max_concurrent_trials']} at a time"
     rows = [{"section": "sweep", "case": f"wall ({case})", "status": "ok" if ok else "FAIL", "value": wall,
@@ -376,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                         write(out, payload)
         print("  sweep", flush=True)
         remaining = max(30.0, args.budget - (time.perf_counter() - started))
-        rows += sweep_rows(stores[shape["d"][0]].path, shape, device, work, timeout=remaining)
+        rows += sweep_rows(stores[shape["d"][0]].path, shape, device, work, timeout=remaining, log_path=out)
     finally:  # stopped part way (timeout, error): the rows measured so far are still printed and written
         payload["wall_seconds"] = round(time.perf_counter() - started, 1)
         write(out, payload)
