@@ -37,6 +37,7 @@ def timed(cmd: list[str], cwd: Path, env: dict, repeats: int) -> float:
         times.append(time.perf_counter() - t0)
         if done.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}")
+        print(f"  {times[-1]:6.2f} s  {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     return statistics.median(times)
 
 
@@ -60,6 +61,8 @@ def make_registry(where: Path, env: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--other", type=Path, default=None,
+                        help="another checkout (e.g. `git worktree add /tmp/old <commit>`) timed beside this one")
     args = parser.parse_args()
 
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
@@ -81,16 +84,24 @@ def main() -> None:
             ("promote bench 1 --alias x", [*CLI, "promote", "bench", "1", "--alias", "x"], "registry"),
             ("load (cached)", [PY, "-c", "import sae_registry; sae_registry.load('bench@champion')"], "load"),
         ]
+        other_env = {**env, "PYTHONPATH": str(args.other.resolve())} if args.other else None
         for label, cmd, kind in cases:
             seconds = timed(cmd, where, env, args.repeats)
-            rows.append({"command": label, "kind": kind, "seconds": seconds, "vs_import_mlflow": seconds / baseline,
-                         "target_s": TARGETS[kind], "met": seconds <= TARGETS[kind]})
+            row = {"command": label, "kind": kind, "seconds": seconds, "vs_import_mlflow": seconds / baseline,
+                   "target_s": TARGETS[kind], "met": seconds <= TARGETS[kind]}
+            if other_env is not None:
+                try:
+                    row["other_seconds"] = timed(cmd, where, other_env, args.repeats)
+                except SystemExit:  # a command the other checkout does not have
+                    row["other_seconds"] = None
+            rows.append(row)
 
     print(f"baseline: python -c 'import mlflow' {baseline:.2f} s (median of {args.repeats})")
-    print(f"{'command':34} {'seconds':>8} {'x mlflow':>9} {'target':>7}  met")
+    print(f"{'command':34} {'seconds':>8} {'x mlflow':>9} {'target':>7}  met" + ("    other" if args.other else ""))
     for r in rows:
+        other = "" if not args.other else (f"  {r['other_seconds']:7.2f}" if r["other_seconds"] else "        -")
         print(f"{r['command']:34} {r['seconds']:8.2f} {r['vs_import_mlflow']:9.2f} {r['target_s']:7.1f}  "
-              f"{'yes' if r['met'] else 'NO'}")
+              f"{'yes' if r['met'] else 'NO ':3}" + other)
     write_results("cli_latency", {"baseline_import_mlflow_s": baseline, "repeats": args.repeats, "rows": rows})
     print(f"wrote {RESULTS / 'cli_latency.json'}")
 
