@@ -9,9 +9,11 @@ __version__ = "0.1.0"
 
 from .errors import SAERegistryError  # noqa: E402
 from .evaluate import evaluate  # the function (the module stays reachable by `from sae_registry.evaluate import ...`)
-from .registry import Dictionary, find, load  # noqa: E402
+from .dictionary import Dictionary, load  # noqa: E402
+from .registry import find  # noqa: E402
 from .sae import SAEConfig, SparseAutoencoder, SparseEncoder  # noqa: E402
 from .store import ActivationStore  # noqa: E402
+from .tracking import Tracking  # noqa: E402
 
 __all__ = [
     "ActivationStore",
@@ -20,6 +22,7 @@ __all__ = [
     "SAERegistryError",
     "SparseAutoencoder",
     "SparseEncoder",
+    "Tracking",
     "evaluate",
     "find",
     "load",

@@ -394,9 +394,12 @@ def render_html(cards: Cards) -> str:
     )
 
 
-def log_cards(out_dir: str | Path, run_id: str, tracking_uri: str | None = None) -> str:
-    """Log ``out_dir``'s ``index.html`` + ``cards.json`` on the run as ``cards/``; returns the page's URI."""
-    from .registry import log_files
+def log_cards(out_dir: str | Path, run_id: str, tracking_uri=None) -> str:
+    """Log ``out_dir``'s ``index.html`` + ``cards.json`` on the run as ``cards/``; returns the page's URI.
+
+    ``tracking_uri``: a URI or a ``Tracking`` (default ``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` here).
+    """
+    from .runs import log_files
 
     folder = log_files(run_id, [Path(out_dir) / name for name in ("index.html", "cards.json")], CARDS_DIR,
                        tracking_uri)
@@ -409,7 +412,7 @@ def cards_for(
     store_path: str | Path | None = None,
     out_dir: str | Path | None = None,
     log: bool = True,
-    tracking_uri: str | None = None,
+    tracking_uri=None,
     **options,
 ) -> tuple[Cards, Path, str | None]:
     """Cards for the registered dictionary ``name``: made, written to ``out_dir``, logged on its run.
@@ -417,8 +420,10 @@ def cards_for(
     The store defaults to the one the dictionary was trained on (its ``store.path`` lineage tag).
     Returns ``(cards, out_dir, artifact_uri or None)``.
     """
-    from .registry import load
+    from .dictionary import load
+    from .tracking import Tracking
 
+    tracking_uri = Tracking.resolve(tracking_uri)  # once: loading and logging talk to the same server
     dictionary = load(name, tracking_uri=tracking_uri)
     where = store_path or dictionary.lineage.get("store.path")
     if not where:

@@ -32,10 +32,16 @@ class _Group(click.Group):
 @click.version_option(package_name="sae-registry")
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
               help="MLflow tracking server or database [env MLFLOW_TRACKING_URI; default: sqlite:///mlflow.db here].")
-def main(tracking_uri: str | None) -> None:
+@click.pass_context
+def main(ctx: click.Context, tracking_uri: str | None) -> None:
     """Train, compare, keep and reuse sparse autoencoders."""
-    if tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # seen by every MLflow call, and by workers
+    from .tracking import Tracking
+
+    # Built once, handed to every command as a value (nothing writes the environment).
+    ctx.obj = Tracking.resolve(tracking_uri)
+
+
+pass_tracking = click.pass_obj  # hands a command the Tracking that main put in ctx.obj
 
 
 def _options(cls, *, only: tuple[str, ...] | None = None, defaults: dict | None = None):
@@ -136,7 +142,8 @@ def _family_for(store_path: Path) -> str:
 @click.option("--no-registry", is_flag=True, help="Only write files; record nothing in MLflow.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out.")
 @_options(TrainConfig)
-def train(store_path, out, family, alias, no_registry, resume, **options) -> None:
+@pass_tracking
+def train(tracking, store_path, out, family, alias, no_registry, resume, **options) -> None:
     """Train one sparse autoencoder on a store; record and register it in MLflow."""
     _configs(1, options)  # every option checked before the store is opened
     from .store import ActivationStore
@@ -148,10 +155,11 @@ def train(store_path, out, family, alias, no_registry, resume, **options) -> Non
 
         _print_result(run(store, sae_cfg, cfg, out, resume=resume))
         return
-    from .registry import train_and_register
+    from .runs import train_and_register
 
     family = family or _family_for(store_path)
-    recorded = train_and_register(store, sae_cfg, cfg, out, family=family, alias=alias, resume=resume)
+    recorded = train_and_register(store, sae_cfg, cfg, out, family=family, alias=alias, resume=resume,
+                                  tracking_uri=tracking)
     _print_result(recorded.result)
     click.echo(f"registered {family}/{recorded.version} (run {recorded.run_id})"
                + (f" as {family}@{alias}" if alias else ""))
@@ -167,7 +175,8 @@ DEMO_DEFAULTS = {"tokens": 1_500_000, "sparsity": "top_k"}
 @_options(SAEConfig, only=("dict_size", "top_k"))
 @click.option("--name", "family", default="minilm-l3-demo", show_default=True, help="Registry family.")
 @_options(TrainConfig, defaults=DEMO_DEFAULTS)
-def demo(data_dir, out, family, **options) -> None:
+@pass_tracking
+def demo(tracking, data_dir, out, family, **options) -> None:
     """Harvest MiniLM layer 3 over Python's docs (once), train and register one top_k SAE, load it back."""
     _configs(1, options, DEMO_DEFAULTS)  # every option checked before any harvest or training
     from .harvest import ensure_store
@@ -175,13 +184,15 @@ def demo(data_dir, out, family, **options) -> None:
     store_path = data_dir / DEMO_STORE
     store = ensure_store(store_path, HarvestSpec(layer=3), replace_unreadable=True, say=click.echo)
     sae_cfg, train_cfg = _configs(store.d, options, DEMO_DEFAULTS)
-    from .registry import load, resolve_tracking_uri, train_and_register
+    from .dictionary import load
+    from .runs import train_and_register
 
-    recorded = train_and_register(store, sae_cfg, train_cfg, out, family=family, alias="champion")
+    recorded = train_and_register(store, sae_cfg, train_cfg, out, family=family, alias="champion",
+                                  tracking_uri=tracking)
     _print_result(recorded.result)
     click.echo(json.dumps(recorded.result.metrics, indent=2))
     name = f"{family}@champion"
-    dictionary = load(name)
+    dictionary = load(name, tracking_uri=tracking)
     batch = store.read_split("eval", max_tokens=8)
     values, indices = dictionary.encode_topk(batch)
     click.echo(f"\nregistered as {family}/{recorded.version}; loaded back with sae_registry.load({name!r})")
@@ -189,25 +200,27 @@ def demo(data_dir, out, family, **options) -> None:
     if store.has_provenance:  # a few seconds: one pass over the held-out split
         from .cards import cards_for
 
-        made, cards_dir, _ = cards_for(name, store_path=store.path, out_dir=out / "cards", top=16)
+        made, cards_dir, _ = cards_for(name, store_path=store.path, out_dir=out / "cards", top=16,
+                                           tracking_uri=tracking)
         click.echo(f"feature cards of {len(made.cards)} latents: {cards_dir / 'index.html'} (also on the run, "
                    f"Artifacts > cards); more with `sae-registry cards {name}`")
     else:
         click.echo(f"no feature cards: {store_path} was harvested without token provenance (delete it to re-harvest)")
-    click.echo(f"browse it: .venv/bin/sae-registry ui   (MLflow UI over {resolve_tracking_uri()})")
+    click.echo(f"browse it: .venv/bin/sae-registry ui   (MLflow UI over {tracking.uri})")
 
 
 @main.command()
 @click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))
 @click.option("--resume", is_flag=True, help="Continue an interrupted sweep: finish missing trials, no duplicates.")
 @click.option("--address", default=None, help="Ray cluster address [env RAY_ADDRESS; default: a local Ray].")
-def sweep(spec_path, resume, address) -> None:
+@pass_tracking
+def sweep(tracking, spec_path, resume, address) -> None:
     """Train a grid of dictionaries (a YAML spec) on Ray Tune and register the best in MLflow."""
     from . import sweep as S
 
     spec = S.SweepSpec.from_yaml(spec_path)
     click.echo(f"sweep {spec.name}: {len(spec.configurations())} dictionaries in {len(spec.packs())} trial(s)")
-    result = S.run(spec, resume=resume, address=address)
+    result = S.run(spec, resume=resume, address=address, tracking_uri=tracking)
     click.echo(S.summary_table(result, spec.alias))
     if result.champion:
         click.echo(f"champion: sae_registry.load({spec.name + '@' + spec.alias!r})  (version {result.champion})")
@@ -231,21 +244,22 @@ def _fmt(value: str | None, spec: str) -> str:
 
 @main.command("list")
 @click.argument("family", required=False)
-def list_(family) -> None:
+@pass_tracking
+def list_(tracking, family) -> None:
     """Families in the registry, or the versions of FAMILY as a table."""
     from . import registry
 
     if family is None:
-        found = registry.families()
+        found = registry.families(tracking)
         if not found:
-            click.echo(f"no dictionaries registered at {registry.resolve_tracking_uri()}")
+            click.echo(f"no dictionaries registered at {tracking.uri}")
         for name, newest, aliases in found:
             named = ", ".join(f"{a}=v{v}" for a, v in sorted(aliases.items()))
             click.echo(f"{name:32s} latest v{newest}  {named}")
         return
     header = f"{'version':>7}  {'aliases':18} {'dict_size':>9} {'k':>4} {'l1_coeff':>9} {'FVU':>7} {'L0':>7} {'dead':>6}  created"
     click.echo(header)
-    for v in registry.versions(family):
+    for v in registry.versions(family, tracking):
         t = v.tags
         click.echo(
             f"{v.version:>7}  {','.join(v.aliases) or '-':18} {t.get('dict_size', '-'):>9} {t.get('k') or '-':>4} "
@@ -256,11 +270,12 @@ def list_(family) -> None:
 
 @main.command()
 @click.argument("name")
-def show(name) -> None:
+@pass_tracking
+def show(tracking, name) -> None:
     """Everything the registry knows about NAME (FAMILY@ALIAS, FAMILY/VERSION or FAMILY)."""
     from . import registry
 
-    info = registry.resolve(name)
+    info = registry.resolve(name, tracking)
     click.echo(f"{info.family}/{info.version}  aliases: {', '.join(info.aliases) or '-'}  run: {info.run_id}")
     click.echo(f"created {_created(info.created)}")
     for key in sorted(info.tags):
@@ -272,17 +287,18 @@ def show(name) -> None:
 @click.argument("version", required=False)
 @click.option("--alias", default="champion", show_default=True)
 @click.option("--remove", is_flag=True, help="Remove the alias instead of setting it.")
-def promote(family, version, alias, remove) -> None:
+@pass_tracking
+def promote(tracking, family, version, alias, remove) -> None:
     """Point ALIAS at VERSION of FAMILY (moving it if needed), or --remove it."""
     from . import registry
 
     if remove:
-        registry.remove_alias(family, alias)
+        registry.remove_alias(family, alias, tracking)
         click.echo(f"removed {family}@{alias}")
         return
     if version is None:
         raise click.UsageError("give the VERSION to promote (or --remove)")
-    registry.set_alias(family, alias, version)
+    registry.set_alias(family, alias, version, tracking)
     click.echo(f"{family}@{alias} -> version {version}")
 
 
@@ -295,14 +311,15 @@ def promote(family, version, alias, remove) -> None:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--overwrite", is_flag=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted encoding into --out (same options).")
-def encode(name, store_path, out, split, batch_size, device, overwrite, resume) -> None:
+@pass_tracking
+def encode(tracking, name, store_path, out, split, batch_size, device, overwrite, resume) -> None:
     """Encode a whole store with dictionary NAME; top_k codes are kept as values + indices."""
+    from .dictionary import load
     from .encode import encode_store
-    from .registry import load
     from .store import ActivationStore
     from .train import resolve_device
 
-    dictionary = load(name, device=resolve_device(device))
+    dictionary = load(name, device=resolve_device(device), tracking_uri=tracking)
     store = ActivationStore.open(store_path)
     path = encode_store(dictionary.sae, store, out, split=split, batch_size=batch_size, overwrite=overwrite,
                         resume=resume, attrs={"dictionary": f"{dictionary.family}/{dictionary.version}"})
@@ -315,12 +332,13 @@ def encode(name, store_path, out, split, batch_size, device, overwrite, resume) 
 @click.option("--format", "fmt", type=click.Choice(["saelens", "dictionary_learning"]), required=True,
               help="saelens: cfg.json + sae_weights.safetensors; dictionary_learning: ae.pt + config.json.")
 @click.option("--overwrite", is_flag=True, help="Replace those files if DIRECTORY already holds them.")
-def export(name, directory, fmt, overwrite) -> None:
+@pass_tracking
+def export(tracking, name, directory, fmt, overwrite) -> None:
     """Write dictionary NAME to DIRECTORY in SAELens's or dictionary_learning's saved format (weights mapped exactly)."""
+    from .dictionary import load
     from .interchange import export as export_dictionary
-    from .registry import load
 
-    dictionary = load(name)
+    dictionary = load(name, tracking_uri=tracking)
     export_dictionary(dictionary, fmt, directory, overwrite=overwrite)
     click.echo(f"wrote {dictionary.family}/{dictionary.version} as {fmt} to {directory}")
 
@@ -331,11 +349,13 @@ def export(name, directory, fmt, overwrite) -> None:
 @click.option("--format", "fmt", type=click.Choice(["auto", "saelens", "dictionary_learning"]), default="auto",
               show_default=True, help="auto: SAELens if DIRECTORY has cfg.json + sae_weights.safetensors, else ae.pt.")
 @click.option("--alias", default=None, help="Also point this alias at the new version.")
-def import_(directory, family, fmt, alias) -> None:
+@pass_tracking
+def import_(tracking, directory, family, fmt, alias) -> None:
     """Register a SAELens or dictionary_learning SAE saved in DIRECTORY as the next version of --name."""
-    from .registry import import_dictionary
+    from .runs import import_dictionary
 
-    made = import_dictionary(directory, family, fmt=None if fmt == "auto" else fmt, alias=alias)
+    made = import_dictionary(directory, family, fmt=None if fmt == "auto" else fmt, alias=alias,
+                             tracking_uri=tracking)
     click.echo(f"imported {made.format} {made.architecture} from {directory} as {family}/{made.version}"
                + (f" ({family}@{alias})" if alias else "") + f"  run: {made.run_id}")
 
@@ -354,7 +374,8 @@ def import_(directory, family, fmt, alias) -> None:
               help="Where to write index.html + cards.json [default: cards/FAMILY-vVERSION].")
 @click.option("--no-log", is_flag=True, help="Do not log the cards on the dictionary's MLflow run.")
 @click.option("--print", "print_text", is_flag=True, help="Also print each card's top contexts as text.")
-def cards(name, features, top, store_path, split, max_tokens, contexts, window, out_dir, no_log, print_text) -> None:
+@pass_tracking
+def cards(tracking, name, features, top, store_path, split, max_tokens, contexts, window, out_dir, no_log, print_text) -> None:
     """Feature cards for dictionary NAME: frequency, mean activation, top contexts, promoted tokens (HTML + JSON)."""
     from .cards import cards_for
 
@@ -363,7 +384,8 @@ def cards(name, features, top, store_path, split, max_tokens, contexts, window, 
     except ValueError:
         raise click.UsageError(f"--features takes comma-separated integers, got {features!r}") from None
     made, out, uri = cards_for(name, store_path=store_path, out_dir=out_dir, log=not no_log, features=chosen,
-                               top=top, n_contexts=contexts, window=window, split=split, max_tokens=max_tokens)
+                               top=top, n_contexts=contexts, window=window, split=split, max_tokens=max_tokens,
+                               tracking_uri=tracking)
     if print_text:
         click.echo(made.text())
     click.echo(f"{len(made.cards)} feature cards written to {out / 'index.html'} (+ cards.json)")
@@ -382,12 +404,13 @@ def cards(name, features, top, store_path, split, max_tokens, contexts, window, 
 @click.option("--layer", type=click.IntRange(min=0), default=None, help="Residual stream to splice into [default: the store's layer].")
 @click.option("--tokens", default=4096, show_default=True, type=click.IntRange(min=1), help="Tokens to splice (whole windows).")
 @click.option("--device", default="auto", show_default=True)
-def evaluate_(name, store_path, model_path, text_path, layer, tokens, device) -> None:
+@pass_tracking
+def evaluate_(tracking, name, store_path, model_path, text_path, layer, tokens, device) -> None:
     """Downstream fidelity of NAME: splice it into its source model and measure what the model loses."""
+    from .dictionary import load
     from .evaluate import evaluate
-    from .registry import load
 
-    dictionary = load(name)
+    dictionary = load(name, tracking_uri=tracking)
     texts = None
     if text_path is not None:
         from .harvest import read_texts
@@ -404,11 +427,10 @@ def evaluate_(name, store_path, model_path, text_path, layer, tokens, device) ->
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
-def ui(host, port) -> None:
+@pass_tracking
+def ui(tracking, host, port) -> None:
     """Start the MLflow UI on the registry (the embedded default unless a server is set)."""
-    from .registry import resolve_tracking_uri
-
-    uri = resolve_tracking_uri()
+    uri = tracking.uri
     if uri.startswith(("http://", "https://")):
         click.echo(f"the registry is a tracking server: open {uri} in a browser")
         return

@@ -1,23 +1,28 @@
 """Figures a person would rather look at than read: training curves, feature density, L0.
 
-Pure functions from numbers to matplotlib figures (Agg backend, no display needed).
+Pure functions from numbers to matplotlib figures. They use the object-oriented ``Figure`` API,
+which needs no backend and no pyplot state: nothing to switch, nothing to close. Import this module
+only where plots are made (matplotlib takes a while to import).
 """
 
 from __future__ import annotations
 
-import matplotlib
 import matplotlib.ticker
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
+from matplotlib.figure import Figure
 
 
-def training_curves(history: list[dict]):
+def _subplots(ncols: int = 1, figsize: tuple[float, float] = (6, 3.8)):
+    fig = Figure(figsize=figsize)
+    axes = fig.subplots(1, ncols)
+    return fig, axes
+
+
+def training_curves(history: list[dict]) -> Figure:
     """Training loss and held-out FVU against tokens seen."""
     tokens = [h["tokens"] for h in history]
-    fig, (ax_loss, ax_fvu) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax_loss, ax_fvu) = _subplots(2, figsize=(10, 3.8))
     ax_loss.plot(tokens, [h["train/loss"] for h in history], label="loss")
     ax_loss.plot(tokens, [h["train/mse"] for h in history], label="MSE (scaled inputs)")
     ax_loss.set(xlabel="tokens", ylabel="training loss", yscale="log", title="Training loss")
@@ -30,11 +35,11 @@ def training_curves(history: list[dict]):
     return fig
 
 
-def density_histogram(density: torch.Tensor):
+def density_histogram(density: torch.Tensor) -> Figure:
     """Histogram of log10 firing frequency per latent; dead latents counted in the title."""
     density = np.asarray(density, dtype=np.float64)
     alive = density[density > 0]
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    fig, ax = _subplots(figsize=(6, 3.8))
     if len(alive):
         ax.hist(np.log10(alive), bins=50, color="C0")
     ax.set(
@@ -47,10 +52,10 @@ def density_histogram(density: torch.Tensor):
     return fig
 
 
-def l0_histogram(l0_per_row: torch.Tensor):
+def l0_histogram(l0_per_row: torch.Tensor) -> Figure:
     """Distribution of the number of active latents per token."""
     l0 = np.asarray(l0_per_row, dtype=np.int64)
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    fig, ax = _subplots(figsize=(6, 3.8))
     ax.hist(l0, bins=np.arange(l0.min(), l0.max() + 2) - 0.5 if l0.max() - l0.min() < 100 else 50, color="C1")
     ax.set(xlabel="active latents per token (L0)", ylabel="tokens", title=f"L0 distribution (mean {l0.mean():.1f})")
     ax.grid(alpha=0.3)
@@ -58,9 +63,9 @@ def l0_histogram(l0_per_row: torch.Tensor):
     return fig
 
 
-def frontier(rows: list[dict]):
+def frontier(rows: list[dict]) -> Figure:
     """A sweep: FVU against L0, one series per dict_size, frontier points joined by a line."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _subplots(figsize=(7, 4.5))
     for i, size in enumerate(sorted({r["dict_size"] for r in rows})):
         mine = [r for r in rows if r["dict_size"] == size]
         color = f"C{i % 10}"

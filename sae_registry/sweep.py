@@ -30,10 +30,11 @@ from .errors import SAERegistryError
 from .sweep_spec import (  # noqa: F401  (the spec's names, re-exported: `from sae_registry.sweep import SweepSpec`)
     CHAMPION_BY, EVALUATE_CHOICES, REGISTER_CHOICES, HarvestSpec, Resources, SweepSpec,
 )
+from .tracking import Tracking, TrackingLike
 
 
 def _member_name(sae_cfg: SAEConfig, train_cfg: TrainConfig) -> str:
-    from .registry import default_run_name
+    from .runs import default_run_name
 
     return f"{default_run_name(sae_cfg, train_cfg)}-s{train_cfg.seed}"
 
@@ -48,17 +49,16 @@ def _trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, parent_r
     import torch
     from ray import tune
 
-    from .registry import _REACHED, _client, record_pack, start_runs
+    from .runs import record_pack, start_runs
     from .store import ActivationStore
 
     torch.set_num_threads(max(1, threads))
     # On a cluster, a node that names its own tracking server (docker-compose.yml does) uses it: the
     # driver's address (say a laptop's tunnel to 127.0.0.1) may mean nothing there. A local Ray
     # inherits the driver's environment, which may still hold an earlier sweep's URI: not that.
-    if on_cluster:
-        tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    _REACHED.add(tracking_uri)  # the driver checked it: a trial rides out a server restart on MLflow's retries
+    # The URI comes in the trial's config, as a value; nothing here writes the environment.
+    tracking = Tracking.resolve((os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri) if on_cluster else tracking_uri)
+    tracking.assume_reachable()  # the driver checked it: a trial rides out a server restart on MLflow's retries
     store = ActivationStore.open(store_path)
     members = SweepSpec.from_dict(spec).packs(store.d)[config["pack"]]
     trial_dir = Path(tune.get_context().get_trial_dir())
@@ -69,14 +69,14 @@ def _trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, parent_r
     if checkpoint is None:
         # No Tune checkpoint, but an earlier attempt of this sweep may have made runs for these
         # members (interrupted before its first checkpoint, or finished just before the head died).
-        existing = _member_runs(spec["name"], sweep_id, names, tracking_uri)
+        existing = _member_runs(spec["name"], sweep_id, names, tracking)
         if len(existing) == len(names) and all(r.info.status == "FINISHED" for r in existing.values()):
             tune.report({"step": 0, "done": 1, "fvu": min(r.data.metrics.get("final/fvu", 1.0) for r in existing.values()),
                          "l0": min(r.data.metrics.get("final/l0", 0.0) for r in existing.values())})
             return
         missing = [i for i, n in enumerate(names) if n not in existing]
         new_ids = iter(start_runs(store, [members[i] for i in missing], family=spec["name"], sweep_id=sweep_id,
-                                  parent_run_id=parent_run_id, tracking_uri=tracking_uri,
+                                  parent_run_id=parent_run_id, tracking_uri=tracking,
                                   member_tags=[{"sweep.member": names[i]} for i in missing]))
         run_ids = [existing[n].info.run_id if n in existing else next(new_ids) for n in names]
     else:  # a retry: continue from the last reported checkpoint, in the same MLflow runs
@@ -88,7 +88,7 @@ def _trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, parent_r
                 out.mkdir(parents=True, exist_ok=True)
                 shutil.copytree(saved / name, out / "checkpoint")
 
-    client = _client(tracking_uri)
+    client = tracking.client
     for run_id in run_ids:  # where it ran (the last attempt, when retried elsewhere)
         client.set_tag(run_id, "ray.node_id", ray.get_runtime_context().get_node_id())
     pending: dict[int, dict] = {}
@@ -120,7 +120,7 @@ def _trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, parent_r
         splice = prepare(store, max_tokens=spec.get("evaluate_tokens", 4096), device=device)
         return [splice.run(r.sae) for r in results]
 
-    recorded = record_pack(store, members, family=spec["name"], run_ids=run_ids, tracking_uri=tracking_uri,
+    recorded = record_pack(store, members, family=spec["name"], run_ids=run_ids, tracking_uri=tracking,
                            resume=checkpoint is not None, progress=False,
                            callbacks=[reporter(i) for i in range(len(members))],
                            finish=downstream if spec.get("evaluate") == "downstream" else None)
@@ -129,11 +129,9 @@ def _trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, parent_r
                  "l0": min(r.result.metrics["l0"] for r in recorded)})
 
 
-def _member_runs(family: str, sweep_id: str, names: list[str], tracking_uri: str) -> dict:
+def _member_runs(family: str, sweep_id: str, names: list[str], tracking: Tracking) -> dict:
     """This sweep's runs for these member names, by name (the newest when there are several)."""
-    from .registry import _client
-
-    client = _client(tracking_uri)
+    client = tracking.client
     experiment = client.get_experiment_by_name(family)
     found: dict = {}
     for name in names:
@@ -206,13 +204,13 @@ def _check_ray_address(address: str, timeout: float = 5.0) -> None:
     ``ray.init`` on such an address retries for minutes (forever, for some forms) instead of failing.
     ``auto``/``local`` and other forms are left to Ray.
     """
-    import socket
+    from .tracking import probe
 
     host, sep, port = address.removeprefix("ray://").rpartition(":")
     if not sep or not port.isdigit() or not host:
         return
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        probe(host, int(port), timeout)
     except OSError as e:
         raise SAERegistryError(
             f"no Ray cluster answers at {address} ({e}); start one (`ray start --head`), fix --address / "
@@ -234,16 +232,16 @@ def _check_resources(spec: SweepSpec) -> None:
         )
 
 
-def _sweep_state(spec: SweepSpec, store, experiment_path: str, client, uri: str, resume: bool) -> dict:
+def _sweep_state(spec: SweepSpec, store, experiment_path: str, client, tracking: Tracking, resume: bool) -> dict:
     """The sweep's id and parent run: made on a first run, found again in MLflow on resume.
 
     MLflow holds them (the parent run's tags), so resuming works wherever Tune's state lives.
     """
     from ray import tune
 
-    from .registry import ensure_experiment, lineage_tags
+    from .tracking import lineage_tags
 
-    experiment_id = ensure_experiment(spec.name, uri)  # in the driver, before any trial (see STACK-NOTES)
+    experiment_id = tracking.ensure_experiment(spec.name)  # in the driver, before any trial (see STACK-NOTES)
     if resume:
         parents = client.search_runs(
             [experiment_id],
@@ -270,20 +268,23 @@ def run(
     *,
     resume: bool = False,
     address: str | None = None,
-    tracking_uri: str | None = None,
+    tracking_uri: TrackingLike = None,
     verbose: int = 1,
 ) -> SweepResult:
-    """Run (or with ``resume``, continue) a sweep; register its dictionaries; summarise it on MLflow."""
+    """Run (or with ``resume``, continue) a sweep; register its dictionaries; summarise it on MLflow.
+
+    ``tracking_uri``: a URI or a :class:`~sae_registry.tracking.Tracking` (default
+    ``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` here); the trials get it as a value in their config.
+    """
     import time
 
     import ray
     from ray import tune
 
-    from .registry import _client, resolve_tracking_uri
     from .store import ActivationStore
 
     started = time.perf_counter()
-    uri = resolve_tracking_uri(tracking_uri)
+    tracking = Tracking.resolve(tracking_uri)
     store_path = _ensure_store(spec)
     store = ActivationStore.open(store_path)
     packs = spec.packs(store.d)
@@ -295,14 +296,14 @@ def run(
     started_ray = _start_ray(address)
     try:
         _check_resources(spec)  # before anything is created: a sweep that cannot run leaves no trace
-        client = _client(uri)
+        client = tracking.client
         experiment_path = f"{storage}/{spec.name}"
-        state = _sweep_state(spec, store, experiment_path, client, uri, resume)
+        state = _sweep_state(spec, store, experiment_path, client, tracking, resume)
         sweep_id, parent_run_id = state["sweep_id"], state["parent_run_id"]
         cpu, gpu = spec.resources.cpu, spec.resources.gpu
         trainable = tune.with_resources(
             tune.with_parameters(_trial, spec=spec.to_dict(), store_path=store_path, sweep_id=sweep_id,
-                                 parent_run_id=parent_run_id, tracking_uri=uri,
+                                 parent_run_id=parent_run_id, tracking_uri=tracking.uri,
                                  on_cluster=bool(address or os.environ.get("RAY_ADDRESS")),
                                  device="cuda" if gpu > 0 else "cpu", threads=max(1, int(cpu))),
             {"cpu": cpu, "gpu": gpu},
@@ -335,7 +336,7 @@ def run(
             f"sweep {spec.name!r} was interrupted with {unfinished} trial(s) unfinished; continue it with "
             "`sae-registry sweep SPEC --resume` (finished trials are kept, nothing is duplicated)"
         )
-    rows, champion = _register_and_summarise(spec, client, sweep_id, parent_run_id, failed, uri)
+    rows, champion = _register_and_summarise(spec, client, sweep_id, parent_run_id, failed, tracking)
     wall = time.perf_counter() - started
     client.log_metric(parent_run_id, "wall_seconds", wall)
     client.set_terminated(parent_run_id, "FAILED" if failed else "FINISHED")
@@ -343,10 +344,8 @@ def run(
 
 
 def _register_and_summarise(spec: SweepSpec, client, sweep_id: str, parent_run_id: str, failed: int,
-                            uri: str) -> tuple[list[dict], str | None]:
+                            tracking: Tracking) -> tuple[list[dict], str | None]:
     """Frontier, registration per ``spec.register``, alias, and the summary on the parent run."""
-    import matplotlib.pyplot as plt
-
     from . import plots
     from .registry import register_run, set_alias
 
@@ -374,7 +373,7 @@ def _register_and_summarise(spec: SweepSpec, client, sweep_id: str, parent_run_i
         row["frontier"] = on
         client.set_tag(row["run_id"], "sweep.frontier", str(on).lower())  # also lands on its version
         wanted = spec.register == "all" or (spec.register == "pareto" and on)
-        row["version"] = register_run(row["run_id"], spec.name, tracking_uri=uri) if wanted else None
+        row["version"] = register_run(row["run_id"], spec.name, tracking_uri=tracking) if wanted else None
     registered = [r for r in rows if r["version"]]
     eligible = [r for r in registered if spec.champion_max_l0 is None or r["l0"] <= spec.champion_max_l0]
     champion = None
@@ -385,13 +384,12 @@ def _register_and_summarise(spec: SweepSpec, client, sweep_id: str, parent_run_i
             champion = max(eligible, key=lambda r: (r["fidelity"], -r["fvu"]))["version"]
         else:
             champion = min(eligible, key=lambda r: r["fvu"])["version"]
-        set_alias(spec.name, spec.alias, champion, tracking_uri=uri)
+        set_alias(spec.name, spec.alias, champion, tracking_uri=tracking)
     if rows:
         client.log_table(parent_run_id, data={k: [r[k] for r in rows] for k in rows[0]},
                          artifact_file="sweep_summary.json")
         fig = plots.frontier(rows)
         client.log_figure(parent_run_id, fig, "plots/frontier.png")
-        plt.close(fig)
     for key, value in (("dictionaries", len(rows)), ("registered", len(registered)), ("failed_trials", failed)):
         client.log_metric(parent_run_id, key, value)
     return rows, champion

@@ -23,6 +23,7 @@ import yaml
 from click.testing import CliRunner
 
 import sae_registry
+import sae_registry.tracking
 from sae_registry import ActivationStore, SAEConfig, SAERegistryError, SparseAutoencoder
 from sae_registry.cli import main
 from sae_registry.sweep import SweepSpec
@@ -409,6 +410,9 @@ CASES = {
                                   r"1:Error: no Ray cluster answers at 127\.0\.0\.1:\d+"),
     "cli-tracking-unreachable": (_cli("--tracking-uri", "http://127.0.0.1:PORT", "list"),
                                  r"1:Error: cannot reach the MLflow tracking server at http://127\.0\.0\.1:\d+"),
+    "api-retry-seconds": (lambda e, t, m: (m.setenv("SAE_REGISTRY_RETRY_SECONDS", "abc"),
+                                           sae_registry.tracking.retrying(lambda: None, "a registry call")),
+                          "SAE_REGISTRY_RETRY_SECONDS='abc' is not a number of seconds"),
 }
 
 

@@ -215,7 +215,7 @@ def test_tampered_weights_are_refused(registry, first):
     import mlflow
 
     mv = mlflow.MlflowClient().get_model_version(FAMILY, first.version)
-    model_id = mv.source.rsplit("/", 1)[-1]  # source is models:/m-<id>, the logged model
+    model_id = mlflow.MlflowClient().get_run(mv.run_id).data.tags["sae.model_uri"].rsplit("/", 1)[-1]  # its logged model
     stored = [p for p in registry["artifacts"].rglob("sae.safetensors") if model_id in str(p)]
     assert len(stored) == 1, stored
     original = stored[0].read_bytes()
