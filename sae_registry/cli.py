@@ -294,7 +294,7 @@ def encode(name, store_path, out, split, batch_size, device, overwrite, resume) 
     from .encode import encode_store
     from .registry import load
     from .store import ActivationStore
-    from .train import resolve_device
+    from .sae import resolve_device
 
     dictionary = load(name, device=resolve_device(device))
     store = ActivationStore.open(store_path)
@@ -378,7 +378,7 @@ def cards(name, features, top, store_path, split, max_tokens, contexts, window, 
 @click.option("--device", default="auto", show_default=True)
 def evaluate_(name, store_path, model_path, text_path, layer, tokens, device) -> None:
     """Downstream fidelity of NAME: splice it into its source model and measure what the model loses."""
-    from .evaluate import evaluate
+    from .downstream import evaluate
     from .registry import load
 
     dictionary = load(name)

@@ -26,17 +26,17 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
-from . import metrics as M
+from .metrics import Evaluation, evaluate, fire_counts
 from .errors import SAERegistryError, require_positive_int
-from .sae import SAEConfig, SparseAutoencoder, auxk_loss
+from .sae import SAEConfig, SparseAutoencoder, auxk_loss, resolve_device
 from .store import ActivationStore
 
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
@@ -137,27 +137,26 @@ class TrainConfig:
         return cls(**data)
 
 
-def fit_threads_to_cpus() -> int:
-    """Lower torch's thread count to the CPUs this process may use, and return it.
+@contextmanager
+def threads_fit_to_cpus() -> Iterator[int]:
+    """For the duration of the block, torch's thread count lowered to the CPUs this process may use.
 
     torch starts one thread per physical core of the machine; in a container, under ``taskset`` or
     in a Ray worker given fewer CPUs, more threads than CPUs makes every OpenMP barrier wait on a
     descheduled thread (on a 2-core machine with one other busy process, small ops of a step ran
-    up to 20x slower). Only ever lowers: a count set on purpose (a Ray trial's CPUs, ``OMP_NUM_THREADS``) stays.
+    up to 20x slower). Only ever lowers: a count set on purpose (a Ray trial's CPUs,
+    ``OMP_NUM_THREADS``) stays. The caller's count is restored on the way out: training is a
+    library call, and the process's thread setting is the caller's.
     """
+    before = torch.get_num_threads()
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if torch.get_num_threads() > available:
+    if before > available:
         torch.set_num_threads(available)
-    return torch.get_num_threads()
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is an error."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SAERegistryError(f"device {device!r} asked for, but torch sees no CUDA GPU; use --device cpu")
-    return device
+    try:
+        yield torch.get_num_threads()
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 @dataclass
@@ -180,49 +179,6 @@ def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> to
             return new
         median = new
     return median
-
-
-class Evaluation(NamedTuple):
-    metrics: dict[str, float]  # see metrics.summary
-    density: torch.Tensor  # [dict_size] firing frequency per latent
-    l0_per_row: torch.Tensor  # [n] active latents per token
-
-
-def fire_counts(indices: torch.Tensor, active: torch.Tensor, dict_size: int) -> torch.Tensor:
-    """Per latent, how many rows fired it, from compact codes: ``indices``/``active`` ``[batch, k]``.
-
-    A scatter-add, no dense ``[batch, dict_size]`` mask and nothing that waits for the device.
-    """
-    counts = torch.zeros(dict_size, device=indices.device)
-    return counts.index_add_(0, indices.flatten(), active.flatten().float())
-
-
-@torch.no_grad()
-def evaluate(sae: SparseAutoencoder, x: torch.Tensor, batch_size: int = 4096) -> Evaluation:
-    """Metrics of ``sae`` on raw activations ``x`` (see :mod:`metrics`), batch by batch.
-
-    top_k dictionaries are evaluated in their compact form (``encode_topk``/``decode_topk``): no
-    dense ``[batch, dict_size]`` codes, no dense decoder product.
-    """
-    device = next(sae.parameters()).device
-    dict_size = sae.cfg.dict_size
-    recon, l0s, fired = [], [], torch.zeros(dict_size, dtype=torch.float64)
-    for xb in x.split(batch_size):
-        xb = xb.to(device)
-        if sae.cfg.sparsity == "top_k":
-            values, indices = sae.encode_topk(xb)
-            recon.append(sae.decode_topk(values, indices).cpu())
-            active = values > 0
-            counts = fire_counts(indices, active, dict_size)
-        else:
-            h = sae.encode(xb)
-            recon.append(sae.decode(h).cpu())
-            active = h != 0
-            counts = active.sum(0)
-        fired += counts.cpu().double()
-        l0s.append(active.sum(-1).cpu())
-    density = fired / len(x)
-    return Evaluation(M.summary(x, torch.cat(recon), density), density, torch.cat(l0s))
 
 
 def _lr_factor(step: int, total: int, decay_fraction: float) -> float:
@@ -456,7 +412,15 @@ def train_pack(
         )
     callbacks = callbacks or [None] * len(members)
     extras = extras or [None] * len(members)
-    fit_threads_to_cpus()
+    with threads_fit_to_cpus():
+        return _train_pack(store, members, resolved, resume, callbacks, progress, extras)
+
+
+def _train_pack(store: ActivationStore, members: list, resolved: list[TrainConfig], resume: bool,
+                callbacks: list, progress: bool, extras: list) -> list[TrainResult]:
+    """The pack's step loop (see :func:`train_pack`), its configurations already checked."""
+    cfg = resolved[0]
+    n_train = store.num_tokens("train")
     pack = [_Member(store, sae_cfg, rcfg, Path(out), cb, ex)
             for (sae_cfg, _, out), rcfg, cb, ex in zip(members, resolved, callbacks, extras)]
     batches = store.batches(min(n_train, 16_384), seed=cfg.seed)

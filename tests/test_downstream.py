@@ -8,7 +8,7 @@ from torch import nn
 
 import sae_registry
 from sae_registry import SAEConfig, SAERegistryError, SparseAutoencoder
-from sae_registry.evaluate import prepare
+from sae_registry.downstream import prepare
 from sae_registry.harvest import default_model_path, demo_texts, harvest
 
 
