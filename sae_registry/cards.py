@@ -257,7 +257,8 @@ class Cards:
                 text = "".join(f"[[{t}]]" if i == ctx.center else t for i, t in enumerate(ctx.tokens))
                 lines.append(f"  {ctx.activation:7.3f}  {printable(' '.join(text.split()))}")
             if card.promoted:
-                lines.append("  promotes: " + ", ".join(repr(printable(t)) for t, _ in card.promoted))
+                # repr escapes every non-printable character itself
+            lines.append("  promotes: " + ", ".join(repr(t) for t, _ in card.promoted))
         return "\n".join(lines)
 
     def to_html(self) -> str:
