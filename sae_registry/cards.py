@@ -258,7 +258,7 @@ class Cards:
                 lines.append(f"  {ctx.activation:7.3f}  {printable(' '.join(text.split()))}")
             if card.promoted:
                 # repr escapes every non-printable character itself
-            lines.append("  promotes: " + ", ".join(repr(t) for t, _ in card.promoted))
+                lines.append("  promotes: " + ", ".join(repr(t) for t, _ in card.promoted))
         return "\n".join(lines)
 
     def to_html(self) -> str:

@@ -16,7 +16,7 @@ The recipe (each part a :class:`TrainConfig` option, defaults after Gao et al. 2
 - Adam with a learning rate that decays linearly to zero over the last ``lr_decay_fraction``.
 
 Knows nothing of Ray or MLflow: callers watch progress through ``callback(step, metrics)``.
-Checkpoints (safetensors + JSON, like dictionaries: no pickle) let a stopped run resume exactly.
+Checkpoints (:mod:`sae_registry.checkpoints`: safetensors + JSON, no pickle) let a stopped run resume exactly.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,8 +33,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .metrics import Evaluation, evaluate, fire_counts
+from .checkpoints import load_checkpoint, save_checkpoint
 from .errors import SAERegistryError, require_positive_int
+from .metrics import Evaluation, evaluate, fire_counts
 from .sae import SAEConfig, SparseAutoencoder, auxk_loss, resolve_device
 from .store import ActivationStore
 
@@ -188,51 +188,6 @@ def _lr_factor(step: int, total: int, decay_fraction: float) -> float:
     return max(0.0, (total - step) / decay_steps)
 
 
-def _save_checkpoint(path: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer,
-                     since_fired: torch.Tensor, state: dict) -> None:
-    """Atomically replace ``path`` with the model, Adam's moments and the loop state."""
-    from safetensors.torch import save_file
-
-    tensors = {f"model.{k}": v for k, v in sae.state_tensors().items()}
-    for name, p in sae.state_tensors().items():
-        s = opt.state.get(p)
-        if s:
-            tensors[f"adam.{name}.exp_avg"] = s["exp_avg"]
-            tensors[f"adam.{name}.exp_avg_sq"] = s["exp_avg_sq"]
-            state.setdefault("adam_steps", {})[name] = float(s["step"])
-    tensors["since_fired"] = since_fired
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
-    old = path.with_name(path.name + ".old")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _load_checkpoint(path: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer,
-                     since_fired: torch.Tensor) -> dict:
-    from safetensors.torch import load_file
-
-    state = json.loads((path / "state.json").read_text())
-    tensors = load_file(str(path / "state.safetensors"))
-    device = since_fired.device
-    with torch.no_grad():
-        for name, p in sae.state_tensors().items():
-            p.copy_(tensors[f"model.{name}"])
-            if f"adam.{name}.exp_avg" in tensors:
-                opt.state[p] = {
-                    "step": torch.tensor(state["adam_steps"][name], dtype=torch.float32, device=device),
-                    "exp_avg": tensors[f"adam.{name}.exp_avg"].to(device),
-                    "exp_avg_sq": tensors[f"adam.{name}.exp_avg_sq"].to(device),
-                }
-        since_fired.copy_(tensors["since_fired"])
-    return state
-
-
 # Options every member of a pack must share: they read one batch stream and evaluate together.
 PACK_SHARED = ("tokens", "batch_size", "seed", "eval_every", "eval_tokens", "checkpoint_every", "device")
 
@@ -290,7 +245,7 @@ class _Member:
         self.sae.b_dec.copy_(geometric_median(x) if self.cfg.b_dec_init == "geometric_median" else x.mean(0))
 
     def resume(self) -> None:
-        state = _load_checkpoint(self.checkpoint_path, self.sae, self.opt, self.since_fired)
+        state = load_checkpoint(self.checkpoint_path, self.sae, self.opt, self.since_fired)
         if {k: state[k] for k in self.identity} != json.loads(json.dumps(self.identity)):
             raise SAERegistryError(
                 f"the checkpoint in {self.checkpoint_path} was made for another store or other options; "
@@ -301,7 +256,7 @@ class _Member:
 
     def checkpoint(self) -> None:
         self.refresh_dead()  # so that a run resumed from here uses the same dead set as this one
-        _save_checkpoint(self.checkpoint_path, self.sae, self.opt, self.since_fired,
+        save_checkpoint(self.checkpoint_path, self.sae, self.opt, self.since_fired,
                          {**self.identity, "step": self.step, "history": self.history})
 
     def refresh_dead(self) -> None:
