@@ -57,9 +57,9 @@ def read(cls: type[SparseAutoencoder], directory: str | Path, device: str | torc
     for name, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
             raise SAERegistryError(f"{name} in {weights} holds NaN or Inf")
-    with torch.device("meta"):  # no memory, no random init: every tensor is read from the file
-        sae = cls(cfg)
-    sae.to_empty(device="cpu")
+    # The header matched: the model is no larger than the weights the file holds. (Not built on
+    # torch's meta device to skip the init: its first use costs seconds of import.)
+    sae = cls(cfg)
     with torch.no_grad():
         for name, target in sae.state_tensors().items():
             target.copy_(tensors[name])
