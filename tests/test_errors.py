@@ -224,6 +224,29 @@ def store_missing_chunk(env, tmp, mp):
     ActivationStore.open(path)
 
 
+def store_chunk_too_big(env, tmp, mp):
+    import json
+
+    path = _store(tmp / "bomb.zarr", n=8, d=16)
+    for meta, edit in ((path / "activations" / "zarr.json", lambda m: m["chunk_grid"]["configuration"]["chunk_shape"]),
+                       (path / "zarr.json", lambda m: m["attributes"])):
+        doc = json.loads(meta.read_text())
+        target = edit(doc)
+        target[0 if isinstance(target, list) else "chunk_tokens"] = 2**25
+        meta.write_text(json.dumps(doc))
+    ActivationStore.open(path).read(0, 2)
+
+
+def store_overwrite_foreign(env, tmp, mp):
+    (tmp / "notes").mkdir()
+    (tmp / "notes" / "a.txt").write_text("mine")
+    ActivationStore.create(tmp / "notes", d=8, overwrite=True)
+
+
+def _after_overwrite_foreign(env, tmp):
+    assert (tmp / "notes" / "a.txt").read_text() == "mine"
+
+
 def _after_disk_full(env, tmp):
     with pytest.raises(SAERegistryError, match="never finished"):
         ActivationStore.open(tmp / "full.zarr")
@@ -344,6 +367,13 @@ CASES = {
                         "left 'writing' \\(unfinished\\).*free some space, then harvest again"), _after_disk_full),
     "store-missing-chunk": (store_missing_chunk, (r"m.zarr is damaged: 1 of the 8 chunk files of activations/ are "
                             r"missing \(deleted, or never copied\)\. Delete the store and harvest it again")),
+    "store-chunk-too-big": (store_chunk_too_big, (r"refusing its chunk shape \(33554432, 16\) of activations/: a chunk "
+                            r"holds more rows than the whole store \(8\).*smaller --chunk-tokens")),
+    "store-url-scheme": (lambda e, t, m: ActivationStore.open("http://127.0.0.1:9/acts.zarr"),
+                         "http:// is not a place sae-registry reads stores from; use a local path or one of s3://"),
+    "store-overwrite-foreign": (store_overwrite_foreign, (r"notes exists and was not made by sae-registry as "
+                                r"'sae-registry/activation-store' .*refusing to delete it with --overwrite"),
+                                _after_overwrite_foreign),
     "spec-empty-grid": (lambda e, t, m: SweepSpec.from_dict(_spec(grid=[])), "grid: is empty; give at least one key"),
     "spec-unknown-grid-key": (lambda e, t, m: SweepSpec.from_dict(_spec(grid={"dict_sise": [64]})),
                               "grid: unknown key 'dict_sise'; use dict_size, k, sparsity or a training option"),
