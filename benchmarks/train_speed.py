@@ -85,7 +85,7 @@ def ours(store, sparsity: str, dict_size: int, total_steps: int, sparse_backward
 
 
 def run_case(store, name: str, steps: int, batches: list[torch.Tensor], x_eval: torch.Tensor) -> list[dict]:
-    from sae_registry.train import evaluate
+    from sae_registry.metrics import evaluate
 
     sparsity, dict_size, _ = CASES[name]
     torch.manual_seed(0)

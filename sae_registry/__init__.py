@@ -8,8 +8,8 @@
 __version__ = "0.1.0"
 
 from .errors import SAERegistryError  # noqa: E402
-from .evaluate import evaluate  # the function (the module stays reachable by `from sae_registry.evaluate import ...`)
 from .dictionary import Dictionary, load  # noqa: E402
+from .downstream import evaluate  # noqa: E402  (downstream fidelity; the module is sae_registry.downstream)
 from .registry import find  # noqa: E402
 from .sae import SAEConfig, SparseAutoencoder, SparseEncoder  # noqa: E402
 from .store import ActivationStore  # noqa: E402

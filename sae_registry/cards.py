@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import html
 import json
-import os
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import SAERegistryError, require_positive_int
+from . import models
+from .errors import SAERegistryError, require_int, require_positive_int
 from .sae import SparseAutoencoder
 from .store import ActivationStore
 
@@ -114,17 +115,19 @@ def choose_features(stats: LatentStats, features: list[int] | None = None, top: 
 
 
 def load_tokenizer(source: dict):
-    """The tokenizer a store was harvested with, offline: from ``model_path``, else by ``tokenizer`` name."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
+    """The tokenizer a store was harvested with, offline: from ``model_path``, else by ``tokenizer`` name.
 
+    A folder that asks to run its own code is refused (:func:`sae_registry.models.refuse_remote_code`),
+    not skipped: the store names it, so the user should know.
+    """
     tried = []
     for where in (source.get("model_path"), source.get("tokenizer"), source.get("model")):
         if not where or where in tried:
             continue
         tried.append(where)
+        models.refuse_remote_code(where)
         try:
-            return AutoTokenizer.from_pretrained(where, local_files_only=True)
+            return models.load_tokenizer(where)
         except (OSError, ValueError):
             continue
     raise SAERegistryError(
@@ -166,19 +169,18 @@ def _gather(store: ActivationStore, rows: np.ndarray) -> tuple[torch.Tensor, dic
 
 def unembedding(source: dict, d: int) -> tuple[torch.Tensor | None, str]:
     """The model's output embedding ``W_U [vocab, d]`` when it has one that reads this width, and why not."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     path = source.get("model_path")
+    if path:
+        models.refuse_remote_code(path)
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = models.load_config(path)
     except (OSError, ValueError, TypeError):
         return None, "no unembedding: the harvest's model directory is not here"
-    architectures = config.architectures or []
-    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+    if not models.is_causal_lm(config):
+        architectures = config.architectures or []
         return None, (f"no unembedding: {source.get('model', path)} ({', '.join(architectures) or 'no head'}) "
                       "has no language-model head")
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    model = models.load_model(path, causal_lm=True)
     head = model.get_output_embeddings()
     if head is None or head.weight.shape[1] != d:
         return None, "no unembedding of this width"
@@ -192,6 +194,17 @@ def promoted_tokens(directions: torch.Tensor, W_U: torch.Tensor, k: int = 10) ->
 
 
 # -- cards ---------------------------------------------------------------------------------------------
+
+
+# Characters a terminal acts on: C0/C1 controls (ESC, BEL, CR, ...) and the bidirectional overrides
+# that reorder what is shown.
+_BIDI = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f")
+
+
+def printable(text: str) -> str:
+    """``text`` with every control or bidirectional-override character written as an escape (``\\x1b``)."""
+    return "".join(ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) == "Cc" or ch in _BIDI
+                   else ch for ch in text)
 
 
 @dataclass
@@ -231,15 +244,20 @@ class Cards:
                 "features": [asdict(c) for c in self.cards]}
 
     def text(self, contexts: int | None = None) -> str:
-        """Plain text: each card's numbers and its top contexts, the token in [[brackets]]."""
+        """Plain text: each card's numbers and its top contexts, the token in [[brackets]].
+
+        Tokens come from the store's tokenizer and provenance (someone else's data): control
+        characters are shown escaped (``\\x1b``), so that printing the cards cannot drive a terminal.
+        """
         lines = []
         for card in self.cards:
             lines.append(f"feature {card.feature}: frequency {card.frequency:.4g}, "
                          f"mean activation {card.mean_activation:.3g}, max {card.max_activation:.3g}")
             for ctx in card.contexts[:contexts]:
                 text = "".join(f"[[{t}]]" if i == ctx.center else t for i, t in enumerate(ctx.tokens))
-                lines.append(f"  {ctx.activation:7.3f}  {' '.join(text.split())}")
+                lines.append(f"  {ctx.activation:7.3f}  {printable(' '.join(text.split()))}")
             if card.promoted:
+                # repr escapes every non-printable character itself
                 lines.append("  promotes: " + ", ".join(repr(t) for t, _ in card.promoted))
         return "\n".join(lines)
 
@@ -272,8 +290,7 @@ def make_cards(
 ) -> Cards:
     """Feature cards for ``features`` (or the ``top`` most frequent latents) of ``sae`` over a store split."""
     require_positive_int("n_contexts", n_contexts)
-    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-        raise SAERegistryError(f"window must be a non-negative integer, got {window!r}")
+    require_int("window", window, min=0)
     if not store.has_provenance:
         raise SAERegistryError(
             f"{store.path} was harvested without token provenance, so its rows cannot be shown as text; "

@@ -317,7 +317,7 @@ def encode(tracking, name, store_path, out, split, batch_size, device, overwrite
     from .dictionary import load
     from .encode import encode_store
     from .store import ActivationStore
-    from .train import resolve_device
+    from .sae import resolve_device
 
     dictionary = load(name, device=resolve_device(device), tracking_uri=tracking)
     store = ActivationStore.open(store_path)
@@ -408,7 +408,7 @@ def cards(tracking, name, features, top, store_path, split, max_tokens, contexts
 def evaluate_(tracking, name, store_path, model_path, text_path, layer, tokens, device) -> None:
     """Downstream fidelity of NAME: splice it into its source model and measure what the model loses."""
     from .dictionary import load
-    from .evaluate import evaluate
+    from .downstream import evaluate
 
     dictionary = load(name, tracking_uri=tracking)
     texts = None

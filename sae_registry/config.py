@@ -151,7 +151,7 @@ class TrainConfig:
         """This config with every ``None`` default filled in for ``sae_cfg``."""
         import math
 
-        from .train import resolve_device  # torch: only when a run is about to start
+        from .sae import resolve_device  # torch: only when a run is about to start
 
         return replace(
             self,

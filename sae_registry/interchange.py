@@ -46,7 +46,7 @@ from typing import NamedTuple
 import torch
 
 from . import __version__
-from .errors import SAERegistryError
+from .errors import SAERegistryError, require_positive_int
 from .sae import SAEConfig, SparseAutoencoder
 
 FORMATS = ("saelens", "dictionary_learning")
@@ -307,9 +307,11 @@ def _json(path: Path) -> dict:
 
 
 def _positive_int(path: Path, name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise SAERegistryError(f"{path}: {name} must be a positive integer, got {value!r}")
-    return value
+    """``value`` checked as a positive integer, the error naming the file it came from."""
+    try:
+        return require_positive_int(name, value)
+    except SAERegistryError as e:
+        raise SAERegistryError(f"{path}: {e}") from None
 
 
 def _read_saelens(directory: Path) -> Foreign:
@@ -425,7 +427,13 @@ def _read_dictionary_learning(directory: Path) -> Foreign:
         raise SAERegistryError(f"{weights_path} holds {sorted(state)}; a {dict_class} has {sorted(expected)}")
     top_k = None
     if dict_class == "AutoEncoderTopK":
-        top_k = int(state["k"])
+        k = state["k"]
+        if k.numel() != 1 or k.is_floating_point() or k.is_complex() or k.dtype == torch.bool:
+            raise SAERegistryError(
+                f"{weights_path}: k must be one integer (the number of latents kept per row), got a "
+                f"{k.dtype} tensor of shape {tuple(k.shape)}; this is not a dictionary_learning AutoEncoderTopK"
+            )
+        top_k = _positive_int(weights_path, "k", int(k))
         if "k" in trainer and trainer["k"] != top_k:
             raise SAERegistryError(f"{cfg_path}: trainer.k is {trainer['k']} but {weights_path} says k = {top_k}")
     f = {name: v.to(torch.float32) for name, v in state.items()}

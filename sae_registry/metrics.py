@@ -1,14 +1,20 @@
-"""Evaluation metrics: pure functions of tensors, the same in tests, training, sweeps and the CLI.
+"""Every number about a dictionary: pure functions of tensors, the same in tests, training, sweeps and the CLI.
 
-All take the original activations ``x [n, d]``, the reconstruction ``x_hat [n, d]`` and/or the
-codes ``h [n, dict_size]`` (dense; zeros where a latent is off).
+The scalar metrics take the original activations ``x [n, d]``, the reconstruction ``x_hat [n, d]``
+and/or the per-latent firing frequency ``density [dict_size]`` (computed batch by batch, so that a
+large dictionary never holds all its codes at once). :func:`evaluate` runs a dictionary over a split
+and returns them all.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+
+if TYPE_CHECKING:
+    from .sae import SparseAutoencoder
 
 
 def mse(x: torch.Tensor, x_hat: torch.Tensor) -> float:
@@ -26,39 +32,71 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     return float(residual / total.clamp_min(1e-30))
 
 
-def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    """``1 - FVU``."""
-    return 1.0 - fvu(x, x_hat)
+def l0(density: torch.Tensor) -> float:
+    """Mean number of non-zero latents per row: the sum of the densities.
+
+    Rounded to 1e-9 so that summation error never lifts a top-k dictionary's L0 above k.
+    """
+    return round(math.fsum(density.tolist()), 9)
 
 
-def feature_density(h: torch.Tensor) -> torch.Tensor:
-    """Per latent, the fraction of rows on which it fires: ``[dict_size]``."""
-    return (h != 0).double().mean(0)
-
-
-def l0(h: torch.Tensor) -> float:
-    """Mean number of non-zero latents per row."""
-    return float(feature_density(h).sum())
-
-
-def dead_fraction(h: torch.Tensor) -> float:
+def dead_fraction(density: torch.Tensor) -> float:
     """Fraction of latents that never fire on these rows."""
-    return float((feature_density(h) == 0).double().mean())
+    return float((density == 0).double().mean())
 
 
 def summary(x: torch.Tensor, x_hat: torch.Tensor, density: torch.Tensor) -> dict[str, float]:
-    """Every scalar metric at once, named as they are logged everywhere.
-
-    Takes the feature density (``feature_density(h)``, or the same computed batch by batch)
-    rather than the codes, so that evaluating a large dictionary never holds all codes at once.
-    The mean number of non-zeros per row (L0) is the sum of the densities, rounded to 1e-9 so
-    that summation error never lifts a top-k dictionary's L0 above k.
-    """
+    """Every scalar metric at once, named as they are logged everywhere."""
     unexplained = fvu(x, x_hat)
     return {
         "mse": mse(x, x_hat),
         "fvu": unexplained,
         "explained_variance": 1.0 - unexplained,
-        "l0": round(math.fsum(density.tolist()), 9),
-        "dead_fraction": float((density == 0).double().mean()),
+        "l0": l0(density),
+        "dead_fraction": dead_fraction(density),
     }
+
+
+class Evaluation(NamedTuple):
+    """A dictionary's numbers on a split: the scalars, and the per-latent and per-token detail."""
+
+    metrics: dict[str, float]  # see summary
+    density: torch.Tensor  # [dict_size] firing frequency per latent
+    l0_per_row: torch.Tensor  # [n] active latents per token
+
+
+def fire_counts(indices: torch.Tensor, active: torch.Tensor, dict_size: int) -> torch.Tensor:
+    """Per latent, how many rows fired it, from compact codes: ``indices``/``active`` ``[batch, k]``.
+
+    A scatter-add, no dense ``[batch, dict_size]`` mask and nothing that waits for the device.
+    """
+    counts = torch.zeros(dict_size, device=indices.device)
+    return counts.index_add_(0, indices.flatten(), active.flatten().float())
+
+
+@torch.no_grad()
+def evaluate(sae: SparseAutoencoder, x: torch.Tensor, batch_size: int = 4096) -> Evaluation:
+    """Metrics of ``sae`` on raw activations ``x [n, d]``, batch by batch.
+
+    top_k dictionaries are evaluated in their compact form (``encode_topk``/``decode_topk``): no
+    dense ``[batch, dict_size]`` codes, no dense decoder product.
+    """
+    device = next(sae.parameters()).device
+    dict_size = sae.cfg.dict_size
+    recon, l0s, fired = [], [], torch.zeros(dict_size, dtype=torch.float64)
+    for xb in x.split(batch_size):
+        xb = xb.to(device)
+        if sae.cfg.sparsity == "top_k":
+            values, indices = sae.encode_topk(xb)
+            recon.append(sae.decode_topk(values, indices).cpu())
+            active = values > 0
+            counts = fire_counts(indices, active, dict_size)
+        else:
+            h = sae.encode(xb)
+            recon.append(sae.decode(h).cpu())
+            active = h != 0
+            counts = active.sum(0)
+        fired += counts.cpu().double()
+        l0s.append(active.sum(-1).cpu())
+    density = fired / len(x)
+    return Evaluation(summary(x, torch.cat(recon), density), density, torch.cat(l0s))

@@ -15,8 +15,6 @@ norm by the trainer), which is also the layout a sparse ``(values, indices)`` de
 
 from __future__ import annotations
 
-import json
-import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,14 +23,41 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SPARSITY_MODES, SAEConfig  # noqa: F401  (declared torch-free, re-exported here)
-from .errors import SAERegistryError, require_positive_int
+from .errors import SAERegistryError, require_choice, require_float, require_int, require_positive_int
+from .sparse_ops import Pattern, SelectedLatents, SparseDecode
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"
 DICTIONARY_FORMAT = "sae-registry/dictionary"
 
-# The sparse backward uses CSR tensors, stable in use but still labelled beta by torch.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+# Bounds on a dictionary's shape, checked before anything is allocated (a config file from a
+# registry is someone else's text): 2^24 latents is 16x the largest published SAEs; 2^16 is wider
+# than any residual stream of today's models.
+MAX_DICT_SIZE = 2**24
+MAX_INPUT_SIZE = 2**16
+
+
+def _checked_config(input_size: object, dict_size: object, top_k: object, sparsity: object) -> SAEConfig:
+    """The seed API's arguments checked one by one (errors name the argument), then as a config."""
+    require_int("input_size", require_positive_int("input_size", input_size), max=MAX_INPUT_SIZE)
+    require_int("dict_size", require_positive_int("dict_size", dict_size), max=MAX_DICT_SIZE)
+    require_positive_int("top_k", top_k)
+    require_choice("sparsity", sparsity, SPARSITY_MODES)
+    return SAEConfig(input_size, dict_size, top_k, sparsity)
+
+
+def resolve_device(device: str | torch.device) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ``cuda`` without a GPU is an error.
+
+    The one place a device setting is turned into a device: training, loading, harvest and
+    downstream evaluation all ask here.
+    """
+    device = str(device)
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SAERegistryError(f"device {device!r} asked for, but torch sees no CUDA GPU; use --device cpu")
+    return device
 
 
 class Codes(NamedTuple):
@@ -44,93 +69,6 @@ class Codes(NamedTuple):
     pre_acts: torch.Tensor  # encoder outputs before ReLU [batch, dict_size] (no autograd graph on
     #                         the sparse path: SparseAutoencoder.decode_latents differentiates them)
     centered: torch.Tensor  # x_n - b_dec, the encoder's input [batch, input_size]
-
-
-class _Pattern(NamedTuple):
-    """Where a batch's codes are non-zero, in the two layouts the sparse backward needs.
-
-    ``indices [batch, m]`` (sorted within each row) is the row-major layout; the CSR arrays of its
-    transpose ``[dict_size, batch]`` (``crow``, ``col``, and ``order``, which sends a row-major
-    entry to its place in them) let one sparse product gather every latent's rows at once.
-    Built once per batch with a sort and a binary search (no host sync), shared by the encoder's
-    and the decoder's backward.
-    """
-
-    indices: torch.Tensor
-    order: torch.Tensor
-    crow: torch.Tensor
-    col: torch.Tensor
-
-    @classmethod
-    def of(cls, indices: torch.Tensor, dict_size: int) -> _Pattern:
-        flat = indices.flatten()
-        sorted_ids, order = flat.sort()
-        crow = torch.searchsorted(sorted_ids, torch.arange(dict_size + 1, device=flat.device))
-        return cls(indices, order, crow, order.div(indices.shape[1], rounding_mode="floor"))
-
-    def gather_rows(self, weights: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        """``out[i] = sum of weights[b, j] * dense[b] over (b, j) with indices[b, j] == i``: [dict_size, d]."""
-        sparse = torch.sparse_csr_tensor(self.crow, self.col, weights.flatten()[self.order],
-                                         (len(self.crow) - 1, len(dense)), check_invariants=False)
-        return sparse @ dense
-
-    def dots(self, dense: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """``out[b, j] = dense[b] . table[indices[b, j]]``: [batch, m], computed at the pattern only."""
-        batch, m = self.indices.shape
-        mask = torch.sparse_csr_tensor(
-            torch.arange(0, batch * m + 1, m, device=dense.device), self.indices.flatten(),
-            dense.new_ones(batch * m), (batch, len(table)), check_invariants=False)
-        return torch.sparse.sampled_addmm(mask, dense, table.t(), beta=0.0).values().view(batch, m)
-
-
-class _SelectedLatents(torch.autograd.Function):
-    """``pre[b, indices[b, j]]`` for ``pre = centered @ weight.T + bias``, differentiated sparsely.
-
-    The forward receives those values already computed (the dense encoder product is the one
-    unavoidable cost of top-k; it runs without an autograd graph). The backward touches only the
-    selected latents: with ``g = grad [batch, m]``,
-
-        grad_centered  = sum_j g[b, j] * weight[indices[b, j]]      (an embedding-bag of weight)
-        grad_weight[i] = sum over (b, j) with indices[b, j] == i of g[b, j] * centered[b]
-        grad_bias[i]   = sum over the same (b, j) of g[b, j]
-
-    which is O(batch * m * input_size) instead of two dense ``[batch, dict_size]`` products.
-    """
-
-    @staticmethod
-    def forward(ctx, values, centered, weight, bias, *pattern):
-        ctx.save_for_backward(centered, weight, *pattern)
-        return values.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        centered, weight, *pattern = ctx.saved_tensors
-        pattern = _Pattern(*pattern)
-        grad = grad.contiguous()
-        grad_centered = F.embedding_bag(pattern.indices, weight, per_sample_weights=grad, mode="sum")
-        grad_weight = pattern.gather_rows(grad, centered)
-        grad_bias = grad.new_zeros(len(weight)).index_add_(0, pattern.indices.flatten(), grad.flatten())
-        return None, grad_centered, grad_weight, grad_bias, *([None] * len(pattern))
-
-
-class _SparseDecode(torch.autograd.Function):
-    """``sum_j values[b, j] * W_dec[indices[b, j]]`` (no bias), differentiated sparsely.
-
-    Forward is an embedding-bag; backward computes ``grad_values`` as dot products at the pattern
-    only (a sampled matmul) and ``grad_W_dec`` as one sparse product, each O(batch * m * d).
-    """
-
-    @staticmethod
-    def forward(ctx, values, W_dec, *pattern):
-        ctx.save_for_backward(values, W_dec, *pattern)
-        return F.embedding_bag(pattern[0], W_dec, per_sample_weights=values, mode="sum")
-
-    @staticmethod
-    def backward(ctx, grad):
-        values, W_dec, *pattern = ctx.saved_tensors
-        pattern = _Pattern(*pattern)
-        grad = grad.contiguous()
-        return pattern.dots(grad, W_dec), pattern.gather_rows(values, grad), *([None] * len(pattern))
 
 
 def _check_input(x: torch.Tensor, width: int, what: str) -> torch.Tensor:
@@ -214,7 +152,7 @@ class SparseAutoencoder(nn.Module):
         cls, input_size: int, dict_size: int = 4096, top_k: int = 32, sparsity: str = "top_k"
     ) -> SparseAutoencoder:
         """Build a sparse autoencoder; raises :class:`SAERegistryError` on bad options."""
-        return cls(SAEConfig(input_size, dict_size, top_k, sparsity))
+        return cls(_checked_config(input_size, dict_size, top_k, sparsity))
 
     @staticmethod
     def build_encoder(
@@ -224,7 +162,7 @@ class SparseAutoencoder(nn.Module):
 
         A trained autoencoder's own encoder is ``sae.encoder``.
         """
-        encoder = SparseEncoder(SAEConfig(input_size, dict_size, top_k, sparsity))
+        encoder = SparseEncoder(_checked_config(input_size, dict_size, top_k, sparsity))
         SparseAutoencoder._init_weights(encoder, None)
         return encoder
 
@@ -243,6 +181,10 @@ class SparseAutoencoder(nn.Module):
         nothing to the L1 sum, so both give the same number. With unit-norm decoder rows this is
         the decoder-norm-weighted L1 of Anthropic's recipe.
         """
+        for name, value in (("input", input), ("reconstruction", reconstruction), ("hidden_acts", hidden_acts)):
+            if not isinstance(value, torch.Tensor):
+                raise SAERegistryError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        l1_coeff = require_float("l1_coeff", l1_coeff, min=0)
         if input.shape != reconstruction.shape:
             raise SAERegistryError(
                 f"input {tuple(input.shape)} and reconstruction {tuple(reconstruction.shape)} "
@@ -261,7 +203,7 @@ class SparseAutoencoder(nn.Module):
     @staticmethod
     def output_size(input_size: int, **_options: object) -> int:
         """The output width of the autoencoder: its input width."""
-        return require_positive_int("input_size", input_size)
+        return require_int("input_size", require_positive_int("input_size", input_size), max=MAX_INPUT_SIZE)
 
     # -- use -----------------------------------------------------------------------------------
 
@@ -319,66 +261,19 @@ class SparseAutoencoder(nn.Module):
     def save(self, directory: str | Path, extra: dict | None = None) -> Path:
         """Write ``sae.safetensors`` + ``config.json`` (plus ``extra`` metadata) to ``directory``.
 
-        No pickle: the weights are safetensors, everything else JSON.
+        No pickle: the weights are safetensors, everything else JSON (see :mod:`sae_registry.sae_files`).
         """
-        from safetensors.torch import save_file
+        from .sae_files import write
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_tensors().items()}
-        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": DICTIONARY_FORMAT})
-        config = {"format": DICTIONARY_FORMAT, "format_version": 1, "sae": self.cfg.to_dict()}
-        config.update(extra or {})
-        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-        return directory
+        return write(self, directory, extra)
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
-        """Rebuild a dictionary from ``sae.safetensors`` + ``config.json``; checks every shape."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        """Rebuild a dictionary from ``sae.safetensors`` + ``config.json``; checks every shape before
+        allocating anything (see :func:`sae_registry.sae_files.read`). ``device`` may be ``auto``."""
+        from .sae_files import read
 
-        directory = Path(directory)
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
-            if not (directory / name).is_file():
-                raise SAERegistryError(f"{directory} holds no {name}; it is not a saved dictionary")
-        try:
-            config = json.loads((directory / CONFIG_FILE).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SAERegistryError(f"{directory / CONFIG_FILE} is not valid JSON: {e}") from e
-        if not isinstance(config, dict) or not isinstance(config.get("sae"), dict):
-            raise SAERegistryError(f"{directory / CONFIG_FILE} has no 'sae' section")
-        # format and sae are read; every other top-level key (train, store, metrics, lineage, ...:
-        # what save(extra=...) wrote) is description only and never interpreted.
-        if (config.get("format"), config.get("format_version")) != (DICTIONARY_FORMAT, 1):
-            raise SAERegistryError(
-                f"{directory / CONFIG_FILE} says format {config.get('format')!r} version "
-                f"{config.get('format_version')!r}; this sae-registry reads {DICTIONARY_FORMAT!r} version 1"
-            )
-        try:
-            sae = cls(SAEConfig.from_dict(config["sae"]))
-        except SAERegistryError as e:
-            raise SAERegistryError(f"{directory / CONFIG_FILE}: {e}; refusing to load it") from None
-        try:
-            tensors = load_file(str(directory / WEIGHTS_FILE))
-        except (SafetensorError, OSError) as e:
-            raise SAERegistryError(f"{directory / WEIGHTS_FILE} is not a readable safetensors file: {e}") from e
-        expected = sae.state_tensors()
-        if set(tensors) != set(expected):
-            raise SAERegistryError(
-                f"{directory / WEIGHTS_FILE} holds {sorted(tensors)}, expected {sorted(expected)}"
-            )
-        with torch.no_grad():
-            for name, target in expected.items():
-                if tensors[name].shape != target.shape:
-                    raise SAERegistryError(
-                        f"{name} in {directory / WEIGHTS_FILE} has shape {tuple(tensors[name].shape)}, "
-                        f"config.json implies {tuple(target.shape)}"
-                    )
-                if not torch.isfinite(tensors[name]).all():
-                    raise SAERegistryError(f"{name} in {directory / WEIGHTS_FILE} holds NaN or Inf")
-                target.copy_(tensors[name])
-        return sae.to(device).eval()
+        return read(cls, directory, device)
 
     # -- training ------------------------------------------------------------------------------
 
@@ -389,7 +284,7 @@ class SparseAutoencoder(nn.Module):
         top_k selects the k largest encoder outputs and applies the ReLU to those k only (the
         same codes as ReLU-then-top-k), decodes from ``(values, indices)`` with an embedding-bag,
         and, with ``sparse_backward``, differentiates only the selected latents (see
-        :class:`_SelectedLatents`): the dense encoder product is then the only
+        :class:`~sae_registry.sparse_ops.SelectedLatents`): the dense encoder product is then the only
         ``[batch, dict_size]`` work of a step. ``sparse_backward=False`` is plain autograd through
         the dense product (same numbers, about three times the work); l1 always is.
 
@@ -412,28 +307,29 @@ class SparseAutoencoder(nn.Module):
                 dtype = select_dtype if low else linear.weight.dtype
                 pre = torch.addmm(linear.bias.to(dtype), centered.to(dtype), linear.weight.to(dtype).t())
         indices = pre.detach().topk(self.cfg.top_k, dim=-1, sorted=False).indices.sort(dim=-1).values
-        out = Codes(None, None, indices, pre, centered)
-        values, decoded = self.decode_latents(out, indices)
-        return out._replace(reconstruction=decoded + self.b_dec, hidden_acts=values)
+        values, decoded = self.decode_latents(pre, centered, indices)
+        return Codes(decoded + self.b_dec, values, indices, pre, centered)
 
-    def decode_latents(self, out: Codes, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ReLU'd encoder outputs of ``out``'s batch at ``indices [batch, m]`` (each row's ids
-        distinct and sorted) and their decoding without bias, both differentiable.
+    def decode_latents(self, pre_acts: torch.Tensor, centered: torch.Tensor,
+                       indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ReLU'd encoder outputs ``pre_acts`` at ``indices [batch, m]`` (each row's ids distinct
+        and sorted; ``centered`` is the encoder's input) and their decoding without bias, both
+        differentiable.
 
-        On the sparse path (``out.pre_acts`` without a graph) the backward of both touches only
-        these ``m`` latents per row (:class:`_SelectedLatents`, :class:`_SparseDecode`).
+        On the sparse path (``pre_acts`` without a graph) the backward of both touches only these
+        ``m`` latents per row (:mod:`sae_registry.sparse_ops`).
         """
-        if out.pre_acts.requires_grad:
-            values = out.pre_acts.gather(1, indices).clamp_min(0)
+        if pre_acts.requires_grad:
+            values = pre_acts.gather(1, indices).clamp_min(0)
             return values, self._decode_sparse(values, indices)
         linear = self.encoder.encoder
-        pattern = _Pattern.of(indices, self.cfg.dict_size)
+        pattern = Pattern.of(indices, self.cfg.dict_size)
         with torch.no_grad():
-            selected = out.pre_acts.gather(1, indices)
+            selected = pre_acts.gather(1, indices)
             if selected.dtype != linear.weight.dtype:  # chosen by a low-precision product: exact values
-                selected = pattern.dots(out.centered, linear.weight) + linear.bias[indices]
-        values = _SelectedLatents.apply(selected, out.centered, linear.weight, linear.bias, *pattern).clamp_min(0)
-        return values, _SparseDecode.apply(values, self.W_dec, *pattern)
+                selected = pattern.dots(centered, linear.weight) + linear.bias[indices]
+        values = SelectedLatents.apply(selected, centered, linear.weight, linear.bias, *pattern).clamp_min(0)
+        return values, SparseDecode.apply(values, self.W_dec, *pattern)
 
     def _decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """``sum_j values[b, j] * W_dec[indices[b, j]]``, without the bias: an embedding-bag."""
@@ -497,6 +393,6 @@ def auxk_loss(
     with torch.no_grad():
         _, position = out.pre_acts.detach().index_select(1, dead).topk(k, dim=-1, sorted=False)
         indices = dead[position.sort(dim=-1).values]  # dead is sorted, so these rows are too
-    _, residual_hat = sae.decode_latents(out, indices)
+    _, residual_hat = sae.decode_latents(out.pre_acts, out.centered, indices)
     total_var = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
     return (residual_hat - residual).pow(2).sum() / total_var * min(len(dead) / k_aux, 1.0)

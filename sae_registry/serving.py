@@ -22,15 +22,13 @@ class DictionaryModel(PythonModel):
     """Encodes activations with a saved dictionary; reads only safetensors and JSON."""
 
     def load_context(self, context) -> None:
-        import torch
-
         from sae_registry.sae import SparseAutoencoder
 
         weights = Path(context.artifacts[WEIGHTS_KEY])
         config = Path(context.artifacts[CONFIG_KEY])
         if weights.parent != config.parent:  # SparseAutoencoder.load reads one directory
             raise RuntimeError(f"{weights} and {config} must lie in one directory")
-        self.sae = SparseAutoencoder.load(weights.parent, device="cuda" if torch.cuda.is_available() else "cpu")
+        self.sae = SparseAutoencoder.load(weights.parent, device="auto")
 
     def predict(self, context, model_input, params=None) -> np.ndarray:
         import torch

@@ -5,7 +5,7 @@ dictionary per trial). Every dictionary is its own MLflow run, a child of the sw
 When the grid is done, the Pareto frontier of FVU against L0 (per dict_size) is computed from the
 registry, the chosen versions are registered, the best gets the alias, and the parent run gets a
 summary table and a frontier plot. With ``evaluate: downstream`` each trial also splices every
-dictionary of its pack into the source model (``evaluate.py``) before the runs end, and
+dictionary of its pack into the source model (``downstream.py``) before the runs end, and
 ``champion_by: downstream`` gives the alias to the highest downstream fidelity instead of the lowest FVU.
 
 Faults: trials report a Tune checkpoint (our safetensors checkpoints + the MLflow run ids) every
@@ -115,7 +115,7 @@ def _trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, parent_r
 
     def downstream(results) -> list[dict]:
         """Downstream fidelity of every member: one model load and clean pass for the pack."""
-        from .evaluate import prepare
+        from .downstream import prepare
 
         splice = prepare(store, max_tokens=spec.get("evaluate_tokens", 4096), device=device)
         return [splice.run(r.sae) for r in results]
@@ -289,7 +289,7 @@ def run(
     store = ActivationStore.open(store_path)
     packs = spec.packs(store.d)
     if spec.evaluate == "downstream":
-        from .evaluate import check_store
+        from .downstream import check_store
 
         check_store(store)  # in the driver: a store the trials cannot evaluate on fails before any training
     storage = spec.storage if "://" in spec.storage else str(Path(spec.storage).absolute())

@@ -16,7 +16,7 @@ The recipe (each part a :class:`TrainConfig` option, defaults after Gao et al. 2
 - Adam with a learning rate that decays linearly to zero over the last ``lr_decay_fraction``.
 
 Knows nothing of Ray or MLflow: callers watch progress through ``callback(step, metrics)``.
-Checkpoints (safetensors + JSON, like dictionaries: no pickle) let a stopped run resume exactly.
+Checkpoints (:mod:`sae_registry.checkpoints`: safetensors + JSON, no pickle) let a stopped run resume exactly.
 """
 
 from __future__ import annotations
@@ -24,21 +24,21 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
-from . import metrics as M
+from .checkpoints import load_checkpoint, save_checkpoint
 # the configurations live in config.py (no torch there: the CLI builds its options from them)
 from .config import B_DEC_INITS, ENCODER_INITS, PACK_SHARED, PRECISIONS, SAEConfig, TrainConfig  # noqa: F401
 from .errors import SAERegistryError
-from .sae import SparseAutoencoder, auxk_loss
+from .metrics import Evaluation, evaluate, fire_counts
+from .sae import SparseAutoencoder, auxk_loss, resolve_device  # noqa: F401  (resolve_device: train.resolve_device)
 from .store import ActivationStore
 
 CHECKPOINT_DIR = "checkpoint"
@@ -47,27 +47,26 @@ METRICS_FILE = "metrics.json"
 Callback = Callable[[int, dict, "Path | None"], None]  # (step, metrics, checkpoint just written)
 
 
-def fit_threads_to_cpus() -> int:
-    """Lower torch's thread count to the CPUs this process may use, and return it.
+@contextmanager
+def threads_fit_to_cpus() -> Iterator[int]:
+    """For the duration of the block, torch's thread count lowered to the CPUs this process may use.
 
     torch starts one thread per physical core of the machine; in a container, under ``taskset`` or
     in a Ray worker given fewer CPUs, more threads than CPUs makes every OpenMP barrier wait on a
     descheduled thread (on a 2-core machine with one other busy process, small ops of a step ran
-    up to 20x slower). Only ever lowers: a count set on purpose (a Ray trial's CPUs, ``OMP_NUM_THREADS``) stays.
+    up to 20x slower). Only ever lowers: a count set on purpose (a Ray trial's CPUs,
+    ``OMP_NUM_THREADS``) stays. The caller's count is restored on the way out: training is a
+    library call, and the process's thread setting is the caller's.
     """
+    before = torch.get_num_threads()
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if torch.get_num_threads() > available:
+    if before > available:
         torch.set_num_threads(available)
-    return torch.get_num_threads()
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is an error."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SAERegistryError(f"device {device!r} asked for, but torch sees no CUDA GPU; use --device cpu")
-    return device
+    try:
+        yield torch.get_num_threads()
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 @dataclass
@@ -92,99 +91,11 @@ def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> to
     return median
 
 
-class Evaluation(NamedTuple):
-    metrics: dict[str, float]  # see metrics.summary
-    density: torch.Tensor  # [dict_size] firing frequency per latent
-    l0_per_row: torch.Tensor  # [n] active latents per token
-
-
-def fire_counts(indices: torch.Tensor, active: torch.Tensor, dict_size: int) -> torch.Tensor:
-    """Per latent, how many rows fired it, from compact codes: ``indices``/``active`` ``[batch, k]``.
-
-    A scatter-add, no dense ``[batch, dict_size]`` mask and nothing that waits for the device.
-    """
-    counts = torch.zeros(dict_size, device=indices.device)
-    return counts.index_add_(0, indices.flatten(), active.flatten().float())
-
-
-@torch.no_grad()
-def evaluate(sae: SparseAutoencoder, x: torch.Tensor, batch_size: int = 4096) -> Evaluation:
-    """Metrics of ``sae`` on raw activations ``x`` (see :mod:`metrics`), batch by batch.
-
-    top_k dictionaries are evaluated in their compact form (``encode_topk``/``decode_topk``): no
-    dense ``[batch, dict_size]`` codes, no dense decoder product.
-    """
-    device = next(sae.parameters()).device
-    dict_size = sae.cfg.dict_size
-    recon, l0s, fired = [], [], torch.zeros(dict_size, dtype=torch.float64)
-    for xb in x.split(batch_size):
-        xb = xb.to(device)
-        if sae.cfg.sparsity == "top_k":
-            values, indices = sae.encode_topk(xb)
-            recon.append(sae.decode_topk(values, indices).cpu())
-            active = values > 0
-            counts = fire_counts(indices, active, dict_size)
-        else:
-            h = sae.encode(xb)
-            recon.append(sae.decode(h).cpu())
-            active = h != 0
-            counts = active.sum(0)
-        fired += counts.cpu().double()
-        l0s.append(active.sum(-1).cpu())
-    density = fired / len(x)
-    return Evaluation(M.summary(x, torch.cat(recon), density), density, torch.cat(l0s))
-
-
 def _lr_factor(step: int, total: int, decay_fraction: float) -> float:
     decay_steps = int(total * decay_fraction)
     if decay_steps == 0 or step < total - decay_steps:
         return 1.0
     return max(0.0, (total - step) / decay_steps)
-
-
-def _save_checkpoint(path: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer,
-                     since_fired: torch.Tensor, state: dict) -> None:
-    """Atomically replace ``path`` with the model, Adam's moments and the loop state."""
-    from safetensors.torch import save_file
-
-    tensors = {f"model.{k}": v for k, v in sae.state_tensors().items()}
-    for name, p in sae.state_tensors().items():
-        s = opt.state.get(p)
-        if s:
-            tensors[f"adam.{name}.exp_avg"] = s["exp_avg"]
-            tensors[f"adam.{name}.exp_avg_sq"] = s["exp_avg_sq"]
-            state.setdefault("adam_steps", {})[name] = float(s["step"])
-    tensors["since_fired"] = since_fired
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
-    old = path.with_name(path.name + ".old")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _load_checkpoint(path: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer,
-                     since_fired: torch.Tensor) -> dict:
-    from safetensors.torch import load_file
-
-    state = json.loads((path / "state.json").read_text())
-    tensors = load_file(str(path / "state.safetensors"))
-    device = since_fired.device
-    with torch.no_grad():
-        for name, p in sae.state_tensors().items():
-            p.copy_(tensors[f"model.{name}"])
-            if f"adam.{name}.exp_avg" in tensors:
-                opt.state[p] = {
-                    "step": torch.tensor(state["adam_steps"][name], dtype=torch.float32, device=device),
-                    "exp_avg": tensors[f"adam.{name}.exp_avg"].to(device),
-                    "exp_avg_sq": tensors[f"adam.{name}.exp_avg_sq"].to(device),
-                }
-        since_fired.copy_(tensors["since_fired"])
-    return state
 
 
 # Options every member of a pack must share: they read one batch stream and evaluate together.
@@ -243,7 +154,7 @@ class _Member:
         self.sae.b_dec.copy_(geometric_median(x) if self.cfg.b_dec_init == "geometric_median" else x.mean(0))
 
     def resume(self) -> None:
-        state = _load_checkpoint(self.checkpoint_path, self.sae, self.opt, self.since_fired)
+        state = load_checkpoint(self.checkpoint_path, self.sae, self.opt, self.since_fired)
         if {k: state[k] for k in self.identity} != json.loads(json.dumps(self.identity)):
             raise SAERegistryError(
                 f"the checkpoint in {self.checkpoint_path} was made for another store or other options; "
@@ -254,7 +165,7 @@ class _Member:
 
     def checkpoint(self) -> None:
         self.refresh_dead()  # so that a run resumed from here uses the same dead set as this one
-        _save_checkpoint(self.checkpoint_path, self.sae, self.opt, self.since_fired,
+        save_checkpoint(self.checkpoint_path, self.sae, self.opt, self.since_fired,
                          {**self.identity, "step": self.step, "history": self.history})
 
     def refresh_dead(self) -> None:
@@ -365,7 +276,15 @@ def train_pack(
         )
     callbacks = callbacks or [None] * len(members)
     extras = extras or [None] * len(members)
-    fit_threads_to_cpus()
+    with threads_fit_to_cpus():
+        return _train_pack(store, members, resolved, resume, callbacks, progress, extras)
+
+
+def _train_pack(store: ActivationStore, members: list, resolved: list[TrainConfig], resume: bool,
+                callbacks: list, progress: bool, extras: list) -> list[TrainResult]:
+    """The pack's step loop (see :func:`train_pack`), its configurations already checked."""
+    cfg = resolved[0]
+    n_train = store.num_tokens("train")
     pack = [_Member(store, sae_cfg, rcfg, Path(out), cb, ex)
             for (sae_cfg, _, out), rcfg, cb, ex in zip(members, resolved, callbacks, extras)]
     batches = store.batches(min(n_train, 16_384), seed=cfg.seed)

@@ -128,6 +128,17 @@ def test_promoted_tokens_are_the_decoder_directions_top_logits():
     assert ids.shape == (3, 5) and all(logits[i, ids[i, 0]] == logits[i].max() for i in range(3))
 
 
+def test_printed_cards_cannot_drive_the_terminal():
+    from sae_registry.cards import Cards, Context, FeatureCard
+
+    hostile = ["\x1b]0;owned\x07", "\x1b[2J", "\u202egnp.exe", "\x9b31m", "ok"]
+    card = FeatureCard(3, 0.5, 1.0, 2.0, [Context(0, 0, 0, 2.0, hostile, [0.0] * 5, 4)],
+                       promoted=[("\x1b[31mred", 1.0)])
+    text = Cards("t", {}, [card]).text()
+    assert not any(ch in text for ch in "\x1b\x07\x9b\u202e")
+    assert "\\x1b]0;owned\\x07" in text and "\\u202egnp.exe" in text and "[[ok]]" in text
+
+
 def test_token_pieces_rebuild_the_decoded_text():
     tok = load_tokenizer({"model_path": str(default_model_path())})
     ids = tok("Feature cards highlight tokenization.", add_special_tokens=False)["input_ids"]

@@ -296,6 +296,25 @@ def registry_server_unreachable(env, tmp, mp):
         assert time.perf_counter() - started < 30
 
 
+def api_remote_code_model(env, tmp, mp):
+    from sae_registry.harvest import harvest
+
+    (tmp / "model").mkdir()
+    (tmp / "model" / "config.json").write_text(json.dumps({"model_type": "bert", "auto_map": {"AutoModel": "x.Y"}}))
+    harvest(tmp / "s.zarr", ["some text"], model_path=tmp / "model", progress=False)
+
+
+def import_k_not_one_integer(env, tmp, mp):
+    from sae_registry.interchange import read
+
+    (tmp / "dl").mkdir()
+    (tmp / "dl" / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoderTopK"}}))
+    torch.save({"encoder.weight": torch.randn(16, 8), "encoder.bias": torch.zeros(16),
+                "decoder.weight": torch.randn(8, 16), "b_dec": torch.zeros(8), "k": torch.tensor([4, 4])},
+               tmp / "dl" / "ae.pt")
+    read(tmp / "dl")
+
+
 def _cli(*args, registry: bool = False):
     def case(env, tmp, mp):
         mp.setenv("MLFLOW_TRACKING_URI", "x")  # the CLI may set it: restored (unset) after the case
@@ -413,6 +432,13 @@ CASES = {
     "api-retry-seconds": (lambda e, t, m: (m.setenv("SAE_REGISTRY_RETRY_SECONDS", "abc"),
                                            sae_registry.tracking.retrying(lambda: None, "a registry call")),
                           "SAE_REGISTRY_RETRY_SECONDS='abc' is not a number of seconds"),
+    "api-weights-header-mismatch": (
+        lambda e, t, m: SparseAutoencoder.load(_saved(t, lambda c: c["sae"].update(dict_size=3_000_000))),
+        r"W_enc in .*sae.safetensors has shape \(16, 8\), config.json implies \(3000000, 8\)"),
+    "api-config-too-large": (lambda e, t, m: SparseAutoencoder.load(_saved(t, lambda c: c["sae"].update(dict_size=10**12))),
+                             r"config.json: dict_size must be <= 16777216, got 1000000000000; refusing to load it"),
+    "api-remote-code-model": (api_remote_code_model, "names its own model code \\(auto_map\\); sae-registry never runs"),
+    "import-k-not-one-integer": (import_k_not_one_integer, r"ae.pt: k must be one integer .*shape \(2,\)"),
 }
 
 

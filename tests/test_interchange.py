@@ -232,6 +232,15 @@ def test_unmappable_dictionary_learning_files_are_refused_naming_the_field(tmp_p
         ic.read(tmp_path / "bare")
 
 
+@pytest.mark.parametrize("k", [torch.tensor([K, K]), torch.tensor(2.5), torch.tensor(0)])
+def test_an_ae_pt_with_a_k_that_is_not_one_positive_integer_is_refused(tmp_path, k):
+    _dictionary_learning_dir(tmp_path, "AutoEncoderTopK")
+    state = torch.load(tmp_path / "ae.pt", weights_only=True)
+    torch.save({**state, "k": k}, tmp_path / "ae.pt")
+    with pytest.raises(SAERegistryError, match=r"ae.pt: k must be (one integer|a positive integer)"):
+        ic.read(tmp_path)
+
+
 class _Trap:
     """Pickles as a call that would create ``marker``: what a hostile ``ae.pt`` can hold."""
 

@@ -4,7 +4,7 @@ import torch
 from sae_registry import metrics as M
 
 
-def test_fvu_mse_and_explained_variance():
+def test_fvu_and_mse():
     x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 0.0]])
     assert M.fvu(x, x) == 0
     assert M.fvu(x, x.mean(0).expand_as(x)) == pytest.approx(1.0)
@@ -12,14 +12,39 @@ def test_fvu_mse_and_explained_variance():
     total = ((x - x.mean(0)) ** 2).sum()
     assert M.fvu(x, x_hat) == pytest.approx(0.5 / float(total))
     assert M.mse(x, x_hat) == pytest.approx(0.5 / 6)
-    assert M.explained_variance(x, x_hat) == pytest.approx(1 - 0.5 / float(total))
+    s = M.summary(x, x_hat, torch.ones(4, dtype=torch.float64))
+    assert s["explained_variance"] == pytest.approx(1 - 0.5 / float(total))
 
 
-def test_l0_density_and_dead_fraction():
-    h = torch.tensor([[1.0, 0.0, 0.0, 2.0], [0.0, 0.0, 0.0, 3.0], [0.5, 0.0, 0.0, 0.0]])
-    assert M.l0(h) == pytest.approx(4 / 3)
-    torch.testing.assert_close(M.feature_density(h), torch.tensor([2 / 3, 0, 0, 2 / 3], dtype=torch.float64))
-    assert M.dead_fraction(h) == 0.5
-    s = M.summary(torch.ones(3, 2), torch.ones(3, 2), M.feature_density(h))
-    assert s["l0"] == pytest.approx(M.l0(h)) and s["dead_fraction"] == 0.5
+def test_l0_and_dead_fraction_from_density():
+    density = torch.tensor([2 / 3, 0, 0, 2 / 3], dtype=torch.float64)
+    assert M.l0(density) == pytest.approx(4 / 3)
+    assert M.dead_fraction(density) == 0.5
+    s = M.summary(torch.ones(3, 2), torch.ones(3, 2), density)
+    assert s["l0"] == pytest.approx(4 / 3) and s["dead_fraction"] == 0.5
     assert set(s) == {"mse", "fvu", "explained_variance", "l0", "dead_fraction"}
+    # summation error never lifts a top-k dictionary's L0 above k
+    assert M.l0(torch.full((10,), 0.1, dtype=torch.float64)) == 1.0
+
+
+def test_fire_counts_from_compact_codes():
+    indices = torch.tensor([[0, 2], [2, 3], [0, 1]])
+    active = torch.tensor([[True, True], [True, False], [False, True]])
+    assert M.fire_counts(indices, active, 5).tolist() == [1, 1, 2, 0, 0]
+
+
+@pytest.mark.parametrize("sparsity", ["top_k", "l1"])
+def test_evaluate_matches_the_dense_definitions(sparsity):
+    from sae_registry import SparseAutoencoder
+
+    torch.manual_seed(0)
+    sae = SparseAutoencoder.build(8, dict_size=32, top_k=4, sparsity=sparsity)
+    x = torch.randn(300, 8)
+    ev = M.evaluate(sae, x, batch_size=64)  # several batches: the sums must add up
+    h = sae.encode(x)
+    density = (h != 0).double().mean(0)
+    torch.testing.assert_close(ev.density, density)
+    torch.testing.assert_close(ev.l0_per_row, (h != 0).sum(-1))
+    assert ev.metrics["l0"] == pytest.approx(float(density.sum()))
+    with torch.no_grad():
+        assert ev.metrics["fvu"] == pytest.approx(M.fvu(x, sae.decode(h)), rel=1e-5)

@@ -111,6 +111,25 @@ def test_l1_mode_allows_top_k_above_dict_size():
 def test_output_size_validates():
     with pytest.raises(SAERegistryError, match="input_size"):
         SparseAutoencoder.output_size(input_size=0)
+    with pytest.raises(SAERegistryError, match="input_size must be <= 65536"):
+        SparseAutoencoder.output_size(input_size=2**20)
+
+
+def test_the_seed_api_refuses_absurd_shapes_before_allocating():
+    with pytest.raises(SAERegistryError, match="dict_size must be <= 16777216"):
+        SparseAutoencoder.build(8, dict_size=10**12, top_k=4)
+    with pytest.raises(SAERegistryError, match="input_size must be <= 65536"):
+        SparseAutoencoder.build_encoder(10**9, dict_size=16, top_k=4)
+
+
+@pytest.mark.parametrize("l1_coeff, message", [(-1.0, "l1_coeff must be >= 0"), (float("nan"), "finite number"),
+                                               ("0.1", "finite number")])
+def test_loss_checks_its_coefficient(l1_coeff, message):
+    x = torch.randn(4, 8)
+    with pytest.raises(SAERegistryError, match=message):
+        SparseAutoencoder.loss(x, x, torch.zeros(4, 16), l1_coeff=l1_coeff)
+    with pytest.raises(SAERegistryError, match="hidden_acts must be a torch.Tensor"):
+        SparseAutoencoder.loss(x, x, [0.0])
 
 
 @pytest.mark.parametrize("method", ["encode", "forward", "encode_topk"])
@@ -203,6 +222,50 @@ def test_load_refuses_broken_dictionaries(tmp_path):
     (tmp_path / "d" / "sae.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(SAERegistryError, match="not a readable safetensors"):
         SparseAutoencoder.load(tmp_path / "d")
+
+
+def _forge_config(directory, **sae):
+    config = json.loads((directory / "config.json").read_text())
+    config["sae"].update(sae)
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("dict_size, message", [(3_000_000, r"W_enc in .* has shape \(64, 8\), config.json implies "
+                                                            r"\(3000000, 8\)"),
+                                                (10**12, "dict_size must be <= 16777216")])
+def test_load_checks_the_weight_header_before_allocating(tmp_path, monkeypatch, dict_size, message):
+    SparseAutoencoder.build(8, 64, top_k=4).save(tmp_path / "d")
+    _forge_config(tmp_path / "d", dict_size=dict_size)
+
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("a model was allocated before the weight file was checked")
+
+    monkeypatch.setattr(SparseAutoencoder, "__init__", no_model)
+    with pytest.raises(SAERegistryError, match=message):
+        SparseAutoencoder.load(tmp_path / "d")
+
+
+def test_load_refuses_a_header_that_claims_more_than_the_file_holds(tmp_path):
+    import struct
+
+    SparseAutoencoder.build(8, 64, top_k=4).save(tmp_path / "d")
+    _forge_config(tmp_path / "d", dict_size=2**20)
+    shapes = {"W_enc": [2**20, 8], "b_enc": [2**20], "W_dec": [2**20, 8], "b_dec": [8], "input_scale": []}
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 4 * int(torch.tensor(shape).prod()) if shape else 4
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    (tmp_path / "d" / "sae.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(64))
+    with pytest.raises(SAERegistryError, match="not a readable safetensors file"):
+        SparseAutoencoder.load(tmp_path / "d")
+
+
+def test_load_puts_the_dictionary_on_the_device_asked_for(tmp_path):
+    SparseAutoencoder.build(8, 64, top_k=4).save(tmp_path / "d")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert SparseAutoencoder.load(tmp_path / "d", device="auto").W_dec.device.type == expected
 
 
 def test_config_round_trip():

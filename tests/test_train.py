@@ -207,16 +207,37 @@ def test_bfloat16_selection_trains_to_nearly_the_same_fvu(minilm_store, tmp_path
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")
-def test_threads_follow_the_cpus_the_process_may_use():
-    from sae_registry.train import fit_threads_to_cpus
+def test_threads_follow_the_cpus_the_process_may_use_and_come_back():
+    from sae_registry.train import threads_fit_to_cpus
 
     cpus, threads = os.sched_getaffinity(0), torch.get_num_threads()
     try:
         os.sched_setaffinity(0, {min(cpus)})
-        torch.set_num_threads(max(2, threads))
-        assert fit_threads_to_cpus() == 1
+        torch.set_num_threads(2)
+        with threads_fit_to_cpus() as n:
+            assert n == 1 == torch.get_num_threads()
+        assert torch.get_num_threads() == 2  # the caller's setting is theirs: restored after the call
         os.sched_setaffinity(0, cpus)
-        assert fit_threads_to_cpus() == 1  # never raised: one thread may have been chosen on purpose
+        torch.set_num_threads(1)
+        with threads_fit_to_cpus() as n:
+            assert n == 1  # never raised: one thread may have been chosen on purpose
+    finally:
+        os.sched_setaffinity(0, cpus)
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")
+def test_training_leaves_the_callers_thread_count_alone(synthetic_store, tmp_path):
+    store, _ = synthetic_store
+    cpus, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    seen = []
+    try:
+        os.sched_setaffinity(0, {min(cpus)})
+        torch.set_num_threads(2)
+        train(store, SAEConfig(store.d, 64, 4), TrainConfig(tokens=2048, batch_size=1024, eval_every=1),
+              tmp_path / "t", progress=False, callback=lambda *_: seen.append(torch.get_num_threads()))
+        assert seen and set(seen) == {1}  # fitted while training
+        assert torch.get_num_threads() == 2  # and given back
     finally:
         os.sched_setaffinity(0, cpus)
         torch.set_num_threads(threads)

@@ -8,7 +8,7 @@ from torch import nn
 
 import sae_registry
 from sae_registry import SAEConfig, SAERegistryError, SparseAutoencoder
-from sae_registry.evaluate import prepare
+from sae_registry.downstream import prepare
 from sae_registry.harvest import default_model_path, demo_texts, harvest
 
 
@@ -130,6 +130,6 @@ def test_a_store_without_provenance_needs_texts(tmp_path):
 
 
 def test_the_package_exports_the_function():
-    import sae_registry.evaluate  # the submodule: importing it must not shadow the function
+    import sae_registry.downstream
 
-    assert callable(sae_registry.evaluate) and sae_registry.evaluate.__name__ == "evaluate"
+    assert sae_registry.evaluate is sae_registry.downstream.evaluate

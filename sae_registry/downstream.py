@@ -27,19 +27,28 @@ dictionary costs one pass through the blocks after it.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from .errors import SAERegistryError, require_positive_int
+from .errors import SAERegistryError, require_choice, require_positive_int
+from .models import (
+    DEMO_MODEL,
+    capture_stream,
+    check_layer,
+    check_model_dir,
+    default_model_path,
+    find_blocks,
+    load_model,
+    load_tokenizer,
+    model_kind,
+    replace_stream,
+)
+from .sae import resolve_device
 from .store import ActivationStore
 
 KINDS = ("encoder", "causal_lm")
@@ -128,67 +137,13 @@ def _special_affixes(tokenizer) -> tuple[list[int], list[int]]:
 
 def _model_path(path: str | Path | None, source: dict | None = None) -> Path:
     """The model directory; the demo model's own folder when a store names it but moved machines."""
-    from .harvest import default_model_path
-
     if path is None and source is not None:
         path = source.get("model_path")
-        if (path is None or not Path(path).is_dir()) and source.get("model") == "sentence-transformers/all-MiniLM-L6-v2":
+        if (path is None or not Path(path).is_dir()) and source.get("model") == DEMO_MODEL:
             path = default_model_path()
     if path is None:
         raise SAERegistryError("no model to evaluate in: pass a store (which names its model) or model=DIR")
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise SAERegistryError(
-            f"{path} is not a transformers model directory (no config.json): pass model=DIR "
-            "(--model DIR) with the model the dictionary's store was harvested from"
-        )
-    return path
-
-
-def model_kind(path: Path) -> str:
-    """``causal_lm`` for a model whose architecture predicts next tokens, else ``encoder``."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
-    return "causal_lm" if causal else "encoder"
-
-
-class _Given(nn.Module):
-    """Stands in for each block before the splice point: returns the cached (or edited) stream."""
-
-    def __init__(self, value: torch.Tensor, rest: tuple | None) -> None:
-        super().__init__()
-        self.value, self.rest = value, rest
-
-    def forward(self, *_args, **_kwargs):
-        return self.value if self.rest is None else (self.value, *self.rest)
-
-
-@contextmanager
-def _stream_at(blocks: nn.ModuleList, layer: int, value: torch.Tensor, rest: tuple | None):
-    """Within the block: the residual stream at ``layer`` is ``value``; blocks before it do not run."""
-    if layer == 0:  # the input of block 0 (the embeddings' output)
-        def pre(_module, args, kwargs):
-            if args:
-                return (value, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": value}
-
-        handle = blocks[0].register_forward_pre_hook(pre, with_kwargs=True)
-        try:
-            yield
-        finally:
-            handle.remove()
-        return
-    saved = [blocks[i] for i in range(layer)]
-    stub = _Given(value, rest)
-    for i in range(layer):
-        blocks[i] = stub
-    try:
-        yield
-    finally:
-        for i, block in enumerate(saved):
-            blocks[i] = block
+    return check_model_dir(path)
 
 
 def _as_module(dictionary) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -214,28 +169,19 @@ class Downstream:
 
     def __init__(self, model_path: Path, tokenizer, windows: list[Window], *, layer: int, kind: str = "auto",
                  batch_size: int = 16, device: str = "auto") -> None:
-        from transformers import AutoModel, AutoModelForCausalLM
-
-        from .harvest import _blocks
-        from .train import resolve_device
-
         if not windows:
             raise SAERegistryError("no text to evaluate on: the windows are empty (give more texts or tokens)")
         require_positive_int("batch_size", batch_size)
+        require_choice("kind", kind, ("auto", *KINDS))
         self.kind = model_kind(model_path) if kind == "auto" else kind
-        if self.kind not in KINDS:
-            raise SAERegistryError(f"kind must be auto, {' or '.join(KINDS)}, got {kind!r}")
         self.device = torch.device(resolve_device(device))
-        loader = AutoModelForCausalLM if self.kind == "causal_lm" else AutoModel
-        self.model = loader.from_pretrained(model_path, local_files_only=True).to(self.device).eval()
+        self.model = load_model(model_path, causal_lm=self.kind == "causal_lm", device=str(self.device))
         self.model_path, self.windows, self.layer = model_path, windows, layer
         self.d = self.model.config.hidden_size
-        self.blocks = _blocks(self.model)
-        n_layers = self.model.config.num_hidden_layers
+        self.blocks = find_blocks(self.model)
         if self.blocks is None:
             raise SAERegistryError(f"cannot find the transformer blocks of {type(self.model).__name__} to splice into")
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= n_layers:
-            raise SAERegistryError(f"layer must be an integer in 0..{n_layers} for {model_path}, got {layer!r}")
+        check_layer(layer, self.model.config.num_hidden_layers, model_path)
         self.token_types = "token_type_ids" in tokenizer.model_input_names
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.batches = []
@@ -276,30 +222,15 @@ class Downstream:
         return F.normalize((hidden * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1)
 
     def _clean_pass(self, ids, mask):
-        captured = {}
-        if self.layer == 0:
-            def grab_in(_module, args, kwargs):
-                captured["h"] = (args[0] if args else kwargs["hidden_states"]).clone()
-                captured["rest"] = None
-            handle = self.blocks[0].register_forward_pre_hook(grab_in, with_kwargs=True)
-        else:
-            def grab(_module, _args, output):
-                if isinstance(output, tuple):
-                    captured["h"], captured["rest"] = output[0].clone(), tuple(output[1:])
-                else:
-                    captured["h"], captured["rest"] = output.clone(), None
-            handle = self.blocks[self.layer - 1].register_forward_hook(grab)
-        try:
+        with capture_stream(self.blocks, self.layer) as captured:
             out = self._forward(ids, mask)
-        finally:
-            handle.remove()
-        return (captured["h"], captured["rest"]), out
+        return (captured.stream.clone(), captured.rest), out
 
     def _outputs(self, edit: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> list:
         """The model's outputs with the stream at ``layer`` replaced by ``edit(stream, splice_mask)``."""
         outs = []
         for (ids, mask, splice), (stream, rest) in zip(self.batches, self.cached):
-            with _stream_at(self.blocks, self.layer, edit(stream, splice), rest):
+            with replace_stream(self.blocks, self.layer, edit(stream, splice), rest):
                 outs.append(self._forward(ids, mask))
         return outs
 
@@ -372,9 +303,6 @@ def prepare(
     device: str = "auto",
 ) -> Downstream:
     """The model and text to score dictionaries on (see :func:`evaluate` for the arguments)."""
-    from transformers import AutoTokenizer
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     require_positive_int("max_tokens", max_tokens)
     store = _open_store(store_or_model)
     source = store.source if store is not None else {}
@@ -387,7 +315,7 @@ def prepare(
         layer = int(source["layer"])
     max_length = max_length or int(source.get("max_length", 128))
     exclude_special = bool(source.get("exclude_special", True)) if exclude_special is None else exclude_special
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = load_tokenizer(path)
     if texts is not None:
         windows = windows_from_texts(tokenizer, texts, max_length=max_length, exclude_special=exclude_special,
                                      max_tokens=max_tokens)

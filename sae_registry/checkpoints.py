@@ -1,0 +1,60 @@
+"""Training checkpoints: the model, Adam's moments, the dead-latent counters and the loop state.
+
+Safetensors + JSON, like dictionaries (no pickle), written to a temporary folder and swapped in,
+so that a run stopped at any moment resumes from the last whole checkpoint, exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .sae import SparseAutoencoder
+
+
+def save_checkpoint(path: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer,
+                    since_fired: torch.Tensor, state: dict) -> None:
+    """Atomically replace ``path`` with the model, Adam's moments and the loop state."""
+    tensors = {f"model.{k}": v for k, v in sae.state_tensors().items()}
+    for name, p in sae.state_tensors().items():
+        s = opt.state.get(p)
+        if s:
+            tensors[f"adam.{name}.exp_avg"] = s["exp_avg"]
+            tensors[f"adam.{name}.exp_avg_sq"] = s["exp_avg_sq"]
+            state.setdefault("adam_steps", {})[name] = float(s["step"])
+    tensors["since_fired"] = since_fired
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer,
+                    since_fired: torch.Tensor) -> dict:
+    """Restore what :func:`save_checkpoint` wrote into ``sae``, ``opt`` and ``since_fired``; returns the loop state."""
+
+    state = json.loads((path / "state.json").read_text())
+    tensors = load_file(str(path / "state.safetensors"))
+    device = since_fired.device
+    with torch.no_grad():
+        for name, p in sae.state_tensors().items():
+            p.copy_(tensors[f"model.{name}"])
+            if f"adam.{name}.exp_avg" in tensors:
+                opt.state[p] = {
+                    "step": torch.tensor(state["adam_steps"][name], dtype=torch.float32, device=device),
+                    "exp_avg": tensors[f"adam.{name}.exp_avg"].to(device),
+                    "exp_avg_sq": tensors[f"adam.{name}.exp_avg_sq"].to(device),
+                }
+        since_fired.copy_(tensors["since_fired"])
+    return state
