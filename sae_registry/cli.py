@@ -141,11 +141,15 @@ def _family_for(store_path: Path) -> str:
 @click.option("--alias", default=None, help="Give the new version this alias (e.g. champion).")
 @click.option("--no-registry", is_flag=True, help="Only write files; record nothing in MLflow.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out.")
+@click.option("--overwrite", is_flag=True, help="Replace the dictionary (and checkpoint) already in --out.")
 @_options(TrainConfig)
 @pass_tracking
-def train(tracking, store_path, out, family, alias, no_registry, resume, **options) -> None:
+def train(tracking, store_path, out, family, alias, no_registry, resume, overwrite, **options) -> None:
     """Train one sparse autoencoder on a store; record and register it in MLflow."""
     _configs(1, options)  # every option checked before the store is opened
+    from .sae_files import prepare_out
+
+    prepare_out(out, overwrite=overwrite, resume=resume)  # refuses to replace a dictionary unasked
     from .store import ActivationStore
 
     store = ActivationStore.open(store_path)

@@ -200,7 +200,7 @@ def _layer(lineage: dict[str, str]) -> int | None:
 
 
 def _write_saelens(cfg: SAEConfig, w: Weights, lineage: dict, provenance: dict, directory: Path) -> None:
-    from safetensors.torch import save_file
+    from .sae_files import save_weights
 
     top_k = cfg.sparsity == "top_k"
     config = {
@@ -223,7 +223,7 @@ def _write_saelens(cfg: SAEConfig, w: Weights, lineage: dict, provenance: dict, 
     }
     if top_k:
         config.update(k=cfg.top_k, rescale_acts_by_decoder_norm=False)
-    save_file(w._asdict(), str(directory / SAELENS_WEIGHTS))
+    save_weights(w._asdict(), directory / SAELENS_WEIGHTS)
     (directory / SAELENS_CONFIG).write_text(json.dumps(config, indent=2))
 
 

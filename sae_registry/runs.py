@@ -23,6 +23,7 @@ import numpy as np
 from . import __version__
 from .registry import check_family_name, register_run, set_alias
 from .sae import CONFIG_FILE, WEIGHTS_FILE, SAEConfig
+from .sae_files import prepare_out
 from .store import ActivationStore
 from .tracking import Tracking, TrackingLike, code_tags, lineage_tags, retrying, sha256
 from .train import METRICS_FILE, TrainConfig, TrainResult, train_pack
@@ -112,6 +113,7 @@ def train_and_register(
     alias: str | None = None,
     tracking_uri: TrackingLike = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     callback=None,
 ) -> Recorded:
@@ -119,8 +121,10 @@ def train_and_register(
 
     ``tracking_uri``: a URI or a :class:`~sae_registry.tracking.Tracking` (default
     ``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` here). A run that raises is marked FAILED (KILLED on
-    Ctrl-C) and nothing is registered.
+    Ctrl-C) and nothing is registered. An ``out_dir`` that already holds a dictionary is refused
+    unless ``resume`` (continue its checkpoint) or ``overwrite`` (see ``sae_files.prepare_out``).
     """
+    prepare_out(out_dir, overwrite=overwrite, resume=resume)  # before any run exists
     tracking = Tracking.resolve(tracking_uri)
     (recorded,) = record_pack(store, [(sae_cfg, train_cfg, out_dir)], family=family, tracking_uri=tracking,
                               resume=resume, progress=progress, callbacks=[callback])

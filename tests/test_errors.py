@@ -335,6 +335,16 @@ def _cli(*args, registry: bool = False):
 
 TRAIN = ("train", "--store", "STORE", "--out", "TMP/o")
 
+
+def cli_train_out_exists(env, tmp, mp):
+    (tmp / "o").mkdir()
+    (tmp / "o" / "sae.safetensors").write_bytes(b"an earlier dictionary")
+    return _cli(*TRAIN, "--no-registry")(env, tmp, mp)
+
+
+def _after_train_out_exists(env, tmp):
+    assert (tmp / "o" / "sae.safetensors").read_bytes() == b"an earlier dictionary"
+
 # id -> (what the user does, the message they get (a regex), [a check afterwards])
 CASES = {
     "api-width": (api_width, r"input must have last dimension 8, got shape \(3, 7\)"),
@@ -439,6 +449,8 @@ CASES = {
                              r"config.json: dict_size must be <= 16777216, got 1000000000000; refusing to load it"),
     "api-remote-code-model": (api_remote_code_model, "names its own model code \\(auto_map\\); sae-registry never runs"),
     "import-k-not-one-integer": (import_k_not_one_integer, r"ae.pt: k must be one integer .*shape \(2,\)"),
+    "cli-train-out-exists": (cli_train_out_exists, (r"1:Error: --out .*o already holds a dictionary or a training "
+                                                    r"\(sae.safetensors\); pass --overwrite"), _after_train_out_exists),
 }
 
 
