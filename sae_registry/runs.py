@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -260,9 +259,7 @@ def _log_model(client, run_id: str, out: Path, cfg: SAEConfig) -> None:
     model = client.create_logged_model(run.info.experiment_id, name=MODEL_ARTIFACT, source_run_id=run_id,
                                        params=dict(run.data.params), tags={"mlflow.modelFlavor": "python_function"})
     client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
-    with tempfile.TemporaryDirectory(prefix="sae-model-") as tmp, warnings.catch_warnings():
-        # MLflow's advice to pyfunc authors (type hints, an input example): our signature is explicit.
-        warnings.filterwarnings("ignore", message=".*(Add type hints|input example was not provided|Any type hint)")
+    with tempfile.TemporaryDirectory(prefix="sae-model-") as tmp:
         local = Path(tmp) / "model"
         mlflow.pyfunc.save_model(
             path=str(local),

@@ -361,3 +361,35 @@ def test_train_refuses_to_replace_a_dictionary_unless_asked(synthetic_store, tmp
     with pytest.raises(SAERegistryError, match="already holds a dictionary"):
         train_and_register(store, SAEConfig(32, 32, 4), TrainConfig(tokens=4096, batch_size=1024), tmp_path / "d",
                            family="refused", progress=False)
+
+
+def test_the_served_model_is_typed_without_mlflow_warnings():
+    """Defining the pyfunc (as `train`, `import` and serving do) draws no 'Add type hints' advice from MLflow."""
+    import runpy
+    import warnings
+
+    from sae_registry.runs import SERVING_CODE
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runpy.run_path(str(SERVING_CODE))
+    assert [str(w.message) for w in caught if "type hint" in str(w.message).lower()] == []
+
+
+def test_pyfunc_predict_checks_its_input(registry, first, synthetic_store):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    store, _ = synthetic_store
+    x = store.read_split("eval")[:4].numpy()
+    model = mlflow.pyfunc.load_model(f"models:/{FAMILY}@champion")
+    bad = x.copy()
+    bad[1, 3] = np.nan
+    with pytest.raises(MlflowException, match="NaN or Inf"):
+        model.predict(bad)
+    with pytest.raises(MlflowException, match=r"shape"):
+        model.predict(x[:, :16])
+    python_model = model.unwrap_python_model()  # what the signature's own checks let through, ours refuse
+    with pytest.raises(MlflowException, match=r"input must have shape \[n, 32\].*got \[32\]"):
+        python_model.predict(None, x[0])
+    assert python_model.predict(None, x.tolist()).shape == (4, 64)  # a list of rows is an array too
