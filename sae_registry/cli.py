@@ -225,6 +225,8 @@ def sweep(tracking, spec_path, resume, address) -> None:
     spec = S.SweepSpec.from_yaml(spec_path)
     click.echo(f"sweep {spec.name}: {len(spec.configurations())} dictionaries in {len(spec.packs())} trial(s)")
     result = S.run(spec, resume=resume, address=address, tracking_uri=tracking)
+    if result.nothing_to_do:
+        click.echo(f"nothing to do: sweep {spec.name} ({result.sweep_id}) finished already; its table:")
     click.echo(S.summary_table(result, spec.alias))
     if result.champion:
         click.echo(f"champion: sae_registry.load({spec.name + '@' + spec.alias!r})  (version {result.champion})")

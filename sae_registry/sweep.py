@@ -21,6 +21,8 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +32,7 @@ from .errors import SAERegistryError
 from .sweep_spec import (  # noqa: F401  (the spec's names, re-exported: `from sae_registry.sweep import SweepSpec`)
     CHAMPION_BY, EVALUATE_CHOICES, REGISTER_CHOICES, HarvestSpec, Resources, SweepSpec,
 )
+from .sweep_progress import LiveTable, live_callback, report
 from .tracking import Tracking, TrackingLike
 
 
@@ -71,8 +74,8 @@ def _trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, parent_r
         # members (interrupted before its first checkpoint, or finished just before the head died).
         existing = _member_runs(spec["name"], sweep_id, names, tracking)
         if len(existing) == len(names) and all(r.info.status == "FINISHED" for r in existing.values()):
-            tune.report({"step": 0, "done": 1, "fvu": min(r.data.metrics.get("final/fvu", 1.0) for r in existing.values()),
-                         "l0": min(r.data.metrics.get("final/l0", 0.0) for r in existing.values())})
+            tune.report({**report(0, {n: (r.data.metrics.get("final/fvu", math.nan), r.data.metrics.get("final/l0", math.nan))
+                                       for n, r in existing.items()}), "done": 1})
             return
         missing = [i for i, n in enumerate(names) if n not in existing]
         new_ids = iter(start_runs(store, [members[i] for i in missing], family=spec["name"], sweep_id=sweep_id,
@@ -98,10 +101,7 @@ def _trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, parent_r
             pending[i] = {**entry, "_checkpoint": checkpoint_dir}
             if len(pending) < len(members):  # one Tune report per step, when every member has evaluated
                 return
-            metrics = {"step": step, "fvu": min(e["eval/fvu"] for e in pending.values()),
-                       "l0": min(e["eval/l0"] for e in pending.values())}
-            for j, e in pending.items():
-                metrics.update({f"{names[j]}/fvu": e["eval/fvu"], f"{names[j]}/l0": e["eval/l0"]})
+            metrics = report(step, {names[j]: (e["eval/fvu"], e["eval/l0"]) for j, e in sorted(pending.items())})
             if all(e["_checkpoint"] is not None for e in pending.values()):
                 with tempfile.TemporaryDirectory() as tmp:
                     for name, out in zip(names, out_dirs):
@@ -124,9 +124,9 @@ def _trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, parent_r
                            resume=checkpoint is not None, progress=False,
                            callbacks=[reporter(i) for i in range(len(members))],
                            finish=downstream if spec.get("evaluate") == "downstream" else None)
-    tune.report({"step": recorded[0].result.history[-1]["step"], "done": 1,
-                 "fvu": min(r.result.metrics["fvu"] for r in recorded),
-                 "l0": min(r.result.metrics["l0"] for r in recorded)})
+    tune.report({**report(recorded[0].result.history[-1]["step"],
+                           {n: (r.result.metrics["fvu"], r.result.metrics["l0"]) for n, r in zip(names, recorded)}),
+                 "done": 1})
 
 
 def _member_runs(family: str, sweep_id: str, names: list[str], tracking: Tracking) -> dict:
@@ -154,6 +154,36 @@ class SweepResult:
     champion: str | None  # the version given the alias
     failed_trials: int
     wall_seconds: float
+    nothing_to_do: bool = False  # resumed a sweep that had finished: its recorded result, nothing run
+
+
+def _finished(spec: SweepSpec, experiment_path: str, tracking: Tracking) -> SweepResult | None:
+    """The recorded result of the sweep at ``experiment_path`` if it finished (nothing to resume), else None."""
+    client = tracking.client
+    experiment = client.get_experiment_by_name(spec.name)
+    if experiment is None:
+        return None
+    parents = client.search_runs([experiment.experiment_id],
+                                 f"tags.`sweep.role` = 'parent' and tags.`sweep.storage` = '{experiment_path}'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+    if not parents or parents[0].info.status != "FINISHED":
+        return None
+    parent = parents[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            table = json.loads(Path(client.download_artifacts(parent.info.run_id, "sweep_summary.json", tmp)).read_text())
+            rows = [dict(zip(table["columns"], values)) for values in table["data"]]
+        except Exception:  # a sweep that trained nothing logged no table
+            rows = []
+    champion = None
+    if spec.alias:
+        try:
+            champion = client.get_model_version_by_alias(spec.name, spec.alias).version
+        except Exception:  # no such alias (any more): no champion to name
+            pass
+    metrics = parent.data.metrics
+    return SweepResult(parent.data.tags["sweep.id"], parent.info.run_id, rows, champion,
+                       int(metrics.get("failed_trials", 0)), metrics.get("wall_seconds", 0.0), nothing_to_do=True)
 
 
 def pareto_frontier(rows: list[dict]) -> list[bool]:
@@ -192,10 +222,44 @@ def _start_ray(address: str | None):
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
+            _name_local_auth_mode()
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise SAERegistryError(f"cannot reach a Ray cluster at {address}: {e}") from e
     return True
+
+
+def _name_local_auth_mode() -> None:
+    """Token authentication for the local Ray we start, as Ray's default, without its warning.
+
+    With ``RAY_AUTH_MODE`` unset, ``ray.init`` turns token authentication on for a new local
+    cluster (setting ``RAY_AUTH_MODE=token`` in this process for its child processes, and reloading
+    its config) and warns that it did, at every start. Doing exactly that ourselves first keeps the
+    same security and the same end state, without the notice. A mode the user set is left alone;
+    Ray reads it from the environment only (``ray.init`` has no option for it).
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    from ray._raylet import Config
+
+    os.environ["RAY_AUTH_MODE"] = "token"
+    Config.initialize("")  # Ray caches the mode it read at import: read it again, as ray.init itself does
+
+
+@contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in this process's environment for the block, where the user set none; removed after it.
+
+    Ray and Tune read some settings only from the environment; this passes them to the one call
+    that needs them, without leaving them behind for the caller.
+    """
+    added = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def _check_ray_address(address: str, timeout: float = 5.0) -> None:
@@ -293,6 +357,10 @@ def run(
 
         check_store(store)  # in the driver: a store the trials cannot evaluate on fails before any training
     storage = spec.storage if "://" in spec.storage else str(Path(spec.storage).absolute())
+    if resume:  # a finished sweep: nothing to do, said before Ray starts
+        done = _finished(spec, f"{storage}/{spec.name}", tracking)
+        if done is not None:
+            return done
     started_ray = _start_ray(address)
     try:
         _check_resources(spec)  # before anything is created: a sweep that cannot run leaves no trace
@@ -316,14 +384,18 @@ def run(
                 param_space={"pack": tune.grid_search(list(range(len(packs))))},
                 tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials or None),
                 run_config=tune.RunConfig(
-                    name=spec.name, storage_path=storage, verbose=verbose,
+                    name=spec.name, storage_path=storage, verbose=0,  # our table instead of Tune's (per trial)
+                    callbacks=[live_callback(LiveTable(), print)] if verbose else [],
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 ),
             )
         if resume:
             client.update_run(parent_run_id, status="RUNNING")
-        results = tuner.fit()
+        # Our trials checkpoint often on purpose (a retry loses little), so Tune's forced experiment
+        # snapshots are expected here; 0 is Tune's documented way to drop its warning about them.
+        with _environ({"TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}):
+            results = tuner.fit()
         failed = sum(1 for r in results if r.error is not None)
         # Ctrl-C makes fit() return early with trials still running: nothing is registered then.
         unfinished = sum(1 for r in results if r.error is None and not (r.metrics or {}).get("done"))
