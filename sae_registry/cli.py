@@ -263,14 +263,17 @@ def list_(tracking, family) -> None:
             named = ", ".join(f"{a}=v{v}" for a, v in sorted(aliases.items()))
             click.echo(f"{name:32s} latest v{newest}  {named}")
         return
-    header = f"{'version':>7}  {'aliases':18} {'dict_size':>9} {'k':>4} {'l1_coeff':>9} {'FVU':>7} {'L0':>7} {'dead':>6}  created"
-    click.echo(header)
-    for v in registry.versions(family, tracking):
+    found = registry.versions(family, tracking)
+    fidelity = any("downstream.fidelity" in v.tags for v in found)  # a column only when some version has one
+    click.echo(f"{'version':>7}  {'aliases':18} {'dict_size':>9} {'k':>4} {'l1_coeff':>9} {'FVU':>7} {'L0':>7} "
+               f"{'dead':>6}" + (f" {'fidelity':>8}" if fidelity else "") + "  created")
+    for v in found:
         t = v.tags
         click.echo(
             f"{v.version:>7}  {','.join(v.aliases) or '-':18} {t.get('dict_size', '-'):>9} {t.get('k') or '-':>4} "
             f"{_fmt(t.get('l1_coeff'), '.2g'):>9} {_fmt(t.get('fvu'), '.4f'):>7} {_fmt(t.get('l0'), '.1f'):>7} "
-            f"{_fmt(t.get('dead_fraction'), '.3f'):>6}  {_created(v.created)}"
+            f"{_fmt(t.get('dead_fraction'), '.3f'):>6}"
+            + (f" {_fmt(t.get('downstream.fidelity'), '.4f'):>8}" if fidelity else "") + f"  {_created(v.created)}"
         )
 
 
@@ -410,9 +413,14 @@ def cards(tracking, name, features, top, store_path, split, max_tokens, contexts
 @click.option("--layer", type=click.IntRange(min=0), default=None, help="Residual stream to splice into [default: the store's layer].")
 @click.option("--tokens", default=4096, show_default=True, type=click.IntRange(min=1), help="Tokens to splice (whole windows).")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--no-record", is_flag=True, help="Only print the numbers; do not record them on the version.")
 @pass_tracking
-def evaluate_(tracking, name, store_path, model_path, text_path, layer, tokens, device) -> None:
-    """Downstream fidelity of NAME: splice it into its source model and measure what the model loses."""
+def evaluate_(tracking, name, store_path, model_path, text_path, layer, tokens, device, no_record) -> None:
+    """Downstream fidelity of NAME: splice it into its source model and measure what the model loses.
+
+    The numbers are recorded on the version (downstream.* tags, as a sweep records them; `list`
+    shows the fidelity) unless --no-record.
+    """
     from .dictionary import load
     from .downstream import evaluate
 
@@ -428,6 +436,19 @@ def evaluate_(tracking, name, store_path, model_path, text_path, layer, tokens, 
                f"({m['downstream/tokens']:,.0f} tokens in {m['downstream/windows']:.0f} windows)")
     for key in sorted(m):
         click.echo(f"  {key:28s} {m[key]:.6g}")
+    if m["downstream/tokens"] < tokens:
+        where = f"the texts of --text {text_path}" if text_path else f"the held-out split of {store}"
+        click.echo(f"note: used {m['downstream/tokens']:,.0f} tokens, fewer than --tokens {tokens:,}: "
+                   f"{where} holds no more (in whole windows)")
+    if not no_record:
+        from .runs import record_downstream
+
+        about = {"downstream.text": str(text_path) if text_path else f"held-out split of {store}",
+                 "downstream.layer": str(layer) if layer is not None else "the store's"}
+        if model_path:
+            about["downstream.model"] = str(model_path)
+        record_downstream(dictionary.family, dictionary.version, m, about=about, tracking_uri=tracking)
+        click.echo(f"recorded on {dictionary.family}/{dictionary.version} (downstream.* tags; see `list {dictionary.family}`)")
 
 
 @main.command()

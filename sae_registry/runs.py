@@ -27,7 +27,8 @@ from .store import ActivationStore
 from .tracking import Tracking, TrackingLike, code_tags, lineage_tags, retrying, sha256
 from .train import METRICS_FILE, TrainConfig, TrainResult, train_pack
 
-__all__ = ["Imported", "MetricLogger", "Recorded", "import_dictionary", "log_files", "record_pack", "run_guard",
+__all__ = ["Imported", "MetricLogger", "Recorded", "import_dictionary", "log_files", "record_downstream",
+           "record_pack", "run_guard",
            "run_name", "default_run_name", "start_runs", "train_and_register"]
 
 MODEL_ARTIFACT = "sae"  # name of the logged pyfunc model
@@ -293,6 +294,26 @@ def log_files(run_id: str, files: list[Path], artifact_path: str, tracking_uri: 
     for path in files:
         client.log_artifact(run_id, str(path), artifact_path=artifact_path)
     return f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+
+
+def record_downstream(family: str, version: str, metrics: dict[str, float], *, about: dict[str, str] | None = None,
+                      tracking_uri: TrackingLike = None) -> None:
+    """Record a registered version's downstream metrics as a sweep does: on its run and as ``downstream.*`` tags.
+
+    ``metrics`` are ``downstream.evaluate``'s (``downstream/fidelity``, ...): logged on the version's
+    run, and as tags (``downstream.fidelity``) on the run and the version, which ``list`` and
+    ``find`` read. ``about`` adds tags saying what it was measured on (``downstream.text``, ...).
+    A later evaluation replaces an earlier one's numbers.
+    """
+    from mlflow.entities import Metric
+
+    client = Tracking.resolve(tracking_uri).client
+    run_id = client.get_model_version(family, version).run_id
+    now = int(time.time() * 1000)
+    tags = {k.replace("/", "."): repr(float(v)) for k, v in metrics.items()} | dict(about or {})
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()], tags=_tags(tags))
+    for key, value in tags.items():
+        client.set_model_version_tag(family, version, key, value)
 
 
 # -- imports from other libraries ---------------------------------------------------------------------
