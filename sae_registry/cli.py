@@ -111,7 +111,7 @@ def harvest(out, overwrite, resume, **options) -> None:
     spec = _built(HarvestSpec, "harvest.", **{k: v for k, v in options.items() if v is not None})  # before any work
     from . import harvest as H
 
-    texts = H.read_texts(spec.text) if spec.text else H.demo_texts()
+    texts = H.read_texts(spec.text, separator=spec.separator) if spec.text else H.demo_texts()
     store = H.harvest(out, texts, text_source=spec.text or "python:pydoc_data.topics", overwrite=overwrite,
                       resume=resume, **spec.harvest_options())
     click.echo(f"wrote {len(store):,} tokens x {store.d} to {store.path} (fingerprint {store.fingerprint})")
