@@ -371,8 +371,10 @@ def import_(tracking, directory, family, fmt, alias) -> None:
 
 @main.command()
 @click.argument("name")
-@click.option("--features", default=None, help="Comma-separated latent indices, e.g. 0,5,7 [default: the --top most frequent].")
-@click.option("--top", default=16, show_default=True, type=click.IntRange(min=1), help="Without --features: this many of the most frequent latents.")
+@click.option("--features", default=None, help="Comma-separated latent indices, e.g. 0,5,7 [default: --top latents chosen by --select].")
+@click.option("--top", default=16, show_default=True, type=click.IntRange(min=1), help="Without --features: this many latents.")
+@click.option("--select", type=click.Choice(["bands", "frequent"]), default="bands", show_default=True,
+              help="bands: a random sample across frequency bands (dense, common, rare); frequent: the most frequent.")
 @click.option("--store", "store_path", type=click.Path(path_type=Path), default=None,
               help="Store to read [default: the one the dictionary was trained on].")
 @click.option("--split", type=click.Choice(["eval", "train", "all"]), default="eval", show_default=True)
@@ -384,7 +386,7 @@ def import_(tracking, directory, family, fmt, alias) -> None:
 @click.option("--no-log", is_flag=True, help="Do not log the cards on the dictionary's MLflow run.")
 @click.option("--print", "print_text", is_flag=True, help="Also print each card's top contexts as text.")
 @pass_tracking
-def cards(tracking, name, features, top, store_path, split, max_tokens, contexts, window, out_dir, no_log, print_text) -> None:
+def cards(tracking, name, features, top, select, store_path, split, max_tokens, contexts, window, out_dir, no_log, print_text) -> None:
     """Feature cards for dictionary NAME: frequency, mean activation, top contexts, promoted tokens (HTML + JSON)."""
     from .cards import cards_for
 
@@ -393,7 +395,7 @@ def cards(tracking, name, features, top, store_path, split, max_tokens, contexts
     except ValueError:
         raise click.UsageError(f"--features takes comma-separated integers, got {features!r}") from None
     made, out, uri = cards_for(name, store_path=store_path, out_dir=out_dir, log=not no_log, features=chosen,
-                               top=top, n_contexts=contexts, window=window, split=split, max_tokens=max_tokens,
+                               top=top, select=select, n_contexts=contexts, window=window, split=split, max_tokens=max_tokens,
                                tracking_uri=tracking)
     if print_text:
         click.echo(made.text())
