@@ -156,16 +156,15 @@ def _trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, parent_r
 
 
 def _member_runs(family: str, sweep_id: str, names: list[str], tracking: Tracking) -> dict:
-    """This sweep's runs for these member names, by name (the newest when there are several)."""
+    """This sweep's runs for these member names, by name (the newest when there are several): one search."""
     client = tracking.client
     experiment = client.get_experiment_by_name(family)
     found: dict = {}
-    for name in names:
-        runs = client.search_runs([experiment.experiment_id],
-                                  f"tags.`sweep.id` = '{sweep_id}' and tags.`sweep.member` = '{name}'",
-                                  order_by=["attributes.start_time DESC"], max_results=1)
-        if runs:
-            found[name] = runs[0]
+    for run in client.search_runs([experiment.experiment_id], f"tags.`sweep.id` = '{sweep_id}'",
+                                  order_by=["attributes.start_time DESC"], max_results=10_000):
+        name = run.data.tags.get("sweep.member")
+        if name in names and name not in found:
+            found[name] = run
     return found
 
 
@@ -419,6 +418,8 @@ def _register_and_summarise(spec: SweepSpec, client, sweep_id: str, parent_run_i
     """
     import time
 
+    from mlflow.entities import Metric
+
     from . import plots
     from .registry import register_run, set_alias
 
@@ -465,8 +466,8 @@ def _register_and_summarise(spec: SweepSpec, client, sweep_id: str, parent_run_i
                          artifact_file="sweep_summary.json")
         fig = plots.frontier(rows)
         client.log_figure(parent_run_id, fig, "plots/frontier.png")
-    for key, value in (("dictionaries", len(rows)), ("registered", len(registered)), ("failed_trials", failed)):
-        client.log_metric(parent_run_id, key, value)
+    client.log_batch(parent_run_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in (
+        ("dictionaries", len(rows)), ("registered", len(registered)), ("failed_trials", failed))])
     if seconds is not None:
         seconds["registration"] = registered_at - mark
         seconds["frontier_summary"] = time.perf_counter() - registered_at
