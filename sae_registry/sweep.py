@@ -270,7 +270,7 @@ def concurrent_slots(spec: SweepSpec) -> int:
         if not node.get("Alive"):
             continue
         have = node.get("Resources", {})
-        fits = [int(have.get(key, 0) // need + 1e-9) for key, need in (("CPU", spec.resources.cpu),
+        fits = [int(have.get(key, 0) / need + 1e-9) for key, need in (("CPU", spec.resources.cpu),
                                                                        ("GPU", spec.resources.gpu)) if need > 0]
         slots += min(fits)
     if spec.max_concurrent_trials:
