@@ -307,10 +307,20 @@ def test_every_doc_snippet_that_gives_a_client_the_ray_token_sets_the_token_mode
 class Namespace:
     """A network + mount namespace: loopback only, and an /etc/hosts that names ``hosts`` 127.0.0.1."""
 
-    def __init__(self, root: Path, hosts: list[str]):
+    def __init__(self, root: Path, hosts: list[str], binds: dict[Path, Path] | None = None,
+                 external: str | None = None):
+        """``binds``: directories mounted over others inside; ``external``: an address (CIDR) on a
+        second interface, with a default route through it, as a host on a network has."""
         hosts_file = root / "hosts"
         hosts_file.write_text(f"127.0.0.1 localhost {socket.gethostname()} {' '.join(hosts)}\n::1 localhost\n")
-        script = f"ip link set lo up && mount --bind {hosts_file} /etc/hosts && echo ready && exec sleep infinity"
+        script = f"ip link set lo up && mount --bind {hosts_file} /etc/hosts"
+        for source, target in (binds or {}).items():
+            script += f" && mount --bind {source} {target}"
+        if external:
+            gateway = external.rsplit(".", 1)[0] + ".1"
+            script += (f" && ip link add ext0 type veth peer name ext1 && ip addr add {external} dev ext0"
+                       f" && ip link set ext0 up && ip link set ext1 up && ip route add default via {gateway}")
+        script += " && echo ready && exec sleep infinity"
         self.holder = subprocess.Popen(["unshare", "--net", "--mount", "--propagation", "private", "sh", "-c", script],
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                        start_new_session=True)
@@ -322,8 +332,10 @@ class Namespace:
         self.started: list[tuple[subprocess.Popen, int]] = []  # (process, its stop signal)
         self.logs: dict[str, Path] = {}
 
-    def argv(self, argv: list[str], user: pwd.struct_passwd | None = None) -> list[str]:
+    def argv(self, argv: list[str], user: pwd.struct_passwd | None = None, wd: Path | None = None) -> list[str]:
         prefix = ["nsenter", f"--target={self.holder.pid}", "--net", "--mount"]
+        if wd is not None:  # entering the mount namespace starts in its root directory otherwise
+            prefix.append(f"--wd={wd}")
         if user is not None:
             prefix += [f"--setgid={user.pw_gid}", f"--setuid={user.pw_uid}"]
         return [*prefix, "--", *map(str, argv)]
@@ -737,3 +749,198 @@ print(json.dumps({"alive": sorted(n["NodeID"] for n in alive), "seen": seen}))
     assert sorted(node for node, _ in got["seen"]) == got["alive"]
     assert {uri for _, uri in got["seen"]} == {"http://mlflow:5000"}
     assert stack["worker"].poll() is None
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/deploy.md's "Without Docker", run as written
+
+
+def _native_section() -> str:
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    start = text.index("## Without Docker")
+    return text[start:text.index("\n## ", start + 3)]
+
+
+def _native_steps() -> list[str]:
+    """The blocks headed `# step N`, in order; the numbers must run 1, 2, ... so none is skipped."""
+    steps = [(int(m.group(1)), block) for block in re.findall(r"```bash\n(.*?)```", _native_section(), re.S)
+             if (m := re.match(r"# step (\d+)\b", block))]
+    assert [n for n, _ in steps] == list(range(1, len(steps) + 1)), [n for n, _ in steps]
+    return [block for _, block in steps]
+
+
+def _env_file(path: Path) -> dict:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+
+def _listeners(ns: Namespace) -> list[tuple[int, str, int]]:
+    """(pid, address, port) of every listening TCP socket of the namespace's processes; "0.0.0.0" for
+    all interfaces (IPv4 or IPv6 wildcard), IPv4-mapped IPv6 addresses as IPv4."""
+    sockets = {}
+    for family in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{ns.holder.pid}/net/{family}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A":  # LISTEN
+                continue
+            addr_hex, port_hex = fields[1].split(":")
+            raw = bytes.fromhex(addr_hex)
+            if family == "tcp":
+                addr = socket.inet_ntop(socket.AF_INET, raw[::-1])
+            else:  # four little-endian 32-bit words
+                addr = socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+                addr = "0.0.0.0" if addr == "::" else addr.removeprefix("::ffff:")
+            sockets[fields[9]] = (addr, int(port_hex, 16))
+    found = []
+    for pid in ns.pids():
+        try:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        found += [(pid, *sockets[link[8:-1]]) for link in links
+                  if link.startswith("socket:[") and link[8:-1] in sockets]
+    return sorted(set(found))
+
+
+BINDS = {"all interfaces": {"0.0.0.0"}, "loopback": {"127.0.0.1"},
+         "the host's address and loopback": {"10.0.0.5", "127.0.0.1"}}
+
+
+def _documented_binds() -> dict[int, set[str]]:
+    """The table of "Ray's ports natively": port -> the addresses it listens on."""
+    section = _native_section()
+    table = section[section.index("### Ray's ports natively"):]
+    rows = re.findall(r"^\| [^|]+ \| `(\d+)`[^|]* \| ([^|]+?) \|", table, re.M)
+    assert rows, "docs/deploy.md should list what the native processes listen on"
+    for _, where in rows:
+        assert where in BINDS, where
+    return {int(port): BINDS[where] for port, where in rows}
+
+
+def _is_ray(pid: int) -> bool:
+    """A process of Ray's: its servers, agents and workers, or a Ray driver (the sweep)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return True  # gone since: nothing to check
+    return name in {"gcs_server", "raylet"} or name.startswith("ray::") or "/ray/" in argv \
+        or "ray.util.client.server" in argv or "sae-registry\0sweep" in argv
+
+
+def test_the_native_section_of_the_docs_runs_as_written_on_a_two_node_cluster(tmp_path_factory):
+    """Every `# step N` block of docs/deploy.md's "Without Docker", run in order as written with the
+    stand-ins of the blocks it does not run: secrets, buckets and users, MLflow with its node user,
+    a Ray head and worker, a harvest into the bucket and a sweep submitted with `ray job submit`;
+    then the registry holds the sweep's versions with their lineage and a champion that loads by
+    name, nothing listens beyond what the docs say, and no secret is on a command line."""
+    if os.geteuid() != 0:
+        pytest.skip("runs the services in a private network namespace: needs root")
+    steps = _native_steps()
+    root = Path(tempfile.mkdtemp(prefix="sae-native-", dir="/tmp"))
+    root.chmod(0o711)
+    home = root / "home"
+    home.mkdir()
+    bindir, mc_log = _fake_mc(root)
+    env = {"PATH": f"{bindir}:{BIN}:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8", "MC_LOG": str(mc_log),
+           "HF_HUB_OFFLINE": "1"}
+    # Ray keeps its sockets and sessions under /tmp/ray: a private one, so no other Ray on this host interferes.
+    Path("/tmp/ray").mkdir(exist_ok=True)
+    (root / "ray").mkdir()
+    ns = Namespace(root, ["postgres", "minio", "mlflow"], binds={root / "ray": Path("/tmp/ray")},
+                   external="10.0.0.5/24")
+    deploy = home / "sae-deploy"
+
+    def step(n: int, timeout: float, own_ray_dir: Path | None = None) -> None:
+        log = root / f"step-{n}.log"
+        argv = ["bash", "-euo", "pipefail", "-c", steps[n - 1]]
+        if own_ray_dir is not None:
+            # A node of its own /tmp/ray, as on another machine: two nodes sharing one re-extract a
+            # job's working directory under its running driver (a Ray quirk of one host, not ours).
+            own_ray_dir.mkdir()
+            argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                    f'mount --bind {own_ray_dir} /tmp/ray && exec "$@"', "sh", *argv]
+        with open(log, "w") as out:
+            proc = subprocess.run(ns.argv(argv, wd=ROOT), env=env,
+                                  stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
+        assert proc.returncode == 0, f"step {n} failed:\n{steps[n - 1]}\n---\n{log.read_text()[-4000:]}"
+
+    try:
+        began = time.monotonic()
+        step(1, 60)
+        admin, node, client = (_env_file(deploy / f"{name}.env") for name in ("admin", "node", "client"))
+        assert {p.name for p in deploy.iterdir()} >= {"admin.env", "mlflow.env", "node.env", "client.env"}
+        assert all(p.stat().st_mode & 0o077 == 0 for p in deploy.glob("*.env"))  # readable by their owner only
+        # the blocks the test does not run: PostgreSQL's role and database, and MinIO (moto here)
+        _postgres(ns, {"environment": {"POSTGRES_USER": "mlflow", "POSTGRES_PASSWORD": admin["POSTGRES_PASSWORD"],
+                                       "POSTGRES_DB": "mlflow"}}, 5432, root, env)
+        proc = ns.start("minio", [BIN / "moto_server", "-H", "127.0.0.1", "-p", "9000"], env, root)
+        ns.wait_until("minio", proc, lambda: _answers_http(ns, "http://127.0.0.1:9000", env))
+        for n, timeout in ((2, 120), (3, 300), (4, 180)):
+            step(n, timeout)
+        step(5, 180, own_ray_dir=root / "ray-worker")
+        for n, timeout in ((6, 600), (7, 900)):
+            step(n, timeout)
+        elapsed = time.monotonic() - began
+        print(f"\ndocumented native flow, nothing -> a registered champion on 2 nodes: {elapsed:.0f} s")
+
+        # the users the steps made: limited MinIO users, a non-admin MLflow user that the nodes use
+        calls = _mc_calls(mc_log)
+        assert {c["name"]: c["secret"] for c in calls if c["op"] == "user"} == {
+            "sae-mlflow": admin["MINIO_MLFLOW_PASSWORD"], "sae-node": node["AWS_SECRET_ACCESS_KEY"]}
+        assert node["AWS_ACCESS_KEY_ID"] == "sae-node" and node["MLFLOW_TRACKING_USERNAME"] == "sae-node"
+        assert admin["MINIO_ROOT_PASSWORD"] not in (deploy / "node.env").read_text() + (deploy / "client.env").read_text()
+
+        # registration and lineage, seen from the client with its own environment only
+        code = """
+import json, mlflow, torch, sae_registry
+c = mlflow.MlflowClient()
+versions = c.search_model_versions("name='deploy-check'")
+champion = c.get_model_version_by_alias("deploy-check", "champion")
+runs = [c.get_run(v.run_id) for v in versions]
+d = sae_registry.load("deploy-check@champion")
+x = torch.randn(3, 384)  # MiniLM's width: the store the docs harvest
+print(json.dumps({"versions": len(versions), "champion": champion.version,
+                  "store": sorted({v.tags.get("store.path") for v in versions}),
+                  "fingerprints": sorted({v.tags.get("store.fingerprint") for v in versions}),
+                  "sweeps": sorted({v.tags.get("sweep.id", "") for v in versions}),
+                  "nodes": sorted({r.data.tags.get("ray.node_id", "") for r in runs}),
+                  "status": sorted({r.info.status for r in runs}),
+                  "codes": list(d.encode(x).shape)}))
+"""
+        got = _json(ns.python(code, {**env, **client}, timeout=300))
+        assert got["versions"] == 2 and got["champion"] in {"1", "2"}, got
+        assert got["store"] == ["s3://activations/check.zarr"], got
+        assert len(got["fingerprints"]) == 1 and got["fingerprints"][0], got
+        assert len(got["sweeps"]) == 1 and got["sweeps"][0], got
+        assert len(got["nodes"]) == 2 and all(got["nodes"]), got  # one trial on each node
+        assert got["status"] == ["FINISHED"] and got["codes"] == [3, 256], got
+
+        # the documented client needs RAY_AUTH_MODE=token as well as the token
+        jobs = ["ray", "job", "list", "--address", "http://127.0.0.1:8265"]
+        assert ns.run(jobs, {**env, **client}, timeout=120).returncode == 0
+        no_mode = {k: v for k, v in client.items() if k != "RAY_AUTH_MODE"}
+        refused = ns.run(jobs, {**env, **no_mode}, timeout=120)
+        assert refused.returncode != 0, refused.stdout[-2000:]
+
+        # no secret on any command line (world-readable), MLflow's server and its workers included
+        secrets = {k: v for k, v in admin.items() if "PASSWORD" in k} | {"RAY_AUTH_TOKEN": node["RAY_AUTH_TOKEN"]}
+        for pid in ns.pids():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            assert not [k for k, v in secrets.items() if v in argv], argv.replace("\0", " ")[:300]
+
+        # what listens where, as the docs say (the namespace also has 10.0.0.5, an "external" address)
+        seen = _listeners(ns)
+        print("listening:", seen)
+        documented = _documented_binds()
+        for port, where in documented.items():
+            assert {addr for _, addr, p in seen if p == port} == where, (port, where, seen)
+        # beyond the documented ports, only Ray's own processes listen outside loopback
+        stray = [(pid, addr, port) for pid, addr, port in seen
+                 if port not in documented and addr != "127.0.0.1" and not _is_ray(pid)]
+        assert not stray, stray
+    finally:
+        ns.stop()
+        shutil.rmtree(root, ignore_errors=True)
