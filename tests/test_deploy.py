@@ -6,7 +6,8 @@ service 127.0.0.1: host names, ports, environment and commands are those `docker
 prints (with one MLflow worker and small Ray nodes for two cores). Stand-ins for the two images that
 are not ours: Debian's PostgreSQL server for `postgres`, moto's S3 server for `minio`. Nothing
 listens outside the namespace, and teardown stops exactly the processes that live in it.
-Needs root (namespaces) and scripts/setup-deploy-tools.sh.
+The last test runs docs/deploy.md's "Without Docker" section as written, step by step, the same way.
+Needs root (namespaces) and scripts/setup.sh --test (the cluster extra and scripts/setup-deploy-tools.sh).
 """
 
 from __future__ import annotations
