@@ -579,7 +579,7 @@ def stack():
     ns = Namespace(root, sorted(services))
     try:
         mlflow_cmd = services["mlflow"]["command"]
-        pg_port = urlparse(mlflow_cmd[mlflow_cmd.index("--backend-store-uri") + 1]).port
+        pg_port = urlparse(services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]).port
         s3_url = services["ray-head"]["environment"]["AWS_ENDPOINT_URL"]
         _postgres(ns, services["postgres"], pg_port, root, base)
 
