@@ -57,9 +57,8 @@ def ours(spec: dict, workdir: Path) -> dict:
         m = client.get_run(row["run_id"]).data.metrics
         loop[row["name"]] = spec.train["tokens"] // spec.train["batch_size"] * spec.train["batch_size"] / m[
             "final/tokens_per_second"]
-    # the plan the sweep ran (deterministic; concurrent_slots on the local Ray it started)
-    slots = max(1, int((os.cpu_count() or 1) // spec.resources.cpu))
-    slots = min(slots, spec.max_concurrent_trials or slots)
+    # the plan the sweep ran (deterministic), on the local Ray it started (every CPU of this machine)
+    slots = spec.concurrent_slots([{"Alive": True, "Resources": {"CPU": float(os.cpu_count() or 1)}}])
     d = ActivationStore.open(spec.store).d
     configs = spec.configurations(d)
     trials = []

@@ -258,26 +258,6 @@ def _check_resources(spec: SweepSpec) -> None:
         )
 
 
-def concurrent_slots(spec: SweepSpec) -> int:
-    """How many trials of ``spec`` the connected Ray cluster runs at once (``max_concurrent_trials`` caps it).
-
-    Per node, whole trials only: a node with 3 CPUs holds one 2-CPU trial, not 1.5.
-    """
-    import ray
-
-    slots = 0
-    for node in ray.nodes():
-        if not node.get("Alive"):
-            continue
-        have = node.get("Resources", {})
-        fits = [int(have.get(key, 0) / need + 1e-9) for key, need in (("CPU", spec.resources.cpu),
-                                                                       ("GPU", spec.resources.gpu)) if need > 0]
-        slots += min(fits)
-    if spec.max_concurrent_trials:
-        slots = min(slots, spec.max_concurrent_trials)
-    return max(1, slots)
-
-
 def fixed_costs(result) -> dict[str, float]:
     """Seconds per phase summed over a fit's trials (the ``time/*`` of their last reports)."""
     totals: dict[str, float] = {}
@@ -355,7 +335,8 @@ def run(
     try:
         _check_resources(spec)  # before anything is created: a sweep that cannot run leaves no trace
         # the costliest packs first, sized so that the trials running side by side end together
-        plan = spec.pack_plan(store.d, concurrent_slots(spec))
+        slots = spec.concurrent_slots(ray.nodes())
+        plan = spec.pack_plan(store.d, slots)
         client = tracking.client
         experiment_path = f"{storage}/{spec.name}"
         mark = time.perf_counter()
@@ -376,9 +357,9 @@ def run(
             tuner = tune.Tuner(
                 trainable,
                 param_space={"pack": tune.grid_search(plan)},
-                # one worker process (its imports, its torch threads) serves trial after trial
+                # with more trials than slots, one worker process (its imports) serves trial after trial
                 tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials or None,
-                                            reuse_actors=True),
+                                            reuse_actors=len(plan) > slots),
                 run_config=tune.RunConfig(
                     name=spec.name, storage_path=storage, verbose=verbose,
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),

@@ -202,13 +202,23 @@ class SweepSpec:
                     out.append((sae_cfg, train_cfg))
         return out
 
+    def concurrent_slots(self, nodes: list[dict]) -> int:
+        """How many trials run at once on a cluster of ``nodes`` (``ray.nodes()``): whole trials per
+        node (3 CPUs hold one 2-CPU trial), by CPU and, when asked for, GPU; capped by max_concurrent_trials."""
+        slots = 0
+        for node in nodes:
+            have = node.get("Resources", {}) if node.get("Alive") else {}
+            slots += min(int(have.get(key, 0) / need + 1e-9) for key, need in
+                         (("CPU", self.resources.cpu), ("GPU", self.resources.gpu)) if need > 0)
+        return max(1, min(slots, self.max_concurrent_trials or slots))
+
     def pack_plan(self, input_size: int = 1, slots: int = 1) -> list[list[int]]:
         """The packs as indices into :meth:`configurations`, the costliest pack first.
 
         Members are spread over the packs longest-processing-time first by :func:`estimated_cost`,
         so that packs running side by side end together. ``pack: N`` makes ``ceil(n / N)`` packs of
         at most N per group of configurations that can share a batch stream; ``pack: auto`` makes
-        ``slots`` packs (the trials the cluster runs at once, see ``sweep.concurrent_slots``), at
+        ``slots`` packs (the trials the cluster runs at once: :meth:`concurrent_slots`), at
         least one per group and never an empty one. Deterministic: the same spec and slots give the
         same plan (a trial finds its members by it).
         """

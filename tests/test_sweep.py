@@ -518,16 +518,12 @@ def test_cost_grows_with_tokens_width_and_dictionary():
     assert cost(dict_size=1024, sparsity="l1") > cost(dict_size=1024, top_k=32)  # dense l1 costs more
 
 
-def test_concurrent_slots_count_whole_trials_per_node(monkeypatch):
-    import ray
-
-    from sae_registry.sweep import concurrent_slots
-
+def test_concurrent_slots_count_whole_trials_per_node():
     nodes = [{"Alive": True, "Resources": {"CPU": 3.0, "GPU": 4.0}}, {"Alive": True, "Resources": {"CPU": 2.0}},
              {"Alive": False, "Resources": {"CPU": 64.0}}]
-    monkeypatch.setattr(ray, "nodes", lambda: nodes)
-    assert concurrent_slots(_demo(resources={"cpu": 2})) == 2  # 1 + 1: a node's 3 CPUs hold one 2-CPU trial
-    assert concurrent_slots(_demo(resources={"cpu": 1})) == 5
-    assert concurrent_slots(_demo(resources={"cpu": 1}, max_concurrent_trials=2)) == 2
-    assert concurrent_slots(_demo(resources={"cpu": 0.5, "gpu": 0.25})) == 6  # CPUs bound the GPU node: 3 / 0.5
-    assert concurrent_slots(_demo(resources={"cpu": 0, "gpu": 0.5})) == 8  # only the GPU node, 4 / 0.5
+    assert _demo(resources={"cpu": 2}).concurrent_slots(nodes) == 2  # 1 + 1: a node's 3 CPUs hold one 2-CPU trial
+    assert _demo(resources={"cpu": 1}).concurrent_slots(nodes) == 5
+    assert _demo(resources={"cpu": 1}, max_concurrent_trials=2).concurrent_slots(nodes) == 2
+    assert _demo(resources={"cpu": 0.5, "gpu": 0.25}).concurrent_slots(nodes) == 6  # CPUs bound the GPU node: 3 / 0.5
+    assert _demo(resources={"cpu": 0, "gpu": 0.5}).concurrent_slots(nodes) == 8  # only the GPU node, 4 / 0.5
+    assert _demo(resources={"cpu": 0.1}).concurrent_slots([{"Alive": True, "Resources": {"CPU": 3.0}}]) == 30
