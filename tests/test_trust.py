@@ -1,0 +1,68 @@
+"""What someone else wrote (a package index, another process, a registry's tags) cannot take over ours."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sae_registry import SAEConfig, SAERegistryError
+from sae_registry.runs import train_and_register
+from sae_registry.train import TrainConfig
+
+FAMILY = "trust-d32"
+
+# Loads a logged model in a fresh interpreter where ``sae_registry`` cannot be imported at all (as on
+# a serving machine that never installed it), and writes its codes for the given inputs.
+_PREDICT_WITHOUT_PACKAGE = """
+import sys, numpy as np
+
+class NoSaeRegistry:
+    def find_spec(self, name, path=None, target=None):
+        if name == "sae_registry" or name.startswith("sae_registry."):
+            raise ImportError(f"{name} is not installed here")
+        return None
+
+sys.meta_path.insert(0, NoSaeRegistry())
+import mlflow.pyfunc
+model = mlflow.pyfunc.load_model(sys.argv[1])
+np.save(sys.argv[3], model.predict(np.load(sys.argv[2])))
+assert not any(m == "sae_registry" or m.startswith("sae_registry.") for m in sys.modules)
+"""
+
+
+@pytest.fixture
+def trained(synthetic_store, tmp_path):
+    store, _ = synthetic_store
+    cfg = TrainConfig(tokens=4 * 1024, batch_size=1024, eval_every=4, lr=3e-3, seed=1)
+    return train_and_register(store, SAEConfig(32, 64, 4), cfg, tmp_path / "run", family=FAMILY, progress=False)
+
+
+def test_a_logged_model_carries_its_code_and_never_names_our_package(trained, synthetic_store, tmp_path):
+    import mlflow.artifacts
+
+    from sae_registry.tracking import Tracking
+
+    tracking = Tracking.resolve(None)
+    uri = tracking.client.get_model_version_download_uri(FAMILY, "1")
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path / "model"),
+                                                     tracking_uri=tracking.uri))
+    requirements = (local / "requirements.txt").read_text().lower()
+    assert "torch" in requirements
+    assert "sae-registry" not in requirements and "sae_registry" not in requirements
+    for name in ("sae.py", "sae_files.py", "sparse_ops.py", "errors.py", "config.py", "__init__.py"):
+        assert (local / "code" / "sae_registry_code" / name).is_file(), name
+
+    store, _ = synthetic_store
+    x = store.read_split("eval")[:20].numpy()
+    np.save(tmp_path / "x.npy", x)
+    subprocess.run([sys.executable, "-c", _PREDICT_WITHOUT_PACKAGE, str(local), str(tmp_path / "x.npy"),
+                    str(tmp_path / "codes.npy")], check=True, cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    codes = np.load(tmp_path / "codes.npy")
+    assert codes.shape == (20, 64)
+    assert np.array_equal(codes, trained.result.sae.encode(store.read_split("eval")[:20]).detach().numpy())
