@@ -66,3 +66,38 @@ def test_a_logged_model_carries_its_code_and_never_names_our_package(trained, sy
     codes = np.load(tmp_path / "codes.npy")
     assert codes.shape == (20, 64)
     assert np.array_equal(codes, trained.result.sae.encode(store.read_split("eval")[:20]).detach().numpy())
+
+
+def _load_slowly(cwd: str, name: str, results) -> None:
+    """In a child process: load ``name`` with the swap into the cache widened to two seconds."""
+    import os
+    import time
+
+    os.chdir(cwd)
+    real = os.replace
+
+    def slow_replace(src, dst, *args, **kwargs):
+        time.sleep(2)  # between "is the folder there?" and the swap: where two loaders collided
+        return real(src, dst, *args, **kwargs)
+
+    os.replace = slow_replace
+    try:
+        from sae_registry import load
+
+        results.put(("ok", load(name).version))
+    except BaseException as e:  # reported to the parent, which asserts on it
+        results.put((type(e).__name__, str(e)))
+
+
+def test_two_processes_loading_one_version_into_a_shared_cache_both_succeed(trained, tmp_path):
+    ctx = multiprocessing.get_context("spawn")  # no forked sqlite or MLflow state
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_load_slowly, args=(str(tmp_path), f"{FAMILY}/1", results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert got == [("ok", "1"), ("ok", "1")], got
+    cached = [p for p in (tmp_path / "sae-registry-cache").rglob("*") if p.is_dir() and p.name == "1"]
+    assert len(cached) == 1 and sorted(f.name for f in cached[0].iterdir()) == ["config.json", "sae.safetensors"]
