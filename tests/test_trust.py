@@ -101,3 +101,22 @@ def test_two_processes_loading_one_version_into_a_shared_cache_both_succeed(trai
     assert got == [("ok", "1"), ("ok", "1")], got
     cached = [p for p in (tmp_path / "sae-registry-cache").rglob("*") if p.is_dir() and p.name == "1"]
     assert len(cached) == 1 and sorted(f.name for f in cached[0].iterdir()) == ["config.json", "sae.safetensors"]
+
+
+def test_a_second_training_into_the_same_out_is_refused_while_the_first_writes(synthetic_store, tmp_path):
+    from sae_registry.train import train
+
+    store, _ = synthetic_store
+    cfg = TrainConfig(tokens=4 * 1024, batch_size=1024, eval_every=2, checkpoint_every=2, lr=3e-3, seed=1)
+    refusals = []
+
+    def second_resume(step, metrics, checkpoint):
+        # A flock conflicts between two opens of the file even in one process: this is the second `--resume`.
+        with pytest.raises(SAERegistryError, match=r"another training is writing to .*out.*another --out") as e:
+            train(store, SAEConfig(32, 64, 4), cfg, tmp_path / "out", resume=True, progress=False)
+        refusals.append(str(e.value))
+
+    result = train(store, SAEConfig(32, 64, 4), cfg, tmp_path / "out", progress=False, callback=second_resume)
+    assert refusals and (result.out_dir / "sae.safetensors").is_file()
+    # Once the first has finished, resuming there works again.
+    train(store, SAEConfig(32, 64, 4), cfg, tmp_path / "out", resume=True, progress=False)
