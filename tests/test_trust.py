@@ -120,3 +120,21 @@ def test_a_second_training_into_the_same_out_is_refused_while_the_first_writes(s
     assert refusals and (result.out_dir / "sae.safetensors").is_file()
     # Once the first has finished, resuming there works again.
     train(store, SAEConfig(32, 64, 4), cfg, tmp_path / "out", resume=True, progress=False)
+
+
+def test_show_and_list_print_registry_text_with_control_characters_escaped(trained):
+    from click.testing import CliRunner
+
+    from sae_registry.cli import main
+    from sae_registry.tracking import Tracking
+
+    evil = "\x1b]0;owned\x07\x1b[2J\r\u202e"
+    client = Tracking.resolve(None).client
+    client.set_model_version_tag(FAMILY, "1", "note", f"hello{evil}")
+    client.set_model_version_tag(FAMILY, "1", "k", evil)
+    for args in (["show", f"{FAMILY}/1"], ["list", FAMILY], ["list"]):
+        out = CliRunner().invoke(main, args, catch_exceptions=False).output
+        assert not any(ch in out for ch in "\x1b\x07\r\u202e"), (args, out)
+    shown = CliRunner().invoke(main, ["show", f"{FAMILY}/1"], catch_exceptions=False).output
+    assert "hello\\x1b]0;owned\\x07\\x1b[2J\\r\\u202e" in shown
+    assert "\\x1b" in CliRunner().invoke(main, ["list", FAMILY], catch_exceptions=False).output
