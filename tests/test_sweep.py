@@ -476,23 +476,13 @@ def test_a_pack_reports_each_member_with_its_own_numbers():
 
 def test_a_local_ray_starts_without_the_token_notice(tmp_path):
     """Ray's token-authentication default, kept, without its warning at every start (in a fresh process)."""
-    code = ("import ray; from sae_registry.sweep import _start_ray; _start_ray(None); "
+    code = ("import ray; from sae_registry.cluster import connect; connect(None); "
             "print('ok', ray.get(ray.remote(lambda: 1).remote())); ray.shutdown()")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
     p = subprocess.run([str(BIN / "python"), "-c", code], capture_output=True, text=True, timeout=300,
                        env={**env, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}, cwd=tmp_path)
     assert p.returncode == 0 and "ok 1" in p.stdout, p.stderr
     assert "Token authentication is" not in p.stderr, p.stderr
-
-
-def test_settings_passed_through_the_environment_are_scoped(monkeypatch):
-    from sae_registry.sweep import _environ
-
-    monkeypatch.delenv("SAE_TEST_A", raising=False)
-    monkeypatch.setenv("SAE_TEST_B", "mine")
-    with _environ({"SAE_TEST_A": "1", "SAE_TEST_B": "theirs"}):
-        assert os.environ["SAE_TEST_A"] == "1" and os.environ["SAE_TEST_B"] == "mine"  # the user's wins
-    assert "SAE_TEST_A" not in os.environ and os.environ["SAE_TEST_B"] == "mine"
 
 
 # -- packing by estimated cost (pure: no Ray, no MLflow) ----------------------------------------------------
