@@ -202,6 +202,9 @@ class HarvestSpec:
     chunk_tokens: int = option(8192, "Tokens per stored chunk.", min=1)
     device: str | None = option(None, "cpu or cuda [default: cuda when available].")
     seed: int = option(0, "Seed of the document order (and so of the held-out split).", min=0)
+    workers: int = option(1, "Model replicas on Ray ($RAY_ADDRESS for a cluster); the store is the same for any "
+                             "number.", min=1)
+    resources: str | None = option(None, "Ray resources of each worker, e.g. gpu=1 or cpu=2,gpu=1 [default: cpu=1].")
 
     def __post_init__(self) -> None:
         check_fields(self, prefix="harvest.")

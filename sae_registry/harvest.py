@@ -11,6 +11,7 @@ output, ``L`` the output of block ``L``. The forward pass stops right after that
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import re
 from pathlib import Path
@@ -21,11 +22,16 @@ from tqdm.auto import tqdm
 
 from .config import HarvestSpec
 from .errors import SAERegistryError, require_positive_int
-from .models import check_layer, check_model_dir, default_model_path, load_model, load_tokenizer, model_name, stream_at
+from .models import (
+    check_layer, check_model_dir, default_model_path, load_config, load_model, load_tokenizer, model_name, stream_at,
+)
 from .sae import resolve_device
-from .store import ActivationStore
+from .store import ActivationStore, find_by_key, store_roots
 
-__all__ = ["default_model_path", "demo_texts", "harvest", "read_texts"]
+__all__ = ["content_key", "default_model_path", "demo_texts", "harvest", "read_texts"]
+
+# Rows for batches (driver of a sharded harvest): (first row, number of rows, their token ids) -> rows
+RowSource = Callable[[int, int, torch.Tensor], torch.Tensor]
 
 
 def _passages(text: str, target_chars: int) -> list[str]:
@@ -88,6 +94,13 @@ def harvest(
     overwrite: bool = False,
     progress: bool = True,
     resume: bool = False,
+    workers: int = 1,
+    resources: dict | str | None = None,
+    store_root: str | Path | None = None,
+    reuse: bool = True,
+    say: Callable[[str], None] | None = None,
+    _in_order: bool = False,
+    _rows: RowSource | None = None,
 ) -> ActivationStore:
     """Write the layer-``layer`` hidden state of every (non-padding) token of ``texts`` to a store.
 
@@ -104,6 +117,15 @@ def harvest(
     continued: its whole chunks are kept and the harvest goes on from the next token, so that the
     result equals an uninterrupted harvest's bit for bit. The options and texts must be the same
     (they are recorded in ``source`` at creation); with no store there, it starts afresh.
+
+    Every store records its content key (:func:`content_key`, ``source["content_key"]``). With
+    ``reuse`` (the default, unless ``overwrite`` or ``resume``), a finished store with the same key in
+    ``store_path``'s folder or under ``store_root`` (default ``$SAE_REGISTRY_STORE_ROOT``, read now)
+    is returned instead of harvesting again; ``say`` hears which.
+
+    ``workers`` > 1 runs the model on Ray (``$RAY_ADDRESS`` for a cluster), one replica per worker
+    with ``resources`` each (``{"gpu": 1}``); the store is the same, bit for bit, as with one worker
+    (:mod:`sae_registry.harvest_ray`).
     """
     texts = list(texts)
     if not texts:
@@ -112,15 +134,40 @@ def harvest(
         require_positive_int(name, value)
     if max_tokens is not None:
         require_positive_int("max_tokens", max_tokens)
+    check_workers(workers, len(texts))
+    say = say or (lambda _message: None)
     model_path = check_model_dir(model_path) if model_path else default_model_path()
-    device = resolve_device(device or "auto")
     tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path, device=device)
-    check_layer(layer, model.config.num_hidden_layers, model_path)
-    d = model.config.hidden_size
+    texts_sha256 = hashlib.sha256("\0".join(texts).encode()).hexdigest()
+    content = _content(model_path, tokenizer, layer=layer, max_length=max_length, exclude_special=exclude_special,
+                       dtype=dtype, texts_sha256=texts_sha256, seed=seed, batch_size=batch_size, max_tokens=max_tokens)
+    key = content_key(content)
+    if reuse and not overwrite and not resume and not _in_order:
+        found = find_by_key(key, [Path(store_path).absolute().parent, *store_roots(store_root)]) \
+            if "://" not in str(store_path) else None
+        if found is not None:
+            say(f"using {found}: it holds the same content (key {key})")
+            return ActivationStore.open(found)
+    options = dict(model_path=model_path, layer=layer, max_length=max_length, batch_size=batch_size,
+                   max_tokens=max_tokens, exclude_special=exclude_special, dtype=dtype, chunk_tokens=chunk_tokens,
+                   device=device, seed=seed, text_source=text_source, progress=progress)
+    if workers > 1:
+        from .harvest_ray import harvest_on_ray
+
+        return harvest_on_ray(store_path, texts, workers=workers, resources=resources, overwrite=overwrite,
+                              resume=resume, options=options)
+    device = resolve_device(device or "auto")
+    if _rows is None:
+        model = load_model(model_path, device=device)
+        config = model.config
+    else:  # the rows come from shard stores: no model here
+        model, config = None, load_config(model_path)
+    check_layer(layer, config.num_hidden_layers, model_path)
+    d = config.hidden_size
 
     order = list(range(len(texts)))
-    random.Random(seed).shuffle(order)
+    if not _in_order:  # a shard's texts come in harvest order already
+        random.Random(seed).shuffle(order)
     source = {
         "model": model_name(model_path),
         "model_path": str(model_path),
@@ -136,7 +183,8 @@ def harvest(
         # what else decides the rows, so that a resumed harvest can check it continues the same one
         "batch_size": batch_size,
         "max_tokens": max_tokens,
-        "texts_sha256": hashlib.sha256("\0".join(texts).encode()).hexdigest(),
+        "texts_sha256": texts_sha256,
+        **content, "content_key": key,
     }
     if resume and Path(store_path).exists():
         store = ActivationStore.reopen(store_path)
@@ -185,8 +233,11 @@ def harvest(
                     for k, v in enc.items()
                     if k in ("input_ids", "attention_mask", "token_type_ids")
                 }
-                hidden = stream_at(model, inputs, layer)
-                rows = hidden[keep.to(device)].float().cpu()
+                if _rows is None:
+                    hidden = stream_at(model, inputs, layer)
+                    rows = hidden[keep.to(device)].float().cpu()
+                else:
+                    rows = _rows(written, n_rows, enc["input_ids"][keep])
                 window, pos = keep.nonzero(as_tuple=True)  # row-major, the order of hidden[keep]
                 provenance = {"token_id": enc["input_ids"][keep], "seq": window + windows, "pos": pos}
                 windows += len(keep)
@@ -203,6 +254,61 @@ def harvest(
     finally:
         bar.close()
     return ActivationStore.open(store_path)
+
+
+def check_workers(workers: object, n_documents: int) -> int:
+    """``workers`` if it is a worker count a harvest of ``n_documents`` documents can use."""
+    require_positive_int("workers", workers)
+    if workers > n_documents:
+        raise SAERegistryError(
+            f"workers is {workers} but there are only {n_documents} documents to harvest: each worker needs "
+            f"at least one; use --workers {n_documents} or fewer"
+        )
+    return workers
+
+
+# Files whose bytes decide what a model and its tokenizer compute; hashed into a store's content key.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "spiece.model", "tokenizer.model")
+_FILE_HASHES: dict[tuple, str] = {}  # (path, size, mtime) -> sha256: a model's weights are hashed once per process
+
+
+def _files_sha256(files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for f in sorted(files):
+        stat = f.stat()
+        cache = (str(f.absolute()), stat.st_size, stat.st_mtime_ns)
+        if cache not in _FILE_HASHES:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+            _FILE_HASHES[cache] = h.hexdigest()
+        digest.update(f"{f.name}:{_FILE_HASHES[cache]}\n".encode())
+    return digest.hexdigest()
+
+
+def _content(model_path: Path, tokenizer, **options) -> dict:
+    """What decides a harvested store's rows, beyond the options: the model's and tokenizer's bytes."""
+    files = [p for p in Path(model_path).iterdir() if p.is_file()]
+    return {
+        "weights_sha256": _files_sha256([p for p in files if p.suffix in WEIGHT_SUFFIXES]),
+        "tokenizer_sha256": _files_sha256([p for p in files if p.name in TOKENIZER_FILES]),
+        "key_options": {"model_path": str(model_path), "hook": f"hidden_states.{options['layer']}",
+                        "tokenizer": type(tokenizer).__name__, **options},
+    }
+
+
+def content_key(content: dict) -> str:
+    """A store's content key: 16 hex digits of the SHA-256 of what decides its rows.
+
+    The model (its path and the SHA-256 of its weight files), the hook, the tokenizer (class and the
+    SHA-256 of its files), the window length, the special-token policy, the dtype, the texts' SHA-256
+    and what orders and cuts them (seed, batch size, max tokens). Not the chunking, the device or
+    the number of workers: those do not change the rows.
+    """
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def ensure_store(

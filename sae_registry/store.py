@@ -30,6 +30,8 @@ is description only.
 
 from __future__ import annotations
 
+import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -329,6 +331,39 @@ class ActivationStore:
     def __repr__(self) -> str:
         status = self.metadata.get("status")
         return f"ActivationStore({str(self.path)!r}, n_tokens={len(self)}, d={self.d}, status={status!r})"
+
+
+# -- finding stores by what they hold ------------------------------------------------------------------
+
+
+def store_roots(store_root: str | Path | None = None) -> list[Path]:
+    """Where stores are looked for by content key: ``store_root``, else ``$SAE_REGISTRY_STORE_ROOT`` (read now)."""
+    root = store_root or os.environ.get("SAE_REGISTRY_STORE_ROOT")
+    return [Path(root).absolute()] if root else []
+
+
+def list_stores(roots: list[Path]) -> list[tuple[Path, dict]]:
+    """Finished stores directly under each of ``roots`` (and each root itself), with their attributes."""
+    found, seen = [], set()
+    for root in roots:
+        for path in [root, *(sorted(root.iterdir()) if root.is_dir() else [])]:
+            try:
+                attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+            except (OSError, ValueError, AttributeError):
+                continue
+            if attrs.get("format") == FORMAT and attrs.get("status") == "complete" and path.resolve() not in seen:
+                seen.add(path.resolve())
+                found.append((path, attrs))
+    return found
+
+
+def find_by_key(key: str, roots: list[Path]) -> Path | None:
+    """The finished store under ``roots`` whose content key is ``key`` (or starts with it), if any."""
+    for path, attrs in list_stores(roots):
+        have = str(attrs.get("source", {}).get("content_key", ""))
+        if have and have.startswith(key):
+            return path
+    return None
 
 
 def _check_shape(path: object, attrs: dict, group: zarr.Group, array: zarr.Array, max_chunk_bytes: int) -> None:
