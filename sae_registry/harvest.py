@@ -237,7 +237,8 @@ def harvest(
                     hidden = stream_at(model, inputs, layer)
                     rows = hidden[keep.to(device)].float().cpu()
                 else:
-                    rows = _rows(written, n_rows, enc["input_ids"][keep])
+                    wanted = n_rows if max_tokens is None else min(n_rows, max_tokens - written)
+                    rows = _rows(written, wanted, enc["input_ids"][keep][:wanted])
                 window, pos = keep.nonzero(as_tuple=True)  # row-major, the order of hidden[keep]
                 provenance = {"token_id": enc["input_ids"][keep], "seq": window + windows, "pos": pos}
                 windows += len(keep)
