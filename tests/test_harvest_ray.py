@@ -42,6 +42,16 @@ def tiny_bert(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for this module's harvests (starting one takes a while on a loaded machine)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 def same_store(a: ActivationStore, b: ActivationStore) -> None:
     assert np.array_equal(a._array[:], b._array[:])
     for name in PROVENANCE:
@@ -73,7 +83,7 @@ def test_a_harvest_with_the_same_content_returns_the_store_there(tiny_bert, tmp_
 
 
 @pytest.mark.slow
-def test_two_workers_write_the_one_worker_store_bit_for_bit(tiny_bert, tmp_path):
+def test_two_workers_write_the_one_worker_store_bit_for_bit(tiny_bert, tmp_path, local_ray):
     one = harvest(tmp_path / "one.zarr", TEXTS, model_path=tiny_bert, **OPTIONS)
     two = harvest(tmp_path / "two.zarr", TEXTS, model_path=tiny_bert, workers=2, reuse=False, **OPTIONS)
     same_store(one, two)
@@ -90,3 +100,63 @@ def test_bad_worker_counts_are_refused_before_any_work(tiny_bert, tmp_path):
     with pytest.raises(SAERegistryError, match="only 3 documents"):
         harvest(tmp_path / "w.zarr", TEXTS[:3], model_path=tiny_bert, workers=4, **OPTIONS)
     assert not (tmp_path / "w.zarr").exists()
+
+
+def _kill_a_worker_mid_shard(shard_dir: Path, done) -> dict:
+    """SIGKILL the Ray worker running a shard once its sub-store has a whole chunk but is unfinished."""
+    import json
+
+    import psutil
+
+    while not done.is_set():
+        for store in sorted(shard_dir.glob("shard-*.zarr")):
+            chunks = list((store / "activations" / "c").glob("*/*"))
+            try:
+                status = json.loads((store / "zarr.json").read_text())["attributes"]["status"]
+            except (OSError, ValueError, KeyError):
+                continue
+            if chunks and status == "writing":
+                for proc in psutil.process_iter(["cmdline"]):
+                    if "ray::_harvest_shard" in " ".join(proc.info["cmdline"] or []):
+                        proc.send_signal(signal.SIGKILL)  # a worker this test's harvest started
+                        return {"chunks": len(chunks), "pid": proc.pid}
+        time.sleep(0.02)
+    return {}
+
+
+@pytest.mark.slow
+def test_a_killed_worker_and_a_crashed_driver_lose_and_duplicate_nothing(tiny_bert, tmp_path, monkeypatch, local_ray):
+    import threading
+
+    from sae_registry import harvest_ray
+
+    texts = demo_texts()[:160]
+    one = harvest(tmp_path / "one.zarr", texts, model_path=tiny_bert, **OPTIONS)
+    # a worker killed part way: Ray starts it again and its shard resumes from its last whole chunk
+    done, killed = threading.Event(), {}
+    killer = threading.Thread(target=lambda: killed.update(_kill_a_worker_mid_shard(tmp_path / "two.zarr.shards", done)))
+    killer.start()
+    try:
+        two = harvest(tmp_path / "two.zarr", texts, model_path=tiny_bert, workers=2, reuse=False, **OPTIONS)
+    finally:
+        done.set()
+        killer.join()
+    assert killed, "no worker was caught part way through its shard"
+    same_store(one, two)
+    # the driver dies while joining the shards: --resume continues from its last whole chunk
+    calls = {"n": 0}
+    original = harvest_ray._ShardRows.__call__
+
+    def crash(self, *args):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise KeyboardInterrupt("driver stopped")
+        return original(self, *args)
+
+    monkeypatch.setattr(harvest_ray._ShardRows, "__call__", crash)
+    with pytest.raises(KeyboardInterrupt):
+        harvest(tmp_path / "three.zarr", texts, model_path=tiny_bert, workers=2, reuse=False, **OPTIONS)
+    monkeypatch.setattr(harvest_ray._ShardRows, "__call__", original)
+    assert ActivationStore.reopen(tmp_path / "three.zarr").metadata["status"] == "writing"
+    three = harvest(tmp_path / "three.zarr", texts, model_path=tiny_bert, workers=2, resume=True, **OPTIONS)
+    same_store(one, three)
