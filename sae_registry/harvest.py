@@ -312,6 +312,52 @@ def content_key(content: dict) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def resolve_store(ref: str, spec: HarvestSpec | None = None, *, store_root: str | Path | None = None) -> str:
+    """A sweep's ``store:`` as a path or URL: ``key:<hex>`` names a store by its content key.
+
+    A key is looked up in the working directory and the store root (``store_root``, else
+    ``$SAE_REGISTRY_STORE_ROOT``). With a ``harvest:`` spec, the store found must have been made with
+    its options, and a key not found yet is where the spec's harvest will go (``<root>/<key>.zarr``)
+    when the spec gives that key.
+    """
+    if not ref.startswith("key:"):
+        return ref if "://" in ref else str(Path(ref).absolute())
+    key = ref[4:].strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{8,16}", key):
+        raise SAERegistryError(f"store: {ref!r}: a content key is 8 to 16 hex digits after key: "
+                               "(`sae-registry stores` lists them)")
+    roots = [Path.cwd(), *store_roots(store_root)]
+    found = find_by_key(key, roots)
+    if found is not None and spec is not None:
+        attrs = json.loads((found / "zarr.json").read_text())["attributes"]
+        have = {**attrs.get("source", {}), "dtype": attrs.get("dtype")}
+        wanted = {name: getattr(spec, name) for name in ("layer", "max_length", "batch_size", "max_tokens",
+                                                         "exclude_special", "seed", "dtype")}
+        if spec.model_path:
+            wanted["model_path"] = str(check_model_dir(spec.model_path))
+        if differ := [f"{n}: {have.get(n)!r} there, {v!r} here" for n, v in wanted.items() if have.get(n) != v]:
+            raise SAERegistryError(
+                f"store: key:{key} is {found}, made with other options than the spec's harvest: block "
+                f"({'; '.join(differ)}); name the store by path, or make the harvest: block match it"
+            )
+    if found is not None:
+        return str(found)
+    if spec is None:
+        raise SAERegistryError(f"store: no store with content key {key} in {' or '.join(map(str, roots))}; "
+                               "`sae-registry stores` lists the keys there (set --store-root / SAE_REGISTRY_STORE_ROOT)")
+    texts = read_texts(spec.text) if spec.text else demo_texts()
+    options = spec.harvest_options()
+    model_path = check_model_dir(spec.model_path) if spec.model_path else default_model_path()
+    content = _content(model_path, load_tokenizer(model_path), layer=spec.layer, max_length=spec.max_length,
+                       exclude_special=spec.exclude_special, dtype=spec.dtype,
+                       texts_sha256=hashlib.sha256("\0".join(texts).encode()).hexdigest(), seed=spec.seed,
+                       batch_size=options["batch_size"], max_tokens=spec.max_tokens)
+    if not (made := content_key(content)).startswith(key):
+        raise SAERegistryError(f"store: key:{key} is not what the spec's harvest: block makes (its key is {made}); "
+                               f"write store: key:{made}, or name the store by path")
+    return str(roots[-1] / f"{made}.zarr")
+
+
 def ensure_store(
     path: str | Path,
     spec: HarvestSpec | None = None,

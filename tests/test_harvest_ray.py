@@ -160,3 +160,39 @@ def test_a_killed_worker_and_a_crashed_driver_lose_and_duplicate_nothing(tiny_be
     assert ActivationStore.reopen(tmp_path / "three.zarr").metadata["status"] == "writing"
     three = harvest(tmp_path / "three.zarr", texts, model_path=tiny_bert, workers=2, resume=True, **OPTIONS)
     same_store(one, three)
+
+
+def test_stores_lists_content_keys_and_what_was_trained_on_each_and_sweeps_name_a_key(tiny_bert, tmp_path,
+                                                                                      monkeypatch):
+    from click.testing import CliRunner
+
+    from sae_registry import SAEConfig
+    from sae_registry.cli import main
+    from sae_registry.config import HarvestSpec
+    from sae_registry.harvest import resolve_store
+    from sae_registry.runs import train_and_register
+    from sae_registry.train import TrainConfig
+
+    store = harvest(tmp_path / "a.zarr", TEXTS[:8], model_path=tiny_bert, **OPTIONS)
+    harvest(tmp_path / "b.zarr", TEXTS[:8], model_path=tiny_bert, **{**OPTIONS, "layer": 2})
+    key = store.source["content_key"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    train_and_register(store, SAEConfig(32, 64, 4), TrainConfig(tokens=512, batch_size=64, eval_every=4),
+                       tmp_path / "run", family="tiny", tracking_uri=uri, progress=False)
+    result = CliRunner().invoke(main, ["--tracking-uri", uri, "stores", "--store-root", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    mine = next(i for i, line in enumerate(lines) if line.startswith(key))
+    assert f"{len(store):,} tokens" in lines[mine] and "hidden_states.1" in lines[mine]
+    assert "tiny/1" in lines[mine + 1]
+    other = next(i for i, line in enumerate(lines) if "b.zarr" in line)
+    assert "nothing registered" in lines[other + 1]
+    # a sweep names a store by its key; a key whose store was made with other options is refused
+    assert resolve_store(f"key:{key[:10]}") == str(tmp_path / "a.zarr")
+    spec = HarvestSpec(model_path=str(tiny_bert), layer=1, max_length=32, batch_size=4, chunk_tokens=64)
+    assert resolve_store(f"key:{key}", spec) == str(tmp_path / "a.zarr")
+    with pytest.raises(SAERegistryError, match=r"made with other options .*layer: 1 there, 2 here"):
+        resolve_store(f"key:{key}", HarvestSpec(model_path=str(tiny_bert), layer=2, max_length=32, batch_size=4))
+    with pytest.raises(SAERegistryError, match="no store with content key 0123456789"):
+        resolve_store("key:0123456789")
