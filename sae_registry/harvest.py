@@ -20,6 +20,7 @@ from typing import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
+from . import zarr_files
 from .config import HarvestSpec
 from .errors import SAERegistryError, require_positive_int
 from .models import (
@@ -186,7 +187,7 @@ def harvest(
         "texts_sha256": texts_sha256,
         **content, "content_key": key,
     }
-    if resume and Path(store_path).exists():
+    if resume and zarr_files.exists(zarr_files.location(store_path)):
         store = ActivationStore.reopen(store_path)
         wanted = {**{f"source.{k}": v for k, v in source.items()}, "dtype": dtype, "chunk_tokens": chunk_tokens}
         have = {**{f"source.{k}": v for k, v in store.source.items()}, **store.metadata}

@@ -161,9 +161,8 @@ class ActivationStore:
         require_positive_int("max_chunk_bytes", max_chunk_bytes)
         path = zarr_files.location(path)
         if isinstance(path, str):
+            zstore = zarr_files.open_store(path, read_only=True)  # no credentials, no endpoint: an error in seconds
             try:
-                options = zarr_files.storage_options(path)
-                zstore = zarr.storage.FsspecStore.from_url(path, read_only=True, storage_options=options)
                 group = zarr.open_group(zstore, mode="r")
                 attrs = dict(group.attrs)
                 array = group[ARRAY]
@@ -188,8 +187,7 @@ class ActivationStore:
                 f"{path} is damaged: {array.nchunks - array.nchunks_initialized} of the {array.nchunks} chunk "
                 f"files of {ARRAY}/ are missing (deleted, or never copied). Delete the store and harvest it again."
             )
-        if not zarr_files.is_url(path):
-            _check_blosc_frames(path, array, attrs.get("chunk_tokens") or array.chunks[0])
+        _check_blosc_frames(path, array, attrs.get("chunk_tokens") or array.chunks[0])
         return cls(path, group)
 
     # -- reading ----------------------------------------------------------------------------------
@@ -424,13 +422,9 @@ def _check_blosc_frames(path: Path, array: zarr.Array, chunk_tokens: int) -> Non
     """
     if not any(type(c).__name__ == "BloscCodec" for c in array.compressors):
         return
-    for chunk_file in sorted((path / ARRAY / "c").glob("*/*")):
-        with open(chunk_file, "rb") as f:
-            header = f.read(16)
-        size = chunk_file.stat().st_size
+    for i, header, size in _chunk_headers(path, array):
         frame = int.from_bytes(header[12:16], "little") if len(header) == 16 else -1
         if frame != size:
-            i = int(chunk_file.parent.name)
             n = array.shape[0]
             raise SAERegistryError(
                 f"{path} is damaged: chunk {i} of {ARRAY}/ (rows {i * chunk_tokens}-{min(n, (i + 1) * chunk_tokens)}) "
@@ -438,3 +432,20 @@ def _check_blosc_frames(path: Path, array: zarr.Array, chunk_tokens: int) -> Non
                 "cut short). Delete the store and harvest it again."
             )
 
+
+def _chunk_headers(path: Path | str, array: zarr.Array) -> list[tuple[int, bytes, int]]:
+    """(chunk index, its first 16 bytes, its size) of every chunk file of ``array``, local or in an object store."""
+    if isinstance(path, Path):
+        out = []
+        for chunk_file in sorted((path / ARRAY / "c").glob("*/*")):
+            with open(chunk_file, "rb") as f:
+                out.append((int(chunk_file.parent.name), f.read(16), chunk_file.stat().st_size))
+        return out
+    from zarr.core.sync import sync  # zarr's own event loop, where its (async) filesystem lives
+
+    fs, root = array.store.fs, array.store.path.rstrip("/")
+    sizes = {p: info["size"] for p, info in sync(fs._find(f"{root}/{ARRAY}/c", detail=True)).items()}
+    files = sorted(sizes)
+    # one round of concurrent range reads, not one request after another
+    headers = sync(fs._cat_ranges(files, [0] * len(files), [16] * len(files))) if files else []
+    return [(int(p.rsplit("/", 2)[-2]), h, sizes[p]) for p, h in zip(files, headers)]
