@@ -293,16 +293,23 @@ class ActivationStore:
         buffer_chunks: int = 8,
         prefetch: int = 4,
         drop_last: bool = False,
+        threads: int = 2,
     ) -> Iterator[torch.Tensor]:
         """One epoch of float32 batches ``[batch_size, d]`` (the last may be smaller).
 
         With ``shuffle``, chunks are read in a random order and rows shuffled across a buffer of
         ``buffer_chunks`` chunks; the same ``seed`` gives the same batches. Every token of the split
-        appears exactly once per epoch. Reading and decoding run in background threads.
+        appears exactly once per epoch. Reading and decoding run in background threads: ``threads``
+        chunks at once (more for an object store, where each chunk is a request that waits).
+
+        Memory is bounded by the buffer, not the store: about ``(buffer_chunks + threads + prefetch)``
+        chunks' worth of rows, whatever the store's size. The shuffle window is the buffer: a batch
+        draws its rows from ``buffer_chunks`` chunks chosen at random from the whole split.
         """
         require_positive_int("batch_size", batch_size)
         require_positive_int("buffer_chunks", buffer_chunks)
         require_positive_int("prefetch", prefetch)
+        require_positive_int("threads", threads)
         lo, hi = self.split_range(split)
         chunk = self.metadata["chunk_tokens"]
         spans = [(max(start, lo), min(start + chunk, hi)) for start in range((lo // chunk) * chunk, hi, chunk)]
@@ -311,7 +318,7 @@ class ActivationStore:
             rng = np.random.default_rng(seed)
             order = [spans[i] for i in rng.permutation(len(spans))] if shuffle else spans
             leftover = np.zeros((0, self.d), dtype=self._array.dtype)
-            with ThreadPoolExecutor(max_workers=2) as pool:  # two chunks decode at once
+            with ThreadPoolExecutor(max_workers=threads) as pool:
                 for g in range(0, len(order), buffer_chunks):
                     parts = list(pool.map(lambda s: self._rows(*s), order[g : g + buffer_chunks]))
                     rows = np.concatenate([leftover, *parts])
