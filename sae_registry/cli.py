@@ -102,7 +102,7 @@ def _configs(input_size: int, options: dict, defaults: dict | None = None):
 
 
 @main.command()
-@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Store to create (a directory).")
+@click.option("--out", "out", required=True, help="Store to create: a directory, or an s3:// URL.")
 @_options(HarvestSpec)
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted harvest into --out (same options).")
