@@ -163,8 +163,18 @@ def bigger_than_memory(limit_mib: int, d: int = 256) -> dict:
 
 
 def neighbour_overlap(seqs: list[np.ndarray]) -> float:
-    """Mean fraction of a batch's rows whose source window also feeds the batch before it."""
-    return float(np.mean([np.isin(b, a).mean() for a, b in zip(seqs, seqs[1:])]))
+    """Mean correlation, over neighbouring batches, of how many rows each source window gives them.
+
+    0 when batches draw their documents independently (a full shuffle), near 1 when neighbouring
+    batches come from the same documents (no shuffle)."""
+    n = int(max(s.max() for s in seqs)) + 1
+    size = np.bincount(np.concatenate(seqs), minlength=n)  # a long window gives more rows to any batch
+    counts = [np.bincount(s, minlength=n) - len(s) * size / size.sum() for s in seqs if len(s) == len(seqs[0])]
+    return float(np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(counts, counts[1:])]))
+
+
+def windows_per_batch(seqs: list[np.ndarray]) -> float:
+    return float(np.mean([len(np.unique(s)) for s in seqs]))
 
 
 def shuffle_quality(source) -> dict:
@@ -182,7 +192,9 @@ def shuffle_quality(source) -> dict:
     full = [seq[perm[i : i + BATCH]] for i in range(0, hi - lo, BATCH)]
     ordered = [seq[i : i + BATCH] for i in range(0, hi - lo, BATCH)]
     return {"window_rows": 8 * source.metadata["chunk_tokens"], "batches": neighbour_overlap(ours),
-            "full_shuffle": neighbour_overlap(full), "no_shuffle": neighbour_overlap(ordered)}
+            "full_shuffle": neighbour_overlap(full), "no_shuffle": neighbour_overlap(ordered),
+            "windows_per_batch": {"batches": windows_per_batch(ours), "full_shuffle": windows_per_batch(full),
+                                  "no_shuffle": windows_per_batch(ordered)}}
 
 
 def datapath(limit_mib: int) -> dict:
@@ -193,8 +205,9 @@ def datapath(limit_mib: int) -> dict:
     print(table(s3, [("variant", "store", ""), ("tokens_per_s", "tokens/s", ",.0f"), ("gb_per_s", "GB/s", ".3f"),
                      ("vs_training", "x training", ".1f")]))
     quality = shuffle_quality(source)
-    print(f"\nneighbouring batches share source windows: batches() {quality['batches']:.4f} of rows, full shuffle "
-          f"{quality['full_shuffle']:.4f}, no shuffle {quality['no_shuffle']:.4f} (shuffle window "
+    print(f"\nneighbouring batches' source windows, correlation of row counts: batches() {quality['batches']:.4f}, full shuffle "
+          f"{quality['full_shuffle']:.4f}, no shuffle {quality['no_shuffle']:.4f}; source windows per batch "
+          f"{quality['windows_per_batch']} (shuffle window "
           f"{quality['window_rows']:,} rows)")
     big = bigger_than_memory(limit_mib)
     print(f"\ntraining one epoch on a {big['store_mib']:,.0f} MiB store under a {limit_mib} MiB data limit: "
