@@ -140,7 +140,7 @@ resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))  # heap and anonymous m
 from sae_registry import ActivationStore, SAEConfig
 from sae_registry.train import TrainConfig, train
 store = ActivationStore.open({path!r})
-train(store, SAEConfig(store.d, 256, 8), TrainConfig(tokens=store.num_tokens("train"), batch_size=4096,
+train(store, SAEConfig(store.d, 64, 4), TrainConfig(tokens=store.num_tokens("train"), batch_size=4096,
       eval_every=10**9), {out!r}, progress=False)
 """
 
@@ -151,7 +151,11 @@ def bigger_than_memory(limit_mib: int, d: int = 256) -> dict:
 
     n = 4 * limit_mib * 2**20 // (d * 4)
     path = DATA / "big" / "big.zarr"
-    if not (path / "zarr.json").exists():
+    try:
+        fresh = len(ActivationStore.open(path)) != n or ActivationStore.open(path).d != d
+    except Exception:  # none there yet, or unfinished
+        fresh = True
+    if fresh:
         g = torch.Generator().manual_seed(0)
         with ActivationStore.create(path, d, chunk_tokens=8192, overwrite=True) as store:
             for lo in range(0, n, 65_536):
