@@ -108,14 +108,16 @@ def _configs(input_size: int, options: dict, defaults: dict | None = None):
 @click.option("--resume", is_flag=True, help="Continue an interrupted harvest into --out (same options).")
 @click.option("--store-root", type=click.Path(path_type=Path), default=None,
               help="Also look here for a store with the same content [env SAE_REGISTRY_STORE_ROOT].")
-def harvest(out, overwrite, resume, store_root, **options) -> None:
+@click.option("--reuse/--no-reuse", default=True,
+              help="Return an existing store with the same content key instead of harvesting [default: reuse].")
+def harvest(out, overwrite, resume, store_root, reuse, **options) -> None:
     """Run a model over text and write one layer's activations to a zarr store."""
     spec = _built(HarvestSpec, "harvest.", **{k: v for k, v in options.items() if v is not None})  # before any work
     from . import harvest as H
 
     texts = H.read_texts(spec.text) if spec.text else H.demo_texts()
     store = H.harvest(out, texts, text_source=spec.text or "python:pydoc_data.topics", overwrite=overwrite,
-                      resume=resume, store_root=store_root, say=click.echo, **spec.harvest_options())
+                      resume=resume, store_root=store_root, reuse=reuse, say=click.echo, **spec.harvest_options())
     click.echo(f"wrote {len(store):,} tokens x {store.d} to {store.path} (fingerprint {store.fingerprint})")
 
 
