@@ -132,7 +132,7 @@ def harvest_on_ray(store_path: str | Path, texts: list[str], *, workers: int, re
                    overwrite: bool, resume: bool, options: dict) -> ActivationStore:
     """:func:`sae_registry.harvest.harvest` with ``workers`` Ray workers; see the module's doc."""
     from . import harvest as H
-    from .sweep import _start_ray
+    from .cluster import connect
 
     ray_options = _ray_options(resources)
     store_path = Path(store_path).absolute()
@@ -156,7 +156,7 @@ def harvest_on_ray(store_path: str | Path, texts: list[str], *, workers: int, re
 
     import ray
 
-    started = _start_ray(None)
+    started = connect(None)
     try:
         task = ray.remote(_harvest_shard).options(max_retries=SHARD_RETRIES, retry_exceptions=False, **ray_options)
         refs = [task.remote(str(p), docs[a:b], shard_options) for p, (a, b) in zip(paths, bounds)]
