@@ -11,6 +11,7 @@ same chunk order and shuffle. "x training" is read speed over what our fastest t
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import time
 
@@ -91,10 +92,146 @@ for batch in store.batches(4096, seed=1): pass
 """
 
 
+# -- the data path: S3 beside local, a store bigger than memory, shuffle quality ----------------------
+
+S3_TOKENS = 32_768  # rows copied to the local S3 server (moto keeps them in its memory)
+
+
+def s3_reads(source, consumption: float) -> list[dict]:
+    """One shuffled epoch from a local store and from the same store on a local S3 server (moto)."""
+    import os
+    import sys
+
+    sys.path.insert(0, str(DATA.parents[1] / "tests"))
+    import s3fs
+    from procs import start_moto
+
+    from sae_registry import ActivationStore
+
+    local = DATA / "s3" / "local.zarr"
+    with ActivationStore.create(local, source.d, chunk_tokens=8192, source=source.source, overwrite=True) as store:
+        store.append(source.read(0, S3_TOKENS))
+    rows, bytes_per_token = [], source.d * 4
+    with start_moto(DATA / "s3") as env:
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # this benchmark process only, restored below
+        try:
+            fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]})
+            fs.mkdir("bench")
+            fs.put(str(local), "bench/acts.zarr", recursive=True)
+            for where, label in ((local, "local"), ("s3://bench/acts.zarr", "S3 (moto, loopback)")):
+                store = ActivationStore.open(where)
+                for threads, prefetch in ((2, 4), (8, 8)):
+                    start = time.perf_counter()
+                    n = sum(len(b) for b in store.batches(BATCH, seed=1, threads=threads, prefetch=prefetch))
+                    speed = n / (time.perf_counter() - start)
+                    rows.append({"variant": f"{label}, threads {threads}, prefetch {prefetch}", "tokens_per_s": speed,
+                                 "gb_per_s": speed * bytes_per_token / 1e9, "vs_training": speed / consumption})
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    return rows
+
+
+BIG_PROBE = """
+import resource, sys, torch
+limit = {limit}
+resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))  # heap and anonymous maps; the page cache is not ours
+from sae_registry import ActivationStore, SAEConfig
+from sae_registry.train import TrainConfig, train
+store = ActivationStore.open({path!r})
+train(store, SAEConfig(store.d, 64, 4), TrainConfig(tokens=store.num_tokens("train"), batch_size=4096,
+      eval_every=10**9), {out!r}, progress=False)
+"""
+
+
+def bigger_than_memory(limit_mib: int, d: int = 256) -> dict:
+    """Train one epoch on a synthetic store 4x ``limit_mib``, under that data-memory limit; peak RSS (VmHWM)."""
+    from sae_registry import ActivationStore
+
+    n = 4 * limit_mib * 2**20 // (d * 4)
+    path = DATA / "big" / "big.zarr"
+    try:
+        fresh = len(ActivationStore.open(path)) != n or ActivationStore.open(path).d != d
+    except Exception:  # none there yet, or unfinished
+        fresh = True
+    if fresh:
+        g = torch.Generator().manual_seed(0)
+        with ActivationStore.create(path, d, chunk_tokens=8192, overwrite=True) as store:
+            for lo in range(0, n, 65_536):
+                store.append(torch.randn(min(65_536, n - lo), d, generator=g))
+    start = time.perf_counter()
+    peak = peak_rss_mb(BIG_PROBE.format(limit=limit_mib * 2**20, path=str(path), out=str(DATA / "big" / "run")))
+    return {"store_mib": n * d * 4 / 2**20, "limit_mib": limit_mib, "peak_rss_mib": peak, "tokens": n,
+            "seconds": time.perf_counter() - start}
+
+
+def neighbour_overlap(seqs: list[np.ndarray]) -> float:
+    """Mean correlation, over neighbouring batches, of how many rows each source window gives them.
+
+    0 when batches draw their documents independently (a full shuffle), near 1 when neighbouring
+    batches come from the same documents (no shuffle)."""
+    n = int(max(s.max() for s in seqs)) + 1
+    size = np.bincount(np.concatenate(seqs), minlength=n)  # a long window gives more rows to any batch
+    counts = [np.bincount(s, minlength=n) - len(s) * size / size.sum() for s in seqs if len(s) == len(seqs[0])]
+    return float(np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(counts, counts[1:])]))
+
+
+def windows_per_batch(seqs: list[np.ndarray]) -> float:
+    return float(np.mean([len(np.unique(s)) for s in seqs]))
+
+
+def shuffle_quality(source) -> dict:
+    """Neighbouring batches' source windows (provenance ``seq``): ``batches`` against a full shuffle."""
+    from sae_registry import ActivationStore
+
+    lo, hi = source.split_range("train")
+    seq = source.provenance(lo, hi)["seq"]
+    index = DATA / "shuffle" / "index.zarr"  # one column: the row's number, to see where batches come from
+    with ActivationStore.create(index, 1, chunk_tokens=source.metadata["chunk_tokens"], eval_fraction=1e-6,
+                                overwrite=True) as store:
+        store.append(torch.arange(hi - lo, dtype=torch.float32)[:, None])
+    ours = [seq[b[:, 0].long().numpy()] for b in ActivationStore.open(index).batches(BATCH, seed=1)]
+    perm = np.random.default_rng(1).permutation(hi - lo)
+    full = [seq[perm[i : i + BATCH]] for i in range(0, hi - lo, BATCH)]
+    ordered = [seq[i : i + BATCH] for i in range(0, hi - lo, BATCH)]
+    return {"window_rows": 8 * source.metadata["chunk_tokens"], "batches": neighbour_overlap(ours),
+            "full_shuffle": neighbour_overlap(full), "no_shuffle": neighbour_overlap(ordered),
+            "windows_per_batch": {"batches": windows_per_batch(ours), "full_shuffle": windows_per_batch(full),
+                                  "no_shuffle": windows_per_batch(ordered)}}
+
+
+def datapath(limit_mib: int) -> dict:
+    source = real_store()
+    consumption = training_consumption(source)
+    s3 = s3_reads(source, consumption)
+    print(f"training consumes {consumption:,.0f} tokens/s (top_k 4096, batch {BATCH})")
+    print(table(s3, [("variant", "store", ""), ("tokens_per_s", "tokens/s", ",.0f"), ("gb_per_s", "GB/s", ".3f"),
+                     ("vs_training", "x training", ".1f")]))
+    quality = shuffle_quality(source)
+    print(f"\nneighbouring batches' source windows, correlation of row counts: batches() {quality['batches']:.4f}, full shuffle "
+          f"{quality['full_shuffle']:.4f}, no shuffle {quality['no_shuffle']:.4f}; source windows per batch "
+          f"{quality['windows_per_batch']} (shuffle window "
+          f"{quality['window_rows']:,} rows)")
+    big = bigger_than_memory(limit_mib)
+    print(f"\ntraining one epoch on a {big['store_mib']:,.0f} MiB store under a {limit_mib} MiB data limit: "
+          f"peak RSS {big['peak_rss_mib']:,.0f} MiB ({big['seconds']:.0f} s)")
+    result = {"s3": s3, "training_tokens_per_s": consumption, "shuffle": quality, "bigger_than_memory": big,
+              "load_average": os.getloadavg()}
+    shutil.rmtree(DATA / "big", ignore_errors=True)
+    print(f"\nwritten {write_results('store_speed_datapath', result)}")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--datapath", action="store_true",
+                        help="Only S3 beside local reads, a store 4x a memory limit, and shuffle quality.")
+    parser.add_argument("--limit-mib", type=int, default=1024, help="The memory limit of --datapath's big store.")
     args = parser.parse_args(argv)
+    if args.datapath:
+        return datapath(args.limit_mib)
 
     from sae_registry import ActivationStore
 

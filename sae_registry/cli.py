@@ -102,19 +102,49 @@ def _configs(input_size: int, options: dict, defaults: dict | None = None):
 
 
 @main.command()
-@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Store to create (a directory).")
+@click.option("--out", "out", required=True, help="Store to create: a directory, or an s3:// URL.")
 @_options(HarvestSpec)
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted harvest into --out (same options).")
-def harvest(out, overwrite, resume, **options) -> None:
+@click.option("--store-root", type=click.Path(path_type=Path), default=None,
+              help="Also look here for a store with the same content [env SAE_REGISTRY_STORE_ROOT].")
+@click.option("--reuse/--no-reuse", default=True,
+              help="Return an existing store with the same content key instead of harvesting [default: reuse].")
+def harvest(out, overwrite, resume, store_root, reuse, **options) -> None:
     """Run a model over text and write one layer's activations to a zarr store."""
     spec = _built(HarvestSpec, "harvest.", **{k: v for k, v in options.items() if v is not None})  # before any work
     from . import harvest as H
 
     texts = H.read_texts(spec.text, separator=spec.separator) if spec.text else H.demo_texts()
     store = H.harvest(out, texts, text_source=spec.text or "python:pydoc_data.topics", overwrite=overwrite,
-                      resume=resume, **spec.harvest_options())
+                      resume=resume, store_root=store_root, reuse=reuse, say=click.echo, **spec.harvest_options())
     click.echo(f"wrote {len(store):,} tokens x {store.d} to {store.path} (fingerprint {store.fingerprint})")
+
+
+@main.command()
+@click.option("--store-root", type=click.Path(path_type=Path), default=None,
+              help="The folder of stores [default: $SAE_REGISTRY_STORE_ROOT, else the working directory].")
+@pass_tracking
+def stores(tracking, store_root) -> None:
+    """List the stores in a folder: content key, tokens, size, hook, and the dictionaries trained on each."""
+    from .store import list_stores, store_roots
+
+    found = list_stores(store_roots(store_root) or [Path.cwd()])
+    if not found:
+        click.echo("no finished stores there")
+        return
+    trained: dict[str, list[str]] = {}  # store fingerprint -> registered family/version trained on it
+    for mv in tracking.client.search_model_versions(max_results=10_000):
+        tags = mv.tags or {}
+        if tags.get("store.fingerprint"):
+            trained.setdefault(tags["store.fingerprint"], []).append(f"{mv.name}/{mv.version}")
+    for path, attrs in found:
+        source = attrs.get("source", {})
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        names = sorted(trained.get(attrs.get("fingerprint", ""), []))
+        click.echo(f"{source.get('content_key') or '-':16}  {attrs.get('n_tokens', 0):>12,} tokens  "
+                   f"{size / 2**20:>9.1f} MiB  {source.get('hook', '-'):18}  {path}"
+                   f"\n{'':18}trained on it: {', '.join(names) if names else 'nothing registered'}")
 
 
 def _print_result(result) -> None:

@@ -206,6 +206,9 @@ class HarvestSpec:
     separator: str | None = option(None, "A regular expression for the lines that separate documents in the "
                                    "--text files, e.g. '^%$' for fortune files [default: blank lines, with "
                                    "neighbouring paragraphs joined into passages of ~600 characters].")
+    workers: int = option(1, "Model replicas on Ray ($RAY_ADDRESS for a cluster); the store is the same for any "
+                             "number.", min=1)
+    resources: str | None = option(None, "Ray resources of each worker, e.g. gpu=1 or cpu=2,gpu=1 [default: cpu=1].")
 
     def __post_init__(self) -> None:
         check_fields(self, prefix="harvest.")

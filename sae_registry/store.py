@@ -30,6 +30,8 @@ is description only.
 
 from __future__ import annotations
 
+import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -159,9 +161,8 @@ class ActivationStore:
         require_positive_int("max_chunk_bytes", max_chunk_bytes)
         path = zarr_files.location(path)
         if isinstance(path, str):
+            zstore = zarr_files.open_store(path, read_only=True)  # no credentials, no endpoint: an error in seconds
             try:
-                options = zarr_files.storage_options(path)
-                zstore = zarr.storage.FsspecStore.from_url(path, read_only=True, storage_options=options)
                 group = zarr.open_group(zstore, mode="r")
                 attrs = dict(group.attrs)
                 array = group[ARRAY]
@@ -186,8 +187,7 @@ class ActivationStore:
                 f"{path} is damaged: {array.nchunks - array.nchunks_initialized} of the {array.nchunks} chunk "
                 f"files of {ARRAY}/ are missing (deleted, or never copied). Delete the store and harvest it again."
             )
-        if not zarr_files.is_url(path):
-            _check_blosc_frames(path, array, attrs.get("chunk_tokens") or array.chunks[0])
+        _check_blosc_frames(path, array, attrs.get("chunk_tokens") or array.chunks[0])
         return cls(path, group)
 
     # -- reading ----------------------------------------------------------------------------------
@@ -293,16 +293,23 @@ class ActivationStore:
         buffer_chunks: int = 8,
         prefetch: int = 4,
         drop_last: bool = False,
+        threads: int = 2,
     ) -> Iterator[torch.Tensor]:
         """One epoch of float32 batches ``[batch_size, d]`` (the last may be smaller).
 
         With ``shuffle``, chunks are read in a random order and rows shuffled across a buffer of
         ``buffer_chunks`` chunks; the same ``seed`` gives the same batches. Every token of the split
-        appears exactly once per epoch. Reading and decoding run in background threads.
+        appears exactly once per epoch. Reading and decoding run in background threads: ``threads``
+        chunks at once (more for an object store, where each chunk is a request that waits).
+
+        Memory is bounded by the buffer, not the store: about ``(buffer_chunks + threads + prefetch)``
+        chunks' worth of rows, whatever the store's size. The shuffle window is the buffer: a batch
+        draws its rows from ``buffer_chunks`` chunks chosen at random from the whole split.
         """
         require_positive_int("batch_size", batch_size)
         require_positive_int("buffer_chunks", buffer_chunks)
         require_positive_int("prefetch", prefetch)
+        require_positive_int("threads", threads)
         lo, hi = self.split_range(split)
         chunk = self.metadata["chunk_tokens"]
         spans = [(max(start, lo), min(start + chunk, hi)) for start in range((lo // chunk) * chunk, hi, chunk)]
@@ -311,7 +318,7 @@ class ActivationStore:
             rng = np.random.default_rng(seed)
             order = [spans[i] for i in rng.permutation(len(spans))] if shuffle else spans
             leftover = np.zeros((0, self.d), dtype=self._array.dtype)
-            with ThreadPoolExecutor(max_workers=2) as pool:  # two chunks decode at once
+            with ThreadPoolExecutor(max_workers=threads) as pool:
                 for g in range(0, len(order), buffer_chunks):
                     parts = list(pool.map(lambda s: self._rows(*s), order[g : g + buffer_chunks]))
                     rows = np.concatenate([leftover, *parts])
@@ -329,6 +336,39 @@ class ActivationStore:
     def __repr__(self) -> str:
         status = self.metadata.get("status")
         return f"ActivationStore({str(self.path)!r}, n_tokens={len(self)}, d={self.d}, status={status!r})"
+
+
+# -- finding stores by what they hold ------------------------------------------------------------------
+
+
+def store_roots(store_root: str | Path | None = None) -> list[Path]:
+    """Where stores are looked for by content key: ``store_root``, else ``$SAE_REGISTRY_STORE_ROOT`` (read now)."""
+    root = store_root or os.environ.get("SAE_REGISTRY_STORE_ROOT")
+    return [Path(root).absolute()] if root else []
+
+
+def list_stores(roots: list[Path]) -> list[tuple[Path, dict]]:
+    """Finished stores directly under each of ``roots`` (and each root itself), with their attributes."""
+    found, seen = [], set()
+    for root in roots:
+        for path in [root, *(sorted(root.iterdir()) if root.is_dir() else [])]:
+            try:
+                attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+            except (OSError, ValueError, AttributeError):
+                continue
+            if attrs.get("format") == FORMAT and attrs.get("status") == "complete" and path.resolve() not in seen:
+                seen.add(path.resolve())
+                found.append((path, attrs))
+    return found
+
+
+def find_by_key(key: str, roots: list[Path]) -> Path | None:
+    """The finished store under ``roots`` whose content key is ``key`` (or starts with it), if any."""
+    for path, attrs in list_stores(roots):
+        have = str(attrs.get("source", {}).get("content_key", ""))
+        if have and have.startswith(key):
+            return path
+    return None
 
 
 def _check_shape(path: object, attrs: dict, group: zarr.Group, array: zarr.Array, max_chunk_bytes: int) -> None:
@@ -389,13 +429,9 @@ def _check_blosc_frames(path: Path, array: zarr.Array, chunk_tokens: int) -> Non
     """
     if not any(type(c).__name__ == "BloscCodec" for c in array.compressors):
         return
-    for chunk_file in sorted((path / ARRAY / "c").glob("*/*")):
-        with open(chunk_file, "rb") as f:
-            header = f.read(16)
-        size = chunk_file.stat().st_size
+    for i, header, size in _chunk_headers(path, array):
         frame = int.from_bytes(header[12:16], "little") if len(header) == 16 else -1
         if frame != size:
-            i = int(chunk_file.parent.name)
             n = array.shape[0]
             raise SAERegistryError(
                 f"{path} is damaged: chunk {i} of {ARRAY}/ (rows {i * chunk_tokens}-{min(n, (i + 1) * chunk_tokens)}) "
@@ -403,3 +439,20 @@ def _check_blosc_frames(path: Path, array: zarr.Array, chunk_tokens: int) -> Non
                 "cut short). Delete the store and harvest it again."
             )
 
+
+def _chunk_headers(path: Path | str, array: zarr.Array) -> list[tuple[int, bytes, int]]:
+    """(chunk index, its first 16 bytes, its size) of every chunk file of ``array``, local or in an object store."""
+    if isinstance(path, Path):
+        out = []
+        for chunk_file in sorted((path / ARRAY / "c").glob("*/*")):
+            with open(chunk_file, "rb") as f:
+                out.append((int(chunk_file.parent.name), f.read(16), chunk_file.stat().st_size))
+        return out
+    from zarr.core.sync import sync  # zarr's own event loop, where its (async) filesystem lives
+
+    fs, root = array.store.fs, array.store.path.rstrip("/")
+    sizes = {p: info["size"] for p, info in sync(fs._find(f"{root}/{ARRAY}/c", detail=True)).items()}
+    files = sorted(sizes)
+    # one round of concurrent range reads, not one request after another
+    headers = sync(fs._cat_ranges(files, [0] * len(files), [16] * len(files))) if files else []
+    return [(int(p.rsplit("/", 2)[-2]), h, sizes[p]) for p, h in zip(files, headers)]

@@ -37,7 +37,7 @@ class StoreWriter:
     Use it as a context manager: an exception inside the block leaves the store ``"writing"``.
     """
 
-    def __init__(self, path: Path, group: zarr.Group) -> None:
+    def __init__(self, path: Path | str, group: zarr.Group) -> None:
         self.path = path
         self._group = group
         self.metadata: dict = dict(group.attrs)
@@ -76,7 +76,7 @@ class StoreWriter:
         require_float("eval_fraction", eval_fraction, above=0, max=1)
         if eval_fraction == 1:
             raise SAERegistryError("eval_fraction must be < 1, got 1: the training split would be empty")
-        path = Path(path).absolute()
+        path = zarr_files.location(path)  # a local folder or an object-store URL
         attrs = {
             "format_version": FORMAT_VERSION,
             "d": d,
@@ -111,10 +111,10 @@ class StoreWriter:
         writer does, so that a store finished after reopen() equals one written in one go, bit for
         bit. ``len(store)`` says how many rows were kept: the writer goes on from the next one.
         """
-        path = Path(path).absolute()
-        if not (path / "zarr.json").exists():
+        path = zarr_files.location(path)
+        if not zarr_files.exists(path):
             raise SAERegistryError(f"no activation store at {path} to resume; start a new one")
-        group = zarr.open_group(zarr.storage.LocalStore(path), mode="r+")
+        group = zarr.open_group(zarr_files.open_store(path, read_only=False), mode="r+")
         zarr_files.require_unfinished(path, dict(group.attrs), FORMAT, "activation store")
         store = cls(path, group)
         chunk = store.metadata["chunk_tokens"]

@@ -242,9 +242,9 @@ def pareto_frontier(rows: list[dict]) -> list[bool]:
 
 def _ensure_store(spec: SweepSpec) -> str:
     """The store's absolute path or URL; harvested first when missing and the spec says how."""
-    from .harvest import ensure_store
+    from .harvest import ensure_store, resolve_store
 
-    location = spec.store if "://" in spec.store else str(Path(spec.store).absolute())
+    location = resolve_store(spec.store, spec.harvest)  # a path, a URL, or key:<hex> (a store by its content)
     ensure_store(location, spec.harvest)
     return location
 

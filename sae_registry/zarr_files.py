@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import urllib.parse
 from pathlib import Path
 from typing import Iterable
 
@@ -48,12 +50,72 @@ def location(path: str | Path) -> Path | str:
     return url
 
 
+# Where botocore finds credentials besides the environment's keys (files, profiles, roles).
+_CREDENTIAL_SOURCES = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                       "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+S3_CONNECT_SECONDS = 5  # an endpoint that does not answer fails in seconds, not after minutes of retries
+
+
+def _endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
 def storage_options(url: str) -> dict:
-    """fsspec options for ``url``: an S3-compatible endpoint from the environment, when set."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if url.startswith("s3://") and endpoint:
-        return {"client_kwargs": {"endpoint_url": endpoint}}
-    return {}
+    """fsspec options for ``url``: an S3-compatible endpoint from the environment (read now), short
+    timeouts and few retries, so that an unreachable endpoint is an error in seconds."""
+    if not url.startswith("s3://"):
+        return {}
+    options: dict = {"config_kwargs": {"connect_timeout": S3_CONNECT_SECONDS, "read_timeout": 60,
+                                       "retries": {"max_attempts": 3, "mode": "standard"}}}
+    if endpoint := _endpoint():
+        options["client_kwargs"] = {"endpoint_url": endpoint}
+    return options
+
+
+def check_s3(url: str) -> None:
+    """Refuse, in seconds, an ``s3://`` URL with no credentials anywhere or an endpoint that does not answer."""
+    if not url.startswith("s3://"):
+        return
+    home = Path(os.environ.get("HOME", "~")).expanduser()
+    if not any(os.environ.get(name) for name in _CREDENTIAL_SOURCES) and not (home / ".aws" / "credentials").exists():
+        raise SAERegistryError(
+            f"{url}: no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and "
+            "AWS_ENDPOINT_URL for an S3-compatible server other than AWS"
+        )
+    endpoint = _endpoint()
+    if endpoint:
+        parts = urllib.parse.urlsplit(endpoint)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            socket.create_connection((parts.hostname or "", port), timeout=S3_CONNECT_SECONDS).close()
+        except OSError as e:
+            raise SAERegistryError(
+                f"{url}: cannot reach the S3 endpoint {endpoint} ({e}); start it, or point AWS_ENDPOINT_URL at one "
+                "that runs"
+            ) from None
+
+
+def open_store(where: Path | str, *, read_only: bool) -> zarr.storage.StoreLike:
+    """The zarr store at a local path or an object-store URL (checked reachable first)."""
+    if isinstance(where, Path):
+        return zarr.storage.LocalStore(where, read_only=read_only)
+    check_s3(where)
+    return zarr.storage.FsspecStore.from_url(where, read_only=read_only, storage_options=storage_options(where))
+
+
+def exists(where: Path | str) -> bool:
+    """Whether a zarr group (its ``zarr.json``) is at ``where``."""
+    if isinstance(where, Path):
+        return (where / "zarr.json").exists()
+    store = open_store(where, read_only=True)
+    return bool(zarr.core.sync.sync(store.exists("zarr.json")))
+
+
+def _url_attrs(where: str) -> dict:
+    try:
+        return dict(zarr.open_group(open_store(where, read_only=True), mode="r").attrs)
+    except Exception:  # not a zarr group of ours: refused by the caller
+        return {}
 
 
 def codecs(name: str) -> list:
@@ -65,12 +127,23 @@ def codecs(name: str) -> list:
     return []
 
 
-def create(path: Path, fmt: str, attrs: dict, *, overwrite: bool, arrays: Iterable[str]) -> zarr.Group:
+def create(path: Path | str, fmt: str, attrs: dict, *, overwrite: bool, arrays: Iterable[str]) -> zarr.Group:
     """A new group at ``path`` with ``attrs``, marked ``fmt`` and ``"writing"`` from its first write.
 
     An existing ``path`` needs ``overwrite`` and must be a group of format ``fmt`` holding only
-    ``zarr.json`` and ``arrays`` (see :func:`replaceable`); then it is deleted first.
+    ``zarr.json`` and ``arrays`` (see :func:`replaceable`); then it is deleted first. ``path`` may be
+    an object-store URL (see :func:`location`).
     """
+    if isinstance(path, str):
+        store = open_store(path, read_only=False)
+        if exists(path):
+            if not overwrite:
+                raise SAERegistryError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+            if _url_attrs(path).get("format") != fmt:
+                raise SAERegistryError(f"{path} exists and was not made by sae-registry as {fmt!r}; refusing to "
+                                       "delete it with --overwrite. Choose another URL, or remove it yourself.")
+            zarr.core.sync.sync(store.delete_dir(""))
+        return zarr.create_group(store=store, zarr_format=3, attributes={**attrs, "format": fmt, "status": "writing"})
     if path.exists() or path.is_symlink():
         if not overwrite:
             raise SAERegistryError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")

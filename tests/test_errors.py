@@ -23,6 +23,7 @@ import yaml
 from click.testing import CliRunner
 
 import sae_registry
+import sae_registry.harvest
 import sae_registry.tracking
 from sae_registry import ActivationStore, SAEConfig, SAERegistryError, SparseAutoencoder
 from sae_registry.cli import main
@@ -363,6 +364,28 @@ def import_k_not_one_integer(env, tmp, mp):
     read(tmp / "dl")
 
 
+def api_store_key_other_options(env, tmp, mp):
+    from sae_registry.config import HarvestSpec
+    from sae_registry.harvest import resolve_store
+
+    _store(tmp / "keyed.zarr", source={"content_key": "abcdef0123456789", "layer": 3, "max_length": 128})
+    mp.chdir(tmp)
+    resolve_store("key:abcdef01", HarvestSpec(layer=4))
+
+
+def _no_s3_credentials(mp, tmp):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        mp.delenv(name, raising=False)
+    mp.setenv("HOME", str(tmp))
+
+
+def api_s3_unreachable(env, tmp, mp):
+    mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+    mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    mp.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    ActivationStore.open("s3://stores/acts.zarr")
+
+
 def _cli(*args, registry: bool = False):
     def case(env, tmp, mp):
         mp.setenv("MLFLOW_TRACKING_URI", "x")  # the CLI may set it: restored (unset) after the case
@@ -508,6 +531,16 @@ CASES = {
         r"the store's model is not on this machine: /nonexistent/model does not exist .*pass --model DIR"),
     "cli-train-out-exists": (cli_train_out_exists, (r"1:Error: --out .*o already holds a dictionary or a training "
                                                     r"\(sae.safetensors\); pass --overwrite"), _after_train_out_exists),
+    "cli-harvest-workers-zero": (_cli("harvest", "--out", "TMP/w.zarr", "--workers", "0"),
+                                 "1:Error: --workers must be a positive integer, got 0"),
+    "api-harvest-workers-over-documents": (
+        lambda e, t, m: sae_registry.harvest.harvest(t / "w.zarr", ["one", "two"], workers=3, progress=False),
+        "workers is 3 but there are only 2 documents to harvest: each worker needs at least one"),
+    "api-store-key-other-options": (api_store_key_other_options,
+                                    r"store: key:abcdef01 is .*keyed.zarr, made with other options .*layer: 3 there, 4 here"),
+    "api-s3-no-credentials": (lambda e, t, m: (_no_s3_credentials(m, t), ActivationStore.open("s3://stores/acts.zarr")),
+                              "s3://stores/acts.zarr: no S3 credentials: set AWS_ACCESS_KEY_ID"),
+    "api-s3-unreachable": (api_s3_unreachable, r"s3://stores/acts.zarr: cannot reach the S3 endpoint http://127\.0\.0\.1:\d+"),
 }
 
 

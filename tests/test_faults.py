@@ -70,7 +70,7 @@ def test_an_interrupted_harvest_resumes_to_the_same_store(tmp_path, monkeypatch,
     with monkeypatch.context() as m:
         _crash_after(m, StoreWriter, "append", 3)  # a few chunks on disk, some rows pending
         with pytest.raises(Crash):
-            harvest(tmp_path / "cut.zarr", texts, **options)
+            harvest(tmp_path / "cut.zarr", texts, reuse=False, **options)  # not the same-content whole.zarr
     with pytest.raises(SAERegistryError, match="never finished"):
         ActivationStore.open(tmp_path / "cut.zarr")
     kept = len(ActivationStore.reopen(tmp_path / "cut.zarr"))
@@ -350,14 +350,14 @@ def test_sae_registry_harvest_resume_continues_an_interrupted_harvest(tmp_path, 
 
     (tmp_path / "text.txt").write_text("\n\n".join(demo_texts()[:100]))  # ~13k tokens: one whole 8192-row chunk
     args = ["harvest", "--text", str(tmp_path / "text.txt"), "--layer", "1", "--batch-size", "2"]
-    whole = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "whole.zarr")])
+    whole = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "whole.zarr"), "--no-reuse"])
     assert whole.exit_code == 0, whole.output
     with monkeypatch.context() as m:
         _crash_after(m, StoreWriter, "_flush", 1)  # first chunk written, then dies in close()
-        cut = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "cut.zarr")])
+        cut = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "cut.zarr"), "--no-reuse"])
     assert isinstance(cut.exception, Crash)
     assert len(ActivationStore.reopen(tmp_path / "cut.zarr")) == 8192  # the chunk on disk is kept
-    again = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "cut.zarr")])
+    again = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "cut.zarr"), "--no-reuse"])
     assert again.exit_code != 0 and "already exists" in again.output  # no silent restart without --resume
     resumed = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "cut.zarr"), "--resume"])
     assert resumed.exit_code == 0, resumed.output
