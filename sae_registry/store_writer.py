@@ -24,11 +24,11 @@ import zarr.storage
 from . import zarr_files
 from .errors import SAERegistryError, require_choice, require_float, require_positive_int
 from .store import (
-    ARRAY, COMPRESSORS, DTYPES, FORMAT, FORMAT_VERSION, PROVENANCE, STORE_ARRAYS, to_float32, to_numpy,
+    ARRAY, COMPRESSORS, DTYPES, FORMAT, FORMAT_VERSION, PROVENANCE, STORE_ARRAYS, StoreInfo, to_float32, to_numpy,
 )
 
 
-class StoreWriter:
+class StoreWriter(StoreInfo):
     """Appends rows to a store that is ``"writing"``; :meth:`close` marks it ``"complete"``.
 
     Rows are written in whole chunks as they come (the rest waits for more rows); the mean, the
@@ -138,22 +138,6 @@ class StoreWriter:
     def __len__(self) -> int:
         """Rows on disk so far (whole chunks; rows still pending are not counted until written)."""
         return self.metadata.get("n_tokens", self._n_written)
-
-    @property
-    def d(self) -> int:
-        return self.metadata["d"]
-
-    @property
-    def dtype(self) -> str:
-        return self.metadata["dtype"]
-
-    @property
-    def source(self) -> dict:
-        return self.metadata.get("source", {})
-
-    @property
-    def has_provenance(self) -> bool:
-        return bool(self.metadata.get("provenance", False))
 
     def append(
         self, array: np.ndarray | torch.Tensor, provenance: dict[str, np.ndarray | torch.Tensor] | None = None
