@@ -53,6 +53,7 @@ from .models import (
     parse_hook,
     replace_stream,
     resolve,
+    sink_token_id,
 )
 from .sae import resolve_device
 from .store import ActivationStore
@@ -73,15 +74,25 @@ class Window:
 
 
 def windows_from_texts(tokenizer, texts: Iterable[str], *, max_length: int, exclude_special: bool,
-                       max_tokens: int) -> list[Window]:
-    """``texts`` cut into windows as harvest cuts them, until ``max_tokens`` positions to splice."""
+                       max_tokens: int, sink: int | None = None) -> list[Window]:
+    """``texts`` cut into windows as harvest cuts them, until ``max_tokens`` positions to splice.
+
+    With ``sink`` (a store harvested with packing, or a causal LM), each window is that token (the
+    BOS / attention sink, never spliced) and up to ``max_length - 1`` tokens of one text.
+    """
     texts = list(texts)
     out, n = [], 0
     for start in range(0, len(texts), 32):  # tokenise only as much as the budget needs
-        enc = tokenizer(texts[start:start + 32], truncation=True, max_length=max_length,
-                        return_overflowing_tokens=True, return_special_tokens_mask=True)
-        for ids, special in zip(enc["input_ids"], enc["special_tokens_mask"]):
-            splice = [not s for s in special] if exclude_special else [True] * len(ids)
+        if sink is not None:
+            enc = tokenizer(texts[start:start + 32], add_special_tokens=False, split_special_tokens=True)
+            pieces = [([sink, *ids[i:i + max_length - 1]], [False] + [True] * len(ids[i:i + max_length - 1]))
+                      for ids in enc["input_ids"] for i in range(0, len(ids), max_length - 1)]
+        else:
+            enc = tokenizer(texts[start:start + 32], truncation=True, max_length=max_length,
+                            return_overflowing_tokens=True, return_special_tokens_mask=True)
+            pieces = [(ids, [not s for s in special] if exclude_special else [True] * len(ids))
+                      for ids, special in zip(enc["input_ids"], enc["special_tokens_mask"])]
+        for ids, splice in pieces:
             if any(splice):
                 out.append(Window(list(ids), splice))
                 n += sum(splice)
@@ -394,8 +405,13 @@ def prepare(
     exclude_special = bool(source.get("exclude_special", True)) if exclude_special is None else exclude_special
     tokenizer = load_tokenizer(path)
     if texts is not None:
+        # the windows the dictionary's store saw: sink first when it was packed (the default for a causal LM)
+        pack = source.get("pack")
+        if pack is None:
+            pack = kind == "causal_lm" or (kind == "auto" and model_kind(path) == "causal_lm")
+        sink = (source.get("sink_token_id") or sink_token_id(tokenizer)) if pack and max_length > 1 else None
         windows = windows_from_texts(tokenizer, texts, max_length=max_length, exclude_special=exclude_special,
-                                     max_tokens=max_tokens)
+                                     max_tokens=max_tokens, sink=sink)
     elif store is not None and store.has_provenance:
         windows = windows_from_store(store, tokenizer, max_tokens=max_tokens)
     elif store is not None:

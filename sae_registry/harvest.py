@@ -38,6 +38,7 @@ from .models import (
     model_kind,
     parse_hook,
     resolve,
+    sink_token_id,
 )
 from .sae import resolve_device
 from .store import ActivationStore
@@ -181,15 +182,6 @@ class _Windows:
             ids[i, :len(w)], mask[i, :len(w)] = torch.tensor(w), 1
         keep = mask.bool() & ((ids != self.sink) if self.exclude_special else True)
         return ids, mask, keep
-
-
-def sink_token_id(tokenizer) -> int:
-    """The token a packed window begins with and documents are separated by: BOS, else EOS (else CLS)."""
-    for token in (tokenizer.bos_token_id, tokenizer.eos_token_id, getattr(tokenizer, "cls_token_id", None)):
-        if token is not None:
-            return int(token)
-    raise SAERegistryError(f"{type(tokenizer).__name__} has no BOS, EOS or CLS token to pack windows with: "
-                           "harvest with pack off (--no-pack)")
 
 
 def _grouped(items: Iterable, n: int) -> Iterator[list]:

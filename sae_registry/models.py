@@ -211,6 +211,15 @@ def load_model(path: str | Path | ModelRef, *, causal_lm: bool = False, device: 
     return model.to(resolve_device(device)).eval()
 
 
+def sink_token_id(tokenizer) -> int:
+    """The token a packed window begins with and documents are separated by: BOS, else EOS (else CLS)."""
+    for token in (tokenizer.bos_token_id, tokenizer.eos_token_id, getattr(tokenizer, "cls_token_id", None)):
+        if token is not None:
+            return int(token)
+    raise SAERegistryError(f"{type(tokenizer).__name__} has no BOS, EOS or CLS token to pack windows with: "
+                           "harvest with pack off (--no-pack)")
+
+
 def check_layer(layer: object, n_layers: int, path: str | Path) -> int:
     """``layer`` if it names a residual stream of a model with ``n_layers`` blocks (0..n_layers)."""
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= n_layers:

@@ -153,6 +153,8 @@ def test_identity_recovers_all_zeros_nothing_kl_zero_at_any_hook(tiny_llama, tmp
     assert same["downstream/kl_mean_ablation"] > 0 and "downstream/loss_recovered_mean" in same
     resid = prepare(tiny_llama, texts=demo_texts()[:8], layer=2, max_tokens=100, device="cpu")
     assert resid.hook.name == "blocks.2.hook_resid_pre" and resid.layer == 2
+    # texts are windowed as a causal LM's store is: the sink first, never spliced
+    assert all(w.input_ids[0] == 101 and not w.splice[0] and all(w.splice[1:]) for w in resid.windows)
     assert resid.run(Identity())["downstream/kl_spliced"] == pytest.approx(0.0, abs=1e-6)
 
 
@@ -208,8 +210,8 @@ def test_smollm2_end_to_end_identity_recovers_everything_zeros_nothing(tmp_path)
     assert len(store) == 2048 and store.d == 576
     assert store.source["model_path"] == "smollm2-135m" and store.source["hook"] == hook and store.source["layer"] == 4
     assert store.source["sink_token_id"] == 1  # <|im_start|>, never kept
-    norms = store.read().norm(dim=-1)
-    assert norms.max() < 10 * norms.median()  # without the sink, no position dwarfs the rest
+    prov = store.provenance()
+    assert prov["pos"].min() == 1 and not (prov["token_id"] == 1).any()
     ev = prepare(store, max_tokens=128, batch_size=4, device="cpu")
     assert ev.kind == "causal_lm" and ev.layer == 4
     same, nothing = ev.run(Identity()), ev.run(zeros)
@@ -222,3 +224,29 @@ def test_smollm2_end_to_end_identity_recovers_everything_zeros_nothing(tmp_path)
                    tmp_path / "sae", progress=False)
     trained = ev.run(result.sae)
     assert trained["downstream/kl_spliced"] > 0 and trained["downstream/ce_spliced"] > same["downstream/ce_clean"]
+
+
+def test_the_command_line_harvests_several_hooks_in_one_pass(tiny_llama, tmp_path):
+    from click.testing import CliRunner
+
+    from sae_registry.cli import main
+
+    out = tmp_path / "stores"
+    result = CliRunner().invoke(main, ["harvest", "--out", str(out), "--model", str(tiny_llama), "--hook",
+                                       "blocks.0.hook_attn_out", "--hook", "blocks.2.hook_resid_post",
+                                       "--max-length", "32", "--max-tokens", "200"])
+    assert result.exit_code == 0, result.output
+    assert "at blocks.0.hook_attn_out" in result.output and "at blocks.2.hook_resid_post" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["blocks.0.hook_attn_out.zarr", "blocks.2.hook_resid_post.zarr"]
+    bad = CliRunner().invoke(main, ["harvest", "--out", str(tmp_path / "x"), "--model", str(tiny_llama),
+                                    "--hook", "blocks.0.attn"])
+    assert bad.exit_code == 1 and "unknown hook 'blocks.0.attn'" in bad.output and "Traceback" not in bad.output
+
+
+def test_exports_name_the_hook_and_its_block():
+    from sae_registry.interchange import _layer
+
+    # SAELens's hook_layer is the L of blocks.L.*; a residual store's own layer counts hidden states
+    assert _layer({"source.hook": "blocks.3.hook_resid_post", "source.layer": "4"}) == 3
+    assert _layer({"source.hook": "blocks.7.hook_mlp_out", "source.layer": "7"}) == 7
+    assert _layer({"source.hook": "hidden_states.5", "source.layer": "5"}) == 5  # stores of earlier versions
