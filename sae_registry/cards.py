@@ -176,6 +176,9 @@ def unembedding(source: dict, d: int) -> tuple[torch.Tensor | None, str]:
     (SmolLM2's tied embedding is its unembedding), a named model.
     """
     path = source.get("model_path")
+    if not path:
+        return None, "no unembedding: the store names no model"
+    models.refuse_remote_code(path)  # loudly, not as "no unembedding": the store names that code
     try:
         ref = models.resolve(path)
         kind = models.model_kind(ref)

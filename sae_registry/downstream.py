@@ -1,28 +1,23 @@
 """Downstream fidelity: splice a dictionary's reconstruction into the source model and measure the loss.
 
-The residual stream at the store's layer is replaced by the dictionary's reconstruction, only at
-the token positions the store harvested (with ``exclude_special``, the [CLS]/[SEP]-style tokens keep
-their clean activations: the dictionary never saw them, so splicing them would measure something
-it was not trained for). Padding is never touched. The same run with those positions set to zero is
-the floor ("zero-ablation"), the unmodified model the ceiling:
+The activation at the store's hook point (``source.hook``; or residual stream ``layer``) is replaced
+by the dictionary's reconstruction, only at the token positions the store harvested (special tokens
+and a causal LM's sink keep their clean activations; padding is never touched). The floors set
+those positions to zero, and to the mean activation there (mean-ablation); the unmodified model is
+the ceiling. Every number is defined in docs/evaluation.md:
 
-- **causal language model**: next-token cross-entropy (mean over every predicted, non-padding
-  token) clean, spliced and zero-ablated; ``ce_increase = ce_spliced - ce_clean`` and
-  ``loss_recovered = (ce_zero - ce_spliced) / (ce_zero - ce_clean)`` (as SAELens and
-  dictionary_learning define it).
-- **encoder** (e.g. the demo's all-MiniLM-L6-v2, a sentence-transformers model): the sentence
-  embedding (mean of the last hidden state over attention-masked tokens, L2-normalised); each model
-  input window is one sentence. ``cosine_spliced`` / ``cosine_zero`` are the mean cosine similarity
-  to the clean embedding, and ``fidelity = (cosine_spliced - cosine_zero) / (1 - cosine_zero)``,
-  the fraction recovered, analogous to loss recovered.
+- **causal language model**: next-token cross-entropy (``ce_clean``, ``ce_spliced``, ``ce_zero``,
+  ``ce_mean_ablation``), ``loss_recovered = (ce_zero - ce_spliced) / (ce_zero - ce_clean)`` (as
+  SAELens and dictionary_learning define it; ``loss_recovered_mean`` against the mean floor), and
+  the mean per-token ``KL(clean || spliced)`` of the next-token distribution (``kl_spliced``,
+  ``kl_zero``, ``kl_mean_ablation``).
+- **encoder**: cosine similarity of the sentence embedding (mean of the last hidden state, L2
+  normalised) to the clean one, and ``fidelity = (cosine_spliced - cosine_zero) / (1 - cosine_zero)``.
 
-``downstream/fidelity`` is the one number for both kinds (the cosine fraction for encoders,
-``loss_recovered`` for causal LMs): 1 for a perfect reconstruction, 0 for one no better than zeros.
-
-The text is the store's held-out windows, rebuilt from its token provenance (the token ids and
-positions harvest keeps), or any ``texts`` cut into windows the way harvest cuts them. The model runs
-once clean; the blocks before the splice point are then skipped (their output is cached), so each
-dictionary costs one pass through the blocks after it.
+``downstream/fidelity`` is the one number for both kinds: 1 for a perfect reconstruction, 0 for one
+no better than zeros. The text is the store's held-out windows, rebuilt from its token provenance,
+or any ``texts`` cut into windows the way harvest cuts them. At a residual hook the blocks before the
+splice point are skipped (their output is cached after one clean pass).
 """
 
 from __future__ import annotations
@@ -108,7 +103,9 @@ def windows_from_store(store: ActivationStore, tokenizer, *, max_tokens: int) ->
     ``exclude_special`` the tokenizer adds the special tokens back, and a window is kept only when
     the harvested tokens land exactly where ``pos`` says (the first held-out window may have begun in
     the training split, the last one read may go on further or have been cut by harvest's
-    ``max_tokens``: those are left out).
+    ``max_tokens``: those are left out). A packed store's windows (a causal LM's) are rebuilt with the
+    sink token wherever no row was kept; a window cut short is kept, since a causal model's outputs
+    on a prefix do not depend on what follows.
     """
     exclude_special = bool(store.source.get("exclude_special", True))
     max_length = int(store.source.get("max_length", 512))
@@ -116,6 +113,7 @@ def windows_from_store(store: ActivationStore, tokenizer, *, max_tokens: int) ->
     lo, hi = store.split_range("eval")
     prov = store.provenance(lo, min(hi, lo + max_tokens + 2 * max_length))
     seq, pos, tok = (np.asarray(prov[k]) for k in ("seq", "pos", "token_id"))
+    continued = lo > 0 and len(seq) > 0 and int(store.provenance(lo - 1, lo)["seq"][0]) == int(seq[0])
     prefix, suffix = _special_affixes(tokenizer)
     bounds = np.flatnonzero(np.diff(seq)) + 1
     out, n = [], 0
@@ -123,12 +121,18 @@ def windows_from_store(store: ActivationStore, tokenizer, *, max_tokens: int) ->
         order = np.argsort(pos[s:e], kind="stable")
         p, ids = pos[s:e][order].tolist(), tok[s:e][order].tolist()
         if sink is not None:  # packed: every position not kept held the sink token
-            if s == 0 and lo > 0:  # the first held-out window may have begun in the training split
+            if s == 0 and continued:  # the first held-out window began in the training split
                 continue
+            # a causal LM's window cut short (by the read, or harvest's max_tokens) is still exact
             full, splice = [int(sink)] * (p[-1] + 1), [False] * (p[-1] + 1)
             for q, t in zip(p, ids):
                 full[q], splice[q] = t, True
-        elif exclude_special:
+            out.append(Window(full, splice, (lo + s + order).tolist()))
+            n += len(p)
+            if n >= max_tokens:
+                break
+            continue
+        if exclude_special:
             full = prefix + ids + suffix
             splice = [False] * len(prefix) + [True] * len(ids) + [False] * len(suffix)
             if list(range(len(prefix), len(prefix) + len(ids))) != p:

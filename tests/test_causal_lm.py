@@ -250,3 +250,22 @@ def test_exports_name_the_hook_and_its_block():
     assert _layer({"source.hook": "blocks.3.hook_resid_post", "source.layer": "4"}) == 3
     assert _layer({"source.hook": "blocks.7.hook_mlp_out", "source.layer": "7"}) == 7
     assert _layer({"source.hook": "hidden_states.5", "source.layer": "5"}) == 5  # stores of earlier versions
+
+
+def test_cards_of_a_llama_dictionary_show_the_tokens_its_directions_promote(tiny_llama, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from sae_registry import SparseAutoencoder
+    from sae_registry.cards import load_tokenizer, make_cards
+
+    store = harvest(tmp_path / "l.zarr", demo_texts()[:20], model_path=tiny_llama, hook="blocks.1.hook_mlp_out",
+                    max_length=32, max_tokens=600, chunk_tokens=256, progress=False)
+    torch.manual_seed(0)
+    sae = SparseAutoencoder.build(32, dict_size=64, top_k=4)
+    cards = make_cards(sae, store, features=[0, 1], n_contexts=2, window=3, split="all")
+    W_U = LlamaForCausalLM.from_pretrained(tiny_llama).get_output_embeddings().weight.detach()
+    want = (sae.W_dec[[0, 1]].detach() @ W_U.T).topk(10, dim=1).indices
+    tok = load_tokenizer(store.source)
+    for card, ids in zip(cards.cards, want):
+        assert [t for t, _ in card.promoted] == tok.convert_ids_to_tokens(ids.tolist())
+    assert cards.unembedding_note == ""
