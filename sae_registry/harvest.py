@@ -314,11 +314,7 @@ def harvest(
                 inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
                 if "token_type_ids" in tokenizer.model_input_names:
                     inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
-                with capture_hooks(model, points, stop=True) as seen:
-                    try:
-                        model(**inputs)
-                    except StopForward:
-                        pass
+                seen = _run(model, inputs, points)
                 window, pos = keep.nonzero(as_tuple=True)  # row-major, the order of hidden[keep]
                 provenance = {"token_id": ids[keep], "seq": window + seqs, "pos": pos}
                 seqs += len(keep)
@@ -339,6 +335,16 @@ def harvest(
         bar.close()
     opened = {name: ActivationStore.open(path) for name, path in paths.items()}
     return opened if hooks is not None else opened[points[0].name]
+
+
+def _run(model, inputs: dict, points: list) -> dict[str, torch.Tensor]:
+    """One forward pass, as far as the deepest hook: the activation at each (by hook name)."""
+    with capture_hooks(model, points, stop=True) as seen:
+        try:
+            model(**inputs)
+        except StopForward:
+            pass
+    return seen
 
 
 def _open_for_writing(path: Path, source: dict, d: int, *, dtype: str, chunk_tokens: int, overwrite: bool,

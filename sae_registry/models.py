@@ -18,6 +18,7 @@ TransformerLens and SAELens use (:func:`parse_hook`): ``blocks.L.hook_resid_pre`
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import re
@@ -174,7 +175,16 @@ def load_config(path: str | Path | ModelRef):
 
     directory, kwargs = _where(path)
     refuse_remote_code(directory)
-    return AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False, **kwargs)
+    if kwargs:  # reading a GGUF's metadata parses its whole header (the vocabulary too): once per file
+        return _gguf_config(str(directory), kwargs["gguf_file"], (directory / kwargs["gguf_file"]).stat().st_mtime_ns)
+    return AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_config(directory: str, file: str, _mtime: int):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(directory, gguf_file=file, local_files_only=True, trust_remote_code=False)
 
 
 def load_tokenizer(path: str | Path | ModelRef):
