@@ -32,15 +32,14 @@ import torch
 import torch.nn.functional as F
 from .errors import SAERegistryError, require_choice, require_positive_int
 from .models import (
-    DEMO_MODEL,
     ModelRef,
     architecture,
     capture_hooks,
     capture_stream,
     check_layer,
-    default_model_path,
     edit_hook,
     find_blocks,
+    find_model,
     layer_hook,
     load_model,
     load_tokenizer,
@@ -166,9 +165,7 @@ def _special_affixes(tokenizer) -> tuple[list[int], list[int]]:
 def _model_path(path: str | Path | None, source: dict | None = None) -> ModelRef:
     """The model to splice into; the demo model's own folder when a store names it but moved machines."""
     if path is None and source is not None:
-        path = source.get("model_path")
-        if (path is None or not Path(path).is_dir()) and source.get("model") == DEMO_MODEL:
-            path = default_model_path()
+        path = find_model(source)  # the recorded folder, else the same model found here by its id
     if path is None:
         raise SAERegistryError("no model to evaluate in: pass a store (which names its model) or model=DIR")
     return resolve(path)

@@ -37,6 +37,7 @@ from .models import (
     load_tokenizer,
     model_kind,
     parse_hook,
+    model_package,
     resolve,
     sink_token_id,
 )
@@ -272,7 +273,9 @@ def harvest(
 
     source = {
         "model": ref.name,
-        "model_path": ref.ref,
+        "model_path": ref.ref,  # where it was found here (or its registered name); elsewhere: model_id (find_model)
+        "model_id": ref.name,
+        "model_package": model_package(ref),
         "max_length": max_length,
         "exclude_special": exclude_special,
         "pack": pack,

