@@ -73,8 +73,10 @@ def test_a_failed_harvest_leaves_a_store_that_is_refused(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_append(self, rows, *args, **kwargs)
 
-    real_append = ActivationStore.append
-    monkeypatch.setattr(ActivationStore, "append", failing_append)
+    from sae_registry.store_writer import StoreWriter  # what ActivationStore.create returns
+
+    real_append = StoreWriter.append
+    monkeypatch.setattr(StoreWriter, "append", failing_append)
     with pytest.raises(KeyboardInterrupt):
         harvest(tmp_path / "s.zarr", demo_texts()[:200], batch_size=4, chunk_tokens=256, progress=False)
     with pytest.raises(SAERegistryError, match="never finished"):
