@@ -74,10 +74,32 @@ def demo_texts(target_chars: int = 600) -> list[str]:
     return [p for name in sorted(topics) for p in _passages(topics[name], target_chars)]
 
 
-def read_texts(path: str | Path, target_chars: int = 600, *, field: str = "text") -> Iterable[str]:
-    """Passages from a text file, from every ``*.txt``/``*.md`` file under a directory (a list), or the
-    ``field`` of every record of a ``.jsonl`` / ``.parquet`` file (a local copy of a Hugging Face
-    dataset), read as a stream: an iterator whose first record is checked now."""
+def _documents(text: str, separator: str) -> list[str]:
+    """``text`` cut at every line that the regular expression ``separator`` matches (that line dropped)."""
+    pattern = re.compile(separator)
+    documents, current = [], []
+    for line in text.splitlines():
+        if pattern.search(line):
+            documents.append("\n".join(current).strip())
+            current = []
+        else:
+            current.append(line)
+    documents.append("\n".join(current).strip())
+    return [d for d in documents if d]
+
+
+def read_texts(path: str | Path, target_chars: int = 600, separator: str | None = None, *,
+               field: str = "text") -> Iterable[str]:
+    """Documents from a text file, or from every ``*.txt``/``*.md`` file under a directory (sorted by
+    path; a list), or the ``field`` of every record of a ``.jsonl`` / ``.parquet`` file (a local copy of a
+    Hugging Face dataset), read as a stream: an iterator whose first record is checked now.
+
+    Without ``separator``, each text file is cut at blank lines and neighbouring paragraphs are joined
+    until a passage reaches ``target_chars`` characters (a passage never spans two files). With
+    ``separator``, a regular expression, each file is cut at the lines it matches (``'^%$'`` for a
+    fortune file); those lines are dropped and every piece is one document, however short or long.
+    A document longer than a window is cut into several windows by :func:`harvest`.
+    """
     path = Path(path)
     if path.is_file() and path.suffix in (".jsonl", ".parquet"):
         return _records(path, field)
@@ -88,7 +110,14 @@ def read_texts(path: str | Path, target_chars: int = 600, *, field: str = "text"
     else:
         raise SAERegistryError(f"no text at {path}: pass a text file, a directory of .txt files, or a .jsonl / "
                                ".parquet file with a `text` field")
-    texts = [p for f in files for p in _passages(f.read_text(errors="replace"), target_chars)]
+    if separator is not None:
+        try:
+            re.compile(separator)
+        except re.error as e:
+            raise SAERegistryError(f"--separator must be a regular expression: {e}") from None
+    cut = (lambda text: _documents(text, separator)) if separator is not None else (
+        lambda text: _passages(text, target_chars))
+    texts = [p for f in files for p in cut(f.read_text(errors="replace"))]
     if not texts:
         raise SAERegistryError(f"{path} holds no text")
     return texts
@@ -221,6 +250,7 @@ def harvest(
     overwrite: bool = False,
     progress: bool = True,
     resume: bool = False,
+    separator: str | None = None,
 ) -> ActivationStore | dict[str, ActivationStore]:
     """Write the activation at one hook point of every kept token of ``texts`` to a store.
 
@@ -290,6 +320,8 @@ def harvest(
         "max_tokens": max_tokens,
         "texts_sha256": None if streamed else hashlib.sha256("\0".join(texts).encode()).hexdigest(),
     }
+    if separator is not None:  # how the text files were cut into documents (read_texts)
+        source["separator"] = separator
     paths = {p.name: Path(store_path) / f"{p.name}.zarr" for p in points} if hooks is not None else {
         points[0].name: Path(store_path)}
     stores = {}
@@ -391,9 +423,6 @@ def ensure_store(
             except SAERegistryError as e:
                 say(f"{e}\nharvesting it again")
         if spec is not None and (not exists or replace_unreadable):
-            if spec.hooks is not None and len(spec.hooks) > 1:
-                raise SAERegistryError("a sweep trains on one store: give harvest.hook (one hook point), not hooks")
-            texts = read_texts(spec.text) if spec.text else demo_texts()
             source = spec.text or "python:pydoc_data.topics"
             where = spec.hook or (spec.hooks[0] if spec.hooks else f"layer {spec.layer}")
             say(f"harvesting {spec.model_path or 'MiniLM-L6'} {where} over {source} into {path}")
