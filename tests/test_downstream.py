@@ -86,7 +86,7 @@ def test_causal_lm_identity_loses_nothing_and_zero_ablation_recovers_nothing(tin
 
 def test_a_causal_lm_store_is_rebuilt_from_provenance_special_tokens_kept_clean(tiny_gpt2, tmp_path):
     store = harvest(tmp_path / "gpt2.zarr", demo_texts()[:80], model_path=tiny_gpt2, layer=2, max_length=48,
-                    chunk_tokens=512, progress=False)
+                    chunk_tokens=512, pack=False, progress=False)
     ev = prepare(store, max_tokens=200, device="cpu")
     assert ev.layer == 2 and ev.kind == "causal_lm" and ev.tokens >= 200
     cls, sep = 101, 102  # MiniLM's [CLS] and [SEP]: in the input, never spliced

@@ -386,6 +386,28 @@ def api_s3_unreachable(env, tmp, mp):
     ActivationStore.open("s3://stores/acts.zarr")
 
 
+def _harvest_minilm(**options):
+    def case(env, tmp, mp):
+        from sae_registry.harvest import harvest
+
+        harvest(tmp / "s.zarr", ["some text"], progress=False, **options)
+    return case
+
+
+def gguf_not_causal_lm(env, tmp, mp):
+    from sae_registry.harvest import harvest
+
+    (tmp / "notes.gguf").write_bytes(b"GGUF but not really" * 8)
+    harvest(tmp / "s.zarr", ["some text"], model_path=tmp / "notes.gguf", progress=False)
+
+
+def jsonl_without_text(env, tmp, mp):
+    from sae_registry.harvest import read_texts
+
+    (tmp / "d.jsonl").write_text(json.dumps({"content": "words"}) + "\n")
+    read_texts(tmp / "d.jsonl")
+
+
 def _cli(*args, registry: bool = False):
     def case(env, tmp, mp):
         mp.setenv("MLFLOW_TRACKING_URI", "x")  # the CLI may set it: restored (unset) after the case
@@ -541,6 +563,18 @@ CASES = {
     "api-s3-no-credentials": (lambda e, t, m: (_no_s3_credentials(m, t), ActivationStore.open("s3://stores/acts.zarr")),
                               "s3://stores/acts.zarr: no S3 credentials: set AWS_ACCESS_KEY_ID"),
     "api-s3-unreachable": (api_s3_unreachable, r"s3://stores/acts.zarr: cannot reach the S3 endpoint http://127\.0\.0\.1:\d+"),
+    "harvest-unknown-hook": (_harvest_minilm(hook="blocks.2.resid_post"),
+                             (r"unknown hook 'blocks.2.resid_post' for sentence-transformers/all-MiniLM-L6-v2: the hook "
+                              r"names are blocks.L.\{hook_resid_pre, hook_attn_out, ln2.hook_normalized, hook_mlp_out, "
+                              r"hook_resid_post\} with L in 0..5")),
+    "harvest-hook-beyond-last-layer": (_harvest_minilm(hook="blocks.6.hook_resid_post"),
+                                       r"hook 'blocks.6.hook_resid_post' is beyond the last layer: .* has 6 blocks"),
+    "harvest-gguf-not-causal-lm": (gguf_not_causal_lm,
+                                   r"notes.gguf is not a causal language model transformers can read from GGUF"),
+    "harvest-jsonl-without-text": (jsonl_without_text, r"d.jsonl line 1 has no `text` field \(a string\)"),
+    "harvest-model-missing": (_harvest_minilm(model_path="/nonexistent/model"),
+                              r"no model at /nonexistent/model: give a local transformers model directory, a .gguf "
+                              r"file, or one of the named models \(smollm2-135m, minilm-l6\)"),
 }
 
 

@@ -184,7 +184,7 @@ def test_stores_lists_content_keys_and_what_was_trained_on_each_and_sweeps_name_
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     mine = next(i for i, line in enumerate(lines) if line.startswith(key))
-    assert f"{len(store):,} tokens" in lines[mine] and "hidden_states.1" in lines[mine]
+    assert f"{len(store):,} tokens" in lines[mine] and "blocks.1.hook_resid_pre" in lines[mine]
     assert "tiny/1" in lines[mine + 1]
     other = next(i for i, line in enumerate(lines) if "b.zarr" in line)
     assert "nothing registered" in lines[other + 1]

@@ -117,4 +117,4 @@ def test_a_store_names_its_model_portably_and_another_machine_finds_it(tmp_path)
         models.find_model(unknown)
     from sae_registry.downstream import _model_path
 
-    assert _model_path(None, elsewhere) == models.default_model_path()
+    assert _model_path(None, elsewhere).directory == models.default_model_path()
