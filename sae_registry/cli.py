@@ -257,9 +257,10 @@ def list_(tracking, family) -> None:
             named = ", ".join(f"{a}=v{v}" for a, v in sorted(aliases.items()))
             click.echo(f"{name:32s} latest v{newest}  {named}")
         return
-    header = f"{'version':>7}  {'aliases':18} {'dict_size':>9} {'k':>4} {'l1_coeff':>9} {'FVU':>7} {'L0':>7} {'dead':>6}  created"
-    click.echo(header)
-    for v in registry.versions(family, tracking):
+    found = registry.versions(family, tracking)  # an unknown family is refused before any output
+    click.echo(f"{'version':>7}  {'aliases':18} {'dict_size':>9} {'k':>4} {'l1_coeff':>9} {'FVU':>7} {'L0':>7} "
+               f"{'dead':>6}  created")
+    for v in found:
         t = v.tags
         click.echo(
             f"{v.version:>7}  {','.join(v.aliases) or '-':18} {t.get('dict_size', '-'):>9} {t.get('k') or '-':>4} "
@@ -411,12 +412,18 @@ def evaluate_(tracking, name, store_path, model_path, text_path, layer, tokens, 
     from .downstream import evaluate
 
     dictionary = load(name, tracking_uri=tracking)
+    store = store_path or (None if model_path else dictionary.lineage.get("store.path"))
+    if store is None and model_path is None:
+        raise SAERegistryError(f"{name} records no store it was trained on (an imported dictionary): give one with "
+                               "--store, or a model directory with --model, --text and --layer")
+    if store is None and (text_path is None or layer is None):  # checked here to name the options
+        raise SAERegistryError("evaluating in a --model directory needs --text (the texts to run it on) and --layer "
+                               "(the residual stream the dictionary reconstructs)")
     texts = None
     if text_path is not None:
         from .harvest import read_texts
 
         texts = read_texts(text_path)
-    store = store_path or (None if model_path else dictionary.lineage.get("store.path"))
     m = evaluate(dictionary, store, texts=texts, model=model_path, layer=layer, max_tokens=tokens, device=device)
     click.echo(f"{dictionary.family}/{dictionary.version}: downstream fidelity {m['downstream/fidelity']:.4f} "
                f"({m['downstream/tokens']:,.0f} tokens in {m['downstream/windows']:.0f} windows)")

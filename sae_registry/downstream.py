@@ -142,7 +142,7 @@ def _model_path(path: str | Path | None, source: dict | None = None) -> Path:
         if (path is None or not Path(path).is_dir()) and source.get("model") == DEMO_MODEL:
             path = default_model_path()
     if path is None:
-        raise SAERegistryError("no model to evaluate in: pass a store (which names its model) or model=DIR")
+        raise SAERegistryError("no model to evaluate in: pass a store (which names its model) or model= (a model directory)")
     return check_model_dir(path)
 
 
@@ -386,7 +386,10 @@ def evaluate(
     if store_or_model is None and model is None:
         store_or_model = (getattr(dictionary, "lineage", None) or {}).get("store.path") or None
         if store_or_model is None:
-            raise SAERegistryError("give the store (or model directory) the dictionary came from")
+            raise SAERegistryError(
+                "the dictionary records no store it was trained on (an imported one): pass store_or_model= (its "
+                "ActivationStore or store path), or model= (a model directory) with texts= and layer="
+            )
     return prepare(store_or_model, texts=texts, model=model, layer=layer, max_tokens=max_tokens,
                    max_length=max_length, exclude_special=exclude_special, kind=kind, batch_size=batch_size,
                    device=device).run(dictionary)

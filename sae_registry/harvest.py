@@ -112,6 +112,11 @@ def harvest(
         require_positive_int(name, value)
     if max_tokens is not None:
         require_positive_int("max_tokens", max_tokens)
+    if not (resume and Path(store_path).exists()):  # an existing --out is refused before the model loads
+        from . import store_writer, zarr_files
+
+        zarr_files.check_target(Path(store_path).absolute(), store_writer.FORMAT, overwrite=overwrite,
+                                arrays=store_writer.STORE_ARRAYS)
     model_path = check_model_dir(model_path) if model_path else default_model_path()
     device = resolve_device(device or "auto")
     tokenizer = load_tokenizer(model_path)

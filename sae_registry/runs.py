@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .registry import check_family_name, register_run, set_alias
+from .registry import check_alias, check_family_name, register_run, set_alias
 from .sae import CONFIG_FILE, WEIGHTS_FILE, SAEConfig
 from .store import ActivationStore
 from .tracking import Tracking, TrackingLike, code_tags, lineage_tags, retrying, sha256
@@ -121,6 +121,9 @@ def train_and_register(
     ``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` here). A run that raises is marked FAILED (KILLED on
     Ctrl-C) and nothing is registered.
     """
+    check_family_name(family)  # names are checked before the run: a bad one must not cost a training
+    if alias is not None:
+        check_alias(alias)
     tracking = Tracking.resolve(tracking_uri)
     (recorded,) = record_pack(store, [(sae_cfg, train_cfg, out_dir)], family=family, tracking_uri=tracking,
                               resume=resume, progress=progress, callbacks=[callback])
@@ -330,6 +333,8 @@ def import_dictionary(
     from .interchange import read
 
     check_family_name(family)
+    if alias is not None:
+        check_alias(alias)
     tracking = Tracking.resolve(tracking_uri)
     foreign = read(directory, fmt)  # refuses what cannot be mapped before any run exists
     cfg = foreign.sae.cfg

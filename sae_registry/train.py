@@ -69,6 +69,18 @@ def threads_fit_to_cpus() -> Iterator[int]:
             torch.set_num_threads(before)
 
 
+def changed(old: dict, new: dict) -> str:
+    """What differs between two option dicts (nested ones flattened), in words: ``dict_size was 32, now 64``."""
+    said = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            said += [part for part in [changed(a, b)] if part]
+        elif a != b:
+            said.append(f"{key} was {a!r}, now {b!r}")
+    return "; ".join(said)
+
+
 @dataclass
 class TrainResult:
     sae: SparseAutoencoder
@@ -155,10 +167,10 @@ class _Member:
 
     def resume(self) -> None:
         state = load_checkpoint(self.checkpoint_path, self.sae, self.opt, self.since_fired)
-        if {k: state[k] for k in self.identity} != json.loads(json.dumps(self.identity)):
+        if differ := changed({k: state[k] for k in self.identity}, json.loads(json.dumps(self.identity))):
             raise SAERegistryError(
-                f"the checkpoint in {self.checkpoint_path} was made for another store or other options; "
-                "train into a new --out directory, or drop --resume to start over"
+                f"the checkpoint in {self.checkpoint_path} was made with other options: {differ}; resume with "
+                "the same ones, train into a new --out directory, or drop --resume to start over"
             )
         self.step, self.history = state["step"], state["history"]
         self.refresh_dead()
