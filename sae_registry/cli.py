@@ -21,6 +21,11 @@ DEMO_STORE = "minilm-l3.zarr"
 class _Group(click.Group):
     """Turns our errors into a one-line message and exit status 1 instead of a traceback."""
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if bad := [a for a in args if "\x00" in a]:  # no file or name may hold one (only a caller in-process can)
+            raise click.UsageError(f"{bad[0]!r} contains a NUL character")
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)

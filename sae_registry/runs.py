@@ -25,7 +25,7 @@ from .registry import check_alias, check_family_name, register_run, set_alias
 from .sae import CONFIG_FILE, WEIGHTS_FILE, SAEConfig
 from .store import ActivationStore
 from .tracking import Tracking, TrackingLike, code_tags, lineage_tags, retrying, sha256
-from .train import METRICS_FILE, TrainConfig, TrainResult, train_pack
+from .train import METRICS_FILE, TrainConfig, TrainResult, check_pack, train_pack
 
 __all__ = ["Imported", "MetricLogger", "Recorded", "import_dictionary", "log_files", "record_pack", "run_guard",
            "run_name", "default_run_name", "start_runs", "train_and_register"]
@@ -187,6 +187,7 @@ def record_pack(
     new ones. Nothing is registered here: see ``registry.register_run``. If training raises, every run
     of the pack is marked FAILED (KILLED on Ctrl-C).
     """
+    check_pack(store, members)  # a pack that cannot train is refused before any run exists
     tracking = Tracking.resolve(tracking_uri)
     client = tracking.client
     if run_ids is None:

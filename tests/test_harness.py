@@ -211,8 +211,6 @@ TRAIN_INTS = ("--dict-size", "--k", "--tokens", "--batch-size", "--eval-every", 
               "--aux-k", "--dead-after-tokens")
 CLI_CASES = [
     *[Cli(f"train {o}", BAD_POSITIVE, lambda w, v, out, o=o: _train(w, out, **{o: v})) for o in TRAIN_INTS],
-    Cli("train --aux-k huge", st.sampled_from(["33", "1000", "10000000"]),
-        lambda w, v, out: _train(w, out, **{"--aux-k": v})),
     Cli("train --k huge", st.sampled_from(["33", "1000"]), lambda w, v, out: _train(w, out, **{"--k": v})),
     Cli("train --batch-size huge", st.sampled_from(["100000", "2000000000"]),
         lambda w, v, out: _train(w, out, **{"--batch-size": v})),
@@ -419,9 +417,9 @@ API_CASES = [
         lambda w, v, out: __import__("sae_registry.train").train.train(w.store, *_cfgs(w), w.a_file, progress=False)),
     Api("runs.train_and_register family", BAD_FAMILIES, lambda w, v, out: _train_and_register(w, out, family=v)),
     Api("runs.train_and_register alias", BAD_ALIASES, lambda w, v, out: _train_and_register(w, out, alias=v)),
-    Api("runs.train_and_register aux_k", st.sampled_from([33, 1000]),
+    Api("runs.train_and_register batch_size", st.sampled_from([10**6, 2**40]),
         lambda w, v, out: __import__("sae_registry.runs").runs.train_and_register(
-            w.store, _cfgs(w)[0], _cfgs(w, aux_k=v)[1], out, family="fresh", tracking_uri=w.uri, progress=False)),
+            w.store, _cfgs(w)[0], _cfgs(w, batch_size=v)[1], out, family="fresh", tracking_uri=w.uri, progress=False)),
     Api("runs.train_and_register tracking_uri", st.sampled_from(["nonsense://x", "ftp://x/y"]),
         lambda w, v, out: _train_and_register(w, out, tracking_uri=v)),
     Api("interchange.export fmt", BAD_CHOICES,
@@ -468,3 +466,69 @@ def test_the_public_functions_refuse_bad_values_before_any_work(world, api, data
     value = data.draw(api.values)
     out = _out(world, api.case)
     check_api(world, api.case, value, lambda: api.call(world, value, out), out)
+
+
+# -- what the harness cannot see: the order of checks and work, and the words --------------------------
+
+
+def test_harvest_refuses_an_existing_store_before_loading_the_model(world, monkeypatch):
+    import sae_registry.harvest as H
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(H, "load_model", no_model)
+    monkeypatch.setattr(H, "load_tokenizer", no_model)
+    result = CliRunner().invoke(main, ["harvest", "--out", str(world.store.path), "--text", str(world.text)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "already exists; pass overwrite=True (--overwrite)" in result.output
+
+
+def test_a_sweep_that_already_ran_is_refused_before_ray_starts(world, tmp_path, monkeypatch):
+    import sae_registry.sweep as S
+
+    def no_ray(address):
+        raise AssertionError("Ray was started before the sweep's state was checked")
+
+    monkeypatch.setattr(S, "_start_ray", no_ray)
+    (tmp_path / "ray_results" / "s").mkdir(parents=True)
+    (tmp_path / "ray_results" / "s" / "tuner.pkl").write_bytes(b"")  # what Tune leaves after a run
+    spec = S.SweepSpec.from_dict({"name": "s", "store": str(world.narrow.path), "grid": {"dict_size": [16], "k": [2]},
+                                  "storage": str(tmp_path / "ray_results")})
+    with pytest.raises(SAERegistryError, match="sweep 's' already ran at .*: continue it with --resume"):
+        S.run(spec, tracking_uri=world.uri)
+
+
+def test_list_of_an_unknown_family_prints_no_table_before_the_error(world):
+    result = CliRunner().invoke(main, ["--tracking-uri", world.uri, "list", "nope"])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: no dictionary family 'nope'"), result.output
+
+
+def test_the_cli_names_the_options_the_api_names_the_arguments(world):
+    result = CliRunner().invoke(main, ["--tracking-uri", world.uri, "evaluate", IMPORTED])
+    assert "give one with --store, or a model directory with --model" in result.output
+    assert "store_or_model=" not in result.output and "model=DIR" not in result.output
+    imported = sae_registry.load(IMPORTED, tracking_uri=world.uri)
+    with pytest.raises(SAERegistryError, match="pass store_or_model= .* or model= .* with texts= and layer="):
+        sae_registry.evaluate(imported)
+
+
+def test_a_cached_load_reads_the_embedded_registry_without_mlflow(world):
+    import subprocess
+    import sys
+
+    sae_registry.load(f"{FAMILY}@champion", tracking_uri=world.uri)  # into this test's cache
+    code = ("import json, sys, sae_registry\n"
+            f"d = sae_registry.load('{FAMILY}@champion', tracking_uri={world.uri!r})\n"
+            "print(json.dumps([d.family, d.version, d.aliases, d.tags['sha256.sae.safetensors'], 'mlflow' in sys.modules]))")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    sha = world.dictionary.tags["sha256.sae.safetensors"]
+    assert json.loads(got.stdout.splitlines()[-1]) == [FAMILY, "1", ["champion"], sha, False]
+    # the same answer as MLflow's
+    from sae_registry.registry import resolve, resolve_embedded
+
+    assert resolve_embedded(f"{FAMILY}@champion", world.uri) == resolve(f"{FAMILY}@champion", world.uri)
+    assert resolve_embedded(f"{FAMILY}/1", world.uri) == resolve(f"{FAMILY}/1", world.uri)
+    assert resolve_embedded(f"{FAMILY}@gold", world.uri) is None  # unknown: MLflow says why
