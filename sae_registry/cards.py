@@ -446,6 +446,8 @@ def cards_for(
     from .tracking import Tracking
 
     tracking_uri = Tracking.resolve(tracking_uri)  # once: loading and logging talk to the same server
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise SAERegistryError(f"{out_dir} is a file; give --out a directory for index.html and cards.json")
     dictionary = load(name, tracking_uri=tracking_uri)
     where = store_path or dictionary.lineage.get("store.path")
     if not where:

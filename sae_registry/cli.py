@@ -162,7 +162,7 @@ def train(tracking, store_path, out, family, alias, no_registry, resume, **optio
         return
     from .runs import train_and_register
 
-    family = family or _family_for(store_path)
+    family = _family_for(store_path) if family is None else family
     recorded = train_and_register(store, sae_cfg, cfg, out, family=family, alias=alias, resume=resume,
                                   tracking_uri=tracking)
     _print_result(recorded.result)

@@ -212,6 +212,9 @@ class HarvestSpec:
 
     def __post_init__(self) -> None:
         check_fields(self, prefix="harvest.")
+        for name in ("text", "model_path", "device"):  # None means the default; "" is a mistake
+            if getattr(self, name) == "":
+                raise SAERegistryError(f"harvest.{name} must not be empty (leave it out for the default)")
 
     @classmethod
     def from_dict(cls, data: object) -> HarvestSpec:

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import HarvestSpec
-from .errors import SAERegistryError, require_positive_int
+from .errors import SAERegistryError, require_int, require_positive_int
 from .models import check_layer, check_model_dir, default_model_path, load_model, load_tokenizer, model_name, stream_at
 from .sae import resolve_device
 from .store import ActivationStore
@@ -105,9 +105,14 @@ def harvest(
     result equals an uninterrupted harvest's bit for bit. The options and texts must be the same
     (they are recorded in ``source`` at creation); with no store there, it starts afresh.
     """
+    if isinstance(texts, (str, bytes)):
+        raise SAERegistryError("texts must be a list of documents (strings), got one string; wrap it: [text]")
     texts = list(texts)
-    if not texts:
-        raise SAERegistryError("no texts to harvest")
+    if not all(isinstance(t, str) for t in texts):
+        raise SAERegistryError(f"texts must be strings, got {sorted({type(t).__name__ for t in texts})}")
+    if not any(t.strip() for t in texts):
+        raise SAERegistryError("no texts to harvest (none, or all empty)")
+    require_int("seed", seed, min=0)
     for name, value in (("max_length", max_length), ("batch_size", batch_size), ("chunk_tokens", chunk_tokens)):
         require_positive_int(name, value)
     if max_tokens is not None:
@@ -118,7 +123,7 @@ def harvest(
         zarr_files.check_target(Path(store_path).absolute(), store_writer.FORMAT, overwrite=overwrite,
                                 arrays=store_writer.STORE_ARRAYS)
     model_path = check_model_dir(model_path) if model_path else default_model_path()
-    device = resolve_device(device or "auto")
+    device = resolve_device("auto" if device is None else device)
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path, device=device)
     check_layer(layer, model.config.num_hidden_layers, model_path)

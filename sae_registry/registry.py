@@ -243,6 +243,9 @@ def families(tracking_uri: TrackingLike = None) -> list[tuple[str, int, dict[str
 def _get_model(tracking: Tracking, family: str):
     from mlflow.exceptions import MlflowException
 
+    if not isinstance(family, str) or not family.strip() or "/" in family or ":" in family:
+        raise SAERegistryError(f"{family!r} is not a family name: give FAMILY alone (no '/' or ':'); "
+                               "`sae-registry show FAMILY/VERSION` shows one version")
     try:
         return tracking.client.get_registered_model(family)
     except MlflowException as e:

@@ -69,8 +69,11 @@ class Env:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", self.uri)
 
     def stored(self, name: str) -> Path:
-        """The registry's own copy of one of tiny/1's files."""
-        (path,) = (self.root / "mlruns").rglob(name)
+        """The registry's own copy of one of tiny/1's files (other cases may add families beside it)."""
+        import mlflow
+
+        experiment = mlflow.MlflowClient(tracking_uri=self.uri).get_experiment_by_name(FAMILY).experiment_id
+        (path,) = (self.root / "mlruns" / experiment).rglob(name)
         return path
 
 
@@ -500,12 +503,24 @@ CASES = {
     "api-find-unknown-filter": (api_find_unknown_filter,
                                 r"find\('tiny'\): no tag 'dict_sise' to filter on; the versions' tags are: .*dict_size"),
     "api-alias-before-training": (api_alias_before_training, "alias 'latest' must be a word"),
-    "api-resume-changed": (api_resume_changed, r"checkpoint in .* was made with other options: lr was None, now 0.01; "
+    "api-resume-changed": (api_resume_changed, r"checkpoint in .* was made with other options: lr was 0.016, now 0.01; "
                            "resume with the same ones"),
     "spec-resume-changed": (spec_resume_changed, r"sweep 'ok' was started with other options: grid was "
                             r"\[\{'dict_size': \[64\], 'k': \[4\]\}\], now \[\{'dict_size': \[64\], 'k': \[8\]\}\]"),
     "cli-evaluate-imported": (cli_evaluate_imported, "1:Error: zz-imported records no store it was trained on .*: "
                               "give one with --store, or a model directory with --model"),
+    "cli-dict-size-too-big": (_cli(*TRAIN, "--dict-size", "100000000000", registry=True),
+                              "1:Error: --dict-size must be <= 16777216, got 100000000000"),
+    "cli-list-versioned-name": (_cli("list", f"{FAMILY}/1", registry=True),
+                                f"1:Error: '{FAMILY}/1' is not a family name: give FAMILY alone"),
+    "cli-bad-device": (_cli("encode", f"{FAMILY}@champion", "--store", "STORE", "--out", "TMP/c", "--device", "gpu",
+                            registry=True), "1:Error: device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    "cli-tracking-scheme": (_cli("--tracking-uri", "ftp://x/y", "list"),
+                            "1:Error: 'ftp://x/y' is not a tracking URI MLflow can use"),
+    "cli-out-is-a-file": (_cli("export", f"{FAMILY}@champion", "STORE/zarr.json", "--format", "saelens", registry=True),
+                          "1:Error: .*zarr.json is a file; export into a directory"),
+    "api-harvest-one-string": (lambda e, t, m: __import__("sae_registry.harvest").harvest.harvest(t / "s.zarr", "a text"),
+                               r"texts must be a list of documents \(strings\), got one string; wrap it: \[text\]"),
     "cli-cards-width": (_cli("cards", f"{FAMILY}@champion", "--store", "NARROW", "--no-log", "--out", "TMP/c",
                              registry=True),
                         "1:Error: the dictionary reads 8-wide activations but .*narrow.zarr holds 4-wide ones"),
