@@ -40,7 +40,7 @@ from sae_registry.train import TrainConfig
 pytestmark = pytest.mark.filterwarnings("ignore")
 SURVEY = os.environ.get("SAE_HARNESS_SURVEY")
 FAMILY, IMPORTED = "h", "imp"
-EXAMPLES = settings(derandomize=True, max_examples=5, deadline=None, database=None, print_blob=False,
+EXAMPLES = settings(derandomize=True, max_examples=5 if SURVEY else 3, deadline=None, database=None, print_blob=False,
                     suppress_health_check=list(HealthCheck))
 TEXTS = [f"Sentence {i} of the harness: the quick brown fox number {i} jumps over the lazy dog." for i in range(40)]
 
