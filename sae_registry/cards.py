@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import html
 import json
-import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from . import models
-from .errors import SAERegistryError, require_int, require_positive_int
+from .errors import SAERegistryError, printable, require_int, require_positive_int
 from .sae import SparseAutoencoder
 from .registry import CARDS_DIR  # the artifact folder on the run (the registry's descriptions link it)
 from .store import ActivationStore
@@ -199,15 +198,6 @@ def promoted_tokens(directions: torch.Tensor, W_U: torch.Tensor, k: int = 10) ->
 # -- cards ---------------------------------------------------------------------------------------------
 
 
-# Characters a terminal acts on: C0/C1 controls (ESC, BEL, CR, ...) and the bidirectional overrides
-# that reorder what is shown.
-_BIDI = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f")
-
-
-def printable(text: str) -> str:
-    """``text`` with every control or bidirectional-override character written as an escape (``\\x1b``)."""
-    return "".join(ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) == "Cc" or ch in _BIDI
-                   else ch for ch in text)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Training checkpoints: the model, Adam's moments, the dead-latent counters and the loop state.
 
 Safetensors + JSON, like dictionaries (no pickle), written to a temporary folder and swapped in,
-so that a run stopped at any moment resumes from the last whole checkpoint, exactly.
+so that a run stopped at any moment resumes from the last whole checkpoint, exactly. One training at
+a time writes into an output folder (:func:`writing_to`).
 """
 
 from __future__ import annotations
@@ -9,12 +10,39 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import SAERegistryError
 from .sae import SparseAutoencoder
+
+LOCK_FILE = ".training.lock"
+
+
+@contextmanager
+def writing_to(out_dirs: list[Path]) -> Iterator[None]:
+    """Hold each output folder for one training; a second one (e.g. two ``--resume``) is refused at once.
+
+    An advisory ``fcntl.flock`` on a file in the folder: the kernel releases it when the process ends,
+    however it ends, so a crashed run never leaves a folder locked.
+    """
+    import fcntl
+
+    with ExitStack() as stack:
+        for out in out_dirs:
+            out.mkdir(parents=True, exist_ok=True)
+            handle = stack.enter_context(open(out / LOCK_FILE, "a"))
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise SAERegistryError(
+                    f"another training is writing to {out}: wait for it to finish, or train into another --out"
+                ) from None
+        yield
 
 
 def save_checkpoint(path: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer,

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from .config import HarvestSpec, SAEConfig, TrainConfig, field_type
-from .errors import SAERegistryError
+from .errors import SAERegistryError, printable
 
 DEMO_STORE = "minilm-l3.zarr"
 
@@ -260,18 +260,18 @@ def list_(tracking, family) -> None:
             click.echo(f"no dictionaries registered at {tracking.uri}")
         for name, newest, aliases in found:
             named = ", ".join(f"{a}=v{v}" for a, v in sorted(aliases.items()))
-            click.echo(f"{name:32s} latest v{newest}  {named}")
+            click.echo(printable(f"{name:32s} latest v{newest}  {named}"))  # names and aliases: anyone's text
         return
     found = registry.versions(family, tracking)  # an unknown family is refused before any output
     click.echo(f"{'version':>7}  {'aliases':18} {'dict_size':>9} {'k':>4} {'l1_coeff':>9} {'FVU':>7} {'L0':>7} "
                f"{'dead':>6}  created")
     for v in found:
         t = v.tags
-        click.echo(
+        click.echo(printable(
             f"{v.version:>7}  {','.join(v.aliases) or '-':18} {t.get('dict_size', '-'):>9} {t.get('k') or '-':>4} "
             f"{_fmt(t.get('l1_coeff'), '.2g'):>9} {_fmt(t.get('fvu'), '.4f'):>7} {_fmt(t.get('l0'), '.1f'):>7} "
             f"{_fmt(t.get('dead_fraction'), '.3f'):>6}  {_created(v.created)}"
-        )
+        ))
 
 
 @main.command()
@@ -282,10 +282,11 @@ def show(tracking, name) -> None:
     from . import registry
 
     info = registry.resolve(name, tracking)
-    click.echo(f"{info.family}/{info.version}  aliases: {', '.join(info.aliases) or '-'}  run: {info.run_id}")
+    # Every name, alias and tag is text anyone who can write to the registry chose: shown escaped.
+    click.echo(printable(f"{info.family}/{info.version}  aliases: {', '.join(info.aliases) or '-'}  run: {info.run_id}"))
     click.echo(f"created {_created(info.created)}")
     for key in sorted(info.tags):
-        click.echo(f"  {key:28s} {info.tags[key]}")
+        click.echo(printable(f"  {key:28s} {info.tags[key]}"))
 
 
 @main.command()

@@ -12,6 +12,8 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,11 +62,33 @@ def _download(tracking: Tracking, info: VersionInfo, directory: Path) -> None:
             got = mlflow.artifacts.download_artifacts(artifact_uri=f"{where}/artifacts/{name}", dst_path=str(tmp),
                                                       tracking_uri=tracking.uri)
             shutil.move(got, tmp / name)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
+        _swap_in(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(tmp: Path, directory: Path) -> None:
+    """Replace ``directory`` by the downloaded ``tmp`` (callers hold :func:`_version_lock`)."""
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+
+
+@contextmanager
+def _version_lock(directory: Path) -> Iterator[None]:
+    """One process at a time fetches a version into a shared cache (an advisory lock beside it).
+
+    Without it, two processes loading the same version at once could each remove and replace the
+    other's folder (``Directory not empty``). The lock file is left in place: removing it would race too.
+    """
+    import fcntl
+
+    with open(directory.with_name(directory.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @dataclass
@@ -187,7 +211,7 @@ def load(name: str, *, device: str | torch.device = "cpu", tracking_uri: Trackin
     ``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` here). The two files are cached per server and version
     (``$SAE_REGISTRY_CACHE``, default ``~/.cache/sae-registry``) and checked against the SHA-256
     recorded at registration every time; a mismatch in the cache means a fresh download, a mismatch in
-    the registry's own copy is refused.
+    the registry's own copy is refused. Processes sharing a cache fetch a version one at a time.
     """
     tracking = Tracking.resolve(tracking_uri)
     # A cached version of an embedded registry is checked against its database without MLflow (fast);
@@ -198,13 +222,15 @@ def load(name: str, *, device: str | torch.device = "cpu", tracking_uri: Trackin
     directory = _cache_dir(tracking, info)
     if not _verified(directory, info):
         directory.parent.mkdir(parents=True, exist_ok=True)
-        _download(tracking, info, directory)
-        if not _verified(directory, info):
-            shutil.rmtree(directory, ignore_errors=True)
-            raise SAERegistryError(
-                f"the files of {info.family}/{info.version} do not match the checksums recorded when it was "
-                "registered: they were changed or damaged. Refusing to load them."
-            )
+        with _version_lock(directory):
+            if not _verified(directory, info):  # another process may have fetched it while we waited
+                _download(tracking, info, directory)
+                if not _verified(directory, info):
+                    shutil.rmtree(directory, ignore_errors=True)
+                    raise SAERegistryError(
+                        f"the files of {info.family}/{info.version} do not match the checksums recorded when "
+                        "it was registered: they were changed or damaged. Refusing to load them."
+                    )
     sae = SparseAutoencoder.load(directory, device=device)
     lineage = lineage_of(info.tags)
     lineage["run_id"] = info.run_id or ""

@@ -37,12 +37,11 @@ import torch
 import torch.nn.functional as F
 from .errors import SAERegistryError, require_choice, require_positive_int
 from .models import (
-    DEMO_MODEL,
     capture_stream,
     check_layer,
     check_model_dir,
-    default_model_path,
     find_blocks,
+    find_model,
     load_model,
     load_tokenizer,
     model_kind,
@@ -138,9 +137,7 @@ def _special_affixes(tokenizer) -> tuple[list[int], list[int]]:
 def _model_path(path: str | Path | None, source: dict | None = None) -> Path:
     """The model directory; the demo model's own folder when a store names it but moved machines."""
     if path is None and source is not None:
-        path = source.get("model_path")
-        if (path is None or not Path(path).is_dir()) and source.get("model") == DEMO_MODEL:
-            path = default_model_path()
+        path = find_model(source)  # the recorded folder, else the same model found here by its id
     if path is None:
         raise SAERegistryError("no model to evaluate in: pass a store (which names its model) or model= (a model directory)")
     return check_model_dir(path)

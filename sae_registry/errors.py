@@ -4,7 +4,22 @@ every public entry point runs on its arguments before any work starts."""
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Iterable
+
+# Characters a terminal acts on: C0/C1 controls (ESC, BEL, CR, ...) and the bidirectional overrides
+# that reorder what is shown.
+_BIDI = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f")
+
+
+def printable(text: object) -> str:
+    """``str(text)`` with every control or bidirectional-override character written as an escape (``\\x1b``).
+
+    For anything shown that someone else wrote (tags, names, tokens, run names from a registry or a
+    store): printed as is, it could move the cursor, rewrite earlier lines or change the terminal's title.
+    """
+    return "".join(ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) == "Cc" or ch in _BIDI
+                   else ch for ch in str(text))
 
 
 class SAERegistryError(ValueError):

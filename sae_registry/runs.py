@@ -32,6 +32,10 @@ __all__ = ["Imported", "MetricLogger", "Recorded", "import_dictionary", "log_fil
 
 MODEL_ARTIFACT = "sae"  # name of the logged pyfunc model
 SERVING_CODE = Path(__file__).with_name("serving.py")
+# What serving.py needs to rebuild a dictionary, shipped in each model folder (see shipped_code).
+SHIPPED_PACKAGE = "sae_registry_code"
+SHIPPED_MODULES = ("config.py", "errors.py", "sae.py", "sae_files.py", "sparse_ops.py")
+SERVING_REQUIREMENTS = ["torch", "safetensors", "numpy"]
 
 
 class MetricLogger:
@@ -269,7 +273,8 @@ def _log_model(client, run_id: str, out: Path, cfg: SAEConfig) -> None:
             python_model=str(SERVING_CODE),
             artifacts={WEIGHTS_FILE: str(out / WEIGHTS_FILE), CONFIG_FILE: str(out / CONFIG_FILE)},
             signature=signature,
-            pip_requirements=["torch", "safetensors", "numpy", f"sae-registry=={__version__}"],
+            code_paths=[str(shipped_code(Path(tmp) / "code"))],
+            pip_requirements=SERVING_REQUIREMENTS,
             mlflow_model=Model(artifact_path=model.artifact_location, model_uuid=model.model_id, run_id=run_id,
                                model_id=model.model_id),
         )
@@ -282,6 +287,24 @@ def _log_model(client, run_id: str, out: Path, cfg: SAEConfig) -> None:
         f"sha256.{CONFIG_FILE}": sha256(out / CONFIG_FILE),
     }))
     client.set_terminated(run_id, "FINISHED")
+
+
+def shipped_code(directory: Path) -> Path:
+    """Copy the modules serving needs into ``directory/sae_registry_code`` (a package); returns it.
+
+    Logged as the model's ``code_paths``: MLflow puts the model's ``code/`` folder first on
+    ``sys.path`` when loading it, so the model runs the code it was trained with, and its pip
+    requirements need not name ``sae-registry`` (an index could serve anyone's package under it).
+    A private name, so that loading a model never replaces an installed ``sae_registry``.
+    """
+    import shutil
+
+    package = Path(directory) / SHIPPED_PACKAGE
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(f'"""sae-registry {__version__}: the modules a logged dictionary loads with."""\n')
+    for name in SHIPPED_MODULES:
+        shutil.copyfile(Path(__file__).with_name(name), package / name)
+    return package
 
 
 def _tags(tags: dict[str, str]) -> list:

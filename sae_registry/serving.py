@@ -2,8 +2,12 @@
 
 Each registered dictionary is logged with this file as its code and ``sae.safetensors`` +
 ``config.json`` as its artifacts, so that ``mlflow.pyfunc.load_model("models:/family@alias")`` and
-``mlflow models serve`` (``--env-manager local``, with sae-registry installed) answer with codes:
-``predict(array [n, input_size]) -> codes [n, dict_size]``.
+``mlflow models serve`` answer with codes: ``predict(array [n, input_size]) -> codes [n, dict_size]``.
+
+The model folder also carries the few modules that rebuild a dictionary, copied under the private
+package name ``sae_registry_code`` (:func:`sae_registry.runs.shipped_code`): serving needs only torch,
+safetensors and numpy, never resolves ``sae-registry`` on a package index (where anyone could have
+claimed the name), and never shadows an installed sae-registry in the serving process.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ class DictionaryModel(PythonModel):
     """Encodes activations with a saved dictionary; reads only safetensors and JSON."""
 
     def load_context(self, context) -> None:
-        from sae_registry.sae import SparseAutoencoder
+        from sae_registry_code.sae import SparseAutoencoder  # the copy in the model folder's code/
 
         weights = Path(context.artifacts[WEIGHTS_KEY])
         config = Path(context.artifacts[CONFIG_KEY])

@@ -21,16 +21,24 @@ import math
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from .cluster import check_resources, client_progress, connect
 from .config import SAEConfig, TrainConfig
 from .errors import SAERegistryError
 from .sweep_spec import (  # noqa: F401  (the spec's names, re-exported: `from sae_registry.sweep import SweepSpec`)
     CHAMPION_BY, EVALUATE_CHOICES, REGISTER_CHOICES, HarvestSpec, Resources, SweepSpec,
 )
 from .tracking import Tracking, TrackingLike
+
+
+# At most one Tune checkpoint per trial in this many seconds (see the trial's reporter).
+TUNE_CHECKPOINT_SECONDS = 10.0
 
 
 def _member_name(sae_cfg: SAEConfig, train_cfg: TrainConfig) -> str:
@@ -100,10 +108,14 @@ def _trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, parent_r
                 shutil.copytree(saved / name, out / "checkpoint")
 
     client = tracking.client
-    for run_id in run_ids:  # where it ran (the last attempt, when retried elsewhere)
-        client.set_tag(run_id, "ray.node_id", ray.get_runtime_context().get_node_id())
+    node = ray.get_runtime_context().get_node_id()
+    for run_id in run_ids:  # where it ran: every attempt's node, in order (a retry may run elsewhere)
+        earlier = client.get_run(run_id).data.tags.get("ray.node_ids", "")
+        client.set_tag(run_id, "ray.node_ids", ",".join([*filter(None, earlier.split(",")), node]))
+        client.set_tag(run_id, "ray.node_id", node)  # the last attempt's
     clock["runs"] = clock["last_eval"] = time.perf_counter()
     pending: dict[int, dict] = {}
+    last_tune_checkpoint = [-math.inf]
 
     def reporter(i: int):
         def call(step: int, entry: dict, checkpoint_dir: Path | None) -> None:
@@ -115,7 +127,12 @@ def _trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, parent_r
                        "l0": min(e["eval/l0"] for e in pending.values())}
             for j, e in pending.items():
                 metrics.update({f"{names[j]}/fvu": e["eval/fvu"], f"{names[j]}/l0": e["eval/l0"]})
-            if all(e["_checkpoint"] is not None for e in pending.values()):
+            # Tune snapshots its experiment state whenever a trial has reported num_to_keep checkpoints
+            # since the last snapshot, and warns when that happens within seconds: with a small
+            # checkpoint_every it would, at every step. Our own checkpoints stay as frequent as asked.
+            due = time.monotonic() - last_tune_checkpoint[0] >= TUNE_CHECKPOINT_SECONDS
+            if due and all(e["_checkpoint"] is not None for e in pending.values()):
+                last_tune_checkpoint[0] = time.monotonic()
                 with tempfile.TemporaryDirectory() as tmp:
                     for name, out in zip(names, out_dirs):
                         shutil.copytree(out / "checkpoint", Path(tmp) / name)
@@ -204,60 +221,6 @@ def _ensure_store(spec: SweepSpec) -> str:
     return location
 
 
-def _start_ray(address: str | None):
-    """Connect to ``address`` / ``$RAY_ADDRESS``, or start a local Ray on this machine's CPUs."""
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = address or os.environ.get("RAY_ADDRESS")
-    if ray.is_initialized():
-        return False
-    if address:
-        _check_ray_address(address)
-    try:
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise SAERegistryError(f"cannot reach a Ray cluster at {address}: {e}") from e
-    return True
-
-
-def _check_ray_address(address: str, timeout: float = 5.0) -> None:
-    """Refuse, in seconds, a ``host:port`` (or ``ray://host:port``) where nothing listens.
-
-    ``ray.init`` on such an address retries for minutes (forever, for some forms) instead of failing.
-    ``auto``/``local`` and other forms are left to Ray.
-    """
-    from .tracking import probe
-
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        return
-    try:
-        probe(host, int(port), timeout)
-    except OSError as e:
-        raise SAERegistryError(
-            f"no Ray cluster answers at {address} ({e}); start one (`ray start --head`), fix --address / "
-            "RAY_ADDRESS, or unset both to run on a local Ray"
-        ) from None
-
-
-def _check_resources(spec: SweepSpec) -> None:
-    """Refuse trials the cluster can never place (Tune would leave them PENDING forever)."""
-    import ray
-
-    per_node = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    need_cpu, need_gpu = spec.resources.cpu, spec.resources.gpu
-    if not any(r.get("CPU", 0) >= need_cpu and r.get("GPU", 0) >= need_gpu for r in per_node):
-        have = ", ".join(f"{r.get('CPU', 0):g} CPU/{r.get('GPU', 0):g} GPU" for r in per_node) or "no nodes"
-        raise SAERegistryError(
-            f"no node of the Ray cluster can run a trial needing {need_cpu:g} CPU and {need_gpu:g} GPU "
-            f"(nodes: {have}); lower resources: in the spec or add such a node"
-        )
-
-
 TRIAL_KEYS = ("store", "grid", "train", "seeds", "pack", "harvest")  # what decides the trials of a sweep
 
 
@@ -321,8 +284,6 @@ def run(
     ``tracking_uri``: a URI or a :class:`~sae_registry.tracking.Tracking` (default
     ``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` here); the trials get it as a value in their config.
     """
-    import time
-
     import ray
     from ray import tune
 
@@ -344,10 +305,10 @@ def run(
             "directory (or change name:) to start over"
         )
     seconds["driver_setup"] = time.perf_counter() - started
-    started_ray = _start_ray(address)
+    started_ray = connect(address)
     seconds["ray_start"] = time.perf_counter() - started - seconds["driver_setup"]
     try:
-        _check_resources(spec)  # before anything is created: a sweep that cannot run leaves no trace
+        check_resources(spec.resources)  # before anything is created: a sweep that cannot run leaves no trace
         # the costliest packs first, sized so that the trials running side by side end together
         slots = spec.concurrent_slots(ray.nodes())
         plan = spec.pack_plan(store.d, slots)
@@ -375,7 +336,7 @@ def run(
                 tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials or None,
                                             reuse_actors=len(plan) > slots),
                 run_config=tune.RunConfig(
-                    name=spec.name, storage_path=storage, verbose=verbose,
+                    name=spec.name, storage_path=storage, verbose=verbose, progress_reporter=client_progress(verbose),
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 ),
@@ -383,12 +344,13 @@ def run(
         if resume:
             client.update_run(parent_run_id, status="RUNNING")
         mark = time.perf_counter()
-        results = tuner.fit()
-        seconds["fit"] = time.perf_counter() - mark
-        seconds.update({f"trials/{k}": v for k, v in fixed_costs(results).items()})
-        failed = sum(1 for r in results if r.error is not None)
-        # Ctrl-C makes fit() return early with trials still running: nothing is registered then.
-        unfinished = sum(1 for r in results if r.error is None and not (r.metrics or {}).get("done"))
+        with _driver_guard(spec, client, parent_run_id):
+            results = tuner.fit()
+            seconds["fit"] = time.perf_counter() - mark
+            seconds.update({f"trials/{k}": v for k, v in fixed_costs(results).items()})
+            failed = sum(1 for r in results if r.error is not None)
+            # Ctrl-C makes fit() return early with trials still running: nothing is registered then.
+            unfinished = sum(1 for r in results if r.error is None and not (r.metrics or {}).get("done"))
     finally:
         if started_ray:
             ray.shutdown()
@@ -398,11 +360,30 @@ def run(
             f"sweep {spec.name!r} was interrupted with {unfinished} trial(s) unfinished; continue it with "
             "`sae-registry sweep SPEC --resume` (finished trials are kept, nothing is duplicated)"
         )
-    rows, champion = _register_and_summarise(spec, client, sweep_id, parent_run_id, failed, tracking, seconds)
+    with _driver_guard(spec, client, parent_run_id):
+        rows, champion = _register_and_summarise(spec, client, sweep_id, parent_run_id, failed, tracking, seconds)
     wall = time.perf_counter() - started
     client.log_metric(parent_run_id, "wall_seconds", wall)
     client.set_terminated(parent_run_id, "FAILED" if failed else "FINISHED")
     return SweepResult(sweep_id, parent_run_id, rows, champion, failed, wall, seconds)
+
+
+@contextmanager
+def _driver_guard(spec: SweepSpec, client, parent_run_id: str) -> Iterator[None]:
+    """A failure here once the trials are launched: the parent run FAILED, ``--resume`` named (what they
+    finished is in MLflow and Tune's storage, at absolute locations: resume works from any directory)."""
+    try:
+        yield
+    except SAERegistryError:
+        client.set_terminated(parent_run_id, "FAILED")
+        raise
+    except Exception as e:  # e.g. Tune's result analysis losing its working directory under a Ray job
+        client.set_terminated(parent_run_id, "FAILED")
+        raise SAERegistryError(
+            f"sweep {spec.name!r} failed in this process after its trials were launched ({type(e).__name__}: "
+            f"{e}); what they finished is kept: `sae-registry sweep SPEC --resume` continues the sweep and "
+            "registers the finished dictionaries"
+        ) from e
 
 
 def _register_and_summarise(spec: SweepSpec, client, sweep_id: str, parent_run_id: str, failed: int,

@@ -39,7 +39,7 @@ T = TypeVar("T")
 LINEAGE_PREFIXES = ("store", "source", "sweep", "git", "sae_registry", "import")
 # What registration copies from a run onto its version: the lineage, the files' checksums and the
 # downstream metrics a sweep measured.
-VERSION_TAG_PREFIXES = LINEAGE_PREFIXES + ("sha256", "downstream")
+VERSION_TAG_PREFIXES = LINEAGE_PREFIXES + ("sha256", "downstream", "ray")  # ray: the node(s) it trained on
 
 
 def probe(host: str, port: int, timeout: float = 5.0) -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoints import load_checkpoint, save_checkpoint
+from .checkpoints import load_checkpoint, save_checkpoint, writing_to
 # the configurations live in config.py (no torch there: the CLI builds its options from them)
 from .config import B_DEC_INITS, ENCODER_INITS, PACK_SHARED, PRECISIONS, SAEConfig, TrainConfig  # noqa: F401
 from .errors import SAERegistryError
@@ -298,7 +298,7 @@ def train_pack(
     resolved = check_pack(store, members)
     callbacks = callbacks or [None] * len(members)
     extras = extras or [None] * len(members)
-    with threads_fit_to_cpus():
+    with threads_fit_to_cpus(), writing_to([Path(out) for _, _, out in members]):
         return _train_pack(store, members, resolved, resume, callbacks, progress, extras)
 
 

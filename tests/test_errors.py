@@ -274,6 +274,54 @@ def spec_ray_unreachable(env, tmp, mp):
         assert time.perf_counter() - started < 30
 
 
+def train_out_busy(env, tmp, mp):
+    from sae_registry.checkpoints import writing_to
+
+    with writing_to([tmp / "o"]):  # as a first training holds it
+        train(ActivationStore.open(env.store), SAEConfig(8, 16, 2), TrainConfig(batch_size=256), tmp / "o",
+              resume=True, progress=False)
+
+
+def ray_token_refused(env, tmp, mp):
+    """Ray's own exception chain, as a head with RAY_AUTH_MODE=token answers a driver without it."""
+    import ray
+
+    from sae_registry import cluster
+
+    def refused(**kwargs):
+        try:
+            raise RuntimeError("Failed to connect to GCS. Last connection error: Traceback (most recent call last):\n"
+                               "ray.exceptions.AuthenticationError: RPC error: InvalidAuthToken: Authentication "
+                               "token is missing or incorrect. Note: RAY_AUTH_MODE is currently 'disabled'")
+        except RuntimeError as e:
+            raise ConnectionError("Failed to connect to Ray cluster at 192.0.2.2:6391") from e
+
+    mp.setattr(ray, "is_initialized", lambda: False)
+    mp.setattr(ray, "init", refused)
+    mp.setattr(cluster, "check_address", lambda address: None)
+    mp.delenv("RAY_AUTH_MODE", raising=False)
+    mp.setenv("RAY_AUTH_TOKEN", "a-token")
+    cluster.connect("127.0.0.1:6391")
+
+
+def sweep_driver_failed(env, tmp, mp):
+    from sae_registry.sweep import _driver_guard
+    from sae_registry.tracking import Tracking
+
+    tracking = Tracking.resolve(f"sqlite:///{tmp / 'sweep.db'}")
+    parent = tracking.client.create_run(tracking.ensure_experiment("ok"))
+    with _driver_guard(SweepSpec.from_dict(SPEC), tracking.client, parent.info.run_id):
+        raise FileNotFoundError(2, "No such file or directory")  # os.getcwd() in Tune's result analysis
+
+
+def _after_sweep_driver_failed(env, tmp):
+    from sae_registry.tracking import Tracking
+
+    client = Tracking.resolve(f"sqlite:///{tmp / 'sweep.db'}").client
+    runs = client.search_runs([client.get_experiment_by_name("ok").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
 def spec_not_yaml(env, tmp, mp):
     (tmp / "bad.yaml").write_text("name: [unclosed")
     SweepSpec.from_yaml(tmp / "bad.yaml")
@@ -524,6 +572,15 @@ CASES = {
     "cli-cards-width": (_cli("cards", f"{FAMILY}@champion", "--store", "NARROW", "--no-log", "--out", "TMP/c",
                              registry=True),
                         "1:Error: the dictionary reads 8-wide activations but .*narrow.zarr holds 4-wide ones"),
+    "train-out-busy": (train_out_busy, r"another training is writing to .*o: wait for it to finish, or train into "
+                       "another --out"),
+    "ray-token-refused": (ray_token_refused, r"the Ray cluster at 127.0.0.1:6391 answers but refused authentication "
+                          r"\(RAY_AUTH_MODE is unset, RAY_AUTH_TOKEN is set\): set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN"),
+    "sweep-driver-failed": (sweep_driver_failed, r"sweep 'ok' failed in this process .*FileNotFoundError.*"
+                            r"`sae-registry sweep SPEC --resume` continues the sweep and registers", _after_sweep_driver_failed),
+    "store-model-not-here": (lambda e, t, m: __import__("sae_registry.models").models.find_model(
+        {"model_path": "/nonexistent/model", "model_id": "someone/not-here"}),
+        r"the store's model is not on this machine: /nonexistent/model does not exist .*pass --model DIR"),
 }
 
 

@@ -490,7 +490,7 @@ def test_a_sweep_that_already_ran_is_refused_before_ray_starts(world, tmp_path, 
     def no_ray(address):
         raise AssertionError("Ray was started before the sweep's state was checked")
 
-    monkeypatch.setattr(S, "_start_ray", no_ray)
+    monkeypatch.setattr(S, "connect", no_ray)
     (tmp_path / "ray_results" / "s").mkdir(parents=True)
     (tmp_path / "ray_results" / "s" / "tuner.pkl").write_bytes(b"")  # what Tune leaves after a run
     spec = S.SweepSpec.from_dict({"name": "s", "store": str(world.narrow.path), "grid": {"dict_size": [16], "k": [2]},

