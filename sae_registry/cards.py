@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import models
-from .errors import SAERegistryError, printable, require_int, require_positive_int
+from .errors import SAERegistryError, printable, require_choice, require_int, require_positive_int
 from .sae import SparseAutoencoder
 from .registry import CARDS_DIR  # the artifact folder on the run (the registry's descriptions link it)
 from .store import ActivationStore
@@ -100,8 +100,21 @@ def latent_stats(
     return LatentStats(hi - lo, count.numpy(), total.numpy(), top_values.T.numpy(), top_rows.T.numpy())
 
 
-def choose_features(stats: LatentStats, features: list[int] | None = None, top: int = 16) -> list[int]:
-    """``features`` (checked), else the ``top`` latents that fire most often in the split."""
+# Frequency bands, as feature dashboards sort latents (log10 of the firing frequency): the most
+# frequent latents alone are mostly punctuation and "the"; a sample from each band shows more.
+BANDS = (("dense", 1e-1, ">= 10%"), ("common", 1e-3, "0.1-10%"), ("rare", 0.0, "< 0.1%"))  # name, lower bound, in words
+SELECTIONS = ("bands", "frequent")
+
+
+def choose_features(stats: LatentStats, features: list[int] | None = None, top: int = 16, *,
+                    select: str = "bands", seed: int = 0) -> list[int]:
+    """``features`` (checked), else ``top`` latents: by default a sample across frequency bands.
+
+    ``select="bands"``: the latents that fire are split into :data:`BANDS` (dense >= 10%, common
+    0.1-10%, rare < 0.1% of tokens) and ``top`` are drawn at random (``seed``) as evenly as the bands
+    allow, listed dense first, each band most frequent first. ``select="frequent"``: the ``top`` that
+    fire most often. Latents that never fire are never chosen. :func:`describe_choice` says how.
+    """
     size = len(stats.count)
     if features:
         bad = [f for f in features if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < size]
@@ -109,8 +122,41 @@ def choose_features(stats: LatentStats, features: list[int] | None = None, top: 
             raise SAERegistryError(f"features must be latent indices in 0..{size - 1}; got {bad}")
         return list(dict.fromkeys(features))
     require_positive_int("top", top)
-    order = np.argsort(-stats.count, kind="stable")
-    return [int(f) for f in order[:top] if stats.count[f] > 0]
+    require_choice("select", select, SELECTIONS)
+    order = [int(f) for f in np.argsort(-stats.count, kind="stable") if stats.count[f] > 0]
+    if select == "frequent":
+        return order[:top]
+    members = [[f for f in order if band_of(stats.frequency[f]) == name] for name, _, _ in BANDS]
+    quota, left = [0] * len(BANDS), min(top, len(order))
+    while left:  # one more from each band that still has latents, until ``top`` are taken
+        for i, band in enumerate(members):
+            if left and quota[i] < len(band):
+                quota[i], left = quota[i] + 1, left - 1
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for band, n in zip(members, quota):
+        picked = set(rng.choice(len(band), size=n, replace=False).tolist()) if n else set()
+        chosen += [f for i, f in enumerate(band) if i in picked]  # kept in frequency order
+    return chosen
+
+
+def band_of(frequency: float) -> str:
+    """The name of the :data:`BANDS` band of a firing frequency (> 0)."""
+    return next(name for name, lo, _ in BANDS if frequency >= lo)
+
+
+def describe_choice(stats: LatentStats, chosen: list[int], features: list[int] | None, select: str,
+                    seed: int) -> str:
+    """How the latents shown were chosen, in words, for the cards' index and text."""
+    if features:
+        return f"the {len(chosen)} latents asked for (--features)"
+    if select == "frequent":
+        return f"the {len(chosen)} most frequent latents (--select frequent)"
+    alive = [band_of(f) for f in stats.frequency[stats.count > 0]]
+    parts = [f"{name} ({words} of tokens): {sum(band_of(stats.frequency[f]) == name for f in chosen)} of "
+             f"{alive.count(name)}" for name, _, words in BANDS]
+    return (f"a random sample (seed {seed}) of {len(chosen)} latents across frequency bands: " + "; ".join(parts)
+            + f"; {int((stats.count == 0).sum())} never fire (not shown). --select frequent: the most frequent only")
 
 
 # -- text ----------------------------------------------------------------------------------------------
@@ -242,9 +288,10 @@ class Cards:
         Tokens come from the store's tokenizer and provenance (someone else's data): control
         characters are shown escaped (``\\x1b``), so that printing the cards cannot drive a terminal.
         """
-        lines = []
+        lines = [f"chosen: {self.info['chosen']}"] if "chosen" in self.info else []
         for card in self.cards:
-            lines.append(f"feature {card.feature}: frequency {card.frequency:.4g}, "
+            band = f" ({band_of(card.frequency)})" if card.frequency > 0 else ""
+            lines.append(f"feature {card.feature}{band}: frequency {card.frequency:.4g}, "
                          f"mean activation {card.mean_activation:.3g}, max {card.max_activation:.3g}")
             for ctx in card.contexts[:contexts]:
                 text = "".join(f"[[{t}]]" if i == ctx.center else t for i, t in enumerate(ctx.tokens))
@@ -273,6 +320,8 @@ def make_cards(
     *,
     features: list[int] | None = None,
     top: int = 16,
+    select: str = "bands",
+    seed: int = 0,
     n_contexts: int = 10,
     window: int = 8,
     split: str = "eval",
@@ -281,7 +330,8 @@ def make_cards(
     info: dict | None = None,
     tokenizer=None,
 ) -> Cards:
-    """Feature cards for ``features`` (or the ``top`` most frequent latents) of ``sae`` over a store split."""
+    """Feature cards for ``features`` (else ``top`` latents chosen by ``select``, see :func:`choose_features`)
+    of ``sae`` over a store split; ``info["chosen"]`` says how they were chosen."""
     require_positive_int("n_contexts", n_contexts)
     require_int("window", window, min=0)
     _check_width(sae, store)  # before provenance: a store of another width is the wrong store, whatever it keeps
@@ -292,7 +342,7 @@ def make_cards(
         )
     tokenizer = tokenizer or load_tokenizer(store.source)
     stats = latent_stats(sae, store, split=split, n_top=n_contexts, max_tokens=max_tokens)
-    chosen = choose_features(stats, features, top)
+    chosen = choose_features(stats, features, top, select=select, seed=seed)
 
     # every row any context needs, read once; contexts never leave their window (same seq)
     centers = {f: [int(r) for r in stats.top_rows[f] if r >= 0] for f in chosen}
@@ -334,7 +384,8 @@ def make_cards(
             "tokens": stats.n_tokens, "first_row": lo, "dict_size": sae.cfg.dict_size,
             "sparsity": sae.cfg.sparsity, "model": store.source.get("model", ""),
             "layer": store.source.get("layer", ""), "window": window,
-            "alive_fraction": float((stats.count > 0).mean()), **(info or {})}
+            "alive_fraction": float((stats.count > 0).mean()),
+            "chosen": describe_choice(stats, chosen, features, select, seed), **(info or {})}
     return Cards(title or "Feature cards", meta, cards, note)
 
 
@@ -389,10 +440,11 @@ def render_html(cards: Cards) -> str:
         else:
             promoted = f'<span class="none">{e(cards.unembedding_note or "no unembedding")}</span>'
         rate = f" (1 in {1 / c.frequency:,.0f} tokens)" if c.frequency > 0 else ""
+        band = f", {band_of(c.frequency)}" if c.frequency > 0 else ""
         body.append(
             f'<section class="card" id="f{c.feature}" data-feature="{c.feature}">'
             f"<h2>Feature {c.feature}</h2>"
-            f'<p class="stats"><span>frequency <b>{c.frequency:.4g}</b>{rate}</span>'
+            f'<p class="stats"><span>frequency <b>{c.frequency:.4g}</b>{rate}{band}</span>'
             f"<span>mean activation when active <b>{c.mean_activation:.3g}</b></span>"
             f"<span>max <b>{c.max_activation:.3g}</b></span></p>"
             f"<h3>Top activating contexts</h3>{contexts}"

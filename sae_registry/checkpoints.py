@@ -15,10 +15,11 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .errors import SAERegistryError
 from .sae import SparseAutoencoder
+from .sae_files import save_weights
 
 LOCK_FILE = ".training.lock"
 
@@ -59,7 +60,7 @@ def save_checkpoint(path: Path, sae: SparseAutoencoder, opt: torch.optim.Optimiz
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+    save_weights({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / "state.safetensors")
     (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
     old = path.with_name(path.name + ".old")
     if path.exists():

@@ -116,7 +116,7 @@ def harvest(out, overwrite, resume, **options) -> None:
     spec = _built(HarvestSpec, "harvest.", **{k: v for k, v in options.items() if v is not None})  # before any work
     from . import harvest as H
 
-    texts = H.read_texts(spec.text) if spec.text else H.demo_texts()
+    texts = H.read_texts(spec.text, separator=spec.separator) if spec.text else H.demo_texts()
     store = H.harvest(out, texts, text_source=spec.text or "python:pydoc_data.topics", overwrite=overwrite,
                       resume=resume, **spec.harvest_options())
     click.echo(f"wrote {len(store):,} tokens x {store.d} to {store.path} (fingerprint {store.fingerprint})")
@@ -146,11 +146,15 @@ def _family_for(store_path: Path) -> str:
 @click.option("--alias", default=None, help="Give the new version this alias (e.g. champion).")
 @click.option("--no-registry", is_flag=True, help="Only write files; record nothing in MLflow.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out.")
+@click.option("--overwrite", is_flag=True, help="Replace the dictionary (and checkpoint) already in --out.")
 @_options(TrainConfig)
 @pass_tracking
-def train(tracking, store_path, out, family, alias, no_registry, resume, **options) -> None:
+def train(tracking, store_path, out, family, alias, no_registry, resume, overwrite, **options) -> None:
     """Train one sparse autoencoder on a store; record and register it in MLflow."""
     _configs(1, options)  # every option checked before the store is opened
+    from .sae_files import prepare_out
+
+    prepare_out(out, overwrite=overwrite, resume=resume)  # refuses to replace a dictionary unasked
     from .store import ActivationStore
 
     store = ActivationStore.open(store_path)
@@ -226,6 +230,8 @@ def sweep(tracking, spec_path, resume, address) -> None:
     spec = S.SweepSpec.from_yaml(spec_path)
     click.echo(f"sweep {spec.name}: {len(spec.configurations())} dictionaries in {len(spec.packs())} trial(s)")
     result = S.run(spec, resume=resume, address=address, tracking_uri=tracking)
+    if result.nothing_to_do:
+        click.echo(f"nothing to do: sweep {spec.name} ({result.sweep_id}) finished already; its table:")
     click.echo(S.summary_table(result, spec.alias))
     if result.champion:
         click.echo(f"champion: sae_registry.load({spec.name + '@' + spec.alias!r})  (version {result.champion})")
@@ -262,15 +268,17 @@ def list_(tracking, family) -> None:
             named = ", ".join(f"{a}=v{v}" for a, v in sorted(aliases.items()))
             click.echo(printable(f"{name:32s} latest v{newest}  {named}"))  # names and aliases: anyone's text
         return
-    found = registry.versions(family, tracking)  # an unknown family is refused before any output
+    found = registry.versions(family, tracking)
+    fidelity = any("downstream.fidelity" in v.tags for v in found)  # a column only when some version has one
     click.echo(f"{'version':>7}  {'aliases':18} {'dict_size':>9} {'k':>4} {'l1_coeff':>9} {'FVU':>7} {'L0':>7} "
-               f"{'dead':>6}  created")
+               f"{'dead':>6}" + (f" {'fidelity':>8}" if fidelity else "") + "  created")
     for v in found:
         t = v.tags
         click.echo(printable(
             f"{v.version:>7}  {','.join(v.aliases) or '-':18} {t.get('dict_size', '-'):>9} {t.get('k') or '-':>4} "
             f"{_fmt(t.get('l1_coeff'), '.2g'):>9} {_fmt(t.get('fvu'), '.4f'):>7} {_fmt(t.get('l0'), '.1f'):>7} "
-            f"{_fmt(t.get('dead_fraction'), '.3f'):>6}  {_created(v.created)}"
+            f"{_fmt(t.get('dead_fraction'), '.3f'):>6}"
+            + (f" {_fmt(t.get('downstream.fidelity'), '.4f'):>8}" if fidelity else "") + f"  {_created(v.created)}"
         ))
 
 
@@ -369,8 +377,10 @@ def import_(tracking, directory, family, fmt, alias) -> None:
 
 @main.command()
 @click.argument("name")
-@click.option("--features", default=None, help="Comma-separated latent indices, e.g. 0,5,7 [default: the --top most frequent].")
-@click.option("--top", default=16, show_default=True, type=click.IntRange(min=1), help="Without --features: this many of the most frequent latents.")
+@click.option("--features", default=None, help="Comma-separated latent indices, e.g. 0,5,7 [default: --top latents chosen by --select].")
+@click.option("--top", default=16, show_default=True, type=click.IntRange(min=1), help="Without --features: this many latents.")
+@click.option("--select", type=click.Choice(["bands", "frequent"]), default="bands", show_default=True,
+              help="bands: a random sample across frequency bands (dense, common, rare); frequent: the most frequent.")
 @click.option("--store", "store_path", type=click.Path(path_type=Path), default=None,
               help="Store to read [default: the one the dictionary was trained on].")
 @click.option("--split", type=click.Choice(["eval", "train", "all"]), default="eval", show_default=True)
@@ -382,7 +392,7 @@ def import_(tracking, directory, family, fmt, alias) -> None:
 @click.option("--no-log", is_flag=True, help="Do not log the cards on the dictionary's MLflow run.")
 @click.option("--print", "print_text", is_flag=True, help="Also print each card's top contexts as text.")
 @pass_tracking
-def cards(tracking, name, features, top, store_path, split, max_tokens, contexts, window, out_dir, no_log, print_text) -> None:
+def cards(tracking, name, features, top, select, store_path, split, max_tokens, contexts, window, out_dir, no_log, print_text) -> None:
     """Feature cards for dictionary NAME: frequency, mean activation, top contexts, promoted tokens (HTML + JSON)."""
     from .cards import cards_for
 
@@ -391,7 +401,7 @@ def cards(tracking, name, features, top, store_path, split, max_tokens, contexts
     except ValueError:
         raise click.UsageError(f"--features takes comma-separated integers, got {features!r}") from None
     made, out, uri = cards_for(name, store_path=store_path, out_dir=out_dir, log=not no_log, features=chosen,
-                               top=top, n_contexts=contexts, window=window, split=split, max_tokens=max_tokens,
+                               top=top, select=select, n_contexts=contexts, window=window, split=split, max_tokens=max_tokens,
                                tracking_uri=tracking)
     if print_text:
         click.echo(made.text())
@@ -411,9 +421,14 @@ def cards(tracking, name, features, top, store_path, split, max_tokens, contexts
 @click.option("--layer", type=click.IntRange(min=0), default=None, help="Residual stream to splice into [default: the store's layer].")
 @click.option("--tokens", default=4096, show_default=True, type=click.IntRange(min=1), help="Tokens to splice (whole windows).")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--no-record", is_flag=True, help="Only print the numbers; do not record them on the version.")
 @pass_tracking
-def evaluate_(tracking, name, store_path, model_path, text_path, layer, tokens, device) -> None:
-    """Downstream fidelity of NAME: splice it into its source model and measure what the model loses."""
+def evaluate_(tracking, name, store_path, model_path, text_path, layer, tokens, device, no_record) -> None:
+    """Downstream fidelity of NAME: splice it into its source model and measure what the model loses.
+
+    The numbers are recorded on the version (downstream.* tags, as a sweep records them; `list`
+    shows the fidelity) unless --no-record.
+    """
     from .dictionary import load
     from .downstream import evaluate
 
@@ -435,6 +450,19 @@ def evaluate_(tracking, name, store_path, model_path, text_path, layer, tokens, 
                f"({m['downstream/tokens']:,.0f} tokens in {m['downstream/windows']:.0f} windows)")
     for key in sorted(m):
         click.echo(f"  {key:28s} {m[key]:.6g}")
+    if m["downstream/tokens"] < tokens:
+        where = f"the texts of --text {text_path}" if text_path else f"the held-out split of {store}"
+        click.echo(f"note: used {m['downstream/tokens']:,.0f} tokens, fewer than --tokens {tokens:,}: "
+                   f"{where} holds no more (in whole windows)")
+    if not no_record:
+        from .runs import record_downstream
+
+        about = {"downstream.text": str(text_path) if text_path else f"held-out split of {store}",
+                 "downstream.layer": str(layer) if layer is not None else "the store's"}
+        if model_path:
+            about["downstream.model"] = str(model_path)
+        record_downstream(dictionary.family, dictionary.version, m, about=about, tracking_uri=tracking)
+        click.echo(f"recorded on {dictionary.family}/{dictionary.version} (downstream.* tags; see `list {dictionary.family}`)")
 
 
 @main.command()

@@ -34,6 +34,7 @@ def connect(address: str | None) -> bool:
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
+            _name_local_auth_mode()
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     except Exception as e:  # Ray's errors: ConnectionError, RuntimeError, ValueError, AuthenticationError
         if refused_authentication(e):
@@ -55,6 +56,23 @@ def connect(address: str | None) -> bool:
             raise SAERegistryError(f"cannot reach a Ray cluster at {address}: {e}") from e
         raise
     return True
+
+
+def _name_local_auth_mode() -> None:
+    """Token authentication for the local Ray we start, as Ray's default, without its warning.
+
+    With ``RAY_AUTH_MODE`` unset, ``ray.init`` turns token authentication on for a new local
+    cluster (setting ``RAY_AUTH_MODE=token`` in this process for its child processes, and reloading
+    its config) and warns that it did, at every start. Doing exactly that ourselves first keeps the
+    same security and the same end state, without the notice. A mode the user set is left alone;
+    Ray reads it from the environment only (``ray.init`` has no option for it).
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    from ray._raylet import Config
+
+    os.environ["RAY_AUTH_MODE"] = "token"
+    Config.initialize("")  # Ray caches the mode it read at import: read it again, as ray.init itself does
 
 
 def refused_authentication(error: BaseException) -> bool:

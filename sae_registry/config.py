@@ -13,6 +13,7 @@ a number; an int with ``min=1`` is a positive integer); ``flags`` (the CLI optio
 from __future__ import annotations
 
 import functools
+import re
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from types import UnionType
@@ -209,12 +210,22 @@ class HarvestSpec:
     chunk_tokens: int = option(8192, "Tokens per stored chunk.", min=1)
     device: str | None = option(None, "cpu or cuda [default: cuda when available].")
     seed: int = option(0, "Seed of the document order (and so of the held-out split).", min=0)
+    separator: str | None = option(None, "A regular expression for the lines that separate documents in the "
+                                   "--text files, e.g. '^%$' for fortune files [default: blank lines, with "
+                                   "neighbouring paragraphs joined into passages of ~600 characters].")
 
     def __post_init__(self) -> None:
         check_fields(self, prefix="harvest.")
         for name in ("text", "model_path", "device"):  # None means the default; "" is a mistake
             if getattr(self, name) == "":
                 raise SAERegistryError(f"harvest.{name} must not be empty (leave it out for the default)")
+        if self.separator is not None:
+            if self.text is None:
+                raise SAERegistryError("harvest.separator must go with text (--text): it says how the text files are cut")
+            try:
+                re.compile(self.separator)
+            except re.error as e:
+                raise SAERegistryError(f"harvest.separator must be a regular expression: {e}") from None
 
     @classmethod
     def from_dict(cls, data: object) -> HarvestSpec:

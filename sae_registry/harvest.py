@@ -56,8 +56,29 @@ def demo_texts(target_chars: int = 600) -> list[str]:
     return [p for name in sorted(topics) for p in _passages(topics[name], target_chars)]
 
 
-def read_texts(path: str | Path, target_chars: int = 600) -> list[str]:
-    """Passages from a text file, or from every ``*.txt``/``*.md`` file under a directory."""
+def _documents(text: str, separator: str) -> list[str]:
+    """``text`` cut at every line that the regular expression ``separator`` matches (that line dropped)."""
+    pattern = re.compile(separator)
+    documents, current = [], []
+    for line in text.splitlines():
+        if pattern.search(line):
+            documents.append("\n".join(current).strip())
+            current = []
+        else:
+            current.append(line)
+    documents.append("\n".join(current).strip())
+    return [d for d in documents if d]
+
+
+def read_texts(path: str | Path, target_chars: int = 600, separator: str | None = None) -> list[str]:
+    """Documents from a text file, or from every ``*.txt``/``*.md`` file under a directory (sorted by path).
+
+    Without ``separator``, each file is cut at blank lines and neighbouring paragraphs are joined
+    until a passage reaches ``target_chars`` characters (a passage never spans two files). With
+    ``separator``, a regular expression, each file is cut at the lines it matches (``'^%$'`` for a
+    fortune file); those lines are dropped and every piece is one document, however short or long.
+    A document longer than a window is cut into several windows by :func:`harvest`.
+    """
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
@@ -65,7 +86,14 @@ def read_texts(path: str | Path, target_chars: int = 600) -> list[str]:
         files = [path]
     else:
         raise SAERegistryError(f"no text at {path}: pass a text file or a directory of .txt files")
-    texts = [p for f in files for p in _passages(f.read_text(errors="replace"), target_chars)]
+    if separator is not None:
+        try:
+            re.compile(separator)
+        except re.error as e:
+            raise SAERegistryError(f"--separator must be a regular expression: {e}") from None
+    cut = (lambda text: _documents(text, separator)) if separator is not None else (
+        lambda text: _passages(text, target_chars))
+    texts = [p for f in files for p in cut(f.read_text(errors="replace"))]
     if not texts:
         raise SAERegistryError(f"{path} holds no text")
     return texts
@@ -89,6 +117,7 @@ def harvest(
     overwrite: bool = False,
     progress: bool = True,
     resume: bool = False,
+    separator: str | None = None,
 ) -> ActivationStore:
     """Write the layer-``layer`` hidden state of every (non-padding) token of ``texts`` to a store.
 
@@ -151,6 +180,8 @@ def harvest(
         "max_tokens": max_tokens,
         "texts_sha256": hashlib.sha256("\0".join(texts).encode()).hexdigest(),
     }
+    if separator is not None:  # how the text files were cut into documents (read_texts)
+        source["separator"] = separator
     if resume and Path(store_path).exists():
         store = ActivationStore.reopen(store_path)
         wanted = {**{f"source.{k}": v for k, v in source.items()}, "dtype": dtype, "chunk_tokens": chunk_tokens}
@@ -242,7 +273,7 @@ def ensure_store(
             except SAERegistryError as e:
                 say(f"{e}\nharvesting it again")
         if spec is not None and (not exists or replace_unreadable):
-            texts = read_texts(spec.text) if spec.text else demo_texts()
+            texts = read_texts(spec.text, separator=spec.separator) if spec.text else demo_texts()
             source = spec.text or "python:pydoc_data.topics"
             say(f"harvesting {spec.model_path or 'MiniLM-L6'} layer {spec.layer} over {source} into {path}")
             return harvest(path, texts, text_source=source, overwrite=exists or replace_unreadable,

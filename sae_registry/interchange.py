@@ -52,6 +52,9 @@ from .sae import SAEConfig, SparseAutoencoder
 FORMATS = ("saelens", "dictionary_learning")
 SAELENS_CONFIG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
+# The lineage an export carries and an import restores (the model, hook and layer have fields of
+# their own in both formats; the store has none in dictionary_learning's).
+CARRIED_LINEAGE = ("store.path", "store.fingerprint", "source.model", "source.layer", "source.hook")
 DL_WEIGHTS = "ae.pt"
 DL_CONFIG = "config.json"
 # The config format written: SAELens reads a config as pre-6.0 (and rewrites it) unless it says >= 6.
@@ -187,6 +190,10 @@ def export(dictionary, fmt: str, directory: str | Path, *, overwrite: bool = Fal
     directory.mkdir(parents=True, exist_ok=True)
     weights = Weights(*(w.detach().float().cpu().contiguous() for w in folded_weights(sae)))
     provenance = {**provenance, "exported_by": f"sae-registry {__version__}", "input_scale": float(sae.input_scale)}
+    # Where it came from, so that an import of these files finds its store again (cards, evaluate).
+    carried = {k: v for k, v in lineage.items() if k in CARRIED_LINEAGE and v}
+    if carried:
+        provenance["lineage"] = carried
     if fmt == "saelens":
         _write_saelens(sae.cfg, weights, lineage, provenance, directory)
     else:
@@ -202,7 +209,7 @@ def _layer(lineage: dict[str, str]) -> int | None:
 
 
 def _write_saelens(cfg: SAEConfig, w: Weights, lineage: dict, provenance: dict, directory: Path) -> None:
-    from safetensors.torch import save_file
+    from .sae_files import save_weights
 
     top_k = cfg.sparsity == "top_k"
     config = {
@@ -219,13 +226,14 @@ def _write_saelens(cfg: SAEConfig, w: Weights, lineage: dict, provenance: dict, 
             "model_name": lineage.get("source.model") or None,
             "hook_name": lineage.get("source.hook") or None,
             "hook_layer": _layer(lineage),
+            "dataset_path": lineage.get("store.path") or None,
             "hook_head_index": None,
             "sae_registry": provenance,
         },
     }
     if top_k:
         config.update(k=cfg.top_k, rescale_acts_by_decoder_norm=False)
-    save_file(w._asdict(), str(directory / SAELENS_WEIGHTS))
+    save_weights(w._asdict(), directory / SAELENS_WEIGHTS)
     (directory / SAELENS_CONFIG).write_text(json.dumps(config, indent=2))
 
 
@@ -268,7 +276,7 @@ class Foreign:
     config: dict  # their config, as read
     config_file: Path | None
     weights_file: Path
-    source: dict[str, str]  # source.model / source.layer / source.hook, where their config says
+    source: dict[str, str]  # source.model / .layer / .hook, store.path / .fingerprint: where their files say
     conversions: list[str] = field(default_factory=list)  # exact reparametrisations applied on the way in
 
 
@@ -391,9 +399,21 @@ def _read_saelens(directory: Path) -> Foreign:
     sae = from_weights(Weights(W_enc, b_enc, W_dec, b_dec), top_k)
     hook = metadata.get("hook_name", cfg.get("hook_name"))
     source = {"source.model": metadata.get("model_name", cfg.get("model_name")), "source.hook": hook,
-              "source.layer": metadata.get("hook_layer", cfg.get("hook_layer"))}
+              "source.layer": metadata.get("hook_layer", cfg.get("hook_layer")),
+              **_carried(metadata.get("sae_registry"), metadata.get("dataset_path", cfg.get("dataset_path")))}
     return Foreign(sae, "saelens", architecture, directory, cfg, cfg_path, weights_path,
                    {k: str(v) for k, v in source.items() if v is not None}, conversions)
+
+
+def _carried(ours: object, dataset_path: object = None) -> dict[str, str]:
+    """The lineage an export of ours carried (``sae_registry.lineage``), or a SAELens ``dataset_path``
+    that is an activation store on this machine: ``store.path`` (+ ``store.fingerprint``)."""
+    lineage = ours.get("lineage") if isinstance(ours, dict) else None
+    found = {k: str(v) for k, v in (lineage if isinstance(lineage, dict) else {}).items()
+             if k in CARRIED_LINEAGE and isinstance(v, (str, int, float)) and v != ""}
+    if "store.path" not in found and isinstance(dataset_path, str) and (Path(dataset_path) / "zarr.json").is_file():
+        found["store.path"] = dataset_path  # a SAELens dataset_path is usually a Hub name: kept only if a store
+    return found
 
 
 def _read_dictionary_learning(directory: Path) -> Foreign:
@@ -442,7 +462,7 @@ def _read_dictionary_learning(directory: Path) -> Foreign:
     b_dec = f["b_dec"] if dict_class == "AutoEncoderTopK" else f["bias"]
     sae = from_weights(Weights(f["encoder.weight"].T, f["encoder.bias"], f["decoder.weight"].T, b_dec), top_k)
     source = {"source.model": trainer.get("lm_name"), "source.layer": trainer.get("layer"),
-              "source.hook": trainer.get("submodule_name")}
+              "source.hook": trainer.get("submodule_name"), **_carried(cfg.get("sae_registry"))}
     return Foreign(sae, "dictionary_learning", dict_class, directory, cfg, cfg_path, weights_path,
                    {k: str(v) for k, v in source.items() if v is not None})
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,11 +22,13 @@ import numpy as np
 from . import __version__
 from .registry import check_alias, check_family_name, register_run, set_alias
 from .sae import CONFIG_FILE, WEIGHTS_FILE, SAEConfig
+from .sae_files import prepare_out
 from .store import ActivationStore
 from .tracking import Tracking, TrackingLike, code_tags, lineage_tags, retrying, sha256
 from .train import METRICS_FILE, TrainConfig, TrainResult, check_pack, train_pack
 
-__all__ = ["Imported", "MetricLogger", "Recorded", "import_dictionary", "log_files", "record_pack", "run_guard",
+__all__ = ["Imported", "MetricLogger", "Recorded", "import_dictionary", "log_files", "record_downstream",
+           "record_pack", "run_guard",
            "run_name", "default_run_name", "start_runs", "train_and_register"]
 
 MODEL_ARTIFACT = "sae"  # name of the logged pyfunc model
@@ -116,6 +117,7 @@ def train_and_register(
     alias: str | None = None,
     tracking_uri: TrackingLike = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     callback=None,
 ) -> Recorded:
@@ -123,11 +125,13 @@ def train_and_register(
 
     ``tracking_uri``: a URI or a :class:`~sae_registry.tracking.Tracking` (default
     ``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` here). A run that raises is marked FAILED (KILLED on
-    Ctrl-C) and nothing is registered.
+    Ctrl-C) and nothing is registered. An ``out_dir`` that already holds a dictionary is refused
+    unless ``resume`` (continue its checkpoint) or ``overwrite`` (see ``sae_files.prepare_out``).
     """
     check_family_name(family)  # names are checked before the run: a bad one must not cost a training
     if alias is not None:
         check_alias(alias)
+    prepare_out(out_dir, overwrite=overwrite, resume=resume)  # before any run exists
     tracking = Tracking.resolve(tracking_uri)
     (recorded,) = record_pack(store, [(sae_cfg, train_cfg, out_dir)], family=family, tracking_uri=tracking,
                               resume=resume, progress=progress, callbacks=[callback])
@@ -264,9 +268,7 @@ def _log_model(client, run_id: str, out: Path, cfg: SAEConfig) -> None:
     model = client.create_logged_model(run.info.experiment_id, name=MODEL_ARTIFACT, source_run_id=run_id,
                                        params=dict(run.data.params), tags={"mlflow.modelFlavor": "python_function"})
     client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
-    with tempfile.TemporaryDirectory(prefix="sae-model-") as tmp, warnings.catch_warnings():
-        # MLflow's advice to pyfunc authors (type hints, an input example): our signature is explicit.
-        warnings.filterwarnings("ignore", message=".*(Add type hints|input example was not provided|Any type hint)")
+    with tempfile.TemporaryDirectory(prefix="sae-model-") as tmp:
         local = Path(tmp) / "model"
         mlflow.pyfunc.save_model(
             path=str(local),
@@ -319,6 +321,26 @@ def log_files(run_id: str, files: list[Path], artifact_path: str, tracking_uri: 
     for path in files:
         client.log_artifact(run_id, str(path), artifact_path=artifact_path)
     return f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+
+
+def record_downstream(family: str, version: str, metrics: dict[str, float], *, about: dict[str, str] | None = None,
+                      tracking_uri: TrackingLike = None) -> None:
+    """Record a registered version's downstream metrics as a sweep does: on its run and as ``downstream.*`` tags.
+
+    ``metrics`` are ``downstream.evaluate``'s (``downstream/fidelity``, ...): logged on the version's
+    run, and as tags (``downstream.fidelity``) on the run and the version, which ``list`` and
+    ``find`` read. ``about`` adds tags saying what it was measured on (``downstream.text``, ...).
+    A later evaluation replaces an earlier one's numbers.
+    """
+    from mlflow.entities import Metric
+
+    client = Tracking.resolve(tracking_uri).client
+    run_id = client.get_model_version(family, version).run_id
+    now = int(time.time() * 1000)
+    tags = {k.replace("/", "."): repr(float(v)) for k, v in metrics.items()} | dict(about or {})
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()], tags=_tags(tags))
+    for key, value in tags.items():
+        client.set_model_version_tag(family, version, key, value)
 
 
 # -- imports from other libraries ---------------------------------------------------------------------

@@ -9,6 +9,7 @@ loading reserve more memory than the weights the file really holds.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -33,11 +34,69 @@ def write(sae: SparseAutoencoder, directory: str | Path, extra: dict | None = No
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in sae.state_tensors().items()}
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": DICTIONARY_FORMAT})
+    save_weights(tensors, directory / WEIGHTS_FILE, metadata={"format": DICTIONARY_FORMAT})
     config = {"format": DICTIONARY_FORMAT, "format_version": 1, "sae": sae.cfg.to_dict()}
     config.update(extra or {})
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
     return directory
+
+
+# What a training writes into its output directory (train.py's names, kept here to stay torch-light).
+TRAINING_OUTPUTS = (WEIGHTS_FILE, CONFIG_FILE, "metrics.json", "checkpoint", "checkpoint.tmp", "checkpoint.old")
+
+
+def prepare_out(directory: str | Path, *, overwrite: bool = False, resume: bool = False) -> Path:
+    """Make ``directory`` ready for a training, refusing to replace a dictionary unasked.
+
+    A directory that already holds a dictionary or a training's checkpoint is refused unless
+    ``resume`` (its checkpoint is continued, as before) or ``overwrite`` (what a training wrote there
+    is removed first, and only that: other files stay). Checked before any work starts.
+    """
+    import shutil
+
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise SAERegistryError(f"--out {directory} is a file, not a directory; choose another --out")
+    found = [name for name in TRAINING_OUTPUTS if (directory / name).exists()]
+    if not found or resume:
+        return directory
+    if not overwrite:
+        raise SAERegistryError(
+            f"--out {directory} already holds a dictionary or a training ({', '.join(found)}); pass --overwrite "
+            "to replace it, --resume to continue its training, or choose another --out"
+        )
+    for name in found:
+        path = directory / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return directory
+
+
+def save_weights(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """``safetensors``' ``save_file``, then the permissions every other file gets (``0o666`` less the umask).
+
+    ``save_file`` writes through a temporary file created owner-only (0600) and renames it: teammates
+    sharing a registry, a runs folder or an export could read ``config.json`` but not the weights.
+    """
+    path = Path(path)
+    save_file(tensors, str(path), metadata=metadata)
+    path.chmod(0o666 & ~_umask())
+    return path
+
+
+def _umask() -> int:
+    """The process's umask: from ``/proc`` on Linux (no change of state), else by setting it and back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # there is no getter elsewhere; set straight back
+    os.umask(mask)
+    return mask
 
 
 def read(cls: type[SparseAutoencoder], directory: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:

@@ -34,6 +34,7 @@ from .errors import SAERegistryError
 from .sweep_spec import (  # noqa: F401  (the spec's names, re-exported: `from sae_registry.sweep import SweepSpec`)
     CHAMPION_BY, EVALUATE_CHOICES, REGISTER_CHOICES, HarvestSpec, Resources, SweepSpec,
 )
+from .sweep_progress import LiveTable, live_callback, report
 from .tracking import Tracking, TrackingLike
 
 
@@ -90,8 +91,8 @@ def _trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, parent_r
         # members (interrupted before its first checkpoint, or finished just before the head died).
         existing = _member_runs(spec["name"], sweep_id, names, tracking)
         if len(existing) == len(names) and all(r.info.status == "FINISHED" for r in existing.values()):
-            tune.report({"step": 0, "done": 1, "fvu": min(r.data.metrics.get("final/fvu", 1.0) for r in existing.values()),
-                         "l0": min(r.data.metrics.get("final/l0", 0.0) for r in existing.values())})
+            tune.report({**report(0, {n: (r.data.metrics.get("final/fvu", math.nan), r.data.metrics.get("final/l0", math.nan))
+                                       for n, r in existing.items()}), "done": 1})
             return
         missing = [i for i, n in enumerate(names) if n not in existing]
         new_ids = iter(start_runs(store, [members[i] for i in missing], family=spec["name"], sweep_id=sweep_id,
@@ -123,10 +124,7 @@ def _trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, parent_r
             if len(pending) < len(members):  # one Tune report per step, when every member has evaluated
                 return
             clock["last_eval"] = time.perf_counter()
-            metrics = {"step": step, "fvu": min(e["eval/fvu"] for e in pending.values()),
-                       "l0": min(e["eval/l0"] for e in pending.values())}
-            for j, e in pending.items():
-                metrics.update({f"{names[j]}/fvu": e["eval/fvu"], f"{names[j]}/l0": e["eval/l0"]})
+            metrics = report(step, {names[j]: (e["eval/fvu"], e["eval/l0"]) for j, e in sorted(pending.items())})
             # Tune snapshots its experiment state whenever a trial has reported num_to_keep checkpoints
             # since the last snapshot, and warns when that happens within seconds: with a small
             # checkpoint_every it would, at every step. Our own checkpoints stay as frequent as asked.
@@ -162,9 +160,9 @@ def _trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, parent_r
     # run at its last attempt's rate: an estimate)
     train_loop = result.history[-1]["tokens"] / max(result.tokens_per_second, 1e-9)
     downstream_s = clock.get("downstream", 0.0)
-    tune.report({"step": result.history[-1]["step"], "done": 1,
-                 "fvu": min(r.result.metrics["fvu"] for r in recorded),
-                 "l0": min(r.result.metrics["l0"] for r in recorded),
+    tune.report({**report(result.history[-1]["step"],
+                          {n: (r.result.metrics["fvu"], r.result.metrics["l0"]) for n, r in zip(names, recorded)}),
+                 "done": 1,
                  "time/imports": clock["imports"] - clock["start"], "time/store_open": clock["store"] - clock["imports"],
                  "time/mlflow_setup": clock["runs"] - clock["store"],
                  "time/training": clock["last_eval"] - clock["runs"], "time/train_loop": train_loop,
@@ -197,6 +195,36 @@ class SweepResult:
     failed_trials: int
     wall_seconds: float
     seconds: dict[str, float] = field(default_factory=dict)  # where the wall time went (see fixed_costs)
+    nothing_to_do: bool = False  # resumed a sweep that had finished: its recorded result, nothing run
+
+
+def _finished(spec: SweepSpec, experiment_path: str, tracking: Tracking) -> SweepResult | None:
+    """The recorded result of the sweep at ``experiment_path`` if it finished (nothing to resume), else None."""
+    client = tracking.client
+    experiment = client.get_experiment_by_name(spec.name)
+    if experiment is None:
+        return None
+    parents = client.search_runs([experiment.experiment_id],
+                                 f"tags.`sweep.role` = 'parent' and tags.`sweep.storage` = '{experiment_path}'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+    if not parents or parents[0].info.status != "FINISHED":
+        return None
+    parent = parents[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            table = json.loads(Path(client.download_artifacts(parent.info.run_id, "sweep_summary.json", tmp)).read_text())
+            rows = [dict(zip(table["columns"], values)) for values in table["data"]]
+        except Exception:  # a sweep that trained nothing logged no table
+            rows = []
+    champion = None
+    if spec.alias:
+        try:
+            champion = client.get_model_version_by_alias(spec.name, spec.alias).version
+        except Exception:  # no such alias (any more): no champion to name
+            pass
+    metrics = parent.data.metrics
+    return SweepResult(parent.data.tags["sweep.id"], parent.info.run_id, rows, champion,
+                       int(metrics.get("failed_trials", 0)), metrics.get("wall_seconds", 0.0), nothing_to_do=True)
 
 
 def pareto_frontier(rows: list[dict]) -> list[bool]:
@@ -304,6 +332,10 @@ def run(
             f"sweep {spec.name!r} already ran at {storage}/{spec.name}: continue it with --resume, or remove that "
             "directory (or change name:) to start over"
         )
+    if resume:  # a finished sweep: nothing to do, said before Ray starts
+        done = _finished(spec, f"{storage}/{spec.name}", tracking)
+        if done is not None:
+            return done
     seconds["driver_setup"] = time.perf_counter() - started
     started_ray = connect(address)
     seconds["ray_start"] = time.perf_counter() - started - seconds["driver_setup"]
@@ -329,6 +361,7 @@ def run(
         if resume and tune.Tuner.can_restore(experiment_path):
             tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
         else:
+            reporter = client_progress(verbose)
             tuner = tune.Tuner(
                 trainable,
                 param_space={"pack": tune.grid_search(plan)},
@@ -336,7 +369,10 @@ def run(
                 tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials or None,
                                             reuse_actors=len(plan) > slots),
                 run_config=tune.RunConfig(
-                    name=spec.name, storage_path=storage, verbose=verbose, progress_reporter=client_progress(verbose),
+                    # our table, one row per dictionary, where the driver runs Tune; over Ray Client Tune's
+                    # own (per trial, each trial's best member's FVU and L0), which is all that reaches here
+                    name=spec.name, storage_path=storage, verbose=verbose if reporter else 0, progress_reporter=reporter,
+                    callbacks=[live_callback(LiveTable(), print)] if verbose and reporter is None else [],
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 ),

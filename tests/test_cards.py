@@ -17,7 +17,10 @@ from sae_registry.cards import (
     Cards,
     Context,
     FeatureCard,
+    LatentStats,
+    band_of,
     choose_features,
+    describe_choice,
     latent_stats,
     load_tokenizer,
     make_cards,
@@ -73,7 +76,8 @@ def test_latent_stats_match_one_dense_pass(tmp_path):
         np.testing.assert_allclose(stats.top_values[f], want, rtol=1e-6)
         fired = stats.top_rows[f] >= 0
         np.testing.assert_allclose(codes[stats.top_rows[f][fired], f], stats.top_values[f][fired], rtol=1e-6)
-    assert choose_features(stats, top=3) == [int(f) for f in np.argsort(-active.sum(0), kind="stable")[:3]]
+    assert choose_features(stats, top=3, select="frequent") == [int(f) for f in np.argsort(-active.sum(0),
+                                                                                           kind="stable")[:3]]
     with pytest.raises(SAERegistryError, match=r"latent indices in 0..63; got \[64\]"):
         choose_features(stats, [1, 64])
 
@@ -180,7 +184,7 @@ def test_cards_command_logs_a_page_that_renders_in_headless_chromium(minilm_stor
     recorded = train_and_register(minilm_store, SAEConfig(384, 256, 8),
                                   TrainConfig(tokens=20_000, batch_size=1024, eval_every=10), tmp_path / "run",
                                   family="cards-test", alias="champion", progress=False)
-    r = CliRunner().invoke(main, ["cards", "cards-test@champion", "--top", "3", "--contexts", "4", "--window", "6",
+    r = CliRunner().invoke(main, ["cards", "cards-test@champion", "--top", "3", "--select", "frequent", "--contexts", "4", "--window", "6",
                                   "--print", "--out", str(tmp_path / "cards")])
     assert r.exit_code == 0, r.output
     assert "3 feature cards written" in r.output and r.output.count("[[") == 12
@@ -230,3 +234,40 @@ def test_cards_show_promoted_tokens_where_the_model_has_an_unembedding(tmp_path)
     for card, ids in zip(cards.cards, want):
         assert [t for t, _ in card.promoted] == tok.convert_ids_to_tokens(ids.tolist())
     assert cards.unembedding_note == "" and "<code title=" in cards.to_html()
+
+
+def _stats_with_bands() -> LatentStats:
+    """10,000 tokens; latents 0-3 dense, 4-43 common, 44-143 rare, 144-149 dead."""
+    count = np.array([5000, 3000, 2000, 1500] + [500 - 10 * i for i in range(40)] + [9 - i % 9 for i in range(100)]
+                     + [0] * 6)
+    n = len(count)
+    return LatentStats(10_000, count, count * 1.0, np.ones((n, 1)), np.zeros((n, 1), dtype=np.int64))
+
+
+def test_cards_sample_across_frequency_bands_by_default_and_say_so():
+    stats = _stats_with_bands()
+    chosen = choose_features(stats, top=12)
+    bands = [band_of(stats.frequency[f]) for f in chosen]
+    assert bands == ["dense"] * 4 + ["common"] * 4 + ["rare"] * 4  # as evenly as the bands allow, dense first
+    assert choose_features(stats, top=12) == chosen and choose_features(stats, top=12, seed=1) != chosen  # seeded
+    assert not set(chosen) & set(range(144, 150))  # never a dead latent
+    assert choose_features(stats, top=3, select="frequent") == [0, 1, 2]  # the old way, on request
+    how = describe_choice(stats, chosen, None, "bands", 0)
+    assert "across frequency bands" in how and "dense (>= 10% of tokens): 4 of 4" in how
+    assert "common (0.1-10% of tokens): 4 of 40" in how and "rare (< 0.1% of tokens): 4 of 100" in how
+    assert "6 never fire" in how
+    assert len(choose_features(stats, top=1000)) == 144  # every live latent, no more
+    with pytest.raises(SAERegistryError, match="select must be one of bands, frequent"):
+        choose_features(stats, top=3, select="top")
+
+
+def test_the_cards_index_and_text_say_how_latents_were_chosen(tmp_path):
+    import html
+
+    store, sae = _store(tmp_path / "s.zarr"), _sae()
+    cards = make_cards(sae, store, top=6, tokenizer=WordTokenizer())
+    assert cards.info["chosen"].startswith("a random sample (seed 0) of 6 latents across frequency bands")
+    assert cards.text().splitlines()[0] == f"chosen: {cards.info['chosen']}"
+    assert html.escape(cards.info["chosen"]) in cards.to_html()
+    frequent = make_cards(sae, store, top=6, select="frequent", tokenizer=WordTokenizer())
+    assert frequent.info["chosen"] == "the 6 most frequent latents (--select frequent)"

@@ -133,3 +133,37 @@ def test_the_package_exports_the_function():
     import sae_registry.downstream
 
     assert sae_registry.evaluate is sae_registry.downstream.evaluate
+
+
+@pytest.mark.slow
+def test_the_evaluate_command_records_fidelity_on_the_version_and_says_when_tokens_ran_short(tiny_gpt2, tmp_path):
+    from click.testing import CliRunner
+
+    from sae_registry.cli import main
+    from sae_registry.registry import resolve
+    from sae_registry.runs import train_and_register
+    from sae_registry.train import TrainConfig
+
+    store = harvest(tmp_path / "gpt2.zarr", demo_texts()[:120], model_path=tiny_gpt2, layer=1, max_length=48,
+                    chunk_tokens=512, progress=False)
+    for k in (4, 8):  # two versions; only the one evaluated gets a fidelity
+        train_and_register(store, SAEConfig(32, 64, k), TrainConfig(tokens=4096, batch_size=512, device="cpu"),
+                           tmp_path / f"d{k}", family="gpt2-l1", progress=False)
+    r = CliRunner().invoke(main, ["list", "gpt2-l1"])
+    assert "fidelity" not in r.output.splitlines()[0]  # no column until a version has one
+    held_out = prepare(store, max_tokens=10**6, device="cpu").tokens
+    r = CliRunner().invoke(main, ["evaluate", "gpt2-l1/2", "--tokens", "1000000", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert f"note: used {held_out:,} tokens, fewer than --tokens 1,000,000" in r.output
+    assert "the held-out split of" in r.output and "recorded on gpt2-l1/2" in r.output
+    fidelity = float(next(line.split()[1] for line in r.output.splitlines() if "downstream/fidelity" in line))
+    info = resolve("gpt2-l1/2")
+    assert float(info.tags["downstream.fidelity"]) == pytest.approx(fidelity, rel=1e-5)
+    assert info.tags["downstream.text"].startswith("held-out split of")
+    lines = CliRunner().invoke(main, ["list", "gpt2-l1"]).output.splitlines()
+    assert lines[0].split()[-2:] == ["fidelity", "created"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert float(rows["2"][-3]) == pytest.approx(fidelity, abs=1e-4) and rows["1"][-3] == "-"
+    r = CliRunner().invoke(main, ["evaluate", "gpt2-l1/1", "--tokens", "64", "--device", "cpu", "--no-record"])
+    assert r.exit_code == 0 and "note: used" not in r.output and "recorded" not in r.output, r.output
+    assert "downstream.fidelity" not in resolve("gpt2-l1/1").tags

@@ -444,6 +444,16 @@ def _cli(*args, registry: bool = False):
 
 TRAIN = ("train", "--store", "STORE", "--out", "TMP/o")
 
+
+def cli_train_out_exists(env, tmp, mp):
+    (tmp / "o").mkdir()
+    (tmp / "o" / "sae.safetensors").write_bytes(b"an earlier dictionary")
+    return _cli(*TRAIN, "--no-registry")(env, tmp, mp)
+
+
+def _after_train_out_exists(env, tmp):
+    assert (tmp / "o" / "sae.safetensors").read_bytes() == b"an earlier dictionary"
+
 # id -> (what the user does, the message they get (a regex), [a check afterwards])
 CASES = {
     "api-width": (api_width, r"input must have last dimension 8, got shape \(3, 7\)"),
@@ -581,6 +591,8 @@ CASES = {
     "store-model-not-here": (lambda e, t, m: __import__("sae_registry.models").models.find_model(
         {"model_path": "/nonexistent/model", "model_id": "someone/not-here"}),
         r"the store's model is not on this machine: /nonexistent/model does not exist .*pass --model DIR"),
+    "cli-train-out-exists": (cli_train_out_exists, (r"1:Error: --out .*o already holds a dictionary or a training "
+                                                    r"\(sae.safetensors\); pass --overwrite"), _after_train_out_exists),
 }
 
 

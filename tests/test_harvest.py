@@ -128,3 +128,38 @@ def test_harvest_keeps_each_rows_token_window_and_position(tmp_path):
     first = limited.provenance()
     assert len(first["pos"]) == len(limited) == 50 and first["pos"].tolist() == list(range(50))
     assert first["token_id"][0] == tok.cls_token_id
+
+
+FORTUNES = "A day without sunshine\nis like night.\n%\nBe careful.\n\nVery careful.\n%\n%\nThe end.\n"
+
+
+def test_read_texts_cuts_at_blank_lines_or_at_a_separator(tmp_path):
+    (tmp_path / "fortunes").write_text(FORTUNES)
+    # the default: blank lines, neighbouring paragraphs joined; the `%` lines stay inside the passages
+    assert any("%" in passage for passage in read_texts(tmp_path / "fortunes"))
+    documents = read_texts(tmp_path / "fortunes", separator="^%$")
+    assert documents == ["A day without sunshine\nis like night.", "Be careful.\n\nVery careful.", "The end."]
+    with pytest.raises(SAERegistryError, match="--separator must be a regular expression"):
+        read_texts(tmp_path / "fortunes", separator="(")
+
+
+def test_the_separator_is_an_option_recorded_in_the_store(tmp_path):
+    from click.testing import CliRunner
+
+    from sae_registry.cli import main
+    from sae_registry.config import HarvestSpec
+
+    (tmp_path / "fortunes").write_text((FORTUNES + "%\n") * 20)
+    r = CliRunner().invoke(main, ["harvest", "--out", str(tmp_path / "f.zarr"), "--text", str(tmp_path / "fortunes"),
+                                  "--separator", "^%$", "--max-length", "16"])
+    assert r.exit_code == 0, r.output
+    store = ActivationStore.open(tmp_path / "f.zarr")
+    assert store.source["separator"] == "^%$" and store.source["n_documents"] == 60
+    from sae_registry.models import load_tokenizer
+
+    tokenizer = load_tokenizer(default_model_path())
+    assert "%" not in tokenizer.decode(store.provenance(0, len(store))["token_id"])
+    r = CliRunner().invoke(main, ["harvest", "--out", str(tmp_path / "g.zarr"), "--separator", "^%$"])
+    assert r.exit_code == 1 and "--separator must go with text (--text)" in r.output, r.output
+    with pytest.raises(SAERegistryError, match="harvest.separator must be a regular expression"):
+        HarvestSpec(text="x", separator="[")

@@ -321,6 +321,21 @@ def test_export_then_import_encodes_as_the_original(in_registry, tmp_path, fmt, 
     assert f"import.sha256.{weights}" in info.tags
     assert info.tags["dict_size"] == str(D_SAE) and info.tags["k"] == str(K)
     assert imported.lineage["import.format"] == fmt and imported.metrics == {}
+    # The lineage the export carried comes back: cards and evaluate find the store without --store.
+    for key in ("store.path", "store.fingerprint", "source.model"):
+        assert imported.lineage[key] == original.lineage[key], key
+    r = runner.invoke(main, ["cards", f"{FAMILY}-{fmt}@champion", "--no-log"])
+    assert "pass --store" not in r.output and "harvested without token provenance" in r.output, r.output
+
+
+def test_exported_weights_respect_the_umask(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    ic.export(SparseAutoencoder.build(8, 16, 2), "saelens", tmp_path)
+    assert (tmp_path / "sae_weights.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert (tmp_path / "sae_weights.safetensors").stat().st_mode & 0o777 == (tmp_path / "cfg.json").stat().st_mode & 0o777
 
 
 def test_imported_saelens_dictionary_encodes_as_saelens_after_load(in_registry, tmp_path):

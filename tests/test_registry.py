@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 import sae_registry
-from sae_registry import SAEConfig, SAERegistryError
+from sae_registry import SAEConfig, SAERegistryError, SparseAutoencoder
 from sae_registry.cli import main
 from sae_registry.registry import remove_alias, resolve, set_alias, train_and_register, versions
 from sae_registry.train import TrainConfig
@@ -320,3 +320,76 @@ def test_ui_serves_the_embedded_registry(registry, first, tmp_path):
         assert f"http://127.0.0.1:{port}" in (tmp_path / "ui.log").read_text()
     finally:
         stop(proc)
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_weight_files_respect_the_umask(registry, first):
+    """Teammates sharing a registry read the weights as they read config.json (not owner-only 0600)."""
+    expected = 0o666 & ~_umask()
+    out = first.result.out_dir
+    weights = [out / "sae.safetensors", *registry["artifacts"].rglob("sae.safetensors")]
+    assert len(weights) >= 2
+    for path in weights:
+        assert path.stat().st_mode & 0o777 == expected, path
+        assert path.stat().st_mode & 0o777 == (path.parent / "config.json").stat().st_mode & 0o777, path
+
+
+def test_train_refuses_to_replace_a_dictionary_unless_asked(synthetic_store, tmp_path):
+    store, _ = synthetic_store
+    args = ["train", "--store", str(store.path), "--out", str(tmp_path / "d"), "--dict-size", "32", "--k", "4",
+            "--tokens", "4096", "--batch-size", "1024", "--no-registry"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    (tmp_path / "d" / "notes.txt").write_text("mine")
+    first_weights = (tmp_path / "d" / "sae.safetensors").read_bytes()
+    r = CliRunner().invoke(main, args + ["--k", "2"])
+    assert r.exit_code == 1 and "already holds a dictionary" in r.output and "--overwrite" in r.output, r.output
+    assert (tmp_path / "d" / "sae.safetensors").read_bytes() == first_weights
+    r = CliRunner().invoke(main, args + ["--k", "2", "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert SparseAutoencoder.load(tmp_path / "d").cfg.top_k == 2
+    assert (tmp_path / "d" / "notes.txt").read_text() == "mine"  # only what a training wrote is replaced
+    r = CliRunner().invoke(main, args + ["--k", "2", "--resume"])  # the finished checkpoint: continued, as before
+    assert r.exit_code == 0, r.output
+    with pytest.raises(SAERegistryError, match="already holds a dictionary"):
+        train_and_register(store, SAEConfig(32, 32, 4), TrainConfig(tokens=4096, batch_size=1024), tmp_path / "d",
+                           family="refused", progress=False)
+
+
+def test_the_served_model_is_typed_without_mlflow_warnings():
+    """Defining the pyfunc (as `train`, `import` and serving do) draws no 'Add type hints' advice from MLflow."""
+    import runpy
+    import warnings
+
+    from sae_registry.runs import SERVING_CODE
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runpy.run_path(str(SERVING_CODE))
+    assert [str(w.message) for w in caught if "type hint" in str(w.message).lower()] == []
+
+
+def test_pyfunc_predict_checks_its_input(registry, first, synthetic_store):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    store, _ = synthetic_store
+    x = store.read_split("eval")[:4].numpy()
+    model = mlflow.pyfunc.load_model(f"models:/{FAMILY}@champion")
+    bad = x.copy()
+    bad[1, 3] = np.nan
+    with pytest.raises(MlflowException, match="NaN or Inf"):
+        model.predict(bad)
+    with pytest.raises(MlflowException, match=r"shape"):
+        model.predict(x[:, :16])
+    python_model = model.unwrap_python_model()  # what the signature's own checks let through, ours refuse
+    with pytest.raises(MlflowException, match=r"input must have shape \[n, 32\].*got \[32\]"):
+        python_model.predict(None, x[0])
+    assert python_model.predict(None, x.tolist()).shape == (4, 64)  # a list of rows is an array too

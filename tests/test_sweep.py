@@ -138,8 +138,15 @@ def test_cli_sweep_and_no_duplicates_when_run_twice(env, synthetic_store, tmp_pa
     r = CliRunner().invoke(main, ["sweep", str(spec_path)])
     assert r.exit_code == 0, r.output
     assert "2 dictionaries in 1 trial(s)" in r.output and "(champion)" in r.output
+    # the live table: one row per dictionary of the pack, each with its own numbers
+    live = [line.split() for line in r.output.splitlines() if line.startswith(("topk-d256-k8-s", "topk-d256-k16-s"))]
+    assert {row[0] for row in live} == {"topk-d256-k8-s0", "topk-d256-k16-s0"}, r.output
     again = CliRunner().invoke(main, ["sweep", str(spec_path)])
     assert again.exit_code == 1 and "already ran" in again.output and "--resume" in again.output
+    resumed = CliRunner().invoke(main, ["sweep", str(spec_path), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "nothing to do: sweep cli-sweep" in resumed.output and "(champion)" in resumed.output
+    assert sum("topk-d256-k" in line for line in resumed.output.splitlines()) == 2  # the table, no trial ran
     assert len(sae_registry.find("cli-sweep")) == 2
 
 
@@ -449,6 +456,33 @@ def test_a_local_sweep_logs_where_it_is_told_not_where_the_environment_points(en
                 if r.data.tags.get("sweep.role") != "parent"]
     assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
     assert mlflow.MlflowClient(tracking_uri=mlflow_server["uri"]).get_experiment_by_name("told-uri") is None
+
+
+def test_a_pack_reports_each_member_with_its_own_numbers():
+    from sae_registry.sweep_progress import LiveTable, report
+
+    r = report(8, {"a": (0.30, 5.0), "b": (0.20, 40.0)})
+    assert (r["best"], r["fvu"], r["l0"]) == ("b", 0.20, 40.0)  # one member's pair, never min FVU with min L0
+    assert (r["a/fvu"], r["a/l0"], r["b/fvu"], r["b/l0"]) == (0.30, 5.0, 0.20, 40.0)
+    table = LiveTable(every_seconds=60)
+    assert table.update("t1", r, now=0.0)  # the first report is shown
+    assert not table.update("t1", report(12, {"a": (0.25, 6.0), "b": (0.15, 41.0)}), now=1.0)  # not every step
+    assert table.update("t2", {**report(12, {"c": (0.5, 2.0)}), "done": 1}, now=2.0)  # a trial's end is shown
+    rows = {line.split()[0]: line.split() for line in table.text().splitlines()[1:]}
+    assert rows["a"][1:] == ["t1", "RUNNING", "12", "0.2500", "6.0"]
+    assert rows["b"][1:] == ["t1", "RUNNING", "12", "0.1500", "41.0"]
+    assert rows["c"][3:] == ["12", "0.5000", "2.0"]
+
+
+def test_a_local_ray_starts_without_the_token_notice(tmp_path):
+    """Ray's token-authentication default, kept, without its warning at every start (in a fresh process)."""
+    code = ("import ray; from sae_registry.cluster import connect; connect(None); "
+            "print('ok', ray.get(ray.remote(lambda: 1).remote())); ray.shutdown()")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    p = subprocess.run([str(BIN / "python"), "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**env, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}, cwd=tmp_path)
+    assert p.returncode == 0 and "ok 1" in p.stdout, p.stderr
+    assert "Token authentication is" not in p.stderr, p.stderr
 
 
 # -- packing by estimated cost (pure: no Ray, no MLflow) ----------------------------------------------------
