@@ -419,7 +419,7 @@ def cli_evaluate_imported(env, tmp, mp):
     from sae_registry.runs import import_dictionary
 
     env.registry(mp)
-    export(sae_registry.load(f"{FAMILY}@champion"), "saelens", tmp / "e")
+    export(sae_registry.load(f"{FAMILY}@champion").sae, "saelens", tmp / "e")  # the bare SAE: no lineage
     import_dictionary(tmp / "e", "zz-imported")
     return CliRunner().invoke(main, ["evaluate", "zz-imported"])
 

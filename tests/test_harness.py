@@ -70,7 +70,7 @@ class World:
                                TrainConfig(tokens=512, batch_size=128, eval_every=2, eval_tokens=128, device="cpu"),
                                root / "run", family=FAMILY, alias="champion", tracking_uri=self.uri, progress=False)
             self.dictionary = sae_registry.load(f"{FAMILY}@champion", tracking_uri=self.uri)
-            self.exported = export(self.dictionary, "saelens", root / "exported")
+            self.exported = export(self.dictionary.sae, "saelens", root / "exported")  # the bare SAE: no lineage
             import_dictionary(self.exported, IMPORTED, tracking_uri=self.uri)
         finally:
             os.chdir(cwd)
