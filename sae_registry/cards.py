@@ -55,6 +55,14 @@ class LatentStats:
 
 
 @torch.no_grad()
+def _check_width(sae: SparseAutoencoder, store: ActivationStore) -> None:
+    if store.d != sae.cfg.input_size:
+        raise SAERegistryError(
+            f"the dictionary reads {sae.cfg.input_size}-wide activations but {store.path} holds {store.d}-wide ones; "
+            "pass the store it was trained on (--store)"
+        )
+
+
 def latent_stats(
     sae: SparseAutoencoder,
     store: ActivationStore,
@@ -67,11 +75,7 @@ def latent_stats(
     """Stream ``split`` of ``store`` through the encoder once: counts, sums and a top-``n_top`` per latent."""
     require_positive_int("n_top", n_top)
     require_positive_int("batch_size", batch_size)
-    if store.d != sae.cfg.input_size:
-        raise SAERegistryError(
-            f"the dictionary reads {sae.cfg.input_size}-wide activations but {store.path} holds {store.d}-wide ones; "
-            "pass the store it was trained on (--store)"
-        )
+    _check_width(sae, store)
     lo, hi = store.split_range(split)
     if max_tokens is not None:
         hi = min(hi, lo + require_positive_int("max_tokens", max_tokens))
@@ -338,6 +342,7 @@ def make_cards(
     of ``sae`` over a store split; ``info["chosen"]`` says how they were chosen."""
     require_positive_int("n_contexts", n_contexts)
     require_int("window", window, min=0)
+    _check_width(sae, store)  # before provenance: a store of another width is the wrong store, whatever it keeps
     if not store.has_provenance:
         raise SAERegistryError(
             f"{store.path} was harvested without token provenance, so its rows cannot be shown as text; "
@@ -490,6 +495,8 @@ def cards_for(
     from .tracking import Tracking
 
     tracking_uri = Tracking.resolve(tracking_uri)  # once: loading and logging talk to the same server
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise SAERegistryError(f"{out_dir} is a file; give --out a directory for index.html and cards.json")
     dictionary = load(name, tracking_uri=tracking_uri)
     where = store_path or dictionary.lineage.get("store.path")
     if not where:

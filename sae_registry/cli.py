@@ -21,6 +21,11 @@ DEMO_STORE = "minilm-l3.zarr"
 class _Group(click.Group):
     """Turns our errors into a one-line message and exit status 1 instead of a traceback."""
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if bad := [a for a in args if "\x00" in a]:  # no file or name may hold one (only a caller in-process can)
+            raise click.UsageError(f"{bad[0]!r} contains a NUL character")
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
@@ -195,7 +200,7 @@ def train(tracking, store_path, out, family, alias, no_registry, resume, overwri
         return
     from .runs import train_and_register
 
-    family = family or _family_for(store_path)
+    family = _family_for(store_path) if family is None else family
     recorded = train_and_register(store, sae_cfg, cfg, out, family=family, alias=alias, resume=resume,
                                   tracking_uri=tracking)
     _print_result(recorded.result)
@@ -462,12 +467,18 @@ def evaluate_(tracking, name, store_path, model_path, text_path, layer, tokens, 
     from .downstream import evaluate
 
     dictionary = load(name, tracking_uri=tracking)
+    store = store_path or (None if model_path else dictionary.lineage.get("store.path"))
+    if store is None and model_path is None:
+        raise SAERegistryError(f"{name} records no store it was trained on (an imported dictionary): give one with "
+                               "--store, or a model directory with --model, --text and --layer")
+    if store is None and (text_path is None or layer is None):  # checked here to name the options
+        raise SAERegistryError("evaluating in a --model directory needs --text (the texts to run it on) and --layer "
+                               "(the residual stream the dictionary reconstructs)")
     texts = None
     if text_path is not None:
         from .harvest import read_texts
 
         texts = read_texts(text_path)
-    store = store_path or (None if model_path else dictionary.lineage.get("store.path"))
     m = evaluate(dictionary, store, texts=texts, model=model_path, layer=layer, max_tokens=tokens, device=device)
     click.echo(f"{dictionary.family}/{dictionary.version}: downstream fidelity {m['downstream/fidelity']:.4f} "
                f"({m['downstream/tokens']:,.0f} tokens in {m['downstream/windows']:.0f} windows)")

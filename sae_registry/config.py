@@ -21,6 +21,11 @@ from types import UnionType
 
 from .errors import SAERegistryError, require_choice, require_float, require_int, require_positive_int
 
+# Bounds on a dictionary's shape, checked before anything is allocated (a config file from a
+# registry is someone else's text; a typo on the command line): 2^24 latents is 16x the largest
+# published SAEs; 2^16 is wider than any residual stream of today's models.
+MAX_DICT_SIZE = 2**24
+MAX_INPUT_SIZE = 2**16
 SPARSITY_MODES = ("top_k", "l1")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 ENCODER_INITS = ("decoder_transpose", "kaiming")
@@ -83,6 +88,8 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        require_int("input_size", self.input_size, max=MAX_INPUT_SIZE)
+        require_int("dict_size", self.dict_size, max=MAX_DICT_SIZE)
         if self.sparsity == "top_k" and self.top_k > self.dict_size:
             raise SAERegistryError(f"top_k ({self.top_k}) cannot exceed dict_size ({self.dict_size})")
 
@@ -223,6 +230,9 @@ class HarvestSpec:
 
     def __post_init__(self) -> None:
         check_fields(self, prefix="harvest.")
+        for name in ("text", "model_path", "device"):  # None means the default; "" is a mistake
+            if getattr(self, name) == "":
+                raise SAERegistryError(f"harvest.{name} must not be empty (leave it out for the default)")
         if self.separator is not None:
             if self.text is None:
                 raise SAERegistryError("harvest.separator must go with text (--text): it says how the text files are cut")

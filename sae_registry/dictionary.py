@@ -22,7 +22,7 @@ import torch
 
 from .errors import SAERegistryError
 from .interchange import SAEBenchConfig, Weights, folded_weights, saebench_config
-from .registry import VersionInfo, resolve
+from .registry import VersionInfo, resolve, resolve_embedded
 from .sae import CONFIG_FILE, WEIGHTS_FILE, SAEConfig, SparseAutoencoder
 from .tracking import Tracking, TrackingLike, lineage_of, sha256
 
@@ -214,7 +214,11 @@ def load(name: str, *, device: str | torch.device = "cpu", tracking_uri: Trackin
     the registry's own copy is refused. Processes sharing a cache fetch a version one at a time.
     """
     tracking = Tracking.resolve(tracking_uri)
-    info = resolve(name, tracking)
+    # A cached version of an embedded registry is checked against its database without MLflow (fast);
+    # anything else (a server, a bare family, a cache that does not match) asks MLflow.
+    info = resolve_embedded(name, tracking)
+    if info is None or not _verified(_cache_dir(tracking, info), info):
+        info = resolve(name, tracking)
     directory = _cache_dir(tracking, info)
     if not _verified(directory, info):
         directory.parent.mkdir(parents=True, exist_ok=True)

@@ -167,7 +167,7 @@ def _model_path(path: str | Path | None, source: dict | None = None) -> ModelRef
     if path is None and source is not None:
         path = find_model(source)  # the recorded folder, else the same model found here by its id
     if path is None:
-        raise SAERegistryError("no model to evaluate in: pass a store (which names its model) or model=DIR")
+        raise SAERegistryError("no model to evaluate in: pass a store (which names its model) or model= (a model directory)")
     return resolve(path)
 
 
@@ -482,7 +482,10 @@ def evaluate(
     if store_or_model is None and model is None:
         store_or_model = (getattr(dictionary, "lineage", None) or {}).get("store.path") or None
         if store_or_model is None:
-            raise SAERegistryError("give the store (or model directory) the dictionary came from")
+            raise SAERegistryError(
+                "the dictionary records no store it was trained on (an imported one): pass store_or_model= (its "
+                "ActivationStore or store path), or model= (a model directory) with texts= and layer="
+            )
     return prepare(store_or_model, texts=texts, model=model, layer=layer, hook=hook, max_tokens=max_tokens,
                    max_length=max_length, exclude_special=exclude_special, kind=kind, batch_size=batch_size,
                    device=device).run(dictionary)

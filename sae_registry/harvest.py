@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from . import zarr_files
 from .config import HarvestSpec
-from .errors import SAERegistryError, require_positive_int
+from .errors import SAERegistryError, require_int, require_positive_int
 from .models import (
     StopForward,
     architecture,
@@ -296,9 +296,15 @@ def harvest(
     with ``resources`` each (``{"gpu": 1}``); the store is the same, bit for bit, as with one worker
     (:mod:`sae_registry.harvest_ray`; one hook, unpacked windows, a list of texts).
     """
+    if isinstance(texts, (str, bytes)):
+        raise SAERegistryError("texts must be a list of documents (strings), got one string; wrap it: [text]")
     streamed = not isinstance(texts, (list, tuple))
-    if not streamed and not texts:
-        raise SAERegistryError("no texts to harvest")
+    if not streamed:
+        if not all(isinstance(t, str) for t in texts):
+            raise SAERegistryError(f"texts must be strings, got {sorted({type(t).__name__ for t in texts})}")
+        if not any(t.strip() for t in texts):
+            raise SAERegistryError("no texts to harvest (none, or all empty)")
+    require_int("seed", seed, min=0)
     for name, value in (("max_length", max_length), ("batch_size", batch_size), ("chunk_tokens", chunk_tokens)):
         require_positive_int(name, value)
     if max_tokens is not None:
@@ -310,6 +316,11 @@ def harvest(
             raise SAERegistryError("a harvest with --workers takes a list of texts (not a stream) and one hook")
         check_workers(workers, len(texts))
     say = say or (lambda _message: None)
+    if hooks is None and "://" not in str(store_path) and not (resume and Path(store_path).exists()):
+        from . import store_writer  # an existing --out is refused before the model (or its tokenizer) loads
+
+        zarr_files.check_target(Path(store_path).absolute(), store_writer.FORMAT, overwrite=overwrite,
+                                arrays=store_writer.STORE_ARRAYS)
     ref = resolve(model_path)
     tokenizer = load_tokenizer(ref)
     causal = model_kind(ref) == "causal_lm"
@@ -336,7 +347,7 @@ def harvest(
                        progress=progress, separator=separator)
         return harvest_on_ray(store_path, texts, workers=workers, resources=resources, overwrite=overwrite,
                               resume=resume, options=options)
-    device = resolve_device(device or "auto")
+    device = resolve_device("auto" if device is None else device)
     model = load_model(ref, causal_lm=causal, device=device)  # with _rows too: its blocks name the hook points
     n_layers, blocks = model.config.num_hidden_layers, find_blocks(model)
     arch = architecture(blocks) if blocks is not None else None

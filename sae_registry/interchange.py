@@ -180,6 +180,8 @@ def export(dictionary, fmt: str, directory: str | Path, *, overwrite: bool = Fal
         raise SAERegistryError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     sae, lineage, provenance = _source_of(dictionary)
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise SAERegistryError(f"{directory} is a file; export into a directory (new, or one to overwrite)")
     files = (SAELENS_CONFIG, SAELENS_WEIGHTS) if fmt == "saelens" else (DL_WEIGHTS, DL_CONFIG)
     existing = [name for name in files if (directory / name).exists()]
     if existing and not overwrite:
@@ -297,7 +299,7 @@ def detect_format(directory: str | Path) -> str:
 def read(directory: str | Path, fmt: str | None = None) -> Foreign:
     """Read a SAELens or dictionary_learning dictionary from ``directory`` (``fmt`` None: detect it)."""
     directory = Path(directory)
-    fmt = fmt or detect_format(directory)
+    fmt = detect_format(directory) if fmt is None else fmt
     if fmt == "saelens":
         return _read_saelens(directory)
     if fmt == "dictionary_learning":

@@ -16,6 +16,7 @@ from .errors import SAERegistryError
 from .tracking import VERSION_TAG_PREFIXES, Tracking, TrackingLike, retrying
 
 METRIC_TAGS = ("fvu", "l0", "dead_fraction", "mse", "explained_variance")
+SHAPE_TAGS = ("dict_size", "k", "sparsity", "l1_coeff")  # on every version (see register_run)
 CARDS_DIR = "cards"  # feature cards: an artifact folder on the dictionary's run (cards.py writes it)
 PLOTS = ("training_curves", "feature_density", "l0_distribution")  # plots/<name>.png on a trained run
 _NAME = re.compile(r"^(?:models:/)?(?P<family>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))?$")
@@ -175,12 +176,19 @@ def version_description(family: str, params: dict, tags: dict, artifact_uri: str
 # -- aliases ------------------------------------------------------------------------------------------
 
 
+def check_alias(alias: str) -> str:
+    """``alias`` when MLflow accepts it as an alias, else a clear error (checked before any work)."""
+    if (not isinstance(alias, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", alias)
+            or re.fullmatch(r"v\d+", alias) or alias == "latest"):
+        raise SAERegistryError(f"alias {alias!r} must be a word (letters, digits, '_', '-'), not 'latest' or 'v<N>'")
+    return alias
+
+
 def set_alias(family: str, alias: str, version: str | int, tracking_uri: TrackingLike = None) -> None:
     """Point ``alias`` at ``version`` of ``family`` (moving it if it pointed elsewhere)."""
+    check_alias(alias)
     tracking = Tracking.resolve(tracking_uri)
     _get_version(tracking, family, str(version))
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", alias or "") or re.fullmatch(r"v\d+", alias) or alias == "latest":
-        raise SAERegistryError(f"alias {alias!r} must be a word (letters, digits, '_', '-'), not 'latest' or 'v<N>'")
     tracking.client.set_registered_model_alias(family, alias, str(version))
 
 
@@ -232,6 +240,9 @@ def families(tracking_uri: TrackingLike = None) -> list[tuple[str, int, dict[str
 def _get_model(tracking: Tracking, family: str):
     from mlflow.exceptions import MlflowException
 
+    if not isinstance(family, str) or not family.strip() or "/" in family or ":" in family:
+        raise SAERegistryError(f"{family!r} is not a family name: give FAMILY alone (no '/' or ':'); "
+                               "`sae-registry show FAMILY/VERSION` shows one version")
     try:
         return tracking.client.get_registered_model(family)
     except MlflowException as e:
@@ -282,8 +293,16 @@ def versions(family: str, tracking_uri: TrackingLike = None) -> list[VersionInfo
 def find(family: str, *, tracking_uri: TrackingLike = None, order_by: str = "fvu", **filters: Any) -> list[VersionInfo]:
     """Versions of ``family`` whose tags match every filter, best first (lowest ``order_by``).
 
-    ``find("minilm-l3", dict_size=4096, k=32)``; filters compare as numbers when both sides are.
+    ``find("minilm-l3", dict_size=4096, k=32)``; filters compare as numbers when both sides are. A
+    filter or ``order_by`` naming a tag that no version has (a misspelt ``dict_sise``) is an error
+    listing the tags there are, not an empty result.
     """
+    found = versions(family, tracking_uri)
+    known = sorted(set(SHAPE_TAGS + METRIC_TAGS).union(*(i.tags for i in found)))
+    for key, role in [*((k, "filter on") for k in filters), (order_by, "order by")]:
+        if key not in known:
+            raise SAERegistryError(f"find({family!r}): no tag {key!r} to {role}; the versions' tags are: "
+                                   f"{_listing(known, 60)}")
 
     def matches(info: VersionInfo) -> bool:
         for key, wanted in filters.items():
@@ -304,7 +323,7 @@ def find(family: str, *, tracking_uri: TrackingLike = None, order_by: str = "fvu
         except (KeyError, ValueError):
             return (1, 0.0, -int(info.version))
 
-    return sorted((i for i in versions(family, tracking_uri) if matches(i)), key=rank)
+    return sorted((i for i in found if matches(i)), key=rank)
 
 
 def resolve(name: str, tracking_uri: TrackingLike = None) -> VersionInfo:
@@ -326,6 +345,47 @@ def resolve(name: str, tracking_uri: TrackingLike = None) -> VersionInfo:
         version = str(max(int(v.version) for v in all_versions))
     mv, _ = _get_version(tracking, family, version)
     return _info(mv, _aliases_by_version(model))
+
+
+def resolve_embedded(name: str, tracking_uri: TrackingLike = None) -> VersionInfo | None:
+    """What :func:`resolve` returns for ``FAMILY@ALIAS`` or ``FAMILY/VERSION`` in an embedded (SQLite)
+    registry, read from its database without importing MLflow; ``None`` when it cannot say (a server,
+    a bare family, a name or database it does not find as expected): then ask :func:`resolve`.
+
+    For ``load`` of a cached dictionary: importing MLflow and opening its store costs more than the
+    whole load otherwise does. Read-only; the cache is still checked against the checksums read here.
+    """
+    import sqlite3
+    from contextlib import closing
+
+    uri = Tracking.resolve(tracking_uri).uri
+    try:
+        family, alias, version = parse_name(name)
+    except SAERegistryError:
+        return None
+    if not uri.startswith("sqlite:///") or "?" in uri or (alias is None and version is None):
+        return None
+    try:
+        with closing(sqlite3.connect(f"file:{uri[len('sqlite:///'):]}?mode=ro", uri=True)) as db:
+            if alias is not None:
+                rows = db.execute("SELECT version FROM registered_model_aliases WHERE name = ? AND alias = ? "
+                                  "AND workspace = 'default'", (family, alias)).fetchall()
+                if len(rows) != 1:
+                    return None
+                version = str(rows[0][0])
+            rows = db.execute("SELECT run_id, creation_time FROM model_versions WHERE name = ? AND version = ? AND "
+                              "workspace = 'default' AND current_stage != 'Deleted_Internal' AND status = 'READY'",
+                              (family, int(version))).fetchall()
+            if len(rows) != 1:
+                return None
+            tags = db.execute("SELECT key, value FROM model_version_tags WHERE name = ? AND version = ? "
+                              "AND workspace = 'default'", (family, int(version))).fetchall()
+            aliases = db.execute("SELECT alias FROM registered_model_aliases WHERE name = ? AND version = ? "
+                                 "AND workspace = 'default' ORDER BY alias", (family, int(version))).fetchall()
+    except (sqlite3.Error, ValueError, OverflowError):
+        return None
+    run_id, created = rows[0]
+    return VersionInfo(family, str(version), [a for (a,) in aliases], dict(tags), run_id, created)
 
 
 # Names that lived here before the split, and where they live now (kept so old imports keep working).

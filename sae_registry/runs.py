@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .registry import check_family_name, register_run, set_alias
+from .registry import check_alias, check_family_name, register_run, set_alias
 from .sae import CONFIG_FILE, WEIGHTS_FILE, SAEConfig
 from .sae_files import prepare_out
 from .store import ActivationStore
 from .tracking import Tracking, TrackingLike, code_tags, lineage_tags, retrying, sha256
-from .train import METRICS_FILE, TrainConfig, TrainResult, train_pack
+from .train import METRICS_FILE, TrainConfig, TrainResult, check_pack, train_pack
 
 __all__ = ["Imported", "MetricLogger", "Recorded", "import_dictionary", "log_files", "record_downstream",
            "record_pack", "run_guard",
@@ -128,6 +128,9 @@ def train_and_register(
     Ctrl-C) and nothing is registered. An ``out_dir`` that already holds a dictionary is refused
     unless ``resume`` (continue its checkpoint) or ``overwrite`` (see ``sae_files.prepare_out``).
     """
+    check_family_name(family)  # names are checked before the run: a bad one must not cost a training
+    if alias is not None:
+        check_alias(alias)
     prepare_out(out_dir, overwrite=overwrite, resume=resume)  # before any run exists
     tracking = Tracking.resolve(tracking_uri)
     (recorded,) = record_pack(store, [(sae_cfg, train_cfg, out_dir)], family=family, tracking_uri=tracking,
@@ -192,6 +195,7 @@ def record_pack(
     new ones. Nothing is registered here: see ``registry.register_run``. If training raises, every run
     of the pack is marked FAILED (KILLED on Ctrl-C).
     """
+    check_pack(store, members)  # a pack that cannot train is refused before any run exists
     tracking = Tracking.resolve(tracking_uri)
     client = tracking.client
     if run_ids is None:
@@ -375,6 +379,8 @@ def import_dictionary(
     from .interchange import read
 
     check_family_name(family)
+    if alias is not None:
+        check_alias(alias)
     tracking = Tracking.resolve(tracking_uri)
     foreign = read(directory, fmt)  # refuses what cannot be mapped before any run exists
     cfg = foreign.sae.cfg

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import SPARSITY_MODES, SAEConfig  # noqa: F401  (declared torch-free, re-exported here)
+from .config import MAX_DICT_SIZE, MAX_INPUT_SIZE, SPARSITY_MODES, SAEConfig  # noqa: F401  (declared torch-free)
 from .errors import SAERegistryError, require_choice, require_float, require_int, require_positive_int
 from .sparse_ops import Pattern, SelectedLatents, SparseDecode
 
@@ -30,11 +30,6 @@ WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"
 DICTIONARY_FORMAT = "sae-registry/dictionary"
 
-# Bounds on a dictionary's shape, checked before anything is allocated (a config file from a
-# registry is someone else's text): 2^24 latents is 16x the largest published SAEs; 2^16 is wider
-# than any residual stream of today's models.
-MAX_DICT_SIZE = 2**24
-MAX_INPUT_SIZE = 2**16
 
 
 def _checked_config(input_size: object, dict_size: object, top_k: object, sparsity: object) -> SAEConfig:
@@ -55,8 +50,16 @@ def resolve_device(device: str | torch.device) -> str:
     device = str(device)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:  # torch's own parser; its error would otherwise surface in the middle of the work
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise SAERegistryError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
         raise SAERegistryError(f"device {device!r} asked for, but torch sees no CUDA GPU; use --device cpu")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise SAERegistryError(f"device {device!r} asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
     return device
 
 

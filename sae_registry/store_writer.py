@@ -24,7 +24,8 @@ import zarr.storage
 from . import zarr_files
 from .errors import SAERegistryError, require_choice, require_float, require_positive_int
 from .store import (
-    ARRAY, COMPRESSORS, DTYPES, FORMAT, FORMAT_VERSION, PROVENANCE, STORE_ARRAYS, StoreInfo, to_float32, to_numpy,
+    ARRAY, COMPRESSORS, DTYPES, FORMAT, FORMAT_VERSION, MAX_CHUNK_BYTES, PROVENANCE, STORE_ARRAYS, StoreInfo,
+    to_float32, to_numpy,
 )
 
 
@@ -73,6 +74,9 @@ class StoreWriter(StoreInfo):
         require_positive_int("chunk_tokens", chunk_tokens)
         require_choice("dtype", dtype, DTYPES)
         require_choice("compressor", compressor, COMPRESSORS)
+        if chunk_tokens * d * (4 if dtype == "float32" else 2) > MAX_CHUNK_BYTES:  # what open() would refuse to read: refused before writing
+            raise SAERegistryError(f"a chunk of {chunk_tokens} tokens x {d} would be over {MAX_CHUNK_BYTES >> 20} MiB, "
+                                   "more than a store reads at once; lower chunk_tokens (--chunk-tokens)")
         require_float("eval_fraction", eval_fraction, above=0, max=1)
         if eval_fraction == 1:
             raise SAERegistryError("eval_fraction must be < 1, got 1: the training split would be empty")

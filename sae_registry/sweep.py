@@ -249,6 +249,21 @@ def _ensure_store(spec: SweepSpec) -> str:
     return location
 
 
+TRIAL_KEYS = ("store", "grid", "train", "seeds", "pack", "harvest")  # what decides the trials of a sweep
+
+
+def _check_same_trials(client, parent_run_id: str, spec: SweepSpec) -> None:
+    """Refuse a resume whose spec would make other trials than the first run's, naming what changed."""
+    from .train import changed
+
+    with tempfile.TemporaryDirectory(prefix="sweep-spec-") as tmp:
+        first = json.loads(Path(client.download_artifacts(parent_run_id, "sweep_spec.json", tmp)).read_text())
+    now = json.loads(json.dumps(spec.to_dict()))
+    if differ := changed({k: first.get(k) for k in TRIAL_KEYS}, {k: now.get(k) for k in TRIAL_KEYS}):
+        raise SAERegistryError(f"sweep {spec.name!r} was started with other options: {differ}; resume with the "
+                               "spec it started with, or give the changed sweep another name:")
+
+
 def fixed_costs(result) -> dict[str, float]:
     """Seconds per phase summed over a fit's trials (the ``time/*`` of their last reports)."""
     totals: dict[str, float] = {}
@@ -264,8 +279,6 @@ def _sweep_state(spec: SweepSpec, store, experiment_path: str, client, tracking:
 
     MLflow holds them (the parent run's tags), so resuming works wherever Tune's state lives.
     """
-    from ray import tune
-
     from .tracking import lineage_tags
 
     experiment_id = tracking.ensure_experiment(spec.name)  # in the driver, before any trial (see STACK-NOTES)
@@ -277,12 +290,8 @@ def _sweep_state(spec: SweepSpec, store, experiment_path: str, client, tracking:
         )
         if not parents:
             raise SAERegistryError(f"no sweep {spec.name!r} to resume at {experiment_path}; run it without --resume")
+        _check_same_trials(client, parents[0].info.run_id, spec)
         return {"sweep_id": parents[0].data.tags["sweep.id"], "parent_run_id": parents[0].info.run_id}
-    if tune.Tuner.can_restore(experiment_path):
-        raise SAERegistryError(
-            f"sweep {spec.name!r} already ran at {experiment_path}: continue it with --resume, or remove that "
-            "directory (or change name:) to start over"
-        )
     sweep_id = f"{spec.name}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
     parent = client.create_run(experiment_id, run_name=f"sweep {spec.name}", tags={
         **lineage_tags(store, sweep_id), "sweep.role": "parent", "sweep.storage": experiment_path})
@@ -318,6 +327,11 @@ def run(
 
         check_store(store)  # in the driver: a store the trials cannot evaluate on fails before any training
     storage = spec.storage if "://" in spec.storage else str(Path(spec.storage).absolute())
+    if not resume and tune.Tuner.can_restore(f"{storage}/{spec.name}"):  # read from disk: before Ray starts
+        raise SAERegistryError(
+            f"sweep {spec.name!r} already ran at {storage}/{spec.name}: continue it with --resume, or remove that "
+            "directory (or change name:) to start over"
+        )
     if resume:  # a finished sweep: nothing to do, said before Ray starts
         done = _finished(spec, f"{storage}/{spec.name}", tracking)
         if done is not None:

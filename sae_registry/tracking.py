@@ -50,6 +50,8 @@ def probe(host: str, port: int, timeout: float = 5.0) -> None:
     socket.create_connection((host.strip("[]"), port), timeout=timeout).close()
 
 
+# what MLflow's tracking stores accept (a database URL may name its driver: postgresql+psycopg2)
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks", "databricks-uc")
 _REACHED: set[str] = set()  # tracking servers this process has connected to
 
 
@@ -85,6 +87,7 @@ class Tracking:
         per server per process (a server seen once gets MLflow's own retries); skipped behind a proxy.
         """
         parts = urllib.parse.urlsplit(self.uri)
+        self._check_scheme(parts.scheme)
         if parts.scheme not in ("http", "https") or self.uri in _REACHED:
             return
         if urllib.request.getproxies().get(parts.scheme) and not urllib.request.proxy_bypass(parts.hostname or ""):
@@ -97,6 +100,20 @@ class Tracking:
                 "MLFLOW_TRACKING_URI (--tracking-uri) at one that runs (unset it for the embedded registry)"
             ) from None
         _REACHED.add(self.uri)
+
+    def _check_scheme(self, scheme: str) -> None:
+        """Refuse a URI MLflow has no store for, or an embedded database in a folder that does not exist
+        (MLflow's own errors come from deep inside SQLAlchemy)."""
+        if len(scheme) > 1 and scheme.split("+")[0] not in TRACKING_SCHEMES:
+            raise SAERegistryError(
+                f"{self.uri!r} is not a tracking URI MLflow can use: give http(s)://HOST:PORT, sqlite:///PATH "
+                "(or another database URL), or unset --tracking-uri / MLFLOW_TRACKING_URI for the embedded registry"
+            )
+        if scheme == "sqlite" and self.uri.startswith("sqlite:///") and "?" not in self.uri:
+            folder = Path(self.uri[len("sqlite:///"):]).parent
+            if not folder.is_dir():
+                raise SAERegistryError(f"the registry database {self.uri} is in a folder that does not exist "
+                                       f"({folder}); create it, or give another --tracking-uri")
 
     def assume_reachable(self) -> None:
         """Skip the check from now on (a Ray trial: the driver checked; MLflow's retries ride out a restart)."""

@@ -69,6 +69,18 @@ def threads_fit_to_cpus() -> Iterator[int]:
             torch.set_num_threads(before)
 
 
+def changed(old: dict, new: dict) -> str:
+    """What differs between two option dicts (nested ones flattened), in words: ``dict_size was 32, now 64``."""
+    said = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            said += [part for part in [changed(a, b)] if part]
+        elif a != b:
+            said.append(f"{key} was {a!r}, now {b!r}")
+    return "; ".join(said)
+
+
 @dataclass
 class TrainResult:
     sae: SparseAutoencoder
@@ -155,10 +167,10 @@ class _Member:
 
     def resume(self) -> None:
         state = load_checkpoint(self.checkpoint_path, self.sae, self.opt, self.since_fired)
-        if {k: state[k] for k in self.identity} != json.loads(json.dumps(self.identity)):
+        if differ := changed({k: state[k] for k in self.identity}, json.loads(json.dumps(self.identity))):
             raise SAERegistryError(
-                f"the checkpoint in {self.checkpoint_path} was made for another store or other options; "
-                "train into a new --out directory, or drop --resume to start over"
+                f"the checkpoint in {self.checkpoint_path} was made with other options: {differ}; resume with "
+                "the same ones, train into a new --out directory, or drop --resume to start over"
             )
         self.step, self.history = state["step"], state["history"]
         self.refresh_dead()
@@ -245,6 +257,29 @@ class _Member:
         return TrainResult(self.sae, evaluation.metrics, evaluation, self.history, self.out_dir, tokens_per_second)
 
 
+def check_pack(store: ActivationStore, members: list[tuple[SAEConfig, TrainConfig, str | Path]]) -> list[TrainConfig]:
+    """The members' resolved TrainConfigs, once everything a pack needs is checked (before any run starts)."""
+    if not members:
+        raise SAERegistryError("a pack needs at least one configuration")
+    resolved = [cfg.resolved(sae_cfg) for sae_cfg, cfg, _ in members]
+    for name in PACK_SHARED:
+        values = {getattr(cfg, name) for cfg in resolved}
+        if len(values) > 1:
+            raise SAERegistryError(f"packed configurations must share {name}; got {sorted(map(str, values))}")
+    for sae_cfg, _, out in members:
+        if sae_cfg.input_size != store.d:
+            raise SAERegistryError(f"the SAE's input_size ({sae_cfg.input_size}) differs from the store's d ({store.d})")
+        if Path(out).exists() and not Path(out).is_dir():
+            raise SAERegistryError(f"{out} is a file; give --out a directory (new, or this dictionary's own)")
+    n_train = store.num_tokens("train")
+    if n_train < resolved[0].batch_size:
+        raise SAERegistryError(
+            f"the store's training split has {n_train} tokens, fewer than one batch ({resolved[0].batch_size}); "
+            "harvest more or lower --batch-size"
+        )
+    return resolved
+
+
 def train_pack(
     store: ActivationStore,
     members: list[tuple[SAEConfig, TrainConfig, str | Path]],
@@ -260,20 +295,7 @@ def train_pack(
     differ in everything else (shape, k, sparsity, lr, l1_coeff, ...). Each is saved, checkpointed
     and reported exactly as :func:`train` does for one.
     """
-    if not members:
-        raise SAERegistryError("a pack needs at least one configuration")
-    resolved = [cfg.resolved(sae_cfg) for sae_cfg, cfg, _ in members]
-    for name in PACK_SHARED:
-        values = {getattr(cfg, name) for cfg in resolved}
-        if len(values) > 1:
-            raise SAERegistryError(f"packed configurations must share {name}; got {sorted(map(str, values))}")
-    cfg = resolved[0]
-    n_train = store.num_tokens("train")
-    if n_train < cfg.batch_size:
-        raise SAERegistryError(
-            f"the store's training split has {n_train} tokens, fewer than one batch ({cfg.batch_size}); "
-            "harvest more or lower --batch-size"
-        )
+    resolved = check_pack(store, members)
     callbacks = callbacks or [None] * len(members)
     extras = extras or [None] * len(members)
     with threads_fit_to_cpus(), writing_to([Path(out) for _, _, out in members]):

@@ -144,15 +144,25 @@ def create(path: Path | str, fmt: str, attrs: dict, *, overwrite: bool, arrays: 
                                        "delete it with --overwrite. Choose another URL, or remove it yourself.")
             zarr.core.sync.sync(store.delete_dir(""))
         return zarr.create_group(store=store, zarr_format=3, attributes={**attrs, "format": fmt, "status": "writing"})
-    if path.exists() or path.is_symlink():
-        if not overwrite:
-            raise SAERegistryError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
-        replaceable(path, fmt, arrays)
+    if check_target(path, fmt, overwrite=overwrite, arrays=arrays):
         shutil.rmtree(path)
     # the marker goes in with the group's first write: no moment where our folder is unrecognisable
     return zarr.create_group(
         store=zarr.storage.LocalStore(path), zarr_format=3, attributes={**attrs, "format": fmt, "status": "writing"}
     )
+
+
+def check_target(path: Path, fmt: str, *, overwrite: bool, arrays: Iterable[str]) -> bool:
+    """Whether :func:`create` would replace ``path`` (refusing what it would refuse), touching nothing.
+
+    Asked before expensive work (loading a model) as well as by ``create`` itself.
+    """
+    if not (path.exists() or path.is_symlink()):
+        return False
+    if not overwrite:
+        raise SAERegistryError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+    replaceable(path, fmt, arrays)
+    return True
 
 
 def replaceable(path: Path, fmt: str, arrays: Iterable[str]) -> None:

@@ -116,7 +116,7 @@ def test_errors_say_what_to_do(tiny_gpt2, tmp_path):
         sae_registry.evaluate(Identity(32), tiny_gpt2, layer=1)
     with pytest.raises(SAERegistryError, match="layer must be an integer in 0..2"):
         sae_registry.evaluate(Identity(32), tiny_gpt2, texts=["x y z"], layer=5)
-    with pytest.raises(SAERegistryError, match="give the store"):
+    with pytest.raises(SAERegistryError, match="records no store it was trained on"):
         sae_registry.evaluate(Identity(32))
 
 

@@ -70,8 +70,11 @@ class Env:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", self.uri)
 
     def stored(self, name: str) -> Path:
-        """The registry's own copy of one of tiny/1's files."""
-        (path,) = (self.root / "mlruns").rglob(name)
+        """The registry's own copy of one of tiny/1's files (other cases may add families beside it)."""
+        import mlflow
+
+        experiment = mlflow.MlflowClient(tracking_uri=self.uri).get_experiment_by_name(FAMILY).experiment_id
+        (path,) = (self.root / "mlruns" / experiment).rglob(name)
         return path
 
 
@@ -408,6 +411,64 @@ def jsonl_without_text(env, tmp, mp):
     read_texts(tmp / "d.jsonl")
 
 
+def api_find_unknown_filter(env, tmp, mp):
+    env.registry(mp)
+    sae_registry.find(FAMILY, dict_sise=16)
+
+
+def api_alias_before_training(env, tmp, mp):
+    from sae_registry.runs import train_and_register
+
+    env.registry(mp)
+    mp.chdir(env.root)
+    before = _runs(env)
+    try:
+        train_and_register(ActivationStore.open(env.store), SAEConfig(8, 16, 2), TrainConfig(tokens=512, batch_size=256),
+                           tmp / "o", family=FAMILY, alias="latest", progress=False)
+    finally:
+        assert _runs(env) == before and not (tmp / "o").exists()  # refused before any run or file
+
+
+def _runs(env) -> int:
+    import mlflow
+    from mlflow.entities import ViewType
+
+    client = mlflow.MlflowClient(tracking_uri=env.uri)
+    return len(client.search_runs([e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)],
+                                  run_view_type=ViewType.ALL))
+
+
+def api_resume_changed(env, tmp, mp):
+    store = ActivationStore.open(env.store)
+    cfg = TrainConfig(tokens=1024, batch_size=256, eval_every=2, checkpoint_every=2)
+    train(store, SAEConfig(8, 16, 2), cfg, tmp / "r", progress=False)
+    train(store, SAEConfig(8, 16, 2), TrainConfig(**{**cfg.to_dict(), "lr": 0.01}), tmp / "r", resume=True,
+          progress=False)
+
+
+def spec_resume_changed(env, tmp, mp):
+    import mlflow
+
+    from sae_registry.sweep import _check_same_trials
+
+    client = mlflow.MlflowClient(tracking_uri=env.uri)
+    mp.chdir(env.root)
+    parent = client.create_run(client.get_experiment_by_name(FAMILY).experiment_id, run_name="a sweep's parent")
+    client.log_dict(parent.info.run_id, SweepSpec.from_dict(_spec()).to_dict(), "sweep_spec.json")
+    client.set_terminated(parent.info.run_id)
+    _check_same_trials(client, parent.info.run_id, SweepSpec.from_dict(_spec(grid={"dict_size": [64], "k": [8]})))
+
+
+def cli_evaluate_imported(env, tmp, mp):
+    from sae_registry.interchange import export
+    from sae_registry.runs import import_dictionary
+
+    env.registry(mp)
+    export(sae_registry.load(f"{FAMILY}@champion").sae, "saelens", tmp / "e")  # the bare SAE: no lineage
+    import_dictionary(tmp / "e", "zz-imported")
+    return CliRunner().invoke(main, ["evaluate", "zz-imported"])
+
+
 def _cli(*args, registry: bool = False):
     def case(env, tmp, mp):
         mp.setenv("MLFLOW_TRACKING_URI", "x")  # the CLI may set it: restored (unset) after the case
@@ -542,6 +603,30 @@ CASES = {
                              r"config.json: dict_size must be <= 16777216, got 1000000000000; refusing to load it"),
     "api-remote-code-model": (api_remote_code_model, "names its own model code \\(auto_map\\); sae-registry never runs"),
     "import-k-not-one-integer": (import_k_not_one_integer, r"ae.pt: k must be one integer .*shape \(2,\)"),
+    "api-find-unknown-filter": (api_find_unknown_filter,
+                                r"find\('tiny'\): no tag 'dict_sise' to filter on; the versions' tags are: .*dict_size"),
+    "api-alias-before-training": (api_alias_before_training, "alias 'latest' must be a word"),
+    "api-resume-changed": (api_resume_changed, r"checkpoint in .* was made with other options: lr was 0.016, now 0.01; "
+                           "resume with the same ones"),
+    "spec-resume-changed": (spec_resume_changed, r"sweep 'ok' was started with other options: grid was "
+                            r"\[\{'dict_size': \[64\], 'k': \[4\]\}\], now \[\{'dict_size': \[64\], 'k': \[8\]\}\]"),
+    "cli-evaluate-imported": (cli_evaluate_imported, "1:Error: zz-imported records no store it was trained on .*: "
+                              "give one with --store, or a model directory with --model"),
+    "cli-dict-size-too-big": (_cli(*TRAIN, "--dict-size", "100000000000", registry=True),
+                              "1:Error: --dict-size must be <= 16777216, got 100000000000"),
+    "cli-list-versioned-name": (_cli("list", f"{FAMILY}/1", registry=True),
+                                f"1:Error: '{FAMILY}/1' is not a family name: give FAMILY alone"),
+    "cli-bad-device": (_cli("encode", f"{FAMILY}@champion", "--store", "STORE", "--out", "TMP/c", "--device", "gpu",
+                            registry=True), "1:Error: device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    "cli-tracking-scheme": (_cli("--tracking-uri", "ftp://x/y", "list"),
+                            "1:Error: 'ftp://x/y' is not a tracking URI MLflow can use"),
+    "cli-out-is-a-file": (_cli("export", f"{FAMILY}@champion", "STORE/zarr.json", "--format", "saelens", registry=True),
+                          "1:Error: .*zarr.json is a file; export into a directory"),
+    "api-harvest-one-string": (lambda e, t, m: __import__("sae_registry.harvest").harvest.harvest(t / "s.zarr", "a text"),
+                               r"texts must be a list of documents \(strings\), got one string; wrap it: \[text\]"),
+    "cli-cards-width": (_cli("cards", f"{FAMILY}@champion", "--store", "NARROW", "--no-log", "--out", "TMP/c",
+                             registry=True),
+                        "1:Error: the dictionary reads 8-wide activations but .*narrow.zarr holds 4-wide ones"),
     "train-out-busy": (train_out_busy, r"another training is writing to .*o: wait for it to finish, or train into "
                        "another --out"),
     "ray-token-refused": (ray_token_refused, r"the Ray cluster at 127.0.0.1:6391 answers but refused authentication "

@@ -65,7 +65,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(synthetic_store, tmp_path):
     store, _ = synthetic_store
     cfg = TrainConfig(tokens=4 * 1024, batch_size=1024, eval_every=2, checkpoint_every=2)
     train(store, SAEConfig(32, 64, 4), cfg, tmp_path / "r", progress=False)
-    with pytest.raises(SAERegistryError, match="another store or other options"):
+    with pytest.raises(SAERegistryError, match="made with other options: top_k was 4, now 8;"):
         train(store, SAEConfig(32, 64, 8), cfg, tmp_path / "r", resume=True, progress=False)
 
 
