@@ -182,3 +182,28 @@ def test_every_rule_exposes_a_cost_estimate():
 def test_bad_rule_options_name_the_field(build, message):
     with pytest.raises(SAERegistryError, match=message):
         build()
+
+
+def test_a_grid_crosses_each_rule_with_its_own_keys_only():
+    from sae_registry.sweep_spec import SweepSpec
+
+    spec = SweepSpec.from_dict({"name": "x", "store": "s.zarr", "grid": [{
+        "sparsity": list(SPARSITY_MODES), "dict_size": [64], "k": [4, 8], "l0_coeff": [0.01, 0.1],
+        "prefixes": ["16,64", "8,32,64"]}]})
+    configs = spec.configurations(16)
+    by_rule = {}
+    for sae_cfg, train_cfg in configs:
+        by_rule.setdefault(sae_cfg.sparsity, []).append((sae_cfg, train_cfg))
+    assert {r: len(c) for r, c in by_rule.items()} == {"top_k": 2, "l1": 1, "batch_top_k": 2, "jumprelu": 2,
+                                                        "matryoshka": 4}
+    assert {t.l0_coeff for _, t in by_rule["jumprelu"]} == {0.01, 0.1}
+    assert {s.prefixes for s, _ in by_rule["matryoshka"]} == {"16,64", "8,32,64"}
+    assert all(t.l0_coeff is None for r, c in by_rule.items() if r != "jumprelu" for _, t in c)
+
+
+def test_a_grid_key_of_another_rule_is_refused():
+    from sae_registry.sweep_spec import SweepSpec
+
+    with pytest.raises(SAERegistryError, match="grid.l0_coeff: belongs to sparsity jumprelu"):
+        SweepSpec.from_dict({"name": "x", "store": "s.zarr",
+                             "grid": [{"sparsity": ["top_k"], "k": [4], "l0_coeff": [0.1]}]})
