@@ -107,6 +107,7 @@ class SAEConfig:
             raise SAERegistryError(f"top_k ({self.top_k}) cannot exceed dict_size ({self.dict_size})")
         if self.sparsity == "matryoshka":
             ends = self.prefix_ends
+            object.__setattr__(self, "prefixes", ",".join(map(str, ends)))  # the default spelt out: one form each
             if not all(a < b for a, b in zip((0, *ends), ends)):
                 raise SAERegistryError(f"prefixes must be increasing positive latent counts, got {self.prefixes!r}")
             if ends[-1] != self.dict_size:

@@ -261,7 +261,7 @@ class JumpReLU(_SparseWhenSmall):
 
     def encode(self, encoder, x_n):
         pre = encoder.encoder(x_n - encoder.b_dec)
-        return pre * (pre > encoder.threshold), None
+        return F.relu(pre) * (pre > encoder.threshold), None  # SAELens's form: the same for a threshold < 0
 
     def _cut(self, sae):
         return sae.encoder.threshold.detach()
@@ -315,7 +315,7 @@ class BatchTopK(Rule):
         pre = encoder.encoder(x_n - encoder.b_dec)
         if float(encoder.threshold) < 0:  # not trained: the batch's own top k * batch
             return _batch_top_k_dense(F.relu(pre), encoder.cfg.top_k), None
-        return pre * (pre > encoder.threshold), None
+        return F.relu(pre) * (pre > encoder.threshold), None
 
     def select(self, sae: SparseAutoencoder, x_n: torch.Tensor, sparse_backward: bool):
         """(centered, pre, rows, cols): the k * batch largest ReLU'd outputs, sorted row-major."""
