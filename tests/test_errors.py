@@ -315,6 +315,25 @@ def import_k_not_one_integer(env, tmp, mp):
     read(tmp / "dl")
 
 
+def import_unmapped_architecture(env, tmp, mp):
+    from sae_registry.interchange import read
+
+    (tmp / "dl").mkdir()
+    (tmp / "dl" / "config.json").write_text(json.dumps({"trainer": {"dict_class": "GatedAutoEncoder"}}))
+    torch.save({"encoder.weight": torch.randn(16, 8)}, tmp / "dl" / "ae.pt")
+    read(tmp / "dl")
+
+
+def export_batch_top_k_without_threshold(env, tmp, mp):
+    from sae_registry.interchange import export
+
+    export(SparseAutoencoder.build(8, 16, 2, "batch_top_k"), "saelens", tmp / "out")
+
+
+def spec_rule_key_of_another_rule(env, tmp, mp):
+    SweepSpec.from_dict({"name": "x", "store": "s.zarr", "grid": [{"sparsity": ["top_k"], "l0_coeff": [0.1]}]})
+
+
 def _cli(*args, registry: bool = False):
     def case(env, tmp, mp):
         mp.setenv("MLFLOW_TRACKING_URI", "x")  # the CLI may set it: restored (unset) after the case
@@ -339,7 +358,8 @@ TRAIN = ("train", "--store", "STORE", "--out", "TMP/o")
 CASES = {
     "api-width": (api_width, r"input must have last dimension 8, got shape \(3, 7\)"),
     "api-encode-nan": (api_encode_nan, "input contains NaN or Inf values; drop or fix those rows"),
-    "api-unknown-sparsity": (lambda e, t, m: SAEConfig(8, 16, 2, "topk"), "sparsity must be one of top_k, l1"),
+    "api-unknown-sparsity": (lambda e, t, m: SAEConfig(8, 16, 2, "topk"),
+                             "sparsity must be one of top_k, l1, batch_top_k, jumprelu, matryoshka, got 'topk'"),
     "api-k-zero": (lambda e, t, m: SAEConfig(8, 16, 0), "top_k must be a positive integer, got 0"),
     "api-k-too-big": (lambda e, t, m: SAEConfig(8, 16, 32), r"top_k \(32\) cannot exceed dict_size \(16\)"),
     "api-negative-l1": (lambda e, t, m: TrainConfig(l1_coeff=-0.1), "l1_coeff must be >= 0, got -0.1"),
@@ -381,7 +401,7 @@ CASES = {
     "spec-field-typo": (lambda e, t, m: SweepSpec.from_dict(_spec(registr="all")),
                         r"unknown spec fields \['registr'\]; known: .*register"),
     "spec-unknown-sparsity": (lambda e, t, m: SweepSpec.from_dict(_spec(grid={"sparsity": ["topk"]})),
-                              "grid point .*: sparsity must be one of top_k, l1, got 'topk'"),
+                              "grid point .*: sparsity must be one of top_k, l1, batch_top_k, jumprelu, matryoshka, got 'topk'"),
     "spec-k-too-big": (lambda e, t, m: SweepSpec.from_dict(_spec(grid={"dict_size": [8], "k": [16]})),
                        r"grid point .*: top_k \(16\) cannot exceed dict_size \(8\)"),
     "spec-negative-l1": (lambda e, t, m: SweepSpec.from_dict(_spec(train={"l1_coeff": -1})),
@@ -439,6 +459,21 @@ CASES = {
                              r"config.json: dict_size must be <= 16777216, got 1000000000000; refusing to load it"),
     "api-remote-code-model": (api_remote_code_model, "names its own model code \\(auto_map\\); sae-registry never runs"),
     "import-k-not-one-integer": (import_k_not_one_integer, r"ae.pt: k must be one integer .*shape \(2,\)"),
+    "spec-rule-key-of-another-rule": (spec_rule_key_of_another_rule,
+                                      "grid.l0_coeff: belongs to sparsity jumprelu, and this grid trains top_k"),
+    "api-rule-key-of-another-rule": (lambda e, t, m: SAEConfig(8, 16, sparsity="top_k", prefixes="4,16"),
+                                     "prefixes applies to sparsity matryoshka only, not top_k"),
+    "api-prefixes-not-increasing": (lambda e, t, m: SAEConfig(8, 16, 2, "matryoshka", prefixes="8,4,16"),
+                                    "prefixes must be increasing positive latent counts, got '8,4,16'"),
+    "api-prefixes-not-dict-size": (lambda e, t, m: SAEConfig(8, 16, 2, "matryoshka", prefixes="4,8"),
+                                   r"prefixes must end at dict_size \(16\), got '4,8'"),
+    "api-k-exceeds-dict-size": (lambda e, t, m: SAEConfig(8, 16, 17, "batch_top_k"),
+                                r"top_k \(17\) cannot exceed dict_size \(16\)"),
+    "api-negative-l0-coeff": (lambda e, t, m: TrainConfig(l0_coeff=-0.5), "l0_coeff must be >= 0, got -0.5"),
+    "import-unmapped-architecture": (import_unmapped_architecture,
+                                     "trainer.dict_class 'GatedAutoEncoder' cannot be mapped exactly"),
+    "export-batch-top-k-no-threshold": (export_batch_top_k_without_threshold,
+                                        "threshold: this batch_top_k dictionary has no inference threshold yet"),
 }
 
 
