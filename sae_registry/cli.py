@@ -72,7 +72,7 @@ def _options(cls, *, only: tuple[str, ...] | None = None, defaults: dict | None 
     return decorate
 
 
-SAE_OPTIONS = ("dict_size", "top_k", "sparsity")  # the dictionary's shape; input_size is the store's d
+SAE_OPTIONS = ("dict_size", "top_k", "sparsity", "prefixes")  # the dictionary's shape; input_size is the store's d
 
 
 def _flag(cls, name: str) -> str:
@@ -257,12 +257,12 @@ def list_(tracking, family) -> None:
             named = ", ".join(f"{a}=v{v}" for a, v in sorted(aliases.items()))
             click.echo(f"{name:32s} latest v{newest}  {named}")
         return
-    header = f"{'version':>7}  {'aliases':18} {'dict_size':>9} {'k':>4} {'l1_coeff':>9} {'FVU':>7} {'L0':>7} {'dead':>6}  created"
+    header = f"{'version':>7}  {'aliases':18} {'architecture':12} {'dict_size':>9} {'k':>4} {'l1_coeff':>9} {'FVU':>7} {'L0':>7} {'dead':>6}  created"
     click.echo(header)
     for v in registry.versions(family, tracking):
         t = v.tags
         click.echo(
-            f"{v.version:>7}  {','.join(v.aliases) or '-':18} {t.get('dict_size', '-'):>9} {t.get('k') or '-':>4} "
+            f"{v.version:>7}  {','.join(v.aliases) or '-':18} {t.get('sparsity') or '-':12} {t.get('dict_size', '-'):>9} {t.get('k') or '-':>4} "
             f"{_fmt(t.get('l1_coeff'), '.2g'):>9} {_fmt(t.get('fvu'), '.4f'):>7} {_fmt(t.get('l0'), '.1f'):>7} "
             f"{_fmt(t.get('dead_fraction'), '.3f'):>6}  {_created(v.created)}"
         )
