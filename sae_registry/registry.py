@@ -17,6 +17,7 @@ from .errors import SAERegistryError
 from .tracking import VERSION_TAG_PREFIXES, Tracking, TrackingLike, retrying
 
 METRIC_TAGS = ("fvu", "l0", "dead_fraction", "mse", "explained_variance")
+CARDS_DIR = "cards"  # feature cards: an artifact folder on the dictionary's run (cards.py writes it)
 PLOTS = ("training_curves", "feature_density", "l0_distribution")  # plots/<name>.png on a trained run
 _NAME = re.compile(r"^(?:models:/)?(?P<family>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))?$")
 
@@ -128,8 +129,6 @@ def _source(tags: dict) -> str:
 
 def family_description(family: str, params: dict, tags: dict) -> str:
     """Markdown for the MLflow UI's page of a family: what its dictionaries are and where to look."""
-    from .cards import CARDS_DIR
-
     if tags.get("import.format"):
         origin = f"imported from {tags['import.format']} (`{tags.get('import.origin', '?')}`)"
     else:
@@ -148,8 +147,6 @@ def family_description(family: str, params: dict, tags: dict) -> str:
 
 def version_description(family: str, params: dict, tags: dict, artifact_uri: str, run_id: str) -> str:
     """Markdown for the MLflow UI's page of a version: shape, numbers, data, and where its plots and cards are."""
-    from .cards import CARDS_DIR
-
     lines = [f"**{_shape(params, tags)}**.", ""]
     numbers = [(label, tags[key]) for key, label in (("fvu", "FVU"), ("l0", "L0"), ("dead_fraction", "dead fraction"),
                                                      ("explained_variance", "explained variance"), ("mse", "MSE"))

@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -44,7 +44,15 @@ def _member_name(sae_cfg: SAEConfig, train_cfg: TrainConfig) -> str:
 
 def _trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, parent_run_id: str, tracking_uri: str,
            device: str, threads: int, on_cluster: bool = True) -> None:
-    """Train one pack; report to Tune at every evaluation, with a checkpoint when one was written."""
+    """Train one pack; report to Tune at every evaluation, with a checkpoint when one was written.
+
+    ``config["pack"]`` is the pack's members as indices into the spec's configurations (the driver's
+    :meth:`SweepSpec.pack_plan`, kept in Tune's state so that a resumed trial trains the same members).
+    The last report carries where the trial's seconds went (``time/*``: see :func:`fixed_costs`).
+    """
+    import time
+
+    clock = {"start": time.perf_counter()}
     import ray
     import torch
     from ray import tune
@@ -53,6 +61,7 @@ def _trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, parent_r
     from .store import ActivationStore
 
     torch.set_num_threads(max(1, threads))
+    clock["imports"] = time.perf_counter()
     # On a cluster, a node that names its own tracking server (docker-compose.yml does) uses it: the
     # driver's address (say a laptop's tunnel to 127.0.0.1) may mean nothing there. A local Ray
     # inherits the driver's environment, which may still hold an earlier sweep's URI: not that.
@@ -60,7 +69,9 @@ def _trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, parent_r
     tracking = Tracking.resolve((os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri) if on_cluster else tracking_uri)
     tracking.assume_reachable()  # the driver checked it: a trial rides out a server restart on MLflow's retries
     store = ActivationStore.open(store_path)
-    members = SweepSpec.from_dict(spec).packs(store.d)[config["pack"]]
+    clock["store"] = time.perf_counter()
+    configs = SweepSpec.from_dict(spec).configurations(store.d)
+    members = [configs[i] for i in config["pack"]]
     trial_dir = Path(tune.get_context().get_trial_dir())
     names = [_member_name(s, t) for s, t in members]
     out_dirs = [trial_dir / "dictionaries" / n for n in names]
@@ -91,6 +102,7 @@ def _trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, parent_r
     client = tracking.client
     for run_id in run_ids:  # where it ran (the last attempt, when retried elsewhere)
         client.set_tag(run_id, "ray.node_id", ray.get_runtime_context().get_node_id())
+    clock["runs"] = clock["last_eval"] = time.perf_counter()
     pending: dict[int, dict] = {}
 
     def reporter(i: int):
@@ -98,6 +110,7 @@ def _trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, parent_r
             pending[i] = {**entry, "_checkpoint": checkpoint_dir}
             if len(pending) < len(members):  # one Tune report per step, when every member has evaluated
                 return
+            clock["last_eval"] = time.perf_counter()
             metrics = {"step": step, "fvu": min(e["eval/fvu"] for e in pending.values()),
                        "l0": min(e["eval/l0"] for e in pending.values())}
             for j, e in pending.items():
@@ -117,29 +130,41 @@ def _trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, parent_r
         """Downstream fidelity of every member: one model load and clean pass for the pack."""
         from .downstream import prepare
 
+        started = time.perf_counter()
         splice = prepare(store, max_tokens=spec.get("evaluate_tokens", 4096), device=device)
-        return [splice.run(r.sae) for r in results]
+        out = [splice.run(r.sae) for r in results]
+        clock["downstream"] = time.perf_counter() - started
+        return out
 
     recorded = record_pack(store, members, family=spec["name"], run_ids=run_ids, tracking_uri=tracking,
                            resume=checkpoint is not None, progress=False,
                            callbacks=[reporter(i) for i in range(len(members))],
                            finish=downstream if spec.get("evaluate") == "downstream" else None)
-    tune.report({"step": recorded[0].result.history[-1]["step"], "done": 1,
+    end, result = time.perf_counter(), recorded[0].result
+    # the step loop's own seconds, from the rate train.py measured over it (a retried trial's whole
+    # run at its last attempt's rate: an estimate)
+    train_loop = result.history[-1]["tokens"] / max(result.tokens_per_second, 1e-9)
+    downstream_s = clock.get("downstream", 0.0)
+    tune.report({"step": result.history[-1]["step"], "done": 1,
                  "fvu": min(r.result.metrics["fvu"] for r in recorded),
-                 "l0": min(r.result.metrics["l0"] for r in recorded)})
+                 "l0": min(r.result.metrics["l0"] for r in recorded),
+                 "time/imports": clock["imports"] - clock["start"], "time/store_open": clock["store"] - clock["imports"],
+                 "time/mlflow_setup": clock["runs"] - clock["store"],
+                 "time/training": clock["last_eval"] - clock["runs"], "time/train_loop": train_loop,
+                 "time/downstream": downstream_s,
+                 "time/outputs": end - clock["last_eval"] - downstream_s, "time/trial": end - clock["start"]})
 
 
 def _member_runs(family: str, sweep_id: str, names: list[str], tracking: Tracking) -> dict:
-    """This sweep's runs for these member names, by name (the newest when there are several)."""
+    """This sweep's runs for these member names, by name (the newest when there are several): one search."""
     client = tracking.client
     experiment = client.get_experiment_by_name(family)
     found: dict = {}
-    for name in names:
-        runs = client.search_runs([experiment.experiment_id],
-                                  f"tags.`sweep.id` = '{sweep_id}' and tags.`sweep.member` = '{name}'",
-                                  order_by=["attributes.start_time DESC"], max_results=1)
-        if runs:
-            found[name] = runs[0]
+    for run in client.search_runs([experiment.experiment_id], f"tags.`sweep.id` = '{sweep_id}'",
+                                  order_by=["attributes.start_time DESC"], max_results=10_000):
+        name = run.data.tags.get("sweep.member")
+        if name in names and name not in found:
+            found[name] = run
     return found
 
 
@@ -154,6 +179,7 @@ class SweepResult:
     champion: str | None  # the version given the alias
     failed_trials: int
     wall_seconds: float
+    seconds: dict[str, float] = field(default_factory=dict)  # where the wall time went (see fixed_costs)
 
 
 def pareto_frontier(rows: list[dict]) -> list[bool]:
@@ -232,6 +258,16 @@ def _check_resources(spec: SweepSpec) -> None:
         )
 
 
+def fixed_costs(result) -> dict[str, float]:
+    """Seconds per phase summed over a fit's trials (the ``time/*`` of their last reports)."""
+    totals: dict[str, float] = {}
+    for r in result:
+        for key, value in (r.metrics or {}).items():
+            if key.startswith("time/"):
+                totals[key.removeprefix("time/")] = totals.get(key.removeprefix("time/"), 0.0) + float(value)
+    return totals
+
+
 def _sweep_state(spec: SweepSpec, store, experiment_path: str, client, tracking: Tracking, resume: bool) -> dict:
     """The sweep's id and parent run: made on a first run, found again in MLflow on resume.
 
@@ -284,21 +320,28 @@ def run(
     from .store import ActivationStore
 
     started = time.perf_counter()
+    seconds: dict[str, float] = {}
     tracking = Tracking.resolve(tracking_uri)
     store_path = _ensure_store(spec)
     store = ActivationStore.open(store_path)
-    packs = spec.packs(store.d)
     if spec.evaluate == "downstream":
         from .downstream import check_store
 
         check_store(store)  # in the driver: a store the trials cannot evaluate on fails before any training
     storage = spec.storage if "://" in spec.storage else str(Path(spec.storage).absolute())
+    seconds["driver_setup"] = time.perf_counter() - started
     started_ray = _start_ray(address)
+    seconds["ray_start"] = time.perf_counter() - started - seconds["driver_setup"]
     try:
         _check_resources(spec)  # before anything is created: a sweep that cannot run leaves no trace
+        # the costliest packs first, sized so that the trials running side by side end together
+        slots = spec.concurrent_slots(ray.nodes())
+        plan = spec.pack_plan(store.d, slots)
         client = tracking.client
         experiment_path = f"{storage}/{spec.name}"
+        mark = time.perf_counter()
         state = _sweep_state(spec, store, experiment_path, client, tracking, resume)
+        seconds["mlflow_setup"] = time.perf_counter() - mark
         sweep_id, parent_run_id = state["sweep_id"], state["parent_run_id"]
         cpu, gpu = spec.resources.cpu, spec.resources.gpu
         trainable = tune.with_resources(
@@ -313,8 +356,10 @@ def run(
         else:
             tuner = tune.Tuner(
                 trainable,
-                param_space={"pack": tune.grid_search(list(range(len(packs))))},
-                tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials or None),
+                param_space={"pack": tune.grid_search(plan)},
+                # with more trials than slots, one worker process (its imports) serves trial after trial
+                tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials or None,
+                                            reuse_actors=len(plan) > slots),
                 run_config=tune.RunConfig(
                     name=spec.name, storage_path=storage, verbose=verbose,
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
@@ -323,7 +368,10 @@ def run(
             )
         if resume:
             client.update_run(parent_run_id, status="RUNNING")
+        mark = time.perf_counter()
         results = tuner.fit()
+        seconds["fit"] = time.perf_counter() - mark
+        seconds.update({f"trials/{k}": v for k, v in fixed_costs(results).items()})
         failed = sum(1 for r in results if r.error is not None)
         # Ctrl-C makes fit() return early with trials still running: nothing is registered then.
         unfinished = sum(1 for r in results if r.error is None and not (r.metrics or {}).get("done"))
@@ -336,19 +384,27 @@ def run(
             f"sweep {spec.name!r} was interrupted with {unfinished} trial(s) unfinished; continue it with "
             "`sae-registry sweep SPEC --resume` (finished trials are kept, nothing is duplicated)"
         )
-    rows, champion = _register_and_summarise(spec, client, sweep_id, parent_run_id, failed, tracking)
+    rows, champion = _register_and_summarise(spec, client, sweep_id, parent_run_id, failed, tracking, seconds)
     wall = time.perf_counter() - started
     client.log_metric(parent_run_id, "wall_seconds", wall)
     client.set_terminated(parent_run_id, "FAILED" if failed else "FINISHED")
-    return SweepResult(sweep_id, parent_run_id, rows, champion, failed, wall)
+    return SweepResult(sweep_id, parent_run_id, rows, champion, failed, wall, seconds)
 
 
 def _register_and_summarise(spec: SweepSpec, client, sweep_id: str, parent_run_id: str, failed: int,
-                            tracking: Tracking) -> tuple[list[dict], str | None]:
-    """Frontier, registration per ``spec.register``, alias, and the summary on the parent run."""
+                            tracking: Tracking, seconds: dict | None = None) -> tuple[list[dict], str | None]:
+    """Frontier, registration per ``spec.register``, alias, and the summary on the parent run.
+
+    ``seconds`` gets the time spent registering and summarising (the frontier plot and table).
+    """
+    import time
+
+    from mlflow.entities import Metric
+
     from . import plots
     from .registry import register_run, set_alias
 
+    mark = time.perf_counter()
     experiment = client.get_experiment_by_name(spec.name)
     # fit() is over: a run still RUNNING belongs to a trial whose last attempt died; it failed.
     for r in client.search_runs([experiment.experiment_id],
@@ -385,13 +441,17 @@ def _register_and_summarise(spec: SweepSpec, client, sweep_id: str, parent_run_i
         else:
             champion = min(eligible, key=lambda r: r["fvu"])["version"]
         set_alias(spec.name, spec.alias, champion, tracking_uri=tracking)
+    registered_at = time.perf_counter()
     if rows:
         client.log_table(parent_run_id, data={k: [r[k] for r in rows] for k in rows[0]},
                          artifact_file="sweep_summary.json")
         fig = plots.frontier(rows)
         client.log_figure(parent_run_id, fig, "plots/frontier.png")
-    for key, value in (("dictionaries", len(rows)), ("registered", len(registered)), ("failed_trials", failed)):
-        client.log_metric(parent_run_id, key, value)
+    client.log_batch(parent_run_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in (
+        ("dictionaries", len(rows)), ("registered", len(registered)), ("failed_trials", failed))])
+    if seconds is not None:
+        seconds["registration"] = registered_at - mark
+        seconds["frontier_summary"] = time.perf_counter() - registered_at
     return rows, champion
 
 

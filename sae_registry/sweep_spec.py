@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -66,7 +67,7 @@ class SweepSpec:
     seeds: tuple[int, ...] = (0,)
     resources: Resources = field(default_factory=Resources)  # per trial
     max_concurrent_trials: int = 0  # 0: as many as the resources allow
-    pack: int = 1  # configurations trained together on one batch stream, per trial
+    pack: int | str = 1  # configurations trained together on one batch stream, per trial; or "auto"
     register: str = "pareto"
     alias: str | None = "champion"
     champion_max_l0: float | None = None  # the alias goes to the lowest FVU among versions with L0 <= this
@@ -105,7 +106,8 @@ class SweepSpec:
         for seed in self.seeds:
             require_int("seeds", seed, min=0)
         require_int("max_concurrent_trials", self.max_concurrent_trials, min=0)
-        require_positive_int("pack", self.pack)
+        if self.pack != "auto" and (isinstance(self.pack, bool) or not isinstance(self.pack, int) or self.pack <= 0):
+            raise SAERegistryError(f"pack must be a positive integer or auto, got {self.pack!r}")
         require_int("max_failures", self.max_failures, min=0)
         if self.champion_max_l0 is not None:
             require_float("champion_max_l0", self.champion_max_l0, above=0)
@@ -213,10 +215,112 @@ class SweepSpec:
                     out.append((sae_cfg, train_cfg))
         return out
 
-    def packs(self, input_size: int = 1) -> list[list[tuple[SAEConfig, TrainConfig]]]:
-        """Configurations grouped ``pack`` at a time; a pack only holds configs that can share batches."""
-        groups: dict[tuple, list] = {}
-        for sae_cfg, train_cfg in self.configurations(input_size):
-            shared = tuple(getattr(train_cfg, k) for k in PACK_SHARED)
-            groups.setdefault(shared, []).append((sae_cfg, train_cfg))
-        return [members[i: i + self.pack] for members in groups.values() for i in range(0, len(members), self.pack)]
+    def concurrent_slots(self, nodes: list[dict]) -> int:
+        """How many trials run at once on a cluster of ``nodes`` (``ray.nodes()``): whole trials per
+        node (3 CPUs hold one 2-CPU trial), by CPU and, when asked for, GPU; capped by max_concurrent_trials."""
+        slots = 0
+        for node in nodes:
+            have = node.get("Resources", {}) if node.get("Alive") else {}
+            slots += min(int(have.get(key, 0) / need + 1e-9) for key, need in
+                         (("CPU", self.resources.cpu), ("GPU", self.resources.gpu)) if need > 0)
+        return max(1, min(slots, self.max_concurrent_trials or slots))
+
+    def pack_plan(self, input_size: int = 1, slots: int = 1) -> list[list[int]]:
+        """The packs as indices into :meth:`configurations`, the costliest pack first.
+
+        Members are spread over the packs longest-processing-time first by :func:`estimated_cost`,
+        so that packs running side by side end together. ``pack: N`` makes ``ceil(n / N)`` packs of
+        at most N per group of configurations that can share a batch stream; ``pack: auto`` makes
+        ``slots`` packs (the trials the cluster runs at once: :meth:`concurrent_slots`), at
+        least one per group and never an empty one. Deterministic: the same spec and slots give the
+        same plan (a trial finds its members by it).
+        """
+        configs = self.configurations(input_size)
+        costs = [estimated_cost(s, t, input_size) for s, t in configs]
+        groups: dict[tuple, list[int]] = {}
+        for i, (_, train_cfg) in enumerate(configs):
+            groups.setdefault(tuple(getattr(train_cfg, k) for k in PACK_SHARED), []).append(i)
+        members = list(groups.values())
+        if self.pack == "auto":
+            bins = _share_bins([[costs[i] for i in g] for g in members], max(1, slots))
+            capacity = None
+        else:
+            bins = [math.ceil(len(g) / self.pack) for g in members]
+            capacity = self.pack
+        plan = [[g[j] for j in b] for g, n in zip(members, bins)
+                for b in balanced_bins([costs[i] for i in g], n, capacity)]
+        return sorted(plan, key=lambda p: (-sum(costs[i] for i in p), p))
+
+    def packs(self, input_size: int = 1, slots: int = 1) -> list[list[tuple[SAEConfig, TrainConfig]]]:
+        """The configurations of each pack of :meth:`pack_plan`; a pack only holds configs that can share batches."""
+        configs = self.configurations(input_size)
+        return [[configs[i] for i in p] for p in self.pack_plan(input_size, slots)]
+
+
+# -- the cost model --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RuleCost:
+    """A sparsity rule's training cost per token, in nanoseconds on one core of the reference machine.
+
+    ``dense`` is paid per input dimension per latent (the encoder product; for a dense rule, the
+    whole step), ``active`` per input dimension per active latent (the sparse selection, decoder
+    and backward). Active latents are ``k`` for top_k, ``active_fraction`` x dict_size otherwise.
+    """
+
+    dense: float
+    active: float = 0.0
+    active_fraction: float = 1.0
+
+
+# Fitted to one-thread step times at batch 2048, d 384, dict_size 1024-4096, k 16-64, on the
+# reference machine (2 cores, loaded): within 14 % for every point; docs/sweeps.md "The cost model".
+# Only ratios matter for packing. l1 is timed on its dense step (every latent computed and differentiated).
+RULE_COSTS: dict[str, RuleCost] = {
+    "top_k": RuleCost(dense=0.12, active=4.9),
+    "l1": RuleCost(dense=0.62),
+}
+
+
+def estimated_cost(sae_cfg: SAEConfig, train_cfg: TrainConfig, input_size: int) -> float:
+    """Estimated seconds of training steps of one dictionary on one core of the reference machine.
+
+    tokens x d x (dense x dict_size + active x active latents), with the rule's constants
+    (:data:`RULE_COSTS`); a rule without measured constants is costed as the densest known one.
+    """
+    rule = RULE_COSTS.get(sae_cfg.sparsity) or max(RULE_COSTS.values(), key=lambda r: r.dense + r.active)
+    active = sae_cfg.top_k if sae_cfg.sparsity == "top_k" else rule.active_fraction * sae_cfg.dict_size
+    return train_cfg.tokens * input_size * (rule.dense * sae_cfg.dict_size + rule.active * active) * 1e-9
+
+
+def balanced_bins(costs: list[float], bins: int, capacity: int | None = None) -> list[list[int]]:
+    """Indices of ``costs`` in ``bins`` groups of nearly equal sums (longest processing time first).
+
+    Each item, costliest first, goes to the least-loaded bin that still has room (``capacity``
+    items at most); ties go to the lower index, so the result is deterministic. Empty bins are dropped.
+    """
+    bins = max(1, min(bins, len(costs)))
+    if capacity is not None and capacity * bins < len(costs):
+        raise ValueError(f"{len(costs)} items do not fit in {bins} bins of {capacity}")
+    loads, members = [0.0] * bins, [[] for _ in range(bins)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        b = min((b for b in range(bins) if capacity is None or len(members[b]) < capacity),
+                key=lambda b: (loads[b], len(members[b]), b))
+        loads[b] += costs[i]
+        members[b].append(i)
+    return [sorted(m) for m in members if m]
+
+
+def _share_bins(groups: list[list[float]], slots: int) -> list[int]:
+    """How many packs each group of configurations gets out of ``slots``: one each at least, the rest
+    one at a time to the group whose packs would otherwise be the longest (never more than its size)."""
+    bins = [1] * len(groups)
+    totals = [sum(g) for g in groups]
+    for _ in range(max(0, slots - len(groups))):
+        open_ = [i for i, g in enumerate(groups) if bins[i] < len(g)]
+        if not open_:
+            break
+        i = max(open_, key=lambda i: (totals[i] / bins[i], -i))
+        bins[i] += 1
+    return bins

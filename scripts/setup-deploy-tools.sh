@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# What tests/test_deploy.py needs beyond the project's .venv (scripts/setup.sh makes that first).
+# What tests/test_deploy.py needs beyond the project's .venv (scripts/setup.sh --test makes that first,
+# with the cluster extra: Ray's dashboard and job API, which the test's native deployment starts).
 # Idempotent, quiet, and quick when everything is already there:
 #   - docker-compose v1 in its own venv, .venv-compose (it pins PyYAML<6 and jsonschema<4, which
 #     clash with the project's), to check docker-compose.yml without a Docker engine;

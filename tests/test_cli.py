@@ -86,7 +86,7 @@ def _captured(monkeypatch, command: str, *args: str):
 
     monkeypatch.setattr("sae_registry.store.ActivationStore.open", lambda path: Store())
     monkeypatch.setattr(sae_registry.train, "train", fake_train)
-    monkeypatch.setattr("sae_registry.registry.train_and_register", fake_train)
+    monkeypatch.setattr("sae_registry.runs.train_and_register", fake_train)
     monkeypatch.setattr(sae_registry.harvest, "ensure_store", lambda *a, **kw: Store())
     base = ["train", "--store", "s.zarr", "--out", "o", "--no-registry"] if command == "train" else ["demo"]
     r = CliRunner().invoke(cli.main, [*base, *args])

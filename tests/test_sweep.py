@@ -449,3 +449,81 @@ def test_a_local_sweep_logs_where_it_is_told_not_where_the_environment_points(en
                 if r.data.tags.get("sweep.role") != "parent"]
     assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
     assert mlflow.MlflowClient(tracking_uri=mlflow_server["uri"]).get_experiment_by_name("told-uri") is None
+
+
+# -- packing by estimated cost (pure: no Ray, no MLflow) ----------------------------------------------------
+
+DEMO_GRID = [{"sparsity": ["top_k"], "dict_size": [1024, 2048], "k": [16, 32]},
+             {"sparsity": ["l1"], "dict_size": [1024, 2048], "l1_coeff": [0.003, 0.01]}]
+
+
+def _demo(**overrides) -> SweepSpec:
+    return SweepSpec.from_dict({"name": "x", "store": "s.zarr", "grid": DEMO_GRID, "train": {"tokens": 300_000},
+                                **overrides})
+
+
+def test_balanced_bins_are_longest_first_and_respect_capacity():
+    from sae_registry.sweep_spec import balanced_bins
+
+    costs = [7, 5, 4, 3, 3, 2]  # total 24: 12 + 12 is possible
+    bins = balanced_bins(costs, 2)
+    assert sorted(sum(costs[i] for i in b) for b in bins) == [12, 12]
+    assert sorted(i for b in bins for i in b) == list(range(6))
+    assert [len(b) for b in balanced_bins([9, 1, 1, 1], 2, capacity=2)] == [2, 2]  # room, not load, decides
+    assert balanced_bins([1.0, 1.0], 5) == [[0], [1]]  # never an empty pack
+    with pytest.raises(ValueError):
+        balanced_bins([1, 1, 1], 1, capacity=2)
+
+
+def test_demo_packs_mix_rules_so_concurrent_trials_end_together():
+    from sae_registry.sweep_spec import estimated_cost
+
+    spec = _demo(pack=4)
+    configs = spec.configurations(384)
+    plan = spec.pack_plan(384)
+    assert sorted(len(p) for p in plan) == [4, 4]
+    loads = [sum(estimated_cost(*configs[i], 384) for i in p) for p in plan]
+    assert max(loads) / min(loads) < 1.1  # the old split (4 top_k | 4 l1) is far apart
+    by_rule = [sum(estimated_cost(s, t, 384) for s, t in configs if s.sparsity == r) for r in ("top_k", "l1")]
+    assert max(by_rule) / min(by_rule) > 1.2
+    assert loads == sorted(loads, reverse=True)  # the costliest pack starts first
+    assert spec.pack_plan(384) == plan == _demo(pack=4).pack_plan(384)  # a trial finds its members again
+
+
+def test_auto_pack_makes_one_pack_per_concurrent_slot():
+    spec = _demo(pack="auto")
+    assert [len(p) for p in spec.pack_plan(384, slots=1)] == [8]
+    assert sorted(len(p) for p in spec.pack_plan(384, slots=2)) == [4, 4]
+    assert [len(p) for p in spec.pack_plan(384, slots=8)] == [1] * 8
+    assert len(spec.pack_plan(384, slots=64)) == 8  # more slots than dictionaries: one each
+    two_seeds = _demo(pack="auto", seeds=[0, 1])  # seeds never share a stream: at least a pack per seed
+    plan = two_seeds.pack_plan(384, slots=1)
+    configs = two_seeds.configurations(384)
+    assert len(plan) == 2 and all(len({configs[i][1].seed for i in p}) == 1 for p in plan)
+    with pytest.raises(SAERegistryError, match="pack must be a positive integer or auto, got 'atuo'"):
+        _demo(pack="atuo")
+
+
+def test_cost_grows_with_tokens_width_and_dictionary():
+    from sae_registry.config import SAEConfig, TrainConfig
+    from sae_registry.sweep_spec import estimated_cost
+
+    def cost(tokens=1000, d=384, **sae):
+        return estimated_cost(SAEConfig(input_size=d, **sae), TrainConfig(tokens=tokens), d)
+
+    assert cost(tokens=2000, dict_size=1024) == pytest.approx(2 * cost(dict_size=1024))
+    assert cost(d=768, dict_size=1024) == pytest.approx(2 * cost(dict_size=1024))
+    assert cost(dict_size=2048) > cost(dict_size=1024)
+    assert cost(dict_size=1024, top_k=64) > cost(dict_size=1024, top_k=16)
+    assert cost(dict_size=1024, sparsity="l1") > cost(dict_size=1024, top_k=32)  # dense l1 costs more
+
+
+def test_concurrent_slots_count_whole_trials_per_node():
+    nodes = [{"Alive": True, "Resources": {"CPU": 3.0, "GPU": 4.0}}, {"Alive": True, "Resources": {"CPU": 2.0}},
+             {"Alive": False, "Resources": {"CPU": 64.0}}]
+    assert _demo(resources={"cpu": 2}).concurrent_slots(nodes) == 2  # 1 + 1: a node's 3 CPUs hold one 2-CPU trial
+    assert _demo(resources={"cpu": 1}).concurrent_slots(nodes) == 5
+    assert _demo(resources={"cpu": 1}, max_concurrent_trials=2).concurrent_slots(nodes) == 2
+    assert _demo(resources={"cpu": 0.5, "gpu": 0.25}).concurrent_slots(nodes) == 6  # CPUs bound the GPU node: 3 / 0.5
+    assert _demo(resources={"cpu": 0, "gpu": 0.5}).concurrent_slots(nodes) == 8  # only the GPU node, 4 / 0.5
+    assert _demo(resources={"cpu": 0.1}).concurrent_slots([{"Alive": True, "Resources": {"CPU": 3.0}}]) == 30
