@@ -281,6 +281,8 @@ RULE_COSTS: dict[str, RuleCost] = {
     "top_k": RuleCost(dense=0.12, active=4.9),
     "l1": RuleCost(dense=0.62),
 }
+# Not fitted yet: the batch rules share top_k's sparse step, jumprelu l1's dense one.
+RULE_COSTS.update(batch_top_k=RULE_COSTS["top_k"], matryoshka=RULE_COSTS["top_k"], jumprelu=RULE_COSTS["l1"])
 
 
 def estimated_cost(sae_cfg: SAEConfig, train_cfg: TrainConfig, input_size: int) -> float:
@@ -290,7 +292,7 @@ def estimated_cost(sae_cfg: SAEConfig, train_cfg: TrainConfig, input_size: int) 
     (:data:`RULE_COSTS`); a rule without measured constants is costed as the densest known one.
     """
     rule = RULE_COSTS.get(sae_cfg.sparsity) or max(RULE_COSTS.values(), key=lambda r: r.dense + r.active)
-    active = sae_cfg.top_k if sae_cfg.sparsity == "top_k" else rule.active_fraction * sae_cfg.dict_size
+    active = sae_cfg.top_k if sae_cfg.sparsity in K_RULES else rule.active_fraction * sae_cfg.dict_size
     return train_cfg.tokens * input_size * (rule.dense * sae_cfg.dict_size + rule.active * active) * 1e-9
 
 
