@@ -79,7 +79,7 @@ def _options(cls, *, only: tuple[str, ...] | None = None, defaults: dict | None 
     return decorate
 
 
-SAE_OPTIONS = ("dict_size", "top_k", "sparsity")  # the dictionary's shape; input_size is the store's d
+SAE_OPTIONS = ("dict_size", "top_k", "sparsity", "prefixes")  # the dictionary's shape; input_size is the store's d
 
 
 def _flag(cls, name: str) -> str:
@@ -304,12 +304,13 @@ def list_(tracking, family) -> None:
         return
     found = registry.versions(family, tracking)
     fidelity = any("downstream.fidelity" in v.tags for v in found)  # a column only when some version has one
-    click.echo(f"{'version':>7}  {'aliases':18} {'dict_size':>9} {'k':>4} {'l1_coeff':>9} {'FVU':>7} {'L0':>7} "
-               f"{'dead':>6}" + (f" {'fidelity':>8}" if fidelity else "") + "  created")
+    click.echo(f"{'version':>7}  {'aliases':18} {'architecture':12} {'dict_size':>9} {'k':>4} {'l1_coeff':>9} "
+               f"{'FVU':>7} {'L0':>7} {'dead':>6}" + (f" {'fidelity':>8}" if fidelity else "") + "  created")
     for v in found:
         t = v.tags
         click.echo(printable(
-            f"{v.version:>7}  {','.join(v.aliases) or '-':18} {t.get('dict_size', '-'):>9} {t.get('k') or '-':>4} "
+            f"{v.version:>7}  {','.join(v.aliases) or '-':18} {t.get('sparsity') or '-':12} "
+            f"{t.get('dict_size', '-'):>9} {t.get('k') or '-':>4} "
             f"{_fmt(t.get('l1_coeff'), '.2g'):>9} {_fmt(t.get('fvu'), '.4f'):>7} {_fmt(t.get('l0'), '.1f'):>7} "
             f"{_fmt(t.get('dead_fraction'), '.3f'):>6}"
             + (f" {_fmt(t.get('downstream.fidelity'), '.4f'):>8}" if fidelity else "") + f"  {_created(v.created)}"

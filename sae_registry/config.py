@@ -8,7 +8,8 @@ are all read from there, so an option is added or changed in one place. No torch
 Metadata keys: ``help``; ``choices`` (a tuple of strings); ``min`` / ``max`` / ``above`` (bounds of
 a number; an int with ``min=1`` is a positive integer); ``flags`` (the CLI option names, when not
 ``--kebab-name``); ``multiple`` (a repeatable option giving a tuple); ``cli=False`` (no option: a
-spec-only key); ``pack`` (the members of a pack must agree on this field: they share one batch stream).
+spec-only key); ``pack`` (the members of a pack must agree on this field: they share one batch stream);
+``rules`` (the sparsity rules the field means something for: set for another rule, it is an error).
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from .errors import SAERegistryError, require_choice, require_float, require_int
 # published SAEs; 2^16 is wider than any residual stream of today's models.
 MAX_DICT_SIZE = 2**24
 MAX_INPUT_SIZE = 2**16
-SPARSITY_MODES = ("top_k", "l1")
+# The sparsity rules (each a class in sparsity.py; named here so that the CLI needs no torch).
+SPARSITY_MODES = ("top_k", "l1", "batch_top_k", "jumprelu", "matryoshka")
+K_RULES = ("top_k", "batch_top_k", "matryoshka")  # the rules with a k
+DENSE_START = ("l1", "jumprelu")  # codes start dense: the encoder starts small
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 ENCODER_INITS = ("decoder_transpose", "kaiming")
 PRECISIONS = ("float32", "bfloat16")
@@ -76,31 +80,70 @@ def check_fields(config: object, prefix: str = "") -> None:
             raise SAERegistryError(f"{name} must be a string, got {value!r}")
 
 
+def check_rule_keys(config: object, sparsity: str) -> None:
+    """A field that belongs to other sparsity rules (metadata ``rules``) must keep its default."""
+    for f in fields(config):  # type: ignore[arg-type]
+        rules = f.metadata.get("rules")
+        if rules and sparsity not in rules and getattr(config, f.name) != f.default:
+            raise SAERegistryError(
+                f"{f.name} applies to sparsity {' or '.join(rules)} only, not {sparsity}; drop it or change sparsity"
+            )
+
+
 @dataclass(frozen=True)
 class SAEConfig:
     """The shape of a dictionary. Validated on construction; errors name the field."""
 
     input_size: int = option(help="Width of the activations (the store's d).", min=1)
     dict_size: int = option(4096, "Latents in the dictionary.", min=1)
-    top_k: int = option(32, "Active latents per token (top_k).", min=1, flags=("--k",))
-    sparsity: str = option("top_k", "How codes are made sparse: keep the top k, or an L1 penalty.",
+    top_k: int = option(32, "Active latents per token (top_k; the mean over a batch for batch_top_k and "
+                        "matryoshka).", min=1, flags=("--k",))
+    sparsity: str = option("top_k", "How codes are made sparse: top k per token, an L1 penalty, top k*batch "
+                           "over a batch, per-latent JumpReLU thresholds, or nested Matryoshka prefixes.",
                            choices=SPARSITY_MODES)
+    prefixes: str | None = option(None, "matryoshka: increasing prefix sizes ending at dict_size, comma-separated "
+                                  "(e.g. 256,1024,4096) [default: dict_size/16, dict_size/4, dict_size].",
+                                  rules=("matryoshka",))
 
     def __post_init__(self) -> None:
+        if isinstance(self.prefixes, (list, tuple)):  # a list in YAML or Python: kept as its text form
+            object.__setattr__(self, "prefixes", ",".join(str(p) for p in self.prefixes))
         check_fields(self)
         require_int("input_size", self.input_size, max=MAX_INPUT_SIZE)
         require_int("dict_size", self.dict_size, max=MAX_DICT_SIZE)
-        if self.sparsity == "top_k" and self.top_k > self.dict_size:
+        check_rule_keys(self, self.sparsity)
+        if self.sparsity in K_RULES and self.top_k > self.dict_size:
             raise SAERegistryError(f"top_k ({self.top_k}) cannot exceed dict_size ({self.dict_size})")
+        if self.sparsity == "matryoshka":
+            ends = self.prefix_ends
+            object.__setattr__(self, "prefixes", ",".join(map(str, ends)))  # the default spelt out: one form each
+            if not all(a < b for a, b in zip((0, *ends), ends)):
+                raise SAERegistryError(f"prefixes must be increasing positive latent counts, got {self.prefixes!r}")
+            if ends[-1] != self.dict_size:
+                raise SAERegistryError(f"prefixes must end at dict_size ({self.dict_size}), got {self.prefixes!r}")
+
+    @property
+    def prefix_ends(self) -> tuple[int, ...]:
+        """matryoshka's prefix sizes; the default is dict_size / 16, dict_size / 4 and dict_size."""
+        if self.prefixes is None:
+            return tuple(sorted({max(1, self.dict_size // 16), max(1, self.dict_size // 4), self.dict_size}))
+        try:
+            return tuple(int(p) for p in self.prefixes.split(","))
+        except ValueError:
+            raise SAERegistryError(f"prefixes must be comma-separated integers, got {self.prefixes!r}") from None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as plain data; a field of another rule is left out, matryoshka's prefixes spelt out."""
+        data = asdict(self)
+        if self.sparsity == "matryoshka":
+            data["prefixes"] = ",".join(map(str, self.prefix_ends))
+        return {k: v for k, v in data.items() if k != "prefixes" or self.sparsity == "matryoshka"}
 
     @classmethod
     def from_dict(cls, data: dict) -> SAEConfig:
         """The config ``to_dict`` wrote (a saved ``config.json``'s ``"sae"`` section), checked.
 
-        Only the four fields: an unknown key is refused rather than dropped (it may be a typo, or a
+        Only its fields: an unknown key is refused rather than dropped (it may be a typo, or a
         setting of another SAE type this model would silently ignore); ``input_size`` is required;
         every value is checked as on construction.
         """
@@ -123,12 +166,25 @@ class TrainConfig:
                          min=1, pack=True)
     batch_size: int = option(4096, "Tokens per step.", min=1, pack=True)
     lr: float | None = option(None, "Adam learning rate [default: 5e-4 / sqrt(dict_size / 16384)].", above=0)
-    l1_coeff: float | None = option(None, "L1 coefficient [default: 0 for top_k, 5e-3 for l1].", min=0)
+    l1_coeff: float | None = option(None, "L1 coefficient [default: 5e-3 for l1, else 0].", min=0)
+    l0_coeff: float | None = option(None, "jumprelu: L0 penalty coefficient [default: 1 / input_size, SAELens's "
+                                    "l0_coefficient 1 in this MSE's units].", min=0, rules=("jumprelu",))
+    jumprelu_bandwidth: float = option(0.05, "jumprelu: width of the rectangle kernel of the threshold's "
+                                       "pseudo-derivative.", above=0, rules=("jumprelu",))
+    jumprelu_init_threshold: float = option(0.01, "jumprelu: initial threshold of every latent.", min=0,
+                                            rules=("jumprelu",))
+    pre_act_coeff: float = option(0.0, "jumprelu: weight of the pre-act loss that pulls dead latents' "
+                                  "encoder outputs up to their threshold (Anthropic: 3e-6 x input_size).", min=0,
+                                  rules=("jumprelu",))
+    threshold_lr: float = option(0.01, "batch_top_k, matryoshka: update rate of the moving average that "
+                                 "estimates the inference threshold.", above=0, max=1,
+                                 rules=("batch_top_k", "matryoshka"))
     l1_warmup_fraction: float = option(0.05, "l1: fraction of steps over which the L1 coefficient ramps up.",
                                        min=0, max=1)
     lr_decay_fraction: float = option(0.2, "Fraction of steps, at the end, over which the learning rate decays "
                                       "linearly to zero.", min=0, max=1)
-    aux_coeff: float = option(1 / 32, "Weight of the dead-latent auxiliary loss (top_k).", min=0)
+    aux_coeff: float = option(1 / 32, "Weight of the dead-latent auxiliary loss (top_k, batch_top_k, "
+                              "matryoshka).", min=0)
     aux_k: int | None = option(None, "Dead latents that model the residual in the auxiliary loss "
                                "[default: input_size // 2].", min=1)
     dead_after_tokens: int = option(1_000_000, "Tokens without firing before a latent counts as dead.", min=1)
@@ -137,8 +193,8 @@ class TrainConfig:
                                      flags=("--unit-norm-decoder/--no-unit-norm-decoder", " /--free-decoder-norm"))
     encoder_init: str = option("decoder_transpose", "Encoder initialisation (kaiming: nn.Linear's own).",
                                choices=ENCODER_INITS)
-    encoder_init_scale: float | None = option(None, "decoder_transpose times this [default: 1 for top_k, 0.1 "
-                                              "for l1].", above=0)
+    encoder_init_scale: float | None = option(None, "decoder_transpose times this [default: 0.1 for l1 and "
+                                              "jumprelu, else 1].", above=0)
     b_dec_init: str = option("geometric_median", "Decoder bias initialisation, from a data sample.",
                              choices=B_DEC_INITS)
     eval_every: int = option(50, "Steps between evaluations on the held-out split.", min=1, pack=True)
@@ -162,15 +218,17 @@ class TrainConfig:
 
         from .sae import resolve_device  # torch: only when a run is about to start
 
+        check_rule_keys(self, sae_cfg.sparsity)
         return replace(
             self,
             # Gao et al.'s 1/sqrt(dict_size) scaling; their base, 2e-4, measured 2.5x too small on
             # MiniLM with inputs at mean norm sqrt(d): FVU 0.169 vs 0.113 after 1.5 M tokens at 4096
             lr=self.lr if self.lr is not None else 5e-4 / math.sqrt(sae_cfg.dict_size / 2**14),
-            l1_coeff=self.l1_coeff if self.l1_coeff is not None else (0.0 if sae_cfg.sparsity == "top_k" else 5e-3),
+            l1_coeff=self.l1_coeff if self.l1_coeff is not None else (5e-3 if sae_cfg.sparsity == "l1" else 0.0),
+            l0_coeff=self.l0_coeff if self.l0_coeff is not None else 1.0 / sae_cfg.input_size,
             aux_k=self.aux_k if self.aux_k is not None else max(1, sae_cfg.input_size // 2),
             encoder_init_scale=self.encoder_init_scale if self.encoder_init_scale is not None
-            else (1.0 if sae_cfg.sparsity == "top_k" else 0.1),
+            else (0.1 if sae_cfg.sparsity in DENSE_START else 1.0),
             device=resolve_device(self.device),
         )
 

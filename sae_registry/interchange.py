@@ -3,7 +3,12 @@
 Every SAE this module maps, ours and theirs, computes on raw activations ``x [..., d_in]``
 
     codes = TopK_k(ReLU((x - b_dec) @ W_enc + b_enc))     # top_k;  ReLU only for ReLU/L1 SAEs
+    codes = ReLU(pre) * (pre > threshold)                  # jumprelu, batch_top_k, matryoshka
     x_hat = codes @ W_dec + b_dec
+
+(``pre = (x - b_dec) @ W_enc + b_enc``; the threshold is per latent for jumprelu, one number,
+estimated in training, for batch_top_k and matryoshka; the codes are in the same units as ``pre``,
+so folding ``input_scale`` leaves the threshold as it is.)
 
 with ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``. Ours first scales inputs by ``input_scale`` s
 (``sae.py``); folding s into the weights gives that same form with the same codes and reconstructions:
@@ -20,17 +25,21 @@ top-k support on anything but near-ties). Note the decoder rows of a folded dict
 Formats:
 
 - **SAELens** (``sae-lens`` 6.x, ``SAE.load_from_disk(DIR)``): ``cfg.json`` + ``sae_weights.safetensors``
-  (``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``). Architectures ``topk`` and ``standard`` (ReLU). On
+  (``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``; ``threshold`` for jumprelu). Architectures ``topk``,
+  ``standard`` (ReLU) and ``jumprelu``, which is also how SAELens saves a trained BatchTopK or
+  Matryoshka SAE for inference: ours are exported so, and a SAELens jumprelu imports as jumprelu. On
   import, ``apply_b_dec_to_input: false`` is folded into ``b_enc`` (``b_enc + b_dec @ W_enc``) and
   topk's ``rescale_acts_by_decoder_norm`` into ``W_enc``/``b_enc``/``W_dec``; both are exact
   reparametrisations. ``normalize_activations`` other than ``none``, ``reshape_activations: hook_z``,
-  a ``scaling_factor`` and the other architectures (jumprelu, gated, batchtopk, ...) are refused.
+  a ``scaling_factor`` and the other architectures (gated, a training-time batchtopk, ...) are refused.
 - **dictionary_learning** (``dictionary-learning`` 0.1.0, ``AutoEncoderTopK.from_pretrained(DIR/ae.pt)``,
   ``AutoEncoder.from_pretrained(DIR/ae.pt, normalize_decoder=False)``): ``ae.pt`` (a torch state dict)
   + ``config.json`` (``{"trainer": {"dict_class": ...}}``, as its trainer writes). ``AutoEncoderTopK``
   (per-row top-k; its ``threshold`` buffer is only used with ``use_threshold=True`` and is ignored)
-  and ``AutoEncoder`` (ReLU). ``BatchTopKSAE`` is refused: its inference is a global threshold, not a
-  per-row top-k. ``ae.pt`` is read with ``torch.load(weights_only=True)``: tensors only, no code runs.
+  , ``AutoEncoder`` (ReLU), ``BatchTopKSAE`` and ``MatryoshkaBatchTopKSAE`` (inference with their
+  ``threshold``, as their ``encode`` does by default: one whose threshold was never set, -1, would
+  encode as plain ReLU there, and is refused both ways), ``JumpReluAutoEncoder`` (its ``b_dec`` is
+  not subtracted from the input: folded into ``b_enc`` both ways, exact to float32 rounding). ``ae.pt`` is read with ``torch.load(weights_only=True)``: tensors only, no code runs.
   ``AutoEncoder.from_pretrained`` renormalises decoder columns by default, which rescales codes;
   ``normalize_decoder=False`` loads the weights as written (a no-op anyway when s = 1 and ours are
   unit-norm).
@@ -60,8 +69,10 @@ DL_WEIGHTS = "ae.pt"
 DL_CONFIG = "config.json"
 # The config format written: SAELens reads a config as pre-6.0 (and rewrites it) unless it says >= 6.
 SAELENS_CONFIG_VERSION = "6.0.0"
-SAELENS_ARCHITECTURES = ("topk", "standard")
-DL_CLASSES = ("AutoEncoderTopK", "AutoEncoder")
+SAELENS_ARCHITECTURES = ("topk", "standard", "jumprelu")
+DL_CLASSES = ("AutoEncoderTopK", "AutoEncoder", "BatchTopKSAE", "MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder")
+DL_RULES = {"AutoEncoderTopK": "top_k", "AutoEncoder": "l1", "BatchTopKSAE": "batch_top_k",
+            "MatryoshkaBatchTopKSAE": "matryoshka", "JumpReluAutoEncoder": "jumprelu"}
 
 
 class Weights(NamedTuple):
@@ -84,8 +95,10 @@ def folded_weights(sae: SparseAutoencoder) -> Weights:
 
 
 @torch.no_grad()
-def from_weights(weights: Weights, top_k: int | None) -> SparseAutoencoder:
-    """A dictionary (``input_scale`` 1) computing exactly ``weights``; ``top_k`` None means ReLU (sparsity l1)."""
+def from_weights(weights: Weights, top_k: int | None, sparsity: str | None = None,
+                 threshold: torch.Tensor | None = None, prefixes: str | None = None) -> SparseAutoencoder:
+    """A dictionary (``input_scale`` 1) computing exactly ``weights``; ``top_k`` None means ReLU (sparsity l1)
+    unless ``sparsity`` says otherwise (jumprelu, batch_top_k, matryoshka: with their ``threshold``)."""
     names = ("W_enc", "b_enc", "W_dec", "b_dec")
     W_enc, b_enc, W_dec, b_dec = (torch.as_tensor(w).detach().to("cpu", torch.float32) for w in weights)
     if W_enc.ndim != 2:
@@ -96,11 +109,16 @@ def from_weights(weights: Weights, top_k: int | None) -> SparseAutoencoder:
             raise SAERegistryError(f"{name} has shape {tuple(w.shape)}; W_enc [{d_in}, {d_sae}] implies {shape}")
         if not torch.isfinite(w).all():
             raise SAERegistryError(f"{name} holds NaN or Inf")
-    if top_k is None:
-        cfg = SAEConfig(input_size=d_in, dict_size=d_sae, top_k=min(32, d_sae), sparsity="l1")
-    else:
-        cfg = SAEConfig(input_size=d_in, dict_size=d_sae, top_k=top_k, sparsity="top_k")
+    sparsity = sparsity or ("l1" if top_k is None else "top_k")
+    cfg = SAEConfig(input_size=d_in, dict_size=d_sae, top_k=top_k or min(32, d_sae), sparsity=sparsity,
+                    prefixes=prefixes)
     sae = SparseAutoencoder(cfg)
+    if threshold is not None:
+        threshold = torch.as_tensor(threshold).to(torch.float32)
+        if threshold.shape != sae.encoder.threshold.shape or not torch.isfinite(threshold).all():
+            raise SAERegistryError(f"threshold has shape {tuple(threshold.shape)}; a {sparsity} dictionary of "
+                                   f"{d_sae} latents needs {tuple(sae.encoder.threshold.shape)}, finite")
+        sae.encoder.threshold.copy_(threshold)
     sae.encoder.encoder.weight.copy_(W_enc.T)
     sae.encoder.encoder.bias.copy_(b_enc)
     sae.W_dec.copy_(W_dec)
@@ -179,6 +197,11 @@ def export(dictionary, fmt: str, directory: str | Path, *, overwrite: bool = Fal
     if fmt not in FORMATS:
         raise SAERegistryError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     sae, lineage, provenance = _source_of(dictionary)
+    threshold = getattr(sae.encoder, "threshold", None)
+    if sae.cfg.sparsity in ("batch_top_k", "matryoshka") and float(threshold) < 0:
+        raise SAERegistryError(
+            f"threshold: this {sae.cfg.sparsity} dictionary has no inference threshold yet (it is estimated in "
+            "training); train it before exporting, or the other library would encode with plain ReLU")
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise SAERegistryError(f"{directory} is a file; export into a directory (new, or one to overwrite)")
@@ -193,10 +216,12 @@ def export(dictionary, fmt: str, directory: str | Path, *, overwrite: bool = Fal
     carried = {k: v for k, v in lineage.items() if k in CARRIED_LINEAGE and v}
     if carried:
         provenance["lineage"] = carried
+    if threshold is not None:
+        threshold = threshold.detach().float().cpu().expand(sae.cfg.dict_size).contiguous()
     if fmt == "saelens":
-        _write_saelens(sae.cfg, weights, lineage, provenance, directory)
+        _write_saelens(sae.cfg, weights, lineage, provenance, directory, threshold)
     else:
-        _write_dictionary_learning(sae.cfg, weights, lineage, provenance, directory)
+        _write_dictionary_learning(sae.cfg, weights, lineage, provenance, directory, threshold)
     return directory
 
 
@@ -209,12 +234,15 @@ def _layer(lineage: dict[str, str]) -> int | None:
         return None
 
 
-def _write_saelens(cfg: SAEConfig, w: Weights, lineage: dict, provenance: dict, directory: Path) -> None:
+def _write_saelens(cfg: SAEConfig, w: Weights, lineage: dict, provenance: dict, directory: Path,
+                   threshold: torch.Tensor | None) -> None:
     from .sae_files import save_weights
+
+    from .sparsity import rule_of
 
     top_k = cfg.sparsity == "top_k"
     config = {
-        "architecture": "topk" if top_k else "standard",
+        "architecture": rule_of(cfg.sparsity).saelens,
         "d_in": cfg.input_size,
         "d_sae": cfg.dict_size,
         "dtype": "float32",
@@ -234,22 +262,35 @@ def _write_saelens(cfg: SAEConfig, w: Weights, lineage: dict, provenance: dict, 
     }
     if top_k:
         config.update(k=cfg.top_k, rescale_acts_by_decoder_norm=False)
-    save_weights(w._asdict(), directory / SAELENS_WEIGHTS)
+    save_weights({**w._asdict(), **({"threshold": threshold} if threshold is not None else {})},
+                 directory / SAELENS_WEIGHTS)
     (directory / SAELENS_CONFIG).write_text(json.dumps(config, indent=2))
 
 
-def _write_dictionary_learning(cfg: SAEConfig, w: Weights, lineage: dict, provenance: dict, directory: Path) -> None:
-    top_k = cfg.sparsity == "top_k"
-    # dictionary_learning keeps nn.Linear layouts: encoder.weight [d_sae, d_in], decoder.weight [d_in, d_sae].
-    state = {"encoder.weight": w.W_enc.T.contiguous(), "encoder.bias": w.b_enc,
-             "decoder.weight": w.W_dec.T.contiguous()}
-    if top_k:
-        state.update({"b_dec": w.b_dec, "k": torch.tensor(cfg.top_k, dtype=torch.int),
-                      "threshold": torch.tensor(-1.0)})  # -1: no inference threshold (AutoEncoderTopK's "unset")
+def _write_dictionary_learning(cfg: SAEConfig, w: Weights, lineage: dict, provenance: dict, directory: Path,
+                               threshold: torch.Tensor | None) -> None:
+    from .sparsity import rule_of
+
+    top_k = cfg.sparsity in ("top_k", "batch_top_k", "matryoshka")
+    dict_class = rule_of(cfg.sparsity).dictionary_learning
+    k = torch.tensor(cfg.top_k, dtype=torch.int)
+    if dict_class in ("MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder"):  # parameters in x @ W layouts
+        state = {"W_enc": w.W_enc, "b_enc": w.b_enc, "W_dec": w.W_dec, "b_dec": w.b_dec}
+        if dict_class == "JumpReluAutoEncoder":  # it does not subtract b_dec from its input
+            state.update(b_enc=w.b_enc - w.b_dec @ w.W_enc, threshold=threshold)
+        else:
+            ends = torch.tensor((0, *cfg.prefix_ends))
+            state.update(k=k, threshold=threshold[0].clone(), group_sizes=ends.diff())
     else:
-        state["bias"] = w.b_dec
+        # the others keep nn.Linear layouts: encoder.weight [d_sae, d_in], decoder.weight [d_in, d_sae].
+        state = {"encoder.weight": w.W_enc.T.contiguous(), "encoder.bias": w.b_enc,
+                 "decoder.weight": w.W_dec.T.contiguous()}
+        if dict_class == "AutoEncoder":
+            state["bias"] = w.b_dec
+        else:  # -1: AutoEncoderTopK's "no inference threshold"; BatchTopKSAE's own, estimated in training
+            state.update(b_dec=w.b_dec, k=k, threshold=torch.tensor(-1.0) if threshold is None else threshold[0].clone())
     trainer = {
-        "dict_class": "AutoEncoderTopK" if top_k else "AutoEncoder",
+        "dict_class": dict_class,
         "trainer_class": "sae_registry",  # not one of theirs: these weights were trained here
         "activation_dim": cfg.input_size,
         "dict_size": cfg.dict_size,
@@ -259,6 +300,8 @@ def _write_dictionary_learning(cfg: SAEConfig, w: Weights, lineage: dict, proven
     }
     if top_k:
         trainer["k"] = cfg.top_k
+    if cfg.sparsity == "matryoshka":
+        trainer["group_sizes"] = state["group_sizes"].tolist()
     torch.save(state, directory / DL_WEIGHTS)
     (directory / DL_CONFIG).write_text(json.dumps({"trainer": trainer, "sae_registry": provenance}, indent=4))
 
@@ -272,7 +315,7 @@ class Foreign:
 
     sae: SparseAutoencoder
     format: str  # saelens | dictionary_learning
-    architecture: str  # theirs: topk, standard, AutoEncoderTopK, AutoEncoder
+    architecture: str  # theirs: topk, standard, jumprelu, AutoEncoderTopK, BatchTopKSAE, ...
     origin: Path  # the directory read
     config: dict  # their config, as read
     config_file: Path | None
@@ -346,7 +389,9 @@ def _read_saelens(directory: Path) -> Foreign:
     if architecture not in SAELENS_ARCHITECTURES:
         raise SAERegistryError(
             f"{cfg_path}: architecture {architecture!r} cannot be mapped exactly onto a sae-registry dictionary "
-            f"(per-row top-k or ReLU); supported: {', '.join(SAELENS_ARCHITECTURES)}"
+            f"(per-row top-k, ReLU or JumpReLU); supported: {', '.join(SAELENS_ARCHITECTURES)}"
+            + (" (save it for inference first: SAELens saves a trained BatchTopK or Matryoshka SAE as jumprelu)"
+               if architecture in ("batchtopk", "matryoshka_batchtopk") else "")
         )
     normalize = cfg.get("normalize_activations", "none") or "none"
     if normalize != "none":
@@ -370,7 +415,7 @@ def _read_saelens(directory: Path) -> Foreign:
     scaling = tensors.pop("scaling_factor", None)
     if scaling is not None and not torch.allclose(scaling.float(), torch.ones_like(scaling, dtype=torch.float32)):
         raise SAERegistryError(f"{weights_path}: scaling_factor (a finetuning scale) is not supported")
-    expected = {"W_enc", "b_enc", "W_dec", "b_dec"}
+    expected = {"W_enc", "b_enc", "W_dec", "b_dec", *(("threshold",) if architecture == "jumprelu" else ())}
     if set(tensors) != expected:
         raise SAERegistryError(
             f"{weights_path} holds {sorted(tensors)}; a {architecture} SAE has exactly {sorted(expected)}"
@@ -387,7 +432,9 @@ def _read_saelens(directory: Path) -> Foreign:
             # relu(x @ W + b) == relu((x - b_dec) @ W + (b + b_dec @ W))
             b_enc = b_enc + b_dec @ W_enc
             conversions.append("apply_b_dec_to_input=false folded into b_enc")
-        top_k = None
+        top_k, extra = None, {}
+        if architecture == "jumprelu":
+            extra = {"sparsity": "jumprelu", "threshold": t["threshold"]}
         if architecture == "topk":
             top_k = _positive_int(cfg_path, "k", cfg.get("k"))
             if top_k > d_sae:
@@ -397,7 +444,7 @@ def _read_saelens(directory: Path) -> Foreign:
                 norms = W_dec.norm(dim=-1)
                 W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
                 conversions.append("rescale_acts_by_decoder_norm folded into W_enc, b_enc, W_dec")
-    sae = from_weights(Weights(W_enc, b_enc, W_dec, b_dec), top_k)
+    sae = from_weights(Weights(W_enc, b_enc, W_dec, b_dec), top_k, **extra)
     hook = metadata.get("hook_name", cfg.get("hook_name"))
     source = {"source.model": metadata.get("model_name", cfg.get("model_name")), "source.hook": hook,
               "source.layer": metadata.get("hook_layer", cfg.get("hook_layer")),
@@ -430,9 +477,7 @@ def _read_dictionary_learning(directory: Path) -> Foreign:
     if dict_class not in DL_CLASSES:
         raise SAERegistryError(
             f"{cfg_path}: trainer.dict_class {dict_class!r} cannot be mapped exactly onto a sae-registry "
-            f"dictionary (per-row top-k or ReLU); supported: {', '.join(DL_CLASSES)}"
-            + (" (BatchTopKSAE encodes with a global threshold, not a per-row top-k)"
-               if dict_class in ("BatchTopKSAE", "MatryoshkaBatchTopKSAE") else "")
+            f"dictionary; supported: {', '.join(DL_CLASSES)}"
         )
     try:
         # weights_only: tensors and plain containers only; nothing in the file is executed.
@@ -441,29 +486,53 @@ def _read_dictionary_learning(directory: Path) -> Foreign:
         raise SAERegistryError(f"{weights_path} is not a plain torch state dict of tensors: {e}") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SAERegistryError(f"{weights_path} must hold a state dict of tensors")
-    if dict_class == "AutoEncoderTopK":
-        expected = {"encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k"}
-        optional = {"threshold"}
-    else:
-        expected, optional = {"encoder.weight", "encoder.bias", "decoder.weight", "bias"}, set()
+    linear = {"encoder.weight", "encoder.bias", "decoder.weight"}
+    expected, optional = {
+        "AutoEncoderTopK": ({*linear, "b_dec", "k"}, {"threshold"}),
+        "AutoEncoder": ({*linear, "bias"}, set()),
+        "BatchTopKSAE": ({*linear, "b_dec", "k", "threshold"}, set()),
+        "MatryoshkaBatchTopKSAE": ({"W_enc", "b_enc", "W_dec", "b_dec", "k", "threshold", "group_sizes"}, set()),
+        "JumpReluAutoEncoder": ({"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}, set()),
+    }[dict_class]
     if not expected <= set(state) <= expected | optional:
         raise SAERegistryError(f"{weights_path} holds {sorted(state)}; a {dict_class} has {sorted(expected)}")
     top_k = None
-    if dict_class == "AutoEncoderTopK":
+    if "k" in state:
         k = state["k"]
         if k.numel() != 1 or k.is_floating_point() or k.is_complex() or k.dtype == torch.bool:
             raise SAERegistryError(
                 f"{weights_path}: k must be one integer (the number of latents kept per row), got a "
-                f"{k.dtype} tensor of shape {tuple(k.shape)}; this is not a dictionary_learning AutoEncoderTopK"
+                f"{k.dtype} tensor of shape {tuple(k.shape)}; this is not a dictionary_learning {dict_class}"
             )
         top_k = _positive_int(weights_path, "k", int(k))
         if "k" in trainer and trainer["k"] != top_k:
             raise SAERegistryError(f"{cfg_path}: trainer.k is {trainer['k']} but {weights_path} says k = {top_k}")
-    f = {name: v.to(torch.float32) for name, v in state.items()}
-    b_dec = f["b_dec"] if dict_class == "AutoEncoderTopK" else f["bias"]
-    sae = from_weights(Weights(f["encoder.weight"].T, f["encoder.bias"], f["decoder.weight"].T, b_dec), top_k)
+    f = {name: v.to(torch.float32) for name, v in state.items() if name not in ("k", "group_sizes")}
+    sparsity, extra, conversions = DL_RULES[dict_class], {}, []
+    if "W_enc" in f:
+        weights = Weights(f["W_enc"], f["b_enc"], f["W_dec"], f["b_dec"])
+    else:
+        weights = Weights(f["encoder.weight"].T, f["encoder.bias"], f["decoder.weight"].T, f.get("b_dec", f.get("bias")))
+    if sparsity in ("batch_top_k", "matryoshka"):
+        if f["threshold"].numel() != 1 or float(f["threshold"]) < 0:
+            raise SAERegistryError(
+                f"{weights_path}: threshold is {f['threshold'].tolist()}: this {dict_class} has no inference "
+                "threshold (never set: its own encode would be plain ReLU); set it from training first")
+        extra = {"threshold": f["threshold"].reshape(())}
+        if sparsity == "matryoshka":
+            sizes = state["group_sizes"].flatten().tolist()
+            extra["prefixes"] = ",".join(str(sum(sizes[: i + 1])) for i in range(len(sizes)))
+    elif sparsity == "jumprelu":
+        # relu(pre * (pre > t)) with pre = x @ W_enc + b_enc: the same as ours once b_dec's term is in b_enc
+        weights = weights._replace(b_enc=weights.b_enc + weights.b_dec @ weights.W_enc)
+        extra = {"threshold": f["threshold"]}
+        conversions.append("b_dec (not subtracted from the input) folded into b_enc")
+    try:
+        sae = from_weights(weights, top_k, sparsity, **extra)
+    except SAERegistryError as e:
+        raise SAERegistryError(f"{weights_path}: {e}") from None
     source = {"source.model": trainer.get("lm_name"), "source.layer": trainer.get("layer"),
               "source.hook": trainer.get("submodule_name"), **_carried(cfg.get("sae_registry"))}
     return Foreign(sae, "dictionary_learning", dict_class, directory, cfg, cfg_path, weights_path,
-                   {k: str(v) for k, v in source.items() if v is not None})
+                   {k: str(v) for k, v in source.items() if v is not None}, conversions)
 

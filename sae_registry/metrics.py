@@ -86,7 +86,7 @@ def evaluate(sae: SparseAutoencoder, x: torch.Tensor, batch_size: int = 4096) ->
     recon, l0s, fired = [], [], torch.zeros(dict_size, dtype=torch.float64)
     for xb in x.split(batch_size):
         xb = xb.to(device)
-        if sae.cfg.sparsity == "top_k":
+        if sae.rule.fixed_k:
             values, indices = sae.encode_topk(xb)
             recon.append(sae.decode_topk(values, indices).cpu())
             active = values > 0

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .config import K_RULES
 from .errors import SAERegistryError
 from .tracking import VERSION_TAG_PREFIXES, Tracking, TrackingLike, retrying
 
@@ -63,7 +64,7 @@ def register_run(run_id: str, family: str, tracking_uri: TrackingLike = None) ->
     sparsity = params["sparsity"]
     version_tags = {
         "dict_size": params["dict_size"],
-        "k": params["top_k"] if sparsity == "top_k" else "",
+        "k": params["top_k"] if sparsity in K_RULES else "",
         "sparsity": sparsity,
         "l1_coeff": params.get("l1_coeff", ""),  # none for an imported dictionary
         **{k: repr(float(metrics[f"final/{k}"])) for k in METRIC_TAGS if f"final/{k}" in metrics},

@@ -1,11 +1,12 @@
-"""The sparse autoencoder: encoder dense(dict_size) + ReLU, sparsify (top-k or L1), decoder dense(input_size).
+"""The sparse autoencoder: encoder dense(dict_size), a sparsity rule, decoder dense(input_size).
 
 Follows the seed spec (``shared/seed/SparseAutoencoder.md``) and the training recipe of Gao et al.
 2024 ("Scaling and evaluating sparse autoencoders"):
 
     x_n    = x * input_scale                       # inputs scaled to a fixed mean norm (sqrt(d))
     pre    = ReLU(W_enc (x_n - b_dec) + b_enc)      # [batch, dict_size]
-    h      = TopK(pre)  or  pre                    # sparse codes ("hidden_acts")
+    h      = TopK(pre)  or  pre                    # sparse codes ("hidden_acts"); the rule decides
+    #                                                (sparsity.py: top_k, l1, batch_top_k, jumprelu, matryoshka)
     x_hat  = (h W_dec + b_dec) / input_scale       # reconstruction, in the input's own units
 
 ``input_scale`` is a buffer stored with the weights, so a loaded dictionary takes raw activations.
@@ -25,6 +26,7 @@ from torch import nn
 from .config import MAX_DICT_SIZE, MAX_INPUT_SIZE, SPARSITY_MODES, SAEConfig  # noqa: F401  (declared torch-free)
 from .errors import SAERegistryError, require_choice, require_float, require_int, require_positive_int
 from .sparse_ops import Pattern, SelectedLatents, SparseDecode
+from .sparsity import Rule, rule_of
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"
@@ -67,11 +69,14 @@ class Codes(NamedTuple):
     """What one training forward pass produces, all in the scaled input space."""
 
     reconstruction: torch.Tensor  # [batch, input_size]
-    hidden_acts: torch.Tensor  # top_k: the k values [batch, k]; l1: dense codes [batch, dict_size]
-    indices: torch.Tensor | None  # top_k: latent ids [batch, k]; l1: None
+    hidden_acts: torch.Tensor  # top_k: the k values [batch, k]; dense rules: codes [batch, dict_size];
+    #                            a varying number per row: the entries' values [nnz]
+    indices: torch.Tensor | None  # top_k: latent ids [batch, k]; per entry [nnz]; dense: None
     pre_acts: torch.Tensor  # encoder outputs before ReLU [batch, dict_size] (no autograd graph on
     #                         the sparse path: SparseAutoencoder.decode_latents differentiates them)
     centered: torch.Tensor  # x_n - b_dec, the encoder's input [batch, input_size]
+    rows: torch.Tensor | None = None  # the row of each entry [nnz] when rows hold varying numbers
+    prefixes: torch.Tensor | None = None  # matryoshka: each prefix's reconstruction [batch, groups, d]
 
 
 def _check_input(x: torch.Tensor, width: int, what: str) -> torch.Tensor:
@@ -99,27 +104,32 @@ class SparseEncoder(nn.Module):
         self.encoder = nn.Linear(cfg.input_size, cfg.dict_size)
         self.b_dec = nn.Parameter(torch.zeros(cfg.input_size))
         self.register_buffer("input_scale", torch.ones(()))
+        self.rule.add_tensors(self)  # e.g. a threshold
+
+    @property
+    def rule(self) -> Rule:
+        """The sparsity rule (:mod:`sae_registry.sparsity`) of this dictionary."""
+        return rule_of(self.cfg.sparsity)
 
     def pre_acts(self, x_n: torch.Tensor) -> torch.Tensor:
         """Post-ReLU encoder activations of already-scaled inputs."""
         return F.relu(self.encoder(x_n - self.b_dec))
 
     def sparsify(self, x_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Codes of already-scaled inputs: top_k ``(values, indices)`` of the k largest
-        activations per row; l1 ``(dense codes, None)``.
-
-        top_k selects among the encoder outputs and applies the ReLU to the k chosen only: the
-        same codes as ReLU-then-top-k, without a dense ReLU pass.
-        """
-        if self.cfg.sparsity == "l1":
-            return self.pre_acts(x_n), None
-        values, indices = self.encoder(x_n - self.b_dec).topk(self.cfg.top_k, dim=-1, sorted=False)
-        return values.clamp_min(0), indices
+        """Inference codes of already-scaled inputs, as the rule makes them: top_k ``(values,
+        indices)`` of the k largest activations per row; the others ``(dense codes, None)``."""
+        return self.rule.encode(self, x_n)
 
     def encode_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Compact codes of raw inputs: ``(values [batch, k], indices [batch, k])`` (top_k only)."""
-        if self.cfg.sparsity != "top_k":
-            raise SAERegistryError("encode_topk needs sparsity='top_k'; use encode() for l1")
+        """Compact codes of raw inputs: ``(values [batch, k], indices [batch, k])`` (top_k only).
+
+        The other rules have no fixed number of codes per token (batch_top_k's mean is k, not
+        each row's): an error, not a padded form that would look like a top-k result.
+        """
+        if not self.rule.fixed_k:
+            raise SAERegistryError(
+                f"encode_topk needs sparsity top_k (a fixed k per token); this dictionary is "
+                f"{self.cfg.sparsity}: use encode() for its codes")
         x = _check_input(x, self.cfg.input_size, "input")
         return self.sparsify(x * self.input_scale)
 
@@ -146,7 +156,15 @@ class SparseAutoencoder(nn.Module):
         self.cfg = cfg
         self.encoder = SparseEncoder(cfg)
         self.W_dec = nn.Parameter(torch.empty(cfg.dict_size, cfg.input_size))
+        # l1 and jumprelu: the fraction of codes active at the last training step (their step
+        # turns sparse once it is small; see sparsity.py)
+        self.active_fraction = 1.0
         self.reset_parameters()
+
+    @property
+    def rule(self) -> Rule:
+        """The sparsity rule (:mod:`sae_registry.sparsity`) of this dictionary."""
+        return self.encoder.rule
 
     # -- the seed API ------------------------------------------------------------------------
 
@@ -246,7 +264,11 @@ class SparseAutoencoder(nn.Module):
         """The reconstruction of raw activations ``x``."""
         shape = x.shape if isinstance(x, torch.Tensor) else ()
         x = _check_input(x, self.cfg.input_size, "input")
-        out = self.forward_train(x * self.input_scale).reconstruction / self.input_scale
+        if self.rule.fixed_k:
+            out = self.forward_train(x * self.input_scale).reconstruction / self.input_scale
+        else:  # the inference codes (batch_top_k: its threshold, not this batch's top k * batch)
+            codes, _ = self.encoder.sparsify(x * self.input_scale)
+            out = (codes @ self.W_dec + self.b_dec) / self.input_scale
         return out.reshape(shape)
 
     # -- files ---------------------------------------------------------------------------------
@@ -259,6 +281,7 @@ class SparseAutoencoder(nn.Module):
             "W_dec": self.W_dec,
             "b_dec": self.b_dec,
             "input_scale": self.input_scale,
+            **{name: getattr(self.encoder, name) for name in self.rule.tensors(self.cfg)},
         }
 
     def save(self, directory: str | Path, extra: dict | None = None) -> Path:
@@ -281,37 +304,24 @@ class SparseAutoencoder(nn.Module):
     # -- training ------------------------------------------------------------------------------
 
     def forward_train(self, x_n: torch.Tensor, sparse_backward: bool = True,
-                      select_dtype: torch.dtype | None = None) -> Codes:
-        """One unchecked pass over already-scaled inputs, as the trainer needs it.
+                      select_dtype: torch.dtype | None = None, cfg=None) -> Codes:
+        """One unchecked pass over already-scaled inputs, as the trainer needs it; the rule makes it
+        (``cfg``: the run's TrainConfig, for rule options such as JumpReLU's bandwidth).
 
         top_k selects the k largest encoder outputs and applies the ReLU to those k only (the
         same codes as ReLU-then-top-k), decodes from ``(values, indices)`` with an embedding-bag,
         and, with ``sparse_backward``, differentiates only the selected latents (see
         :class:`~sae_registry.sparse_ops.SelectedLatents`): the dense encoder product is then the only
         ``[batch, dict_size]`` work of a step. ``sparse_backward=False`` is plain autograd through
-        the dense product (same numbers, about three times the work); l1 always is.
+        the dense product (same numbers, about three times the work). batch_top_k and matryoshka
+        select k * batch over the batch and differentiate the same way; l1 and jumprelu run the
+        dense product and, once few codes are active, the rest at the active entries only.
 
         ``select_dtype`` (sparse path only, e.g. ``torch.bfloat16``) runs the dense product that
         *selects* the k latents in that dtype; the selected values are then recomputed exactly in
         the weights' dtype (k dot products per row), so only near-ties can pick differently.
         """
-        centered = x_n - self.b_dec
-        linear = self.encoder.encoder
-        if self.cfg.sparsity == "l1" or not sparse_backward:
-            # W (x - b_dec) + b_enc written as W x + (b_enc - W b_dec): b_dec's gradient through
-            # the encoder is then a vector-matrix product, not a [batch, dict_size] product.
-            pre = F.linear(x_n, linear.weight, linear.bias - linear.weight @ self.b_dec)
-            if self.cfg.sparsity == "l1":
-                codes = F.relu(pre)
-                return Codes(codes @ self.W_dec + self.b_dec, codes, None, pre, centered)
-        else:
-            with torch.no_grad():
-                low = select_dtype is not None and select_dtype != linear.weight.dtype
-                dtype = select_dtype if low else linear.weight.dtype
-                pre = torch.addmm(linear.bias.to(dtype), centered.to(dtype), linear.weight.to(dtype).t())
-        indices = pre.detach().topk(self.cfg.top_k, dim=-1, sorted=False).indices.sort(dim=-1).values
-        values, decoded = self.decode_latents(pre, centered, indices)
-        return Codes(decoded + self.b_dec, values, indices, pre, centered)
+        return self.rule.forward_train(self, x_n, cfg, sparse_backward, select_dtype)
 
     def decode_latents(self, pre_acts: torch.Tensor, centered: torch.Tensor,
                        indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

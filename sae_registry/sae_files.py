@@ -1,4 +1,4 @@
-"""A dictionary on disk: ``sae.safetensors`` (the five tensors) + ``config.json`` (shape and metadata).
+"""A dictionary on disk: ``sae.safetensors`` (the five tensors, plus the rule's: a threshold) + ``config.json`` (shape and metadata).
 
 No pickle anywhere. Reading treats both files as someone else's: the shape in ``config.json`` is
 bounded and compared with the weight file's header (names, shapes, dtypes; safetensors checks the
@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import SAERegistryError, require_int
+from .sparsity import rule_of
 from .sae import (
     CONFIG_FILE,
     DICTIONARY_FORMAT,
@@ -152,7 +153,8 @@ def _read_config(path: Path) -> SAEConfig:
 def _check_header(path: Path, cfg: SAEConfig) -> None:
     """The weight file's header (names, shapes, dtypes) must match ``cfg``; read without loading a tensor."""
     expected = {"W_enc": (cfg.dict_size, cfg.input_size), "b_enc": (cfg.dict_size,),
-                "W_dec": (cfg.dict_size, cfg.input_size), "b_dec": (cfg.input_size,), "input_scale": ()}
+                "W_dec": (cfg.dict_size, cfg.input_size), "b_dec": (cfg.input_size,), "input_scale": (),
+                **rule_of(cfg.sparsity).tensors(cfg)}  # e.g. a threshold
     try:
         with safe_open(str(path), framework="pt") as f:
             shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}

@@ -1,7 +1,8 @@
-"""The sparse step of a top-k dictionary: custom autograd functions whose backward touches only the
+"""The sparse step of a dictionary: custom autograd functions whose backward touches only the
 selected latents.
 
-A top-k forward pass picks ``m`` latents per row; plain autograd would still differentiate the
+A top-k forward pass picks ``m`` latents per row (:class:`Pattern`); BatchTopK, Matryoshka and the
+sparse steps of l1 and JumpReLU pick a varying number per row (:class:`Ragged`). plain autograd would still differentiate the
 dense ``[batch, dict_size]`` encoder product and decode. These functions take the selected
 ``(values, indices)`` and compute every gradient at the pattern only, O(batch * m * d) each. The
 model (:mod:`sae_registry.sae`) decides what is selected; this module only differentiates it.
@@ -50,12 +51,75 @@ class Pattern(NamedTuple):
         sparse = _csr(self.crow, self.col, weights.flatten()[self.order], (len(self.crow) - 1, len(dense)))
         return sparse @ dense
 
+    def bag(self, table: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``out[b] = sum_j weights[b, j] * table[indices[b, j]]``: an embedding-bag, [batch, d]."""
+        return F.embedding_bag(self.indices, table, per_sample_weights=weights, mode="sum")
+
     def dots(self, dense: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """``out[b, j] = dense[b] . table[indices[b, j]]``: [batch, m], computed at the pattern only."""
         batch, m = self.indices.shape
         mask = _csr(torch.arange(0, batch * m + 1, m, device=dense.device), self.indices.flatten(),
                     dense.new_ones(batch * m), (batch, len(table)))
         return torch.sparse.sampled_addmm(mask, dense, table.t(), beta=0.0).values().view(batch, m)
+
+
+class Ragged(NamedTuple):
+    """A varying number of entries per bag: entry ``e`` is latent ``cols[e]`` of bag ``bags[e]``.
+
+    Entries are sorted by bag (``offsets [n_bags + 1]`` marks where each bag starts); a bag is a
+    row of the batch, or for Matryoshka one (row, prefix group) pair. ``order``/``crow``/``col`` are
+    the CSR arrays of the transpose ``[dict_size, n_bags]``, as in :class:`Pattern`, so the same
+    autograd functions differentiate both at the selected entries only.
+    """
+
+    indices: torch.Tensor  # cols [nnz]
+    order: torch.Tensor
+    crow: torch.Tensor
+    col: torch.Tensor
+    offsets: torch.Tensor  # [n_bags + 1]
+
+    @classmethod
+    def of(cls, bags: torch.Tensor, cols: torch.Tensor, n_bags: int, dict_size: int) -> Ragged:
+        """The pattern of entries ``(bags, cols)``, ``bags`` sorted ascending."""
+        sorted_ids, order = cols.sort(stable=True)
+        crow = torch.searchsorted(sorted_ids, torch.arange(dict_size + 1, device=cols.device))
+        offsets = torch.searchsorted(bags, torch.arange(n_bags + 1, device=cols.device))
+        return cls(cols, order, crow, bags[order], offsets)
+
+    def regrouped(self, bags: torch.Tensor, n_bags: int) -> Ragged:
+        """The same entries (same order) in other bags, ``bags`` sorted ascending."""
+        offsets = torch.searchsorted(bags, torch.arange(n_bags + 1, device=bags.device))
+        return Ragged(self.indices, self.order, self.crow, bags[self.order], offsets)
+
+    def bag(self, table: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``out[n] = sum of weights[e] * table[cols[e]]`` over the entries of bag ``n``: [n_bags, d]."""
+        return F.embedding_bag(self.indices, table, self.offsets, per_sample_weights=weights, mode="sum",
+                               include_last_offset=True)
+
+    def gather_rows(self, weights: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """``out[i] = sum of weights[e] * dense[bags[e]]`` over the entries with ``cols[e] == i``."""
+        sparse = _csr(self.crow, self.col, weights[self.order], (len(self.crow) - 1, len(dense)))
+        return sparse @ dense
+
+    def dots(self, dense: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """``out[e] = dense[bags[e]] . table[cols[e]]``: [nnz], at the entries only."""
+        ones = dense.new_ones(len(self.indices))
+        mask = _csr(self.offsets, self.indices, ones, (len(self.offsets) - 1, len(table)))
+        return torch.sparse.sampled_addmm(mask, dense, table.t(), beta=0.0).values()
+
+
+def _kind(args: tuple) -> type:
+    """The functions below take a pattern as its tensors (``*pattern``, the top-k form) or as one
+    :class:`Ragged` value."""
+    return type(args[0]) if len(args) == 1 and isinstance(args[0], Ragged) else Pattern
+
+
+def _tensors(args: tuple) -> tuple:
+    return tuple(args[0]) if len(args) == 1 and isinstance(args[0], Ragged) else args
+
+
+def _pattern(kind: type, tensors) -> Pattern | Ragged:
+    return kind(*tensors)
 
 
 class SelectedLatents(torch.autograd.Function):
@@ -74,18 +138,19 @@ class SelectedLatents(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, values, centered, weight, bias, *pattern):
-        ctx.save_for_backward(centered, weight, *pattern)
+        ctx.kind, ctx.n_args = _kind(pattern), len(pattern)
+        ctx.save_for_backward(centered, weight, *_tensors(pattern))
         return values.clone()
 
     @staticmethod
     def backward(ctx, grad):
         centered, weight, *pattern = ctx.saved_tensors
-        pattern = Pattern(*pattern)
+        pattern = _pattern(ctx.kind, pattern)
         grad = grad.contiguous()
-        grad_centered = F.embedding_bag(pattern.indices, weight, per_sample_weights=grad, mode="sum")
+        grad_centered = pattern.bag(weight, grad)
         grad_weight = pattern.gather_rows(grad, centered)
         grad_bias = grad.new_zeros(len(weight)).index_add_(0, pattern.indices.flatten(), grad.flatten())
-        return None, grad_centered, grad_weight, grad_bias, *([None] * len(pattern))
+        return None, grad_centered, grad_weight, grad_bias, *([None] * ctx.n_args)
 
 
 class SparseDecode(torch.autograd.Function):
@@ -97,12 +162,13 @@ class SparseDecode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, values, W_dec, *pattern):
-        ctx.save_for_backward(values, W_dec, *pattern)
-        return F.embedding_bag(pattern[0], W_dec, per_sample_weights=values, mode="sum")
+        ctx.kind, ctx.n_args = _kind(pattern), len(pattern)
+        ctx.save_for_backward(values, W_dec, *_tensors(pattern))
+        return _pattern(ctx.kind, _tensors(pattern)).bag(W_dec, values)
 
     @staticmethod
     def backward(ctx, grad):
         values, W_dec, *pattern = ctx.saved_tensors
-        pattern = Pattern(*pattern)
+        pattern = _pattern(ctx.kind, pattern)
         grad = grad.contiguous()
-        return pattern.dots(grad, W_dec), pattern.gather_rows(values, grad), *([None] * len(pattern))
+        return pattern.dots(grad, W_dec), pattern.gather_rows(values, grad), *([None] * ctx.n_args)

@@ -13,14 +13,18 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .config import PACK_SHARED, HarvestSpec, SAEConfig, TrainConfig
+from .config import K_RULES, PACK_SHARED, HarvestSpec, SAEConfig, TrainConfig
 from .errors import SAERegistryError, require_choice, require_float, require_int, require_positive_int
 
 REGISTER_CHOICES = ("all", "pareto", "none")
 EVALUATE_CHOICES = ("none", "downstream")
 CHAMPION_BY = ("fvu", "downstream")
-SAE_KEYS = {"dict_size", "k", "sparsity"}
+SAE_KEYS = {"dict_size", "k", "sparsity", "prefixes"}
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
+# The sparsity rules each key means something for (absent: every rule); a grid key is not crossed
+# with the rules it means nothing for.
+RULE_KEYS = {"k": K_RULES, **{f.name: f.metadata["rules"] for cls in (SAEConfig, TrainConfig)
+                              for f in fields(cls) if "rules" in f.metadata}}
 
 
 @dataclass(frozen=True)
@@ -124,11 +128,18 @@ class SweepSpec:
             for key, values in g.items():
                 if key not in SAE_KEYS | TRAIN_KEYS:
                     raise SAERegistryError(
-                        f"grid: unknown key {key!r}; use dict_size, k, sparsity or a training option "
+                        f"grid: unknown key {key!r}; use dict_size, k, sparsity, prefixes or a training option "
                         f"({', '.join(sorted(TRAIN_KEYS))})"
                     )
                 if not isinstance(values, list) or not values:
                     raise SAERegistryError(f"grid.{key}: must be a non-empty list, got {values!r}")
+            rules = g.get("sparsity", ["top_k"])
+            for key in g:  # (k stays allowed with l1 alone, as it always was: it is dropped there)
+                if key in RULE_KEYS and key != "k" and isinstance(rules, list) and not set(rules) & set(RULE_KEYS[key]):
+                    raise SAERegistryError(
+                        f"grid.{key}: belongs to sparsity {' or '.join(RULE_KEYS[key])}, and this grid trains "
+                        f"{', '.join(map(str, rules))}; move it to a grid of that rule"
+                    )
 
     # -- building -------------------------------------------------------------------------------
 
@@ -179,7 +190,8 @@ class SweepSpec:
     def configurations(self, input_size: int = 1) -> list[tuple[SAEConfig, TrainConfig]]:
         """Every distinct (SAEConfig, TrainConfig) of the grid(s) x seeds, in a stable order.
 
-        Combinations that mean the same thing are kept once: k does not matter for ``l1``.
+        Combinations that mean the same thing are kept once: a key means nothing for the rules it
+        does not belong to (``k`` for ``l1``, ``l0_coeff`` for all but ``jumprelu``: :data:`RULE_KEYS`).
         ``input_size`` is the store's width (unknown, and irrelevant, when only validating).
         """
         seen, out = set(), []
@@ -188,8 +200,9 @@ class SweepSpec:
             for values in itertools.product(*(g[k] for k in keys)):
                 point = dict(zip(keys, values))
                 sparsity = point.get("sparsity", "top_k")
+                point = {k: v for k, v in point.items() if sparsity in RULE_KEYS.get(k, (sparsity,))}
                 sae_kw = {"dict_size": point.get("dict_size", 4096), "sparsity": sparsity,
-                          "top_k": point.get("k", 32) if sparsity == "top_k" else 32}
+                          "top_k": point.get("k", 32), **({"prefixes": point["prefixes"]} if "prefixes" in point else {})}
                 train_kw = {**self.train, **{k: v for k, v in point.items() if k in TRAIN_KEYS}, "seed": seed}
                 try:
                     sae_cfg = SAEConfig(input_size=input_size, **sae_kw)
@@ -268,6 +281,8 @@ RULE_COSTS: dict[str, RuleCost] = {
     "top_k": RuleCost(dense=0.12, active=4.9),
     "l1": RuleCost(dense=0.62),
 }
+# Not fitted yet: the batch rules share top_k's sparse step, jumprelu l1's dense one.
+RULE_COSTS.update(batch_top_k=RULE_COSTS["top_k"], matryoshka=RULE_COSTS["top_k"], jumprelu=RULE_COSTS["l1"])
 
 
 def estimated_cost(sae_cfg: SAEConfig, train_cfg: TrainConfig, input_size: int) -> float:
@@ -277,7 +292,7 @@ def estimated_cost(sae_cfg: SAEConfig, train_cfg: TrainConfig, input_size: int) 
     (:data:`RULE_COSTS`); a rule without measured constants is costed as the densest known one.
     """
     rule = RULE_COSTS.get(sae_cfg.sparsity) or max(RULE_COSTS.values(), key=lambda r: r.dense + r.active)
-    active = sae_cfg.top_k if sae_cfg.sparsity == "top_k" else rule.active_fraction * sae_cfg.dict_size
+    active = sae_cfg.top_k if sae_cfg.sparsity in K_RULES else rule.active_fraction * sae_cfg.dict_size
     return train_cfg.tokens * input_size * (rule.dense * sae_cfg.dict_size + rule.active * active) * 1e-9
 
 

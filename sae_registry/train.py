@@ -10,9 +10,11 @@ The recipe (each part a :class:`TrainConfig` option, defaults after Gao et al. 2
 - encoder initialised to the decoder's transpose (``encoder_init``; ``kaiming`` for nn.Linear's own),
   scaled by 0.1 for l1, whose codes start dense (``encoder_init_scale``);
 - decoder bias initialised to the geometric median of a data sample (``b_dec_init``);
-- top_k: an auxiliary loss that lets the top ``aux_k`` dead latents model the residual
-  (``aux_coeff``, ``dead_after_tokens``); l1: the L1 coefficient ramped up over the first
-  ``l1_warmup_fraction`` of steps;
+- top_k, batch_top_k, matryoshka: an auxiliary loss that lets the top ``aux_k`` dead latents model
+  the residual (``aux_coeff``, ``dead_after_tokens``); l1 and jumprelu: the L1 / L0 coefficient
+  ramped up over the first ``l1_warmup_fraction`` of steps;
+- each rule's own terms and updates (:mod:`sae_registry.sparsity`: JumpReLU's L0 penalty and
+  threshold estimator, BatchTopK's inference threshold, Matryoshka's prefix losses);
 - Adam with a learning rate that decays linearly to zero over the last ``lr_decay_fraction``.
 
 Knows nothing of Ray or MLflow: callers watch progress through ``callback(step, metrics)``.
@@ -37,8 +39,8 @@ from .checkpoints import load_checkpoint, save_checkpoint, writing_to
 # the configurations live in config.py (no torch there: the CLI builds its options from them)
 from .config import B_DEC_INITS, ENCODER_INITS, PACK_SHARED, PRECISIONS, SAEConfig, TrainConfig  # noqa: F401
 from .errors import SAERegistryError
-from .metrics import Evaluation, evaluate, fire_counts
-from .sae import SparseAutoencoder, auxk_loss, resolve_device  # noqa: F401  (resolve_device: train.resolve_device)
+from .metrics import Evaluation, evaluate
+from .sae import SparseAutoencoder, resolve_device  # noqa: F401  (resolve_device: train.resolve_device)
 from .store import ActivationStore
 
 CHECKPOINT_DIR = "checkpoint"
@@ -137,6 +139,8 @@ class _Member:
                 self.sae.encoder.encoder.weight.mul_(cfg.encoder_init_scale)
         self.scale = math.sqrt(store.d) / store.mean_norm if cfg.normalize_inputs else 1.0
         self.sae.encoder.input_scale.fill_(self.scale)
+        rule = self.sae.rule
+        rule.init(self.sae, cfg)
         self.sae.to(self.device).train()
         self.select_dtype = None
         if cfg.precision == "bfloat16":
@@ -189,13 +193,9 @@ class _Member:
         indexing; the dead-latent set it uses is the one found at the last evaluation."""
         cfg, sae = self.cfg, self.sae
         x = batch * self.scale
-        out = sae.forward_train(x, sparse_backward=cfg.sparse_backward, select_dtype=self.select_dtype)
-        l1_ramp = min(1.0, (self.step + 1) / max(1.0, cfg.l1_warmup_fraction * total_steps))
-        loss = SparseAutoencoder.loss(x, out.reconstruction, out.hidden_acts, cfg.l1_coeff * l1_ramp)
-        aux = x.new_zeros(())
-        if out.indices is not None and cfg.aux_coeff > 0:
-            aux = auxk_loss(sae, x, out, self.dead, cfg.aux_k)
-            loss = loss + cfg.aux_coeff * aux
+        out = sae.forward_train(x, sparse_backward=cfg.sparse_backward, select_dtype=self.select_dtype, cfg=cfg)
+        ramp = min(1.0, (self.step + 1) / max(1.0, cfg.l1_warmup_fraction * total_steps))
+        loss, aux = sae.rule.loss(sae, x, out, cfg, ramp, self.dead)
         for group in self.opt.param_groups:
             group["lr"] = cfg.lr * _lr_factor(self.step, total_steps, cfg.lr_decay_fraction)
         self.opt.zero_grad(set_to_none=True)
@@ -205,16 +205,13 @@ class _Member:
         self.opt.step()
         if cfg.unit_norm_decoder:
             sae.normalize_decoder_()
+        sae.rule.after_step(sae, out, cfg, self.step)
         with torch.no_grad():
-            active = out.hidden_acts > 0
-            if out.indices is not None:
-                fired = fire_counts(out.indices, active, sae.cfg.dict_size) > 0
-            else:
-                fired = active.any(0)
+            fired, l0 = sae.rule.stats(out, len(x), sae.cfg.dict_size)
             self.since_fired += len(x)
             self.since_fired.masked_fill_(fired, 0)
             mse = (out.reconstruction - x).pow(2).mean()
-            self.running += torch.stack([loss.detach(), mse, aux.detach(), active.sum(-1).float().mean()])
+            self.running += torch.stack([loss.detach(), mse, aux.detach(), l0])
         self.running_steps += 1
         self.step += 1
 

@@ -469,6 +469,25 @@ def cli_evaluate_imported(env, tmp, mp):
     return CliRunner().invoke(main, ["evaluate", "zz-imported"])
 
 
+def import_unmapped_architecture(env, tmp, mp):
+    from sae_registry.interchange import read
+
+    (tmp / "dl").mkdir()
+    (tmp / "dl" / "config.json").write_text(json.dumps({"trainer": {"dict_class": "GatedAutoEncoder"}}))
+    torch.save({"encoder.weight": torch.randn(16, 8)}, tmp / "dl" / "ae.pt")
+    read(tmp / "dl")
+
+
+def export_batch_top_k_without_threshold(env, tmp, mp):
+    from sae_registry.interchange import export
+
+    export(SparseAutoencoder.build(8, 16, 2, "batch_top_k"), "saelens", tmp / "out")
+
+
+def spec_rule_key_of_another_rule(env, tmp, mp):
+    SweepSpec.from_dict({"name": "x", "store": "s.zarr", "grid": [{"sparsity": ["top_k"], "l0_coeff": [0.1]}]})
+
+
 def _cli(*args, registry: bool = False):
     def case(env, tmp, mp):
         mp.setenv("MLFLOW_TRACKING_URI", "x")  # the CLI may set it: restored (unset) after the case
@@ -503,7 +522,8 @@ def _after_train_out_exists(env, tmp):
 CASES = {
     "api-width": (api_width, r"input must have last dimension 8, got shape \(3, 7\)"),
     "api-encode-nan": (api_encode_nan, "input contains NaN or Inf values; drop or fix those rows"),
-    "api-unknown-sparsity": (lambda e, t, m: SAEConfig(8, 16, 2, "topk"), "sparsity must be one of top_k, l1"),
+    "api-unknown-sparsity": (lambda e, t, m: SAEConfig(8, 16, 2, "topk"),
+                             "sparsity must be one of top_k, l1, batch_top_k, jumprelu, matryoshka, got 'topk'"),
     "api-k-zero": (lambda e, t, m: SAEConfig(8, 16, 0), "top_k must be a positive integer, got 0"),
     "api-k-too-big": (lambda e, t, m: SAEConfig(8, 16, 32), r"top_k \(32\) cannot exceed dict_size \(16\)"),
     "api-negative-l1": (lambda e, t, m: TrainConfig(l1_coeff=-0.1), "l1_coeff must be >= 0, got -0.1"),
@@ -541,11 +561,11 @@ CASES = {
                                 _after_overwrite_foreign),
     "spec-empty-grid": (lambda e, t, m: SweepSpec.from_dict(_spec(grid=[])), "grid: is empty; give at least one key"),
     "spec-unknown-grid-key": (lambda e, t, m: SweepSpec.from_dict(_spec(grid={"dict_sise": [64]})),
-                              "grid: unknown key 'dict_sise'; use dict_size, k, sparsity or a training option"),
+                              "grid: unknown key 'dict_sise'; use dict_size, k, sparsity, prefixes or a training option"),
     "spec-field-typo": (lambda e, t, m: SweepSpec.from_dict(_spec(registr="all")),
                         r"unknown spec fields \['registr'\]; known: .*register"),
     "spec-unknown-sparsity": (lambda e, t, m: SweepSpec.from_dict(_spec(grid={"sparsity": ["topk"]})),
-                              "grid point .*: sparsity must be one of top_k, l1, got 'topk'"),
+                              "grid point .*: sparsity must be one of top_k, l1, batch_top_k, jumprelu, matryoshka, got 'topk'"),
     "spec-k-too-big": (lambda e, t, m: SweepSpec.from_dict(_spec(grid={"dict_size": [8], "k": [16]})),
                        r"grid point .*: top_k \(16\) cannot exceed dict_size \(8\)"),
     "spec-negative-l1": (lambda e, t, m: SweepSpec.from_dict(_spec(train={"l1_coeff": -1})),
@@ -660,6 +680,21 @@ CASES = {
     "harvest-model-missing": (_harvest_minilm(model_path="/nonexistent/model"),
                               r"no model at /nonexistent/model: give a local transformers model directory, a .gguf "
                               r"file, or one of the named models \(smollm2-135m, minilm-l6\)"),
+    "spec-rule-key-of-another-rule": (spec_rule_key_of_another_rule,
+                                      "grid.l0_coeff: belongs to sparsity jumprelu, and this grid trains top_k"),
+    "api-rule-key-of-another-rule": (lambda e, t, m: SAEConfig(8, 16, sparsity="top_k", prefixes="4,16"),
+                                     "prefixes applies to sparsity matryoshka only, not top_k"),
+    "api-prefixes-not-increasing": (lambda e, t, m: SAEConfig(8, 16, 2, "matryoshka", prefixes="8,4,16"),
+                                    "prefixes must be increasing positive latent counts, got '8,4,16'"),
+    "api-prefixes-not-dict-size": (lambda e, t, m: SAEConfig(8, 16, 2, "matryoshka", prefixes="4,8"),
+                                   r"prefixes must end at dict_size \(16\), got '4,8'"),
+    "api-k-exceeds-dict-size": (lambda e, t, m: SAEConfig(8, 16, 17, "batch_top_k"),
+                                r"top_k \(17\) cannot exceed dict_size \(16\)"),
+    "api-negative-l0-coeff": (lambda e, t, m: TrainConfig(l0_coeff=-0.5), "l0_coeff must be >= 0, got -0.5"),
+    "import-unmapped-architecture": (import_unmapped_architecture,
+                                     "trainer.dict_class 'GatedAutoEncoder' cannot be mapped exactly"),
+    "export-batch-top-k-no-threshold": (export_batch_top_k_without_threshold,
+                                        "threshold: this batch_top_k dictionary has no inference threshold yet"),
 }
 
 

@@ -12,6 +12,8 @@ import pickle
 from pathlib import Path
 
 import dictionary_learning.dictionary as dl_dictionary
+import dictionary_learning.trainers.batch_top_k as dl_batch
+import dictionary_learning.trainers.matryoshka_batch_top_k as dl_matryoshka
 import dictionary_learning.trainers.top_k as dl_topk
 import pytest
 import sae_lens
@@ -31,17 +33,24 @@ from sae_registry.registry import (
 from sae_registry.train import TrainConfig
 
 D_IN, D_SAE, K = 16, 64, 4
+DL_NEW = {"batch_top_k": dl_batch.BatchTopKSAE, "matryoshka": dl_matryoshka.MatryoshkaBatchTopKSAE,
+          "jumprelu": dl_dictionary.JumpReluAutoEncoder}
 FAMILY = "interchange"
 
 
 def _random_sae(sparsity: str, input_scale: float, seed: int = 0) -> SparseAutoencoder:
-    """A dictionary with every weight random (biases too) and a non-trivial input scale."""
+    """A dictionary with every weight random (biases too) and a non-trivial input scale (thresholds:
+    random per latent for jumprelu, one trained-looking value for batch_top_k and matryoshka)."""
     torch.manual_seed(seed)
     sae = SparseAutoencoder.build(D_IN, D_SAE, K, sparsity)
     with torch.no_grad():
         for p in sae.parameters():
             p.add_(0.2 * torch.randn_like(p))
         sae.encoder.input_scale.fill_(input_scale)
+        if sparsity == "jumprelu":
+            sae.encoder.threshold.uniform_(0.0, 1.0)
+        elif sparsity in ("batch_top_k", "matryoshka"):
+            sae.encoder.threshold.fill_(0.6)
     return sae.eval()
 
 
@@ -80,21 +89,35 @@ def test_folded_weights_give_our_encode_and_decode_on_raw_inputs(sparsity, input
 
 
 @pytest.mark.parametrize("fmt", ["saelens", "dictionary_learning"])
-@pytest.mark.parametrize("sparsity", ["top_k", "l1"])
+@pytest.mark.parametrize("sparsity", ["top_k", "l1", "batch_top_k", "matryoshka", "jumprelu"])
 def test_round_trip_is_bit_exact_when_input_scale_is_one(tmp_path, fmt, sparsity):
     sae, x = _random_sae(sparsity, 1.0), _x()
     ic.export(sae, fmt, tmp_path)
     back = ic.read(tmp_path).sae
+    # SAELens keeps BatchTopK and Matryoshka as jumprelu (one threshold per latent): the same codes
+    expected = "jumprelu" if fmt == "saelens" and sparsity in ("batch_top_k", "matryoshka") else sparsity
+    assert back.cfg.sparsity == expected
+    if expected != sparsity:
+        assert torch.equal(back.encoder.threshold, sae.encoder.threshold.expand(D_SAE))
+    exact = not (fmt == "dictionary_learning" and sparsity == "jumprelu")  # b_dec folded into b_enc and back
     for name, tensor in sae.state_tensors().items():
-        assert torch.equal(back.state_tensors()[name], tensor), name
+        if name != "threshold" or expected == sparsity:
+            same = torch.equal if exact else (lambda a, b: torch.allclose(a, b, atol=1e-6))
+            assert same(back.state_tensors()[name], tensor), name
+    assert back.cfg.prefixes == sae.cfg.prefixes or expected != sparsity
     with torch.no_grad():
-        assert torch.equal(back.encode(x), sae.encode(x))
+        if exact:
+            assert torch.equal(back.encode(x), sae.encode(x))
+        else:
+            assert_same_codes(back.encode(x), sae.encode(x))
 
 
 # -- ours into theirs -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sparsity, architecture", [("top_k", "TopKSAE"), ("l1", "StandardSAE")])
+@pytest.mark.parametrize("sparsity, architecture", [("top_k", "TopKSAE"), ("l1", "StandardSAE"),
+                                                    ("batch_top_k", "JumpReLUSAE"), ("matryoshka", "JumpReLUSAE"),
+                                                    ("jumprelu", "JumpReLUSAE")])
 def test_saelens_encodes_our_export_as_we_do(tmp_path, sparsity, architecture):
     sae, x = _random_sae(sparsity, 0.37), _x()
     ic.export(sae, "saelens", tmp_path)
@@ -108,12 +131,17 @@ def test_saelens_encodes_our_export_as_we_do(tmp_path, sparsity, architecture):
         torch.testing.assert_close(theirs(x), sae(x), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("sparsity", ["top_k", "l1"])
+@pytest.mark.parametrize("sparsity", ["top_k", "l1", "batch_top_k", "matryoshka", "jumprelu"])
 def test_dictionary_learning_encodes_our_export_as_we_do(tmp_path, sparsity):
     sae, x = _random_sae(sparsity, 0.37), _x()
     ic.export(sae, "dictionary_learning", tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    if sparsity == "top_k":
+    if sparsity in DL_NEW:
+        assert config["trainer"]["dict_class"] == DL_NEW[sparsity].__name__
+        theirs = DL_NEW[sparsity].from_pretrained(str(tmp_path / "ae.pt"))
+        if sparsity == "matryoshka":
+            assert theirs.group_sizes.tolist() == [4, 12, 48]  # our default prefixes 4, 16, 64
+    elif sparsity == "top_k":
         assert config["trainer"]["dict_class"] == "AutoEncoderTopK" and config["trainer"]["k"] == K
         theirs = dl_topk.AutoEncoderTopK.from_pretrained(str(tmp_path / "ae.pt"))
     else:
@@ -142,6 +170,8 @@ SAELENS_VARIANTS = {
     "topk-rescale-by-decoder-norm": ("topk", {"k": K, "rescale_acts_by_decoder_norm": True}),
     "standard": ("standard", {}),
     "standard-no-b_dec-on-input": ("standard", {"apply_b_dec_to_input": False}),
+    "jumprelu": ("jumprelu", {}),  # random thresholds, some below 0 (SAELens's ReLU then decides)
+    "jumprelu-no-b_dec-on-input": ("jumprelu", {"apply_b_dec_to_input": False}),
 }
 
 
@@ -159,18 +189,24 @@ def test_we_encode_saelens_files_as_saelens_does(tmp_path, variant):
     theirs, x = sae_lens.SAE.load_from_disk(tmp_path), _x()
     foreign = ic.read(tmp_path)
     assert (foreign.format, foreign.architecture) == ("saelens", architecture)
-    assert bool(foreign.conversions) == (variant not in ("topk", "standard"))
+    assert bool(foreign.conversions) == (variant not in ("topk", "standard", "jumprelu"))
     ours = foreign.sae
-    assert ours.cfg.sparsity == ("top_k" if architecture == "topk" else "l1")
+    assert ours.cfg.sparsity == {"topk": "top_k", "standard": "l1", "jumprelu": "jumprelu"}[architecture]
     with torch.no_grad():
         codes = ours.encode(x)
         assert_same_codes(codes, theirs.encode(x))
         torch.testing.assert_close(ours.decode(codes), theirs.decode(codes), rtol=1e-5, atol=1e-4)
 
 
-def _dictionary_learning_dir(directory: Path, dict_class: str, seed: int = 3) -> torch.nn.Module:
-    """A dictionary_learning SAE saved as its trainer saves one: ``ae.pt`` + ``config.json``."""
-    if dict_class == "AutoEncoderTopK":
+def _dictionary_learning_dir(directory: Path, dict_class: str, seed: int = 3, threshold: float | None = None
+                             ) -> torch.nn.Module:
+    """A dictionary_learning SAE saved as its trainer saves one: ``ae.pt`` + ``config.json``
+    (``threshold``: the inference threshold its trainer would have set)."""
+    if dict_class in ("MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder"):
+        cls = {c.__name__: c for c in DL_NEW.values()}[dict_class]
+        theirs = cls(D_IN, D_SAE, K, [8, 24, 32]) if dict_class.startswith("Matryoshka") else cls(D_IN, D_SAE)
+        trainer = {"trainer_class": "sae_registry-test", "k": K}
+    elif dict_class == "AutoEncoderTopK":
         theirs, trainer = dl_topk.AutoEncoderTopK(D_IN, D_SAE, K), {"trainer_class": "TopKTrainer", "k": K}
     elif dict_class == "AutoEncoder":
         theirs, trainer = dl_dictionary.AutoEncoder(D_IN, D_SAE), {"trainer_class": "StandardTrainer"}
@@ -179,6 +215,11 @@ def _dictionary_learning_dir(directory: Path, dict_class: str, seed: int = 3) ->
 
         theirs, trainer = BatchTopKSAE(D_IN, D_SAE, K), {"trainer_class": "BatchTopKTrainer", "k": K}
     _randomise_(theirs, seed)
+    if threshold is not None and hasattr(theirs, "threshold"):
+        with torch.no_grad():
+            theirs.threshold.copy_(torch.full_like(theirs.threshold, threshold))
+            if dict_class == "JumpReluAutoEncoder":
+                theirs.threshold.uniform_(0, 2 * threshold)
     directory.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.cpu() for k, v in theirs.state_dict().items()}, directory / "ae.pt")
     config = {"trainer": {"dict_class": dict_class, "activation_dim": D_IN, "dict_size": D_SAE,
@@ -188,10 +229,14 @@ def _dictionary_learning_dir(directory: Path, dict_class: str, seed: int = 3) ->
     return theirs.eval()
 
 
-@pytest.mark.parametrize("dict_class", ["AutoEncoderTopK", "AutoEncoder"])
+@pytest.mark.parametrize("dict_class", ["AutoEncoderTopK", "AutoEncoder", "BatchTopKSAE", "MatryoshkaBatchTopKSAE",
+                                        "JumpReluAutoEncoder"])
 def test_we_encode_dictionary_learning_files_as_dictionary_learning_does(tmp_path, dict_class):
-    _dictionary_learning_dir(tmp_path, dict_class)
-    if dict_class == "AutoEncoderTopK":
+    _dictionary_learning_dir(tmp_path, dict_class, threshold=0.5)
+    if dict_class in ("BatchTopKSAE", "MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder"):
+        cls = {c.__name__: c for c in DL_NEW.values()}[dict_class]
+        theirs = cls.from_pretrained(str(tmp_path / "ae.pt"))
+    elif dict_class == "AutoEncoderTopK":
         theirs = dl_topk.AutoEncoderTopK.from_pretrained(str(tmp_path / "ae.pt"))
     else:  # random decoder columns are not unit-norm: load them as written
         theirs = dl_dictionary.AutoEncoder.from_pretrained(str(tmp_path / "ae.pt"), normalize_decoder=False)
@@ -209,9 +254,9 @@ def test_we_encode_dictionary_learning_files_as_dictionary_learning_does(tmp_pat
 
 
 def test_unmappable_saelens_files_are_refused_naming_the_field(tmp_path):
-    _saelens_sae("jumprelu").save_model(tmp_path / "jumprelu")
-    with pytest.raises(SAERegistryError, match="architecture 'jumprelu'"):
-        ic.read(tmp_path / "jumprelu")
+    _saelens_sae("gated").save_model(tmp_path / "gated")
+    with pytest.raises(SAERegistryError, match="architecture 'gated'"):
+        ic.read(tmp_path / "gated")
     _saelens_sae("topk", k=K, normalize_activations="layer_norm").save_model(tmp_path / "ln")
     with pytest.raises(SAERegistryError, match="normalize_activations 'layer_norm'"):
         ic.read(tmp_path / "ln")
@@ -223,9 +268,15 @@ def test_unmappable_saelens_files_are_refused_naming_the_field(tmp_path):
 
 
 def test_unmappable_dictionary_learning_files_are_refused_naming_the_field(tmp_path):
-    _dictionary_learning_dir(tmp_path / "batch", "BatchTopKSAE")
-    with pytest.raises(SAERegistryError, match="dict_class 'BatchTopKSAE'.*global threshold"):
+    _dictionary_learning_dir(tmp_path / "batch", "BatchTopKSAE")  # threshold never set: -1
+    with pytest.raises(SAERegistryError, match="threshold is -1.0: this BatchTopKSAE has no inference threshold"):
         ic.read(tmp_path / "batch")
+    _dictionary_learning_dir(tmp_path / "gated", "AutoEncoder")
+    config = json.loads((tmp_path / "gated" / "config.json").read_text())
+    config["trainer"]["dict_class"] = "GatedAutoEncoder"
+    (tmp_path / "gated" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SAERegistryError, match="trainer.dict_class 'GatedAutoEncoder' cannot be mapped"):
+        ic.read(tmp_path / "gated")
     _dictionary_learning_dir(tmp_path / "bare", "AutoEncoderTopK")
     (tmp_path / "bare" / "config.json").unlink()
     with pytest.raises(SAERegistryError, match="no config.json"):
@@ -380,3 +431,12 @@ def test_a_bare_dictionary_object_has_the_interface_too():
     d = Dictionary("x", "x", "1", [], sae, {}, {}, Path("."))
     assert d.cfg.architecture == "standard" and d.cfg.activation_fn_str == "relu"
     assert torch.equal(d.W_enc, sae.encoder.encoder.weight.T)  # input_scale 1: bit for bit
+
+
+@pytest.mark.parametrize("sparsity", ["batch_top_k", "matryoshka"])
+@pytest.mark.parametrize("fmt", ["saelens", "dictionary_learning"])
+def test_a_batch_top_k_without_its_threshold_is_never_exported_as_plain_relu(tmp_path, fmt, sparsity):
+    sae = SparseAutoencoder.build(D_IN, D_SAE, K, sparsity)  # untrained: no inference threshold yet
+    with pytest.raises(SAERegistryError, match=f"threshold: this {sparsity} dictionary has no inference threshold"):
+        ic.export(sae, fmt, tmp_path)
+    assert not any(tmp_path.iterdir())

@@ -268,11 +268,11 @@ def test_cli_list_show_promote_and_encode(registry, first, synthetic_store, tmp_
     runner = CliRunner()
     r = runner.invoke(main, ["list", FAMILY])
     assert r.exit_code == 0, r.output
-    assert r.output.splitlines()[0].split() == ["version", "aliases", "dict_size", "k", "l1_coeff", "FVU", "L0",
-                                                "dead", "created"]
+    assert r.output.splitlines()[0].split() == ["version", "aliases", "architecture", "dict_size", "k", "l1_coeff",
+                                                "FVU", "L0", "dead", "created"]
     row = next(line.split() for line in r.output.splitlines()[1:] if "champion" in line)
-    assert row[:4] == [first.version, "champion", "64", "4"]
-    assert float(row[5]) == pytest.approx(first.result.metrics["fvu"], abs=1e-4)
+    assert row[:5] == [first.version, "champion", "top_k", "64", "4"]
+    assert float(row[6]) == pytest.approx(first.result.metrics["fvu"], abs=1e-4)
     r = runner.invoke(main, ["list"])
     assert FAMILY in r.output and "champion=v1" in r.output
     r = runner.invoke(main, ["show", f"{FAMILY}@champion"])

@@ -1,0 +1,209 @@
+"""The sparsity rules: selection, sparse steps equal to dense ones, estimators, files, defaults, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from sae_registry import SAEConfig, SAERegistryError, SparseAutoencoder
+from sae_registry.config import SPARSITY_MODES
+from sae_registry.sparsity import RULES, SPARSE_BELOW, rule_of
+from sae_registry.train import TrainConfig, train
+
+NEW_RULES = ("batch_top_k", "jumprelu", "matryoshka")
+
+
+def _sae(sparsity: str, d: int = 8, n: int = 32, k: int = 3, seed: int = 0, **kw) -> SparseAutoencoder:
+    torch.manual_seed(seed)
+    sae = SparseAutoencoder(SAEConfig(d, n, k, sparsity, **kw))
+    with torch.no_grad():
+        sae.encoder.encoder.bias.normal_(0, 0.3)
+        sae.b_dec.normal_(0, 0.1)
+        if sparsity == "jumprelu":
+            sae.encoder.threshold.uniform_(0.2, 0.8)
+    return sae
+
+
+def _grads(sae, x, sparse: bool, cfg: TrainConfig):
+    sae.zero_grad()
+    sae.active_fraction = 0.0 if sparse else 1.0
+    out = sae.forward_train(x, sparse_backward=sparse, cfg=cfg)
+    loss, _ = sae.rule.loss(sae, x, out, cfg, 1.0, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("sparsity", ["l1", "batch_top_k", "jumprelu", "matryoshka"])
+def test_the_sparse_step_gives_the_dense_steps_numbers(sparsity):
+    sae = _sae(sparsity, prefixes="4,12,32" if sparsity == "matryoshka" else None)
+    x = torch.randn(16, 8)
+    cfg = TrainConfig(l1_coeff=0.01 if sparsity == "l1" else None, aux_coeff=0.0,
+                      **({"l0_coeff": 0.05, "jumprelu_bandwidth": 0.3} if sparsity == "jumprelu" else {})
+                      ).resolved(sae.cfg)
+    dense_loss, dense = _grads(sae, x, False, cfg)
+    sparse_loss, sparse = _grads(sae, x, True, cfg)
+    torch.testing.assert_close(sparse_loss, dense_loss)
+    assert dense.keys() == sparse.keys() and "encoder.encoder.weight" in dense
+    if sparsity == "jumprelu":
+        assert dense["encoder.threshold"].abs().sum() > 0  # the estimator reached the thresholds
+    for name in dense:
+        torch.testing.assert_close(sparse[name], dense[name], msg=name)
+
+
+def test_l1_turns_sparse_only_when_few_codes_are_active():
+    sae = _sae("l1")
+    x = torch.randn(16, 8)
+    assert sae.forward_train(x).rows is None  # first step: dense, and measures the fraction
+    sae.active_fraction = SPARSE_BELOW / 2
+    out = sae.forward_train(x)
+    assert out.rows is not None and out.hidden_acts.ndim == 1
+
+
+def test_batch_top_k_keeps_k_times_batch_codes_over_the_batch():
+    sae = _sae("batch_top_k", n=32, k=3)
+    x = torch.randn(16, 8)
+    out = sae.forward_train(x, cfg=TrainConfig())
+    assert len(out.hidden_acts) == 3 * 16
+    per_row = torch.bincount(out.rows, minlength=16)
+    assert per_row.sum() == 48 and per_row.max() > per_row.min()  # varies per row, mean k
+    pre = torch.relu(sae.encoder.encoder(x - sae.b_dec))
+    assert out.hidden_acts.min() >= pre.flatten().topk(48).values.min() - 1e-6
+
+
+def test_batch_top_k_estimates_one_inference_threshold_and_uses_it():
+    sae = _sae("batch_top_k")
+    x = torch.randn(64, 8)
+    assert float(sae.encoder.threshold) < 0  # not estimated: inference is the batch's own top k
+    assert (sae.encode(x) > 0).sum() <= 3 * 64
+    out = sae.forward_train(x, cfg=TrainConfig())
+    sae.rule.after_step(sae, out, TrainConfig(), 0)
+    t = float(sae.encoder.threshold)
+    assert t == pytest.approx(float(out.hidden_acts.detach()[out.hidden_acts > 0].min()))
+    pre = sae.encoder.encoder(x - sae.b_dec)
+    torch.testing.assert_close(sae.encode(x), pre * (pre > t))
+
+
+def test_jumprelu_estimator_matches_saelens():
+    from sae_lens.saes.jumprelu_sae import JumpReLU, Step
+
+    pre = torch.randn(16, 32, requires_grad=True)
+    t = torch.rand(32, requires_grad=True)
+    sae = _sae("jumprelu", n=32)
+    with torch.no_grad():
+        sae.encoder.threshold.copy_(t)
+    cfg = TrainConfig(jumprelu_bandwidth=0.2)
+    ours = sae.rule.activate(sae, pre, cfg)
+    upstream = torch.randn(16, 32)
+    g_ours = torch.autograd.grad((ours * upstream).sum(), (pre, sae.encoder.threshold))
+    theirs = JumpReLU.apply(pre, t, 0.2, False)
+    g_theirs = torch.autograd.grad((theirs * upstream).sum(), (pre, t))
+    torch.testing.assert_close(ours, theirs)
+    for a, b in zip(g_ours, g_theirs):
+        torch.testing.assert_close(a, b)
+    from sae_registry.sparsity import _Threshold
+
+    step_ours = torch.autograd.grad(_Threshold.apply(pre, t, 0.2, True).sum(), t)[0]
+    step_theirs = torch.autograd.grad(Step.apply(pre, t, 0.2, False).sum(), t)[0]
+    torch.testing.assert_close(step_ours, step_theirs)
+
+
+def test_matryoshka_loss_sums_the_prefixes_reconstructions():
+    sae = _sae("matryoshka", prefixes=[4, 12, 32])
+    x = torch.randn(16, 8)
+    cfg = TrainConfig(aux_coeff=0.0).resolved(sae.cfg)
+    out = sae.forward_train(x, cfg=cfg)
+    assert out.prefixes.shape == (16, 3, 8)
+    codes = torch.zeros(16, 32).index_put((out.rows, out.indices), out.hidden_acts.detach())
+    for g, end in enumerate((4, 12, 32)):
+        torch.testing.assert_close(out.prefixes[:, g].detach(), codes[:, :end] @ sae.W_dec[:end].detach() + sae.b_dec.detach())
+    loss, _ = sae.rule.loss(sae, x, out, cfg, 1.0, torch.zeros(0, dtype=torch.long))
+    expected = sum((out.prefixes[:, g] - x).pow(2).mean() for g in range(3))
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("sparsity", SPARSITY_MODES)
+def test_every_rule_saves_and_loads_exactly(sparsity, tmp_path):
+    sae = _sae(sparsity, prefixes="8,32" if sparsity == "matryoshka" else None)
+    if sparsity in ("batch_top_k", "matryoshka"):
+        sae.encoder.threshold.fill_(0.25)
+    sae.save(tmp_path / "d")
+    config = json.loads((tmp_path / "d" / "config.json").read_text())["sae"]
+    assert config["sparsity"] == sparsity
+    assert ("prefixes" in config) == (sparsity == "matryoshka")
+    loaded = SparseAutoencoder.load(tmp_path / "d")
+    for name, tensor in sae.state_tensors().items():
+        torch.testing.assert_close(loaded.state_tensors()[name], tensor, rtol=0, atol=0)
+    x = torch.randn(10, 8)
+    torch.testing.assert_close(loaded.encode(x), sae.eval().encode(x))
+    assert loaded.cfg == SAEConfig.from_dict(config)
+
+
+@pytest.mark.parametrize("sparsity", ["l1", *NEW_RULES])
+def test_encode_topk_is_an_error_without_a_fixed_k(sparsity):
+    with pytest.raises(SAERegistryError, match=f"encode_topk needs sparsity top_k.*{sparsity}"):
+        _sae(sparsity).encode_topk(torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("sparsity", NEW_RULES)
+def test_every_new_rule_trains_on_a_store(sparsity, synthetic_store, tmp_path):
+    store, _ = synthetic_store
+    options = {"l0_coeff": 0.1, "jumprelu_init_threshold": 0.3} if sparsity == "jumprelu" else {}
+    cfg = TrainConfig(tokens=80 * 1024, batch_size=1024, lr=3e-3, eval_every=40, dead_after_tokens=20_000, **options)
+    result = train(store, SAEConfig(32, 128, 3, sparsity), cfg, tmp_path / "run", progress=False)
+    assert result.metrics["fvu"] < 0.7, result.metrics
+    assert 1 < result.metrics["l0"] < 30, result.metrics  # k = 3; jumprelu: 18 at this l0_coeff, 64 without
+    if sparsity != "jumprelu":
+        assert float(result.sae.encoder.threshold) > 0  # estimated: never read as plain ReLU
+    loaded = SparseAutoencoder.load(tmp_path / "run")
+    x = store.read_split("eval")
+    torch.testing.assert_close(loaded.encode(x), result.sae.encode(x))
+
+
+def test_every_rule_exposes_a_cost_estimate():
+    for name, rule in RULES.items():
+        cfg = SAEConfig(64, 1024, 8, name)
+        assert 0 < rule.active_fraction(cfg) <= 1
+        assert rule.cost_per_token(cfg) >= 64 * 1024
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: SAEConfig(8, 32, sparsity="topk"), "sparsity must be one of"),
+    (lambda: rule_of("gated"), "sparsity must be one of"),
+    (lambda: SAEConfig(8, 32, sparsity="top_k", prefixes="8,32"), "prefixes applies to sparsity matryoshka only"),
+    (lambda: SAEConfig(8, 32, sparsity="matryoshka", prefixes="16,8,32"), "prefixes must be increasing"),
+    (lambda: SAEConfig(8, 32, sparsity="matryoshka", prefixes="8,16"), "prefixes must end at dict_size"),
+    (lambda: SAEConfig(8, 32, sparsity="matryoshka", prefixes="8,x"), "prefixes must be comma-separated"),
+    (lambda: SAEConfig(8, 32, top_k=33, sparsity="batch_top_k"), "top_k .33. cannot exceed dict_size"),
+    (lambda: TrainConfig(l0_coeff=-1.0), "l0_coeff must be >= 0"),
+    (lambda: TrainConfig(l0_coeff=0.1).resolved(SAEConfig(8, 32)), "l0_coeff applies to sparsity jumprelu only"),
+    (lambda: TrainConfig(threshold_lr=0.5).resolved(SAEConfig(8, 32, sparsity="l1")),
+     "threshold_lr applies to sparsity batch_top_k or matryoshka only"),
+])
+def test_bad_rule_options_name_the_field(build, message):
+    with pytest.raises(SAERegistryError, match=message):
+        build()
+
+
+def test_a_grid_crosses_each_rule_with_its_own_keys_only():
+    from sae_registry.sweep_spec import SweepSpec
+
+    spec = SweepSpec.from_dict({"name": "x", "store": "s.zarr", "grid": [{
+        "sparsity": list(SPARSITY_MODES), "dict_size": [64], "k": [4, 8], "l0_coeff": [0.01, 0.1],
+        "prefixes": ["16,64", "8,32,64"]}]})
+    configs = spec.configurations(16)
+    by_rule = {}
+    for sae_cfg, train_cfg in configs:
+        by_rule.setdefault(sae_cfg.sparsity, []).append((sae_cfg, train_cfg))
+    assert {r: len(c) for r, c in by_rule.items()} == {"top_k": 2, "l1": 1, "batch_top_k": 2, "jumprelu": 2,
+                                                        "matryoshka": 4}
+    assert {t.l0_coeff for _, t in by_rule["jumprelu"]} == {0.01, 0.1}
+    assert {s.prefixes for s, _ in by_rule["matryoshka"]} == {"16,64", "8,32,64"}
+    assert all(t.l0_coeff is None for r, c in by_rule.items() if r != "jumprelu" for _, t in c)
+
+
+def test_a_grid_key_of_another_rule_is_refused():
+    from sae_registry.sweep_spec import SweepSpec
+
+    with pytest.raises(SAERegistryError, match="grid.l0_coeff: belongs to sparsity jumprelu"):
+        SweepSpec.from_dict({"name": "x", "store": "s.zarr",
+                             "grid": [{"sparsity": ["top_k"], "k": [4], "l0_coeff": [0.1]}]})
