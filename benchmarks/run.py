@@ -89,7 +89,7 @@ def main() -> None:
                               cwd=ROOT)
         print(f"=== {name}: {'ok' if done.returncode == 0 else f'FAILED ({done.returncode})'}, "
               f"{time.perf_counter() - start:.0f} s", flush=True)
-    print("\n=== targets (issue 5) ===")
+    print("\n=== targets ===")
     for target, measured, met in targets():
         print(f"{'met ' if met else 'MISS'}  {target}: {measured}")
 
