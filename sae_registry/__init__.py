@@ -27,6 +27,7 @@ _EXPORTS = {
     "evaluate": "downstream",  # downstream fidelity; the module is sae_registry.downstream
     "find": "registry",
     "load": "dictionary",
+    "read_codes": "encode",  # codes files written by `sae-registry encode`
 }
 
 __all__ = sorted(_EXPORTS)

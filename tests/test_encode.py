@@ -130,7 +130,10 @@ def test_sae_sha256_is_the_checksum_of_the_weights_file(tmp_path, store):
 
 @pytest.mark.parametrize("sparsity", ["top_k", "l1"])
 def test_read_codes_gives_the_stored_arrays(tmp_path, store, sparsity):
+    import sae_registry
     from sae_registry.encode import read_codes
+
+    assert sae_registry.read_codes is read_codes  # the package's public reader
 
     sae = _sae(top_k=4) if sparsity == "top_k" else _sae(sparsity="l1")
     out = encode_store(sae, store, tmp_path / "codes.zarr", batch_size=128, progress=False)
