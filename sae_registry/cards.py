@@ -54,7 +54,6 @@ class LatentStats:
         return np.where(self.count > 0, self.total / np.maximum(self.count, 1), 0.0)
 
 
-@torch.no_grad()
 def _check_width(sae: SparseAutoencoder, store: ActivationStore) -> None:
     if store.d != sae.cfg.input_size:
         raise SAERegistryError(
@@ -63,6 +62,7 @@ def _check_width(sae: SparseAutoencoder, store: ActivationStore) -> None:
         )
 
 
+@torch.no_grad()
 def latent_stats(
     sae: SparseAutoencoder,
     store: ActivationStore,
