@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -86,3 +87,14 @@ def start_moto(root: Path):
         yield env
     finally:
         stop(proc)
+
+
+def chromium() -> str:
+    """Debian's chromium (or another Chromium) for headless page checks; the test is skipped without one."""
+    import pytest
+
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    pytest.skip("no chromium here (CI installs it: scripts/setup-deploy-tools.sh)")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from procs import chromium
 from sae_registry import ActivationStore, SAEConfig, SAERegistryError, SparseAutoencoder
 from sae_registry.cards import (
     Cards,
@@ -156,16 +157,8 @@ def test_token_pieces_rebuild_the_decoded_text():
 # -- end to end: a registered dictionary, the CLI, MLflow, headless Chromium ------------------------------
 
 
-def _chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        found = shutil.which(name)
-        if found:
-            return found
-    pytest.skip("no chromium here (CI installs it: scripts/setup-deploy-tools.sh)")
-
-
 def _dump_dom(page: Path, profile: Path) -> str:
-    out = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
+    out = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
                           "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
@@ -207,7 +200,7 @@ def test_cards_command_logs_a_page_that_renders_in_headless_chromium(minilm_stor
     assert len(marks) == 12 and all(m.strip() for m in marks)  # a highlighted token in every context
     assert "Top activating contexts" in dom and "no unembedding" in dom  # MiniLM is an encoder: no W_U
     shot = tmp_path / "cards.png"
-    subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu",
+    subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu",
                     f"--user-data-dir={tmp_path / 'chromium-profile'}", f"--screenshot={shot}",
                     "--window-size=1000,800", page.as_uri()], capture_output=True, timeout=120, check=True)
     assert shot.stat().st_size > 10_000  # a rendered page, not a blank one

@@ -3,31 +3,22 @@ themselves (their Markdown descriptions render), checked in headless Chromium ag
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from procs import start_mlflow_server
+from procs import chromium, start_mlflow_server
 from sae_registry import ActivationStore, SAEConfig
 from sae_registry.runs import train_and_register
 from sae_registry.train import TrainConfig
 
 
-def _chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        found = shutil.which(name)
-        if found:
-            return found
-    pytest.skip("no chromium here (CI installs it: scripts/setup-deploy-tools.sh)")
-
-
 def _rendered(url: str, profile: Path) -> str:
     """The page's DOM after its scripts ran (the UI is a single-page app that fetches the registry)."""
     out = subprocess.run(
-        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--no-first-run", f"--user-data-dir={profile}",
          "--virtual-time-budget=30000", "--run-all-compositor-stages-before-draw", "--dump-dom", url],
         capture_output=True, text=True, timeout=180, check=False)
