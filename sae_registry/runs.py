@@ -35,7 +35,6 @@ MODEL_ARTIFACT = "sae"  # name of the logged pyfunc model
 SERVING_CODE = Path(__file__).with_name("serving.py")
 # What serving.py needs to rebuild a dictionary, shipped in each model folder (see shipped_code).
 SHIPPED_PACKAGE = "sae_registry_code"
-SHIPPED_MODULES = ("config.py", "errors.py", "sae.py", "sae_files.py", "sparse_ops.py")
 SERVING_REQUIREMENTS = ["torch", "safetensors", "numpy"]
 
 
@@ -304,9 +303,28 @@ def shipped_code(directory: Path) -> Path:
     package = Path(directory) / SHIPPED_PACKAGE
     package.mkdir(parents=True)
     (package / "__init__.py").write_text(f'"""sae-registry {__version__}: the modules a logged dictionary loads with."""\n')
-    for name in SHIPPED_MODULES:
+    for name in shipped_modules():
         shutil.copyfile(Path(__file__).with_name(name), package / name)
     return package
+
+
+def shipped_modules(root: str = "sae.py") -> list[str]:
+    """The package's own modules that ``root`` imports, directly or not (``sae.py``: what serving loads).
+
+    Read from the code, not listed by hand, so that a module the model starts to use is shipped too.
+    """
+    import ast
+
+    here, seen, todo = Path(__file__).parent, set(), [root]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse((here / name).read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                todo.append(node.module.split(".")[0] + ".py")
+    return sorted(seen)
 
 
 def _tags(tags: dict[str, str]) -> list:
