@@ -256,8 +256,15 @@ def _check_same_trials(client, parent_run_id: str, spec: SweepSpec) -> None:
     """Refuse a resume whose spec would make other trials than the first run's, naming what changed."""
     from .train import changed
 
+    from mlflow.exceptions import MlflowException
+
     with tempfile.TemporaryDirectory(prefix="sweep-spec-") as tmp:
-        first = json.loads(Path(client.download_artifacts(parent_run_id, "sweep_spec.json", tmp)).read_text())
+        try:
+            first = json.loads(Path(client.download_artifacts(parent_run_id, "sweep_spec.json", tmp)).read_text())
+        except (MlflowException, OSError, ValueError):
+            # its artifacts are out of reach (e.g. the first driver's working directory is gone): the trials'
+            # own records still decide what is resumed, so there is nothing to compare against here
+            return
     now = json.loads(json.dumps(spec.to_dict()))
     if differ := changed({k: first.get(k) for k in TRIAL_KEYS}, {k: now.get(k) for k in TRIAL_KEYS}):
         raise SAERegistryError(f"sweep {spec.name!r} was started with other options: {differ}; resume with the "
