@@ -24,7 +24,8 @@ import zarr.storage
 from . import zarr_files
 from .errors import SAERegistryError, require_choice, require_float, require_positive_int
 from .store import (
-    ARRAY, COMPRESSORS, DTYPES, FORMAT, FORMAT_VERSION, MAX_CHUNK_BYTES, PROVENANCE, STORE_ARRAYS, StoreInfo,
+    ARRAY, COMPRESSORS, DEFAULT_CHUNK_TOKENS, DTYPES, FORMAT, FORMAT_VERSION, MAX_CHUNK_BYTES, PROVENANCE,
+    STORE_ARRAYS, StoreInfo,
     to_float32, to_numpy,
 )
 
@@ -62,7 +63,7 @@ class StoreWriter(StoreInfo):
         d: int,
         *,
         dtype: str = "float32",
-        chunk_tokens: int = 8192,
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         compressor: str = "none",
         eval_fraction: float = 0.05,
         source: dict | None = None,
