@@ -94,17 +94,7 @@ class StoreWriter(StoreInfo):
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         group = zarr_files.create(path, FORMAT, attrs, overwrite=overwrite, arrays=STORE_ARRAYS)
-        group.create_array(
-            ARRAY,
-            shape=(0, d),
-            chunks=(chunk_tokens, d),
-            dtype="uint16" if dtype == "bfloat16" else dtype,
-            compressors=zarr_files.codecs(compressor),
-        )
-        for name, int_dtype in PROVENANCE.items() if provenance else ():
-            # small integers compress well whatever the activations use
-            group.create_array(name, shape=(0,), chunks=(chunk_tokens,), dtype=int_dtype,
-                               compressors=[zarr.codecs.ZstdCodec(level=3)])
+        _create_missing_arrays(group)
         return cls(path, group)
 
     @classmethod
@@ -121,6 +111,9 @@ class StoreWriter(StoreInfo):
             raise SAERegistryError(f"no activation store at {path} to resume; start a new one")
         group = zarr.open_group(zarr_files.open_store(path, read_only=False), mode="r+")
         zarr_files.require_unfinished(path, dict(group.attrs), FORMAT, "activation store")
+        if _create_missing_arrays(group):  # a writer killed inside create(): no row was written yet
+            for name in (ARRAY, *(PROVENANCE if group.attrs.get("provenance") else ())):
+                group[name].resize((0, *group[name].shape[1:]))
         store = cls(path, group)
         chunk = store.metadata["chunk_tokens"]
         arrays = [store._array, *store._provenance.values()]
@@ -269,3 +262,27 @@ class StoreWriter(StoreInfo):
     def __repr__(self) -> str:
         status = self.metadata.get("status")
         return f"StoreWriter({str(self.path)!r}, n_tokens={len(self)}, d={self.d}, status={status!r})"
+
+
+def _create_missing_arrays(group: zarr.Group) -> bool:
+    """Create the store's empty arrays that ``group`` lacks (all of them, for a new store).
+
+    Returns whether any was missing. Their layout comes from the group's attributes alone, so that a
+    store whose creation was interrupted between its group and its arrays can be completed on resume.
+    """
+    attrs = group.attrs
+    existing = set(group.array_keys())
+    created = False
+    if ARRAY not in existing:
+        d, chunk_tokens, dtype = attrs["d"], attrs["chunk_tokens"], attrs["dtype"]
+        group.create_array(ARRAY, shape=(0, d), chunks=(chunk_tokens, d),
+                           dtype="uint16" if dtype == "bfloat16" else dtype,
+                           compressors=zarr_files.codecs(attrs["compressor"]))
+        created = True
+    for name, int_dtype in PROVENANCE.items() if attrs.get("provenance") else ():
+        if name not in existing:
+            # small integers compress well whatever the activations use
+            group.create_array(name, shape=(0,), chunks=(attrs["chunk_tokens"],), dtype=int_dtype,
+                               compressors=[zarr.codecs.ZstdCodec(level=3)])
+            created = True
+    return created

@@ -10,6 +10,10 @@ import torch
 from sae_registry import ActivationStore
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One Ray authentication mode for every Ray this test process starts. Ray 2.60 cannot change it within a
+# process: after a local Ray in token mode (what sae-registry and ray.init pick when it is unset), a later
+# local Ray in another mode cancels every actor before it runs. Token mode is tested in child processes.
+os.environ["RAY_AUTH_MODE"] = "disabled"
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -38,6 +42,25 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("SAE_REGISTRY_CACHE", str(tmp_path / "sae-registry-cache"))
+    yield
+    _forget_mlflow_globals()
+
+
+def _forget_mlflow_globals() -> None:
+    """Drop a tracking/registry URI that a test set in MLflow's module state (``mlflow.set_tracking_uri``).
+
+    MLflow prefers it over ``MLFLOW_TRACKING_URI``, so it would outlive the test's environment and point
+    every later ``MlflowClient()`` at a server that test has since stopped.
+    """
+    import sys
+
+    if "mlflow" not in sys.modules:
+        return
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    tracking_utils._tracking_uri = None
+    registry_utils._registry_uri = None
 
 
 @pytest.fixture(scope="session")

@@ -298,7 +298,6 @@ def test_processes_registering_into_one_family_at_once_get_distinct_versions(tmp
 
 @pytest.mark.slow
 def test_a_sweep_rides_out_a_tracking_server_restart(tmp_path, minilm_store, monkeypatch):
-    import mlflow
     import yaml
     from mlflow import MlflowClient
 
@@ -312,7 +311,6 @@ def test_a_sweep_rides_out_a_tracking_server_restart(tmp_path, minilm_store, mon
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
     with restartable_server(tmp_path / "server") as server:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", server["uri"])
-        mlflow.set_tracking_uri(server["uri"])  # an earlier test in this process may have set another
         proc = _sweep_process(tmp_path / "s.yaml", tmp_path / "sweep.log")
         try:
             _wait_for_step("restarted", every, proc, tmp_path / "sweep.log")

@@ -421,3 +421,23 @@ def test_the_writer_is_a_separate_object_from_the_reader(tmp_path):
         writer.append(_rows(3))
     reader = ActivationStore.open(tmp_path / "s.zarr")
     assert reader.fingerprint == writer.metadata["fingerprint"]
+
+
+@pytest.mark.parametrize("made", [[], ["activations"], ["activations", "token_id"]])
+def test_a_writer_killed_inside_create_leaves_a_store_that_resumes(tmp_path, made):
+    """Killed between writing the group and its arrays: reopen() makes the missing ones, nothing is lost."""
+    import shutil
+
+    cut = tmp_path / "cut.zarr"
+    ActivationStore.create(cut, d=8, chunk_tokens=16, provenance=True)  # never closed: still "writing"
+    for name in ("activations", "token_id", "seq", "pos"):
+        if name not in made:
+            shutil.rmtree(cut / name)
+    x, prov = _rows(40), _provenance(40)
+    with ActivationStore.reopen(cut) as store:
+        assert len(store) == 0
+        store.append(x, prov)
+    resumed = ActivationStore.open(cut)
+    assert np.array_equal(resumed.read(0, 40).numpy(), x.numpy())
+    for name, values in prov.items():
+        assert np.array_equal(resumed.provenance()[name], values), name
