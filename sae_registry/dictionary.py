@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .errors import SAERegistryError
-from .interchange import SAEBenchConfig, Weights, folded_weights, saebench_config
+from .folded import SAEBenchConfig, Weights, folded_weights, saebench_config
 from .registry import VersionInfo, resolve, resolve_embedded
 from .sae import CONFIG_FILE, WEIGHTS_FILE, SAEConfig, SparseAutoencoder
 from .tracking import Tracking, TrackingLike, lineage_of, sha256

@@ -244,7 +244,7 @@ def test_the_command_line_harvests_several_hooks_in_one_pass(tiny_llama, tmp_pat
 
 
 def test_exports_name_the_hook_and_its_block():
-    from sae_registry.interchange import _layer
+    from sae_registry.folded import hook_layer as _layer
 
     # SAELens's hook_layer is the L of blocks.L.*; a residual store's own layer counts hidden states
     assert _layer({"source.hook": "blocks.3.hook_resid_post", "source.layer": "4"}) == 3
