@@ -31,24 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from .errors import SAERegistryError, require_choice, require_positive_int
-from .models import (
-    ModelRef,
-    architecture,
-    capture_hooks,
-    capture_stream,
-    check_layer,
-    edit_hook,
-    find_blocks,
-    find_model,
-    layer_hook,
-    load_model,
-    load_tokenizer,
-    model_kind,
-    parse_hook,
-    replace_stream,
-    resolve,
-    sink_token_id,
-)
+from .hooks import architecture, capture_hooks, capture_stream, edit_hook, find_blocks, layer_hook, parse_hook, replace_stream
+from .models import ModelRef, check_layer, find_model, load_model, load_tokenizer, model_kind, resolve, sink_token_id
 from .sae import resolve_device
 from .store import ActivationStore
 

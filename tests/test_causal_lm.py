@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from sae_registry import SAERegistryError, models
+from sae_registry import SAERegistryError, hooks, models
 from sae_registry.downstream import prepare
 from sae_registry.harvest import default_model_path, demo_texts, harvest, read_texts
 
@@ -55,10 +55,10 @@ def _inputs(path):
 def test_residual_hooks_are_the_hidden_states_transformers_reports(tiny_llama, block):
     model = models.load_model(tiny_llama, causal_lm=True)
     inputs = _inputs(tiny_llama)
-    hooks = [models.parse_hook(f"blocks.{block}.{p}", 3, "llama") for p in POINTS]
+    points = [hooks.parse_hook(f"blocks.{block}.{p}", 3, "llama") for p in POINTS]
     with torch.inference_mode():
         hidden = model(**inputs, output_hidden_states=True).hidden_states
-        with models.capture_hooks(model, hooks) as seen:
+        with hooks.capture_hooks(model, points) as seen:
             model(**inputs)
     torch.testing.assert_close(seen[f"blocks.{block}.hook_resid_pre"], hidden[block])
     torch.testing.assert_close(seen[f"blocks.{block}.hook_resid_post"], hidden[block + 1])
@@ -76,10 +76,10 @@ def test_gpt2_and_bert_hook_points_add_up_too(tmp_path):
     bert = models.load_model(models.default_model_path())
     ids = torch.tensor([[5, 6, 7, 8]])
     for model, arch in ((gpt2, "gpt2"), (bert, "bert")):
-        blocks = models.find_blocks(model)
-        assert models.architecture(blocks) == arch
-        hooks = [models.parse_hook(f"blocks.1.{p}", 2, arch) for p in POINTS]
-        with torch.inference_mode(), models.capture_hooks(model, hooks) as seen:
+        blocks = hooks.find_blocks(model)
+        assert hooks.architecture(blocks) == arch
+        points = [hooks.parse_hook(f"blocks.1.{p}", 2, arch) for p in POINTS]
+        with torch.inference_mode(), hooks.capture_hooks(model, points) as seen:
             hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
         torch.testing.assert_close(seen["blocks.1.hook_resid_pre"], hidden[1])
         if arch == "gpt2":  # pre-LN: the stream is a sum; GPT-2's last hidden state has ln_f applied
@@ -95,15 +95,15 @@ def test_gpt2_and_bert_hook_points_add_up_too(tmp_path):
 def test_bad_hook_names_list_the_valid_ones(tiny_llama):
     with pytest.raises(SAERegistryError, match=r"unknown hook 'blocks.1.hook_resid' for .*blocks.L.\{hook_resid_pre, "
                                                r"hook_attn_out, .*hook_resid_post\} with L in 0..2"):
-        models.parse_hook("blocks.1.hook_resid", 3, "llama", "tiny")
+        hooks.parse_hook("blocks.1.hook_resid", 3, "llama", "tiny")
     with pytest.raises(SAERegistryError, match="unknown hook 'resid' for"):
-        models.parse_hook("resid", 3, "llama")
+        hooks.parse_hook("resid", 3, "llama")
     with pytest.raises(SAERegistryError, match=r"'blocks.3.hook_mlp_out' is beyond the last layer: tiny has 3 blocks"):
-        models.parse_hook("blocks.3.hook_mlp_out", 3, "llama", "tiny")
+        hooks.parse_hook("blocks.3.hook_mlp_out", 3, "llama", "tiny")
     with pytest.raises(SAERegistryError, match="is beyond the last layer"):
         harvest("/nonexistent/x.zarr", ["hello world"], model_path=tiny_llama, hook="blocks.9.hook_resid_post",
                 progress=False)
-    assert models.layer_hook(0, 3) == "blocks.0.hook_resid_pre" and models.layer_hook(3, 3) == "blocks.2.hook_resid_post"
+    assert hooks.layer_hook(0, 3) == "blocks.0.hook_resid_pre" and hooks.layer_hook(3, 3) == "blocks.2.hook_resid_post"
 
 
 def test_one_pass_writes_one_store_per_hook_the_same_rows_as_one_hook_at_a_time(tiny_llama, tmp_path):

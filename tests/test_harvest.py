@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sae_registry import ActivationStore, SAEConfig, SAERegistryError, models
+from sae_registry import ActivationStore, SAEConfig, SAERegistryError, hooks
 from sae_registry.harvest import default_model_path, demo_texts, harvest, read_texts
 from sae_registry.train import TrainConfig, train
 
@@ -38,7 +38,7 @@ def test_harvest_writes_exactly_the_models_hidden_states(tmp_path, layer):
     store = harvest(tmp_path / "s.zarr", [text, long_text], layer=layer, progress=False, batch_size=1, seed=0,
                     chunk_tokens=64)
     assert store.d == 384
-    assert store.source["layer"] == layer and store.source["hook"] == models.layer_hook(layer, 6)
+    assert store.source["layer"] == layer and store.source["hook"] == hooks.layer_hook(layer, 6)
     assert store.source["model"] == "sentence-transformers/all-MiniLM-L6-v2"
     order = store.source["seed"]  # documents are shuffled with this seed
     import random

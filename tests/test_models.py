@@ -10,7 +10,7 @@ import torch
 
 import sae_registry
 from sae_registry import SAERegistryError
-from sae_registry import cards, models
+from sae_registry import cards, hooks, models
 from sae_registry.harvest import harvest
 
 
@@ -31,8 +31,8 @@ def test_the_stream_at_a_layer_is_the_hidden_state_transformers_reports(minilm, 
     inputs = _inputs(tokenizer)
     with torch.inference_mode():
         want = model(**inputs, output_hidden_states=True).hidden_states[layer]
-        torch.testing.assert_close(models.stream_at(model, inputs, layer), want)
-        with models.capture_stream(models.find_blocks(model), layer) as captured:
+        torch.testing.assert_close(hooks.stream_at(model, inputs, layer), want)
+        with hooks.capture_stream(hooks.find_blocks(model), layer) as captured:
             model(**inputs)  # no stop: the pass runs to the end, the stream is recorded on the way
         torch.testing.assert_close(captured.stream, want)
 
@@ -41,14 +41,14 @@ def test_the_stream_at_a_layer_is_the_hidden_state_transformers_reports(minilm, 
 def test_replacing_the_stream_with_itself_changes_nothing_and_with_zeros_does(minilm, layer):
     _, tokenizer, model = minilm
     inputs = _inputs(tokenizer)
-    blocks = models.find_blocks(model)
+    blocks = hooks.find_blocks(model)
     with torch.inference_mode():
-        with models.capture_stream(blocks, layer) as captured:
+        with hooks.capture_stream(blocks, layer) as captured:
             clean = model(**inputs).last_hidden_state
         stream, rest = captured.stream.clone(), captured.rest
-        with models.replace_stream(blocks, layer, stream, rest):
+        with hooks.replace_stream(blocks, layer, stream, rest):
             torch.testing.assert_close(model(**inputs).last_hidden_state, clean)
-        with models.replace_stream(blocks, layer, torch.zeros_like(stream), rest):
+        with hooks.replace_stream(blocks, layer, torch.zeros_like(stream), rest):
             assert not torch.allclose(model(**inputs).last_hidden_state, clean, atol=1e-3)
     assert all(type(b).__name__ != "_Given" for b in blocks)  # the blocks are put back
     assert not any(b._forward_pre_hooks for b in blocks)
