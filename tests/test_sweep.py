@@ -241,7 +241,7 @@ def test_a_killed_trial_resumes_from_its_checkpoint(env, minilm_store, tmp_path)
     steps = Counter(m.step for m in client.get_metric_history(run_id, "eval/fvu"))
     # resumed from a checkpoint, not from step 0: the first evaluation is logged once. Steps after the last
     # Tune checkpoint (at most one per TUNE_CHECKPOINT_SECONDS) are trained and logged again by the retry.
-    assert steps[5] == 1 and max(steps.values()) == 2
+    assert steps[5] == 1 and max(steps.values()) <= 2
     assert max(steps) == 60 and set(steps) == set(range(5, 61, 5))
     assert len(_children("killed", run.data.tags["sweep.id"])) == 1
     assert [v.run_id for v in sae_registry.find("killed")] == [run_id]
