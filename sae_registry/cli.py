@@ -77,17 +77,14 @@ def harvest(out, overwrite, resume, store_root, reuse, **options) -> None:
 @pass_tracking
 def stores(tracking, store_root) -> None:
     """List the stores in a folder: content key, tokens, size, hook, and the dictionaries trained on each."""
+    from .registry import versions_by_store
     from .store import list_stores, store_roots
 
     found = list_stores(store_roots(store_root) or [Path.cwd()])
     if not found:
         click.echo("no finished stores there")
         return
-    trained: dict[str, list[str]] = {}  # store fingerprint -> registered family/version trained on it
-    for mv in tracking.client.search_model_versions(max_results=10_000):
-        tags = mv.tags or {}
-        if tags.get("store.fingerprint"):
-            trained.setdefault(tags["store.fingerprint"], []).append(f"{mv.name}/{mv.version}")
+    trained = versions_by_store(tracking)
     for path, attrs in found:
         source = attrs.get("source", {})
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

@@ -238,6 +238,15 @@ def families(tracking_uri: TrackingLike = None) -> list[tuple[str, int, dict[str
     return sorted(out)
 
 
+def versions_by_store(tracking_uri: TrackingLike = None) -> dict[str, list[str]]:
+    """Every registered version (``family/version``) by the fingerprint of the store it was trained on."""
+    trained: dict[str, list[str]] = {}
+    for mv in Tracking.resolve(tracking_uri).client.search_model_versions(max_results=10_000):
+        if fingerprint := (mv.tags or {}).get("store.fingerprint"):
+            trained.setdefault(fingerprint, []).append(f"{mv.name}/{mv.version}")
+    return trained
+
+
 def _get_model(tracking: Tracking, family: str):
     from mlflow.exceptions import MlflowException
 
