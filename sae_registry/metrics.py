@@ -9,6 +9,7 @@ and returns them all.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -46,12 +47,15 @@ def dead_fraction(density: torch.Tensor) -> float:
 
 
 def summary(x: torch.Tensor, x_hat: torch.Tensor, density: torch.Tensor) -> dict[str, float]:
-    """Every scalar metric at once, named as they are logged everywhere."""
-    unexplained = fvu(x, x_hat)
+    """Every scalar metric at once, named as they are logged everywhere (the dense definitions)."""
+    return _scalars(mse(x, x_hat), fvu(x, x_hat), density)
+
+
+def _scalars(mse_value: float, fvu_value: float, density: torch.Tensor) -> dict[str, float]:
     return {
-        "mse": mse(x, x_hat),
-        "fvu": unexplained,
-        "explained_variance": 1.0 - unexplained,
+        "mse": mse_value,
+        "fvu": fvu_value,
+        "explained_variance": 1.0 - fvu_value,
         "l0": l0(density),
         "dead_fraction": dead_fraction(density),
     }
@@ -75,28 +79,41 @@ def fire_counts(indices: torch.Tensor, active: torch.Tensor, dict_size: int) -> 
 
 
 @torch.no_grad()
-def evaluate(sae: SparseAutoencoder, x: torch.Tensor, batch_size: int = 4096) -> Evaluation:
-    """Metrics of ``sae`` on raw activations ``x [n, d]``, batch by batch.
+def evaluate(sae: SparseAutoencoder, x: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 4096) -> Evaluation:
+    """Metrics of ``sae`` on raw activations: ``x [n, d]``, or batches of them (e.g. a split read from a
+    store batch by batch with ``store.batches(..., shuffle=False)``), one batch in memory at a time.
 
-    top_k dictionaries are evaluated in their compact form (``encode_topk``/``decode_topk``): no
-    dense ``[batch, dict_size]`` codes, no dense decoder product.
+    Only sums are kept across batches (in float64: the residual, the rows' sum and sum of squares,
+    the firing counts), so that a split of any size is evaluated in the memory of one batch; the
+    per-row L0 (4 bytes a row) is all that grows. top_k dictionaries are evaluated in their compact
+    form (``encode_topk``/``decode_topk``): no dense ``[batch, dict_size]`` codes, no dense decoder product.
     """
     device = next(sae.parameters()).device
     dict_size = sae.cfg.dict_size
-    recon, l0s, fired = [], [], torch.zeros(dict_size, dtype=torch.float64)
-    for xb in x.split(batch_size):
+    fired = torch.zeros(dict_size, dtype=torch.float64)
+    n, row_sum, square_sum, residual, l0s = 0, None, 0.0, 0.0, []
+    for xb in x.split(batch_size) if isinstance(x, torch.Tensor) else x:
         xb = xb.to(device)
         if sae.rule.fixed_k:
             values, indices = sae.encode_topk(xb)
-            recon.append(sae.decode_topk(values, indices).cpu())
+            x_hat = sae.decode_topk(values, indices)
             active = values > 0
             counts = fire_counts(indices, active, dict_size)
         else:
             h = sae.encode(xb)
-            recon.append(sae.decode(h).cpu())
+            x_hat = sae.decode(h)
             active = h != 0
             counts = active.sum(0)
         fired += counts.cpu().double()
-        l0s.append(active.sum(-1).cpu())
-    density = fired / len(x)
-    return Evaluation(summary(x, torch.cat(recon), density), density, torch.cat(l0s))
+        l0s.append(active.sum(-1).to(torch.int32).cpu())
+        x64 = xb.double()
+        row_sum = x64.sum(0) if row_sum is None else row_sum + x64.sum(0)
+        square_sum += float(x64.pow(2).sum())
+        residual += float((x_hat.double() - x64).pow(2).sum())
+        n += len(xb)
+    if n == 0:
+        raise ValueError("nothing to evaluate: no rows")
+    density = fired / n
+    total = square_sum - float(row_sum.pow(2).sum()) / n  # sum over rows of |x - mean|^2
+    metrics = _scalars(residual / (n * row_sum.numel()), residual / max(total, 1e-30), density)
+    return Evaluation(metrics, density, torch.cat(l0s))

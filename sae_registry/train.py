@@ -45,6 +45,7 @@ from .store import ActivationStore
 
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.json"
+EVAL_BATCH = 4096  # rows a final evaluation holds at once
 
 Callback = Callable[[int, dict, "Path | None"], None]  # (step, metrics, checkpoint just written)
 
@@ -244,7 +245,8 @@ class _Member:
 
     def finish(self, store: ActivationStore, tokens_per_second: float) -> TrainResult:
         self.sae.eval()
-        evaluation = evaluate(self.sae, store.read_split("eval"))
+        # batch by batch from the store: the held-out split of a large store does not fit in memory
+        evaluation = evaluate(self.sae, store.batches(EVAL_BATCH, split="eval", shuffle=False))
         lineage = {"store": {"path": str(store.path), "fingerprint": store.fingerprint, "source": store.source,
                              "n_tokens": len(store)}}
         self.sae.save(self.out_dir, extra={"train": self.cfg.to_dict(), **lineage, "metrics": evaluation.metrics,
