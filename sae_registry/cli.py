@@ -392,16 +392,19 @@ def cards(tracking, name, features, top, select, store_path, split, max_tokens, 
 @click.option("--text", "text_path", type=click.Path(path_type=Path), default=None,
               help="Evaluate on these texts (a file or a directory of .txt/.md) instead of the held-out split.")
 @click.option("--layer", type=click.IntRange(min=0), default=None, help="Residual stream to splice into [default: the store's layer].")
+@click.option("--hook", default=None, help="Hook point to splice into, e.g. blocks.3.hook_mlp_out [default: the store's].")
 @click.option("--tokens", default=4096, show_default=True, type=click.IntRange(min=1), help="Tokens to splice (whole windows).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--no-record", is_flag=True, help="Only print the numbers; do not record them on the version.")
 @pass_tracking
-def evaluate_(tracking, name, store_path, model_path, text_path, layer, tokens, device, no_record) -> None:
+def evaluate_(tracking, name, store_path, model_path, text_path, layer, hook, tokens, device, no_record) -> None:
     """Downstream fidelity of NAME: splice it into its source model and measure what the model loses.
 
     The numbers are recorded on the version (downstream.* tags, as a sweep records them; `list`
     shows the fidelity) unless --no-record.
     """
+    if layer is not None and hook is not None:
+        raise SAERegistryError("give --layer or --hook, not both: they both name where the dictionary is spliced in")
     from .dictionary import load
     from .downstream import evaluate
 
@@ -409,16 +412,17 @@ def evaluate_(tracking, name, store_path, model_path, text_path, layer, tokens, 
     store = store_path or (None if model_path else dictionary.lineage.get("store.path"))
     if store is None and model_path is None:
         raise SAERegistryError(f"{name} records no store it was trained on (an imported dictionary): give one with "
-                               "--store, or a model directory with --model, --text and --layer")
-    if store is None and (text_path is None or layer is None):  # checked here to name the options
+                               "--store, or a model directory with --model, --text and --layer (or --hook)")
+    if store is None and (text_path is None or (layer is None and hook is None)):  # checked here to name the options
         raise SAERegistryError("evaluating in a --model directory needs --text (the texts to run it on) and --layer "
-                               "(the residual stream the dictionary reconstructs)")
+                               "or --hook (the activations the dictionary reconstructs)")
     texts = None
     if text_path is not None:
         from .harvest import read_texts
 
         texts = read_texts(text_path)
-    m = evaluate(dictionary, store, texts=texts, model=model_path, layer=layer, max_tokens=tokens, device=device)
+    m = evaluate(dictionary, store, texts=texts, model=model_path, layer=layer, hook=hook, max_tokens=tokens,
+                 device=device)
     click.echo(f"{dictionary.family}/{dictionary.version}: downstream fidelity {m['downstream/fidelity']:.4f} "
                f"({m['downstream/tokens']:,.0f} tokens in {m['downstream/windows']:.0f} windows)")
     for key in sorted(m):

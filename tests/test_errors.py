@@ -632,6 +632,12 @@ CASES = {
                             r"\[\{'dict_size': \[64\], 'k': \[4\]\}\], now \[\{'dict_size': \[64\], 'k': \[8\]\}\]"),
     "cli-evaluate-imported": (cli_evaluate_imported, "1:Error: zz-imported records no store it was trained on .*: "
                               "give one with --store, or a model directory with --model"),
+    "cli-evaluate-layer-and-hook": (_cli("evaluate", f"{FAMILY}@champion", "--layer", "1", "--hook",
+                                         "blocks.0.hook_resid_post", registry=True),
+                                    "1:Error: give --layer or --hook, not both"),
+    "cli-evaluate-model-without-text": (_cli("evaluate", f"{FAMILY}@champion", "--model", "TMP", "--layer", "1",
+                                             registry=True),
+                                        "1:Error: evaluating in a --model directory needs --text .* and --layer or --hook"),
     "cli-dict-size-too-big": (_cli(*TRAIN, "--dict-size", "100000000000", registry=True),
                               "1:Error: --dict-size must be <= 16777216, got 100000000000"),
     "cli-list-versioned-name": (_cli("list", f"{FAMILY}/1", registry=True),
