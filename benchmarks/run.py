@@ -1,6 +1,6 @@
 """Run every benchmark (or those named), print their tables, then the targets and how far each is met.
 
-    .venv/bin/python benchmarks/run.py                 # all: train store sweep use (~15 min on 2 cores)
+    .venv/bin/python benchmarks/run.py                 # all: train store sweep use (~1 h on 2 cores, mostly train)
     .venv/bin/python benchmarks/run.py train store     # some
     .venv/bin/python benchmarks/run.py --quick         # fewer steps and tokens, for a smoke run
 
