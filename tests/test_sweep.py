@@ -73,7 +73,7 @@ def _spec(store, name: str, **overrides) -> dict:
 def test_the_demo_spec_runs_registers_the_frontier_and_the_champion_loads(env, minilm_store):
     spec = yaml.safe_load((REPO / "jobs" / "demo.yaml").read_text())
     assert len(SweepSpec.from_dict(spec).configurations()) == 8  # 2 sparsities x 2 dict sizes x 2 (k or l1)
-    spec.update(store=str(minilm_store.path), harvest=None)
+    spec.update(store=str(minilm_store.path), harvest=None, evaluate_tokens=512)  # the spec's own, smaller
     spec["train"].update(tokens=8 * 2048, eval_every=4, checkpoint_every=4)
     spec = SweepSpec.from_dict(spec)
     result = run(spec, verbose=0)
