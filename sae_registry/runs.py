@@ -23,6 +23,7 @@ from . import __version__
 from .registry import check_alias, check_family_name, register_run, set_alias
 from .sae import CONFIG_FILE, WEIGHTS_FILE, SAEConfig
 from .sae_files import prepare_out
+from .sparsity import rule_of
 from .store import ActivationStore
 from .tracking import Tracking, TrackingLike, code_tags, lineage_tags, retrying, sha256
 from .train import METRICS_FILE, TrainConfig, TrainResult, check_pack, train_pack
@@ -84,16 +85,16 @@ def run_guard(client, run_ids: list[str]) -> Iterator[None]:
         raise
 
 
-def run_name(cfg: SAEConfig, l1_coeff: float | None = None) -> str:
-    """One name style for trained and imported dictionaries: ``topk-d4096-k32``, ``l1-d4096-l1c0.005``."""
-    if cfg.sparsity == "top_k":
-        return f"topk-d{cfg.dict_size}-k{cfg.top_k}"
-    return f"l1-d{cfg.dict_size}" + (f"-l1c{l1_coeff:g}" if l1_coeff is not None else "")
+def run_name(cfg: SAEConfig, train_cfg: TrainConfig | None = None) -> str:
+    """One name style for trained and imported dictionaries, the rule's (:meth:`Rule.run_name
+    <sae_registry.sparsity.Rule.run_name>`): ``topk-d4096-k32``, ``l1-d4096-l1c0.005``,
+    ``jumprelu-d4096-l0c0.0026``, ``matryoshka-d4096-k32-p256.1024.4096``; an import has no coefficient."""
+    return rule_of(cfg.sparsity).run_name(cfg, train_cfg.resolved(cfg) if train_cfg is not None else None)
 
 
 def default_run_name(sae_cfg: SAEConfig, train_cfg: TrainConfig) -> str:
     """The run name of a training of ``sae_cfg`` with ``train_cfg``."""
-    return run_name(sae_cfg, train_cfg.resolved(sae_cfg).l1_coeff)
+    return run_name(sae_cfg, train_cfg)
 
 
 @dataclass

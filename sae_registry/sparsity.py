@@ -89,6 +89,7 @@ class Rule:
 
     name = ""
     fixed_k = False  # every row has exactly top_k codes: encode_topk means something
+    k_rule = False  # top_k sets its sparsity (per row, or on average over a batch)
     encoder_init_scale = 1.0  # decoder_transpose times this, by default
     saelens: str | None = None  # the architecture SAELens saves it as (None: not exportable)
     dictionary_learning: str | None = None  # the dictionary_learning class
@@ -98,6 +99,12 @@ class Rule:
     def tensors(self, cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
         """Extra tensors of the rule, saved beside the weights: name -> shape."""
         return {}
+
+    def run_name(self, cfg: SAEConfig, train_cfg: TrainConfig | None = None) -> str:
+        """A run's name: the rule, the size and what sets the sparsity (``topk-d4096-k32``), so that two
+        dictionaries of one grid never share one (a sweep finds its members' runs by name).
+        ``train_cfg`` is resolved (its coefficients filled in); without it the coefficient is left out."""
+        return f"{self.name.replace('_', '')}-d{cfg.dict_size}" + (f"-k{cfg.top_k}" if self.k_rule else "")
 
     def add_tensors(self, encoder: SparseEncoder) -> None:
         """Register the rule's tensors on ``encoder``."""
@@ -149,7 +156,7 @@ class Rule:
 
 
 class TopK(Rule):
-    name, fixed_k = "top_k", True
+    name, fixed_k, k_rule = "top_k", True, True
     saelens, dictionary_learning = "topk", "AutoEncoderTopK"
 
     def encode(self, encoder, x_n):
@@ -236,6 +243,9 @@ class L1(_SparseWhenSmall):
     encoder_init_scale = 0.1  # codes start dense: see train.py
     saelens, dictionary_learning = "standard", "AutoEncoder"
 
+    def run_name(self, cfg, train_cfg=None):
+        return super().run_name(cfg) + (f"-l1c{train_cfg.l1_coeff:g}" if train_cfg is not None else "")
+
     def activate(self, sae, pre, cfg, cols=None):
         return F.relu(pre)
 
@@ -252,6 +262,9 @@ class JumpReLU(_SparseWhenSmall):
     name = "jumprelu"
     encoder_init_scale = 0.1  # as SAELens's decoder_init_norm 0.1 with encoder = decoder transpose
     saelens, dictionary_learning = "jumprelu", "JumpReluAutoEncoder"
+
+    def run_name(self, cfg, train_cfg=None):
+        return super().run_name(cfg) + (f"-l0c{train_cfg.l0_coeff:g}" if train_cfg is not None else "")
 
     def tensors(self, cfg):
         return {"threshold": (cfg.dict_size,)}
@@ -302,7 +315,7 @@ class JumpReLU(_SparseWhenSmall):
 
 
 class BatchTopK(Rule):
-    name = "batch_top_k"
+    name, k_rule = "batch_top_k", True
     saelens, dictionary_learning = "jumprelu", "BatchTopKSAE"
 
     def tensors(self, cfg):
@@ -360,6 +373,9 @@ class BatchTopK(Rule):
 class Matryoshka(BatchTopK):
     name = "matryoshka"
     saelens, dictionary_learning = "jumprelu", "MatryoshkaBatchTopKSAE"
+
+    def run_name(self, cfg, train_cfg=None):
+        return super().run_name(cfg) + "-p" + ".".join(map(str, cfg.prefix_ends))
 
     def forward_train(self, sae, x_n, cfg, sparse_backward, select_dtype):
         from .sae import Codes

@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from .cluster import check_resources, client_progress, connect
+from .config import K_RULES
 from .errors import SAERegistryError
 from .sweep_spec import (  # noqa: F401  (the spec's names, re-exported: `from sae_registry.sweep import SweepSpec`)
     CHAMPION_BY, EVALUATE_CHOICES, REGISTER_CHOICES, HarvestSpec, Resources, SweepSpec,
@@ -312,7 +313,7 @@ def _register_and_summarise(spec: SweepSpec, client, sweep_id: str, parent_run_i
             continue
         p, m = r.data.params, r.data.metrics
         rows.append({"run_id": r.info.run_id, "name": r.info.run_name, "dict_size": int(p["dict_size"]),
-                     "sparsity": p["sparsity"], "k": int(p["top_k"]) if p["sparsity"] == "top_k" else None,
+                     "sparsity": p["sparsity"], "k": int(p["top_k"]) if p["sparsity"] in K_RULES else None,
                      "l1_coeff": float(p["l1_coeff"]), "lr": float(p["lr"]), "seed": int(p["seed"]),
                      "fvu": m["final/fvu"], "l0": m["final/l0"], "dead_fraction": m["final/dead_fraction"],
                      "fidelity": m.get("downstream/fidelity")})

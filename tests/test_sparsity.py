@@ -207,3 +207,21 @@ def test_a_grid_key_of_another_rule_is_refused():
     with pytest.raises(SAERegistryError, match="grid.l0_coeff: belongs to sparsity jumprelu"):
         SweepSpec.from_dict({"name": "x", "store": "s.zarr",
                              "grid": [{"sparsity": ["top_k"], "k": [4], "l0_coeff": [0.1]}]})
+
+
+def test_every_dictionary_of_a_grid_across_rules_has_a_run_name_of_its_own():
+    """A sweep finds its members' runs by name: two dictionaries of one grid may never share one."""
+    from sae_registry.sweep_spec import SweepSpec
+    from sae_registry.trial import member_name
+
+    spec = SweepSpec.from_dict({
+        "name": "names", "store": "s.zarr", "pack": 1,
+        "grid": [{"sparsity": ["top_k", "batch_top_k", "matryoshka"], "dict_size": [64, 128], "k": [4, 8]},
+                 {"sparsity": ["matryoshka"], "dict_size": [64], "k": [4], "prefixes": ["16,64", "32,64"]},
+                 {"sparsity": ["jumprelu"], "dict_size": [64], "l0_coeff": [0.01, 0.1]},
+                 {"sparsity": ["l1"], "dict_size": [64], "l1_coeff": [0.01, 0.1]}],
+    })
+    names = [member_name(s, t) for s, t in spec.configurations(32)]
+    assert len(names) == 12 + 2 + 2 + 2 and len(set(names)) == len(names), names
+    assert {n.split("-")[0] for n in names} == {"topk", "batchtopk", "matryoshka", "jumprelu", "l1"}
+    assert "jumprelu-d64-l0c0.1-s0" in names and "matryoshka-d64-k4-p16.64-s0" in names
