@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from .errors import SAERegistryError
+
 if TYPE_CHECKING:
     from .sae import SparseAutoencoder
 
@@ -112,7 +114,7 @@ def evaluate(sae: SparseAutoencoder, x: torch.Tensor | Iterable[torch.Tensor], b
         residual += float((x_hat.double() - x64).pow(2).sum())
         n += len(xb)
     if n == 0:
-        raise ValueError("nothing to evaluate: no rows")
+        raise SAERegistryError("nothing to evaluate: no rows (an empty split?)")
     density = fired / n
     total = square_sum - float(row_sum.pow(2).sum()) / n  # sum over rows of |x - mean|^2
     metrics = _scalars(residual / (n * row_sum.numel()), residual / max(total, 1e-30), density)

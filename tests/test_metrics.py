@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from sae_registry import SAERegistryError
 from sae_registry import metrics as M
 
 
@@ -67,5 +68,5 @@ def test_evaluate_streams_batches_and_agrees_with_the_whole_tensor(tmp_path):
     held_out = store.read_split("eval")
     with torch.no_grad():
         assert whole.metrics["fvu"] == pytest.approx(M.fvu(held_out, sae.decode(sae.encode(held_out))), rel=1e-6)
-    with pytest.raises(ValueError, match="no rows"):
+    with pytest.raises(SAERegistryError, match="no rows"):
         M.evaluate(sae, iter([]))
