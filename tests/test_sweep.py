@@ -245,7 +245,7 @@ def test_a_killed_trial_resumes_from_its_checkpoint(env, minilm_store, tmp_path)
     assert max(steps) == 60 and set(steps) == set(range(5, 61, 5))
     assert len(_children("killed", run.data.tags["sweep.id"])) == 1
     assert [v.run_id for v in sae_registry.find("killed")] == [run_id]
-    assert "after retrying" in (tmp_path / "sweep.log").read_text()
+    assert len(run.data.tags["ray.node_ids"].split(",")) == 2  # two attempts of the trial, in the same run
 
 
 def test_an_interrupted_sweep_resumes_without_duplicates(env, minilm_store, tmp_path):
