@@ -351,12 +351,13 @@ def _register_and_summarise(spec: SweepSpec, client, sweep_id: str, parent_run_i
 def summary_table(result: SweepResult, alias: str | None) -> str:
     """The sweep as a text table, frontier marked with *, the champion named."""
     downstream = any(r.get("fidelity") is not None for r in result.dictionaries)
-    lines = [f"{'dictionary':28} {'dict_size':>9} {'k':>4} {'l1_coeff':>9} {'FVU':>8} {'L0':>8} {'dead':>6}"
+    width = max([28, *(len(r["name"]) + 1 for r in result.dictionaries)])  # a matryoshka's name is long
+    lines = [f"{'dictionary':{width}} {'dict_size':>9} {'k':>4} {'l1_coeff':>9} {'FVU':>8} {'L0':>8} {'dead':>6}"
              + (f" {'fidelity':>8}" if downstream else "") + "  version"]
     for r in result.dictionaries:
         version = (r["version"] or "-") + (f" ({alias})" if alias and r["version"] == result.champion else "")
         fidelity = f" {r['fidelity']:>8.4f}" if r.get("fidelity") is not None else f" {'-':>8}"
-        lines.append(f"{('*' if r['frontier'] else ' ') + r['name']:28} {r['dict_size']:>9} {r['k'] or '-':>4} "
+        lines.append(f"{('*' if r['frontier'] else ' ') + r['name']:{width}} {r['dict_size']:>9} {r['k'] or '-':>4} "
                      f"{r['l1_coeff']:>9.2g} {r['fvu']:>8.4f} {r['l0']:>8.1f} {r['dead_fraction']:>6.3f}"
                      + (fidelity if downstream else "") + f"  {version}")
     lines.append(f"* on the FVU-vs-L0 frontier of its dict_size; {result.failed_trials} failed trial(s); "

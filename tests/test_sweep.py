@@ -563,3 +563,13 @@ def test_concurrent_slots_count_whole_trials_per_node():
     assert _demo(resources={"cpu": 0.5, "gpu": 0.25}).concurrent_slots(nodes) == 6  # CPUs bound the GPU node: 3 / 0.5
     assert _demo(resources={"cpu": 0, "gpu": 0.5}).concurrent_slots(nodes) == 8  # only the GPU node, 4 / 0.5
     assert _demo(resources={"cpu": 0.1}).concurrent_slots([{"Alive": True, "Resources": {"CPU": 3.0}}]) == 30
+
+
+def test_the_summary_table_stays_aligned_with_long_names():
+    from sae_registry.sweep import SweepResult
+
+    rows = [dict(name=name, frontier=True, dict_size=1024, k=32, l1_coeff=0.0, fvu=0.2, l0=29.3, dead_fraction=0.0,
+                 version=str(i)) for i, name in enumerate(["matryoshka-d1024-k32-p64.256.1024", "topk-d1024-k32"])]
+    lines = summary_table(SweepResult("s", "p", rows, "1", 0, 1.0, {}, False), "champion").splitlines()
+    end = lines[0].index("dict_size") + len("dict_size")
+    assert [line[end - 4:end] for line in lines[1:3]] == ["1024", "1024"], lines  # the column lines up
