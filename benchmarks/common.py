@@ -71,12 +71,26 @@ def machine() -> dict:
 
     return {
         "cpu": platform.processor() or platform.machine(),
+        **cpu_model(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
     }
+
+
+def cpu_model() -> dict:
+    """The CPU's model name and the vector extensions that decide matmul speed (bfloat16 above all),
+    from /proc/cpuinfo; empty where there is none. Two "2-core x86_64" machines can differ 4x in bfloat16."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), None)
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return {"cpu_model": name, "cpu_flags": [f for f in wanted if f in flags]}
 
 
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
