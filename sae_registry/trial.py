@@ -34,12 +34,12 @@ def member_name(sae_cfg: SAEConfig, train_cfg: TrainConfig) -> str:
 
 
 def run_trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, parent_run_id: str, tracking_uri: str,
-           device: str, threads: int, on_cluster: bool = True) -> None:
+              device: str, threads: int, on_cluster: bool = True) -> None:
     """Train one pack; report to Tune at every evaluation, with a checkpoint when one was written.
 
     ``config["pack"]`` is the pack's members as indices into the spec's configurations (the driver's
     :meth:`SweepSpec.pack_plan`, kept in Tune's state so that a resumed trial trains the same members).
-    The last report carries where the trial's seconds went (``time/*``: see :func:`fixed_costs`).
+    The last report carries where the trial's seconds went (``time/*``: see :func:`sae_registry.sweep.fixed_costs`).
     """
     clock = {"start": time.perf_counter()}
     import ray
