@@ -92,9 +92,7 @@ def run_name(cfg: SAEConfig, train_cfg: TrainConfig | None = None) -> str:
     return rule_of(cfg.sparsity).run_name(cfg, train_cfg.resolved(cfg) if train_cfg is not None else None)
 
 
-def default_run_name(sae_cfg: SAEConfig, train_cfg: TrainConfig) -> str:
-    """The run name of a training of ``sae_cfg`` with ``train_cfg``."""
-    return run_name(sae_cfg, train_cfg)
+default_run_name = run_name  # the name of a training of ``sae_cfg`` with ``train_cfg``
 
 
 @dataclass

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import K_RULES
 from .errors import SAERegistryError
 from .sparse_ops import Ragged, SelectedLatents, SparseDecode
 
@@ -89,7 +90,6 @@ class Rule:
 
     name = ""
     fixed_k = False  # every row has exactly top_k codes: encode_topk means something
-    k_rule = False  # top_k sets its sparsity (per row, or on average over a batch)
     encoder_init_scale = 1.0  # decoder_transpose times this, by default
     saelens: str | None = None  # the architecture SAELens saves it as (None: not exportable)
     dictionary_learning: str | None = None  # the dictionary_learning class
@@ -104,7 +104,7 @@ class Rule:
         """A run's name: the rule, the size and what sets the sparsity (``topk-d4096-k32``), so that two
         dictionaries of one grid never share one (a sweep finds its members' runs by name).
         ``train_cfg`` is resolved (its coefficients filled in); without it the coefficient is left out."""
-        return f"{self.name.replace('_', '')}-d{cfg.dict_size}" + (f"-k{cfg.top_k}" if self.k_rule else "")
+        return f"{self.name.replace('_', '')}-d{cfg.dict_size}" + (f"-k{cfg.top_k}" if self.name in K_RULES else "")
 
     def add_tensors(self, encoder: SparseEncoder) -> None:
         """Register the rule's tensors on ``encoder``."""
@@ -156,7 +156,7 @@ class Rule:
 
 
 class TopK(Rule):
-    name, fixed_k, k_rule = "top_k", True, True
+    name, fixed_k = "top_k", True
     saelens, dictionary_learning = "topk", "AutoEncoderTopK"
 
     def encode(self, encoder, x_n):
@@ -315,7 +315,7 @@ class JumpReLU(_SparseWhenSmall):
 
 
 class BatchTopK(Rule):
-    name, k_rule = "batch_top_k", True
+    name = "batch_top_k"
     saelens, dictionary_learning = "jumprelu", "BatchTopKSAE"
 
     def tensors(self, cfg):
