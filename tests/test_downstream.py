@@ -167,3 +167,12 @@ def test_the_evaluate_command_records_fidelity_on_the_version_and_says_when_toke
     r = CliRunner().invoke(main, ["evaluate", "gpt2-l1/1", "--tokens", "64", "--device", "cpu", "--no-record"])
     assert r.exit_code == 0 and "note: used" not in r.output and "recorded" not in r.output, r.output
     assert "downstream.fidelity" not in resolve("gpt2-l1/1").tags
+    # --hook: the store's own hook gives the same number; another hook point is another splice
+    said = {}
+    for hook in (store.source["hook"], "blocks.0.hook_mlp_out"):
+        r = CliRunner().invoke(main, ["evaluate", "gpt2-l1/2", "--hook", hook, "--tokens", "1000000", "--device",
+                                      "cpu", "--no-record"])
+        assert r.exit_code == 0, r.output
+        said[hook] = float(next(line.split()[1] for line in r.output.splitlines() if "downstream/fidelity" in line))
+    assert said[store.source["hook"]] == pytest.approx(fidelity, rel=1e-5)
+    assert said["blocks.0.hook_mlp_out"] != pytest.approx(fidelity, rel=1e-3)
