@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -46,6 +47,7 @@ from .store import ActivationStore
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.json"
 EVAL_BATCH = 4096  # rows a final evaluation holds at once
+CALIBRATION_BATCHES = 8  # training batches a rule's inference estimate is measured on at the end
 
 Callback = Callable[[int, dict, "Path | None"], None]  # (step, metrics, checkpoint just written)
 
@@ -245,6 +247,8 @@ class _Member:
 
     def finish(self, store: ActivationStore, tokens_per_second: float) -> TrainResult:
         self.sae.eval()
+        self.sae.rule.calibrate(self.sae, islice(store.batches(self.cfg.batch_size, split="train", shuffle=False),
+                                                 CALIBRATION_BATCHES))
         # batch by batch from the store: the held-out split of a large store does not fit in memory
         evaluation = evaluate(self.sae, store.batches(EVAL_BATCH, split="eval", shuffle=False))
         lineage = {"store": {"path": str(store.path), "fingerprint": store.fingerprint, "source": store.source,

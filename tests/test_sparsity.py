@@ -225,3 +225,23 @@ def test_every_dictionary_of_a_grid_across_rules_has_a_run_name_of_its_own():
     assert len(names) == 12 + 2 + 2 + 2 and len(set(names)) == len(names), names
     assert {n.split("-")[0] for n in names} == {"topk", "batchtopk", "matryoshka", "jumprelu", "l1"}
     assert "jumprelu-d64-l0c0.1-s0" in names and "matryoshka-d64-k4-p16.64-s0" in names
+
+
+@pytest.mark.parametrize("sparsity", ["batch_top_k", "matryoshka"])
+def test_a_batch_rule_calibrates_its_threshold_to_a_mean_l0_of_k(sparsity):
+    sae = _sae(sparsity, n=64, k=4)
+    sae.encoder.threshold.fill_(5.0)  # a stale estimate: far too high
+    batches = [torch.randn(256, 8) for _ in range(4)]
+    sae.rule.calibrate(sae, batches)
+    l0 = torch.cat([(sae.encode(b) > 0).sum(-1) for b in batches]).float().mean()
+    assert abs(float(l0) - 4) < 0.3, float(l0)
+    # the mean of each batch's smallest selected value, under these weights
+    pre = [torch.relu(sae.encoder.encoder(b - sae.b_dec)).flatten().topk(4 * 256).values.min() for b in batches]
+    assert float(sae.encoder.threshold) == pytest.approx(float(torch.stack(pre).mean()), rel=1e-5)
+
+
+def test_training_a_batch_rule_ends_with_inference_l0_near_k(synthetic_store, tmp_path):
+    store, _ = synthetic_store
+    cfg = TrainConfig(tokens=40 * 1024, batch_size=1024, lr=3e-3, eval_every=40)
+    result = train(store, SAEConfig(32, 128, 3, "batch_top_k"), cfg, tmp_path / "run", progress=False)
+    assert abs(result.metrics["l0"] - 3) < 0.3, result.metrics
