@@ -64,18 +64,31 @@ def l0_histogram(l0_per_row: torch.Tensor) -> Figure:
 
 
 def frontier(rows: list[dict]) -> Figure:
-    """A sweep: FVU against L0, one series per dict_size, frontier points joined by a line."""
-    fig, ax = _subplots(figsize=(7, 4.5))
-    for i, size in enumerate(sorted({r["dict_size"] for r in rows})):
-        mine = [r for r in rows if r["dict_size"] == size]
-        color = f"C{i % 10}"
-        ax.scatter([r["l0"] for r in mine], [r["fvu"] for r in mine], color=color, alpha=0.5)
+    """A sweep: FVU against L0, one series per dict_size (per rule and dict_size when the sweep has
+    several rules), frontier points joined by a line; with downstream fidelities (loss recovered for
+    a causal LM), a second panel of fidelity against L0."""
+    fidelity = [r for r in rows if r.get("fidelity") is not None and np.isfinite(r["fidelity"])]
+    fig, axes = _subplots(2 if fidelity else 1, figsize=(12 if fidelity else 7, 4.5))
+    axes = list(np.atleast_1d(axes))
+    rules = sorted({r.get("sparsity", "") for r in rows})
+    series = sorted({(r.get("sparsity", ""), r["dict_size"]) for r in rows}, key=lambda s: (s[1], s[0]))
+    for i, (rule, size) in enumerate(series):
+        mine = [r for r in rows if (r.get("sparsity", ""), r["dict_size"]) == (rule, size)]
+        color, label = f"C{i % 10}", (f"{rule} " if len(rules) > 1 else "") + f"dict_size {size}"
+        axes[0].scatter([r["l0"] for r in mine], [r["fvu"] for r in mine], color=color, alpha=0.5)
         front = sorted((r for r in mine if r.get("frontier")), key=lambda r: r["l0"])
-        ax.plot([r["l0"] for r in front], [r["fvu"] for r in front], "o-", color=color, label=f"dict_size {size}")
-    ax.set_xscale("log", base=2)  # L0 budgets (k) are usually powers of two
-    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.set(xlabel="L0 (active latents per token)", ylabel="FVU", title="Sweep: FVU vs L0 frontier")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
+        axes[0].plot([r["l0"] for r in front], [r["fvu"] for r in front], "o-", color=color, label=label)
+        if fidelity:
+            mine = sorted((r for r in mine if r in fidelity), key=lambda r: r["l0"])
+            axes[1].plot([r["l0"] for r in mine], [r["fidelity"] for r in mine], "o-", color=color, label=label)
+    axes[0].set(ylabel="FVU", title="Sweep: FVU vs L0 frontier")
+    if fidelity:
+        axes[1].set(ylabel="downstream fidelity (loss recovered for a causal LM)", title="Downstream fidelity vs L0")
+    for ax in axes:
+        ax.set_xscale("log", base=2)  # L0 budgets (k) are usually powers of two
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set(xlabel="L0 (active latents per token)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
     fig.tight_layout()
     return fig

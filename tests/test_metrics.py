@@ -70,3 +70,18 @@ def test_evaluate_streams_batches_and_agrees_with_the_whole_tensor(tmp_path):
         assert whole.metrics["fvu"] == pytest.approx(M.fvu(held_out, sae.decode(sae.encode(held_out))), rel=1e-6)
     with pytest.raises(SAERegistryError, match="no rows"):
         M.evaluate(sae, iter([]))
+
+
+def test_the_frontier_plot_has_a_fidelity_panel_when_the_sweep_measured_one():
+    from sae_registry import plots
+
+    rows = [{"sparsity": s, "dict_size": 64, "l0": l0, "fvu": 1 / l0, "frontier": True, "fidelity": f}
+            for s in ("top_k", "batch_top_k") for l0, f in ((4, 0.5), (8, 0.7))]
+    fig = plots.frontier(rows)
+    fvu_ax, fidelity_ax = fig.axes
+    assert "fidelity" in fidelity_ax.get_ylabel()
+    assert [line.get_label() for line in fidelity_ax.get_lines()] == ["batch_top_k dict_size 64", "top_k dict_size 64"]
+    assert list(fidelity_ax.get_lines()[0].get_ydata()) == [0.5, 0.7]
+    for row in rows:
+        row["fidelity"] = None
+    assert len(plots.frontier(rows).axes) == 1  # no fidelity: FVU only
