@@ -165,7 +165,8 @@ class TrainConfig:
     tokens: int = option(2_000_000, "Training tokens (the store is read for as many epochs as needed).",
                          min=1, pack=True)
     batch_size: int = option(4096, "Tokens per step.", min=1, pack=True)
-    lr: float | None = option(None, "Adam learning rate [default: 5e-4 / sqrt(dict_size / 16384)].", above=0)
+    lr: float | None = option(None, "Adam learning rate [default: 5e-4 / sqrt(dict_size / 16384), 3x that for "
+                                  "batch_top_k and matryoshka].", above=0)
     l1_coeff: float | None = option(None, "L1 coefficient [default: 5e-3 for l1, else 0].", min=0)
     l0_coeff: float | None = option(None, "jumprelu: L0 penalty coefficient [default: 1 / input_size, SAELens's "
                                     "l0_coefficient 1 in this MSE's units].", min=0, rules=("jumprelu",))
@@ -217,13 +218,15 @@ class TrainConfig:
         import math
 
         from .sae import resolve_device  # torch: only when a run is about to start
+        from .sparsity import rule_of
 
         check_rule_keys(self, sae_cfg.sparsity)
         return replace(
             self,
             # Gao et al.'s 1/sqrt(dict_size) scaling; their base, 2e-4, measured 2.5x too small on
             # MiniLM with inputs at mean norm sqrt(d): FVU 0.169 vs 0.113 after 1.5 M tokens at 4096
-            lr=self.lr if self.lr is not None else 5e-4 / math.sqrt(sae_cfg.dict_size / 2**14),
+            lr=self.lr if self.lr is not None else rule_of(sae_cfg.sparsity).lr_scale * 5e-4 / math.sqrt(
+                sae_cfg.dict_size / 2**14),
             l1_coeff=self.l1_coeff if self.l1_coeff is not None else (5e-3 if sae_cfg.sparsity == "l1" else 0.0),
             l0_coeff=self.l0_coeff if self.l0_coeff is not None else 1.0 / sae_cfg.input_size,
             aux_k=self.aux_k if self.aux_k is not None else max(1, sae_cfg.input_size // 2),

@@ -91,6 +91,7 @@ class Rule:
     name = ""
     fixed_k = False  # every row has exactly top_k codes: encode_topk means something
     encoder_init_scale = 1.0  # decoder_transpose times this, by default
+    lr_scale = 1.0  # the default learning rate is this times top_k's (TrainConfig.lr)
     saelens: str | None = None  # the architecture SAELens saves it as (None: not exportable)
     dictionary_learning: str | None = None  # the dictionary_learning class
 
@@ -320,6 +321,9 @@ class JumpReLU(_SparseWhenSmall):
 
 class BatchTopK(Rule):
     name = "batch_top_k"
+    # measured on MiniLM (d 384 -> 4096, k 32, batch 4096, 800 k tokens: benchmarks/train_speed.py's
+    # case): FVU 0.155 at top_k's 1e-3, 0.103 at 3e-3; matryoshka (inheriting) likewise
+    lr_scale = 3.0
     saelens, dictionary_learning = "jumprelu", "BatchTopKSAE"
 
     def tensors(self, cfg):
