@@ -322,6 +322,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     parser.add_argument("--no-write", action="store_true",
                         help="print the table only, leaving benchmarks/results/train_speed.json as it is (smoke runs)")
+    parser.add_argument("--results", default="train_speed",
+                        help="the results file's name in benchmarks/results/ (train_speed_rules: the rules' cases)")
     args = parser.parse_args(argv)
 
     store = real_store()
@@ -353,7 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
                        ("gflops", "GFLOP/s", ".1f"), ("fvu", "FVU", ".4f"), ("l0", "L0", ".1f"),
                        ("tokens", "tokens", ",d"), ("peak_rss_mb", "peak RSS MiB", ",.0f")]))
     if not args.no_write:
-        path = write_results("train_speed", {"rows": rows, "batch_size": BATCH, "d_in": D_IN, "k": K})
+        path = write_results(args.results, {"rows": rows, "batch_size": BATCH, "d_in": D_IN, "k": K})
         print(f"\nwritten {path}")
     return {"rows": rows}
 
