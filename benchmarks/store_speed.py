@@ -196,11 +196,17 @@ def shuffle_quality(source) -> dict:
             rows = torch.zeros(min(32_768, hi - lo - start), source.d)
             rows[:, 0] = torch.arange(start, start + len(rows), dtype=torch.float32)
             store.append(rows)
-    ours = [seq[b[:, 0].long().numpy()] for b in ActivationStore.open(index).batches(BATCH, seed=1)]
+    store = ActivationStore.open(index)
+    ours = [seq[b[:, 0].long().numpy()] for b in store.batches(BATCH, seed=1)]
+    window = store.shuffle_window(BATCH) if hasattr(store, "shuffle_window") else 8 * source.metadata["chunk_tokens"]
+    # smaller windows (shuffle_tokens), to see how the correlation falls as the window grows
+    by_window = {w: neighbour_overlap([seq[b[:, 0].long().numpy()]
+                                       for b in store.batches(BATCH, seed=1, shuffle_tokens=w)])
+                 for w in (16_384, 32_768, 65_536, 98_304)} if hasattr(store, "shuffle_window") else {}
     perm = np.random.default_rng(1).permutation(hi - lo)
     full = [seq[perm[i : i + BATCH]] for i in range(0, hi - lo, BATCH)]
     ordered = [seq[i : i + BATCH] for i in range(0, hi - lo, BATCH)]
-    return {"window_rows": 8 * source.metadata["chunk_tokens"], "batches": neighbour_overlap(ours),
+    return {"window_rows": window, "by_window": by_window, "batches": neighbour_overlap(ours),
             "full_shuffle": neighbour_overlap(full), "no_shuffle": neighbour_overlap(ordered),
             "windows_per_batch": {"batches": windows_per_batch(ours), "full_shuffle": windows_per_batch(full),
                                   "no_shuffle": windows_per_batch(ordered)}}
@@ -219,7 +225,8 @@ def shuffle_and_speed() -> dict:
     peak = peak_rss_mb(MEMORY_PROBE.format(path=str(store.path)))
     print(f"neighbouring batches' source windows, correlation of row counts: batches() {quality['batches']:.4f}, "
           f"full shuffle {quality['full_shuffle']:.4f}, no shuffle {quality['no_shuffle']:.4f}; source windows per "
-          f"batch {quality['windows_per_batch']}")
+          f"batch {quality['windows_per_batch']}; shuffle window {quality['window_rows']:,} rows; by window "
+          f"{ {w: round(c, 4) for w, c in quality['by_window'].items()} }")
     print(f"one shuffled epoch of {source.num_tokens('train'):,} rows: {speed:,.0f} tokens/s, {gb:.3f} GB/s; "
           f"peak RSS of an epoch {peak:,.0f} MiB; load average {os.getloadavg()}")
     result = {"shuffle": quality, "tokens_per_s": speed, "gb_per_s": gb, "peak_rss_mib": peak,
