@@ -58,6 +58,8 @@ COMPRESSORS = ("lz4", "zstd", "none")
 PROVENANCE = {"token_id": "int32", "seq": "int64", "pos": "int32"}  # array name -> dtype
 STORE_ARRAYS = (ARRAY, *PROVENANCE)
 SPLITS = ("train", "eval", "all")
+READ_AGAIN = ("When it answers again, run the same command again; a training continues where its last checkpoint "
+              "left it with --resume (resume=True), in the same data order.")
 # Reading one row decodes its whole chunk: a store's chunks may not ask for more memory than this
 # (the default chunk of 8192 rows of d = 16384 float32 is 512 MiB).
 MAX_CHUNK_BYTES = 1 << 30
@@ -284,7 +286,10 @@ class ActivationStore(StoreInfo):
 
     def _try_rows(self, start: int, stop: int) -> tuple[np.ndarray | None, str | None]:
         try:
-            rows = self._array[start:stop]
+            rows = zarr_files.through_outages(self.path, f"reading rows {start}-{stop}", READ_AGAIN,
+                                              lambda: self._array[start:stop])
+        except SAERegistryError:
+            raise
         except (RuntimeError, ValueError, OSError) as e:  # codecs raise RuntimeError, a short raw chunk ValueError
             return None, f"{type(e).__name__}: {e}"
         return rows, None if finite(rows, self.dtype) else "it holds NaN or Inf"
