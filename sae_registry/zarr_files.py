@@ -167,6 +167,14 @@ def exists(where: Path | str) -> bool:
     return bool(zarr.core.sync.sync(store.exists("zarr.json")))
 
 
+def delete_tree(where: Path | str) -> None:
+    """Delete a folder or an object-store prefix and everything under it; nothing there is not an error."""
+    if isinstance(where, Path):
+        shutil.rmtree(where, ignore_errors=True)
+        return
+    zarr.core.sync.sync(open_store(where, read_only=False).delete_dir(""))
+
+
 def _url_attrs(where: str) -> dict:
     try:
         return dict(zarr.open_group(open_store(where, read_only=True), mode="r").attrs)

@@ -76,6 +76,13 @@ def test_harvest_to_s3_train_from_it_and_resume_an_interrupted_harvest(tiny_bert
     same_store(local, resumed)
 
 
+def test_workers_write_to_s3_the_one_worker_store(tiny_bert, tmp_path, s3):
+    local = harvest(tmp_path / "local.zarr", TEXTS, model_path=tiny_bert, **OPTIONS)
+    remote = harvest("s3://stores/workers.zarr", TEXTS, model_path=tiny_bert, workers=2, reuse=False, **OPTIONS)
+    same_store(local, remote)
+    assert not s3.exists("stores/workers.zarr.shards")  # the shard sub-stores (on S3 too) are deleted
+
+
 def test_a_missing_or_cut_chunk_on_s3_is_found_as_on_disk(tmp_path, s3):
     path = tmp_path / "lz4.zarr"
     with ActivationStore.create(path, d=8, chunk_tokens=100, compressor="lz4") as store:
