@@ -135,9 +135,10 @@ def harvest(
                        max_length=max_length, exclude_special=exclude_special, pack=pack, dtype=dtype,
                        texts_sha256=texts_sha256, seed=seed, batch_size=batch_size, max_tokens=max_tokens)
     key = content_key(content)
-    if reuse and not overwrite and not resume and _batches is None and hooks is None and not streamed \
-            and "://" not in str(store_path):
-        found = find_by_key(key, [Path(store_path).absolute().parent, *store_roots(store_root)])
+    if reuse and not overwrite and not resume and _batches is None and hooks is None and not streamed:
+        out = zarr_files.location(store_path)
+        found = find_by_key(key, [out.parent if isinstance(out, Path) else out.rsplit("/", 1)[0],
+                                  *store_roots(store_root)])
         if found is not None:
             say(f"using {found}: it holds the same content (key {key})")
             return ActivationStore.open(found)
@@ -356,7 +357,7 @@ def resolve_store(ref: str, spec: HarvestSpec | None = None, *, store_root: str 
     roots = [Path.cwd(), *store_roots(store_root)]
     found = find_by_key(key, roots)
     if found is not None and spec is not None:
-        attrs = json.loads((found / "zarr.json").read_text())["attributes"]
+        attrs = zarr_files.group_attrs(found)
         have = {**attrs.get("source", {}), "dtype": attrs.get("dtype")}
         wanted = {name: getattr(spec, name) for name in ("layer", "max_length", "batch_size", "max_tokens",
                                                          "exclude_special", "seed", "dtype")}
@@ -383,7 +384,7 @@ def resolve_store(ref: str, spec: HarvestSpec | None = None, *, store_root: str 
     if not (made := content_key(content)).startswith(key):
         raise SAERegistryError(f"store: key:{key} is not what the spec's harvest: block makes (its key is {made}); "
                                f"write store: key:{made}, or name the store by path")
-    return str(roots[-1] / f"{made}.zarr")
+    return f"{roots[-1]}/{made}.zarr"
 
 
 def ensure_store(
@@ -410,13 +411,18 @@ def ensure_store(
             except SAERegistryError as e:
                 say(f"{e}\nharvesting it again")
         if spec is not None and (not exists or replace_unreadable):
-            texts = read_texts(spec.text, separator=spec.separator) if spec.text else demo_texts()
-            source = spec.text or "python:pydoc_data.topics"
-            where = spec.hook or (spec.hooks[0] if spec.hooks else f"layer {spec.layer}")
-            say(f"harvesting {spec.model_path or 'MiniLM-L6'} {where} over {source} into {path}")
-            return harvest(path, texts, text_source=source, overwrite=exists or replace_unreadable,
-                           **spec.harvest_options())
+            return _harvested(path, spec, overwrite=exists or replace_unreadable, say=say)
+    elif spec is not None and not zarr_files.exists(zarr_files.location(str(path))):
+        return _harvested(str(path), spec, overwrite=False, say=say)  # e.g. <store root on S3>/<key>.zarr
     return _opened(path, say)
+
+
+def _harvested(path: Path | str, spec: HarvestSpec, *, overwrite: bool, say: Callable[[str], None]):
+    texts = read_texts(spec.text, separator=spec.separator) if spec.text else demo_texts()
+    source = spec.text or "python:pydoc_data.topics"
+    where = spec.hook or (spec.hooks[0] if spec.hooks else f"layer {spec.layer}")
+    say(f"harvesting {spec.model_path or 'MiniLM-L6'} {where} over {source} into {path}")
+    return harvest(path, texts, text_source=source, overwrite=overwrite, **spec.harvest_options())
 
 
 def _opened(path: str | Path, say: Callable[[str], None]) -> ActivationStore:

@@ -31,7 +31,6 @@ is description only.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -403,28 +402,26 @@ class ActivationStore(StoreInfo):
 # -- finding stores by what they hold ------------------------------------------------------------------
 
 
-def store_roots(store_root: str | Path | None = None) -> list[Path]:
-    """Where stores are looked for by content key: ``store_root``, else ``$SAE_REGISTRY_STORE_ROOT`` (read now)."""
+def store_roots(store_root: str | Path | None = None) -> list[Path | str]:
+    """Where stores are looked for by content key: ``store_root``, else ``$SAE_REGISTRY_STORE_ROOT`` (read now);
+    a folder or an object-store prefix (``s3://bucket/stores``)."""
     root = store_root or os.environ.get("SAE_REGISTRY_STORE_ROOT")
-    return [Path(root).absolute()] if root else []
+    return [zarr_files.location(root)] if root else []
 
 
-def list_stores(roots: list[Path]) -> list[tuple[Path, dict]]:
+def list_stores(roots: list[Path | str]) -> list[tuple[Path | str, dict]]:
     """Finished stores directly under each of ``roots`` (and each root itself), with their attributes."""
     found, seen = [], set()
     for root in roots:
-        for path in [root, *(sorted(root.iterdir()) if root.is_dir() else [])]:
-            try:
-                attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
-            except (OSError, ValueError, AttributeError):
-                continue
-            if attrs.get("format") == FORMAT and attrs.get("status") == "complete" and path.resolve() not in seen:
-                seen.add(path.resolve())
+        for path, attrs in zarr_files.groups_under(zarr_files.location(root)):
+            same = path.resolve() if isinstance(path, Path) else path
+            if attrs.get("format") == FORMAT and attrs.get("status") == "complete" and same not in seen:
+                seen.add(same)
                 found.append((path, attrs))
     return found
 
 
-def find_by_key(key: str, roots: list[Path]) -> Path | None:
+def find_by_key(key: str, roots: list[Path | str]) -> Path | str | None:
     """The finished store under ``roots`` whose content key is ``key`` (or starts with it), if any."""
     for path, attrs in list_stores(roots):
         have = str(attrs.get("source", {}).get("content_key", ""))

@@ -175,6 +175,52 @@ def delete_tree(where: Path | str) -> None:
     zarr.core.sync.sync(open_store(where, read_only=False).delete_dir(""))
 
 
+def _filesystem(url: str):
+    """A synchronous fsspec filesystem for an object-store URL, with the same endpoint and timeouts as stores."""
+    import fsspec
+
+    check_s3(url)
+    return fsspec.filesystem(url.split("://", 1)[0], **storage_options(url))
+
+
+def groups_under(root: Path | str) -> list[tuple[Path | str, dict]]:
+    """``root`` and each folder (or object-store prefix) directly under it that holds a zarr group, with the
+    group's attributes; nothing there is an empty list."""
+    if isinstance(root, Path):
+        candidates: list[Path | str] = [root, *(sorted(root.iterdir()) if root.is_dir() else [])]
+        read = lambda path: (path / "zarr.json").read_text()  # noqa: E731
+    else:
+        fs, scheme = _filesystem(root), root.split("://", 1)[0]
+        try:
+            children = sorted(fs.ls(root, detail=False, refresh=True))
+        except FileNotFoundError:
+            children = []
+        candidates = [root, *(f"{scheme}://{c.rstrip('/')}" for c in children)]
+        read = lambda path: fs.cat_file(f"{path}/zarr.json")  # noqa: E731
+    found = []
+    for path in candidates:
+        try:
+            attrs = json.loads(read(path)).get("attributes", {})
+        except (OSError, ValueError, AttributeError):  # not a zarr group (FileNotFoundError is an OSError)
+            continue
+        found.append((path, attrs if isinstance(attrs, dict) else {}))
+    return found
+
+
+def group_attrs(where: Path | str) -> dict:
+    """The attributes in the ``zarr.json`` at ``where`` (a folder or an object-store URL)."""
+    if isinstance(where, Path):
+        return json.loads((where / "zarr.json").read_text()).get("attributes", {})
+    return json.loads(_filesystem(where).cat_file(f"{where}/zarr.json")).get("attributes", {})
+
+
+def tree_bytes(where: Path | str) -> int:
+    """Bytes of every file under a folder or an object-store prefix."""
+    if isinstance(where, Path):
+        return sum(f.stat().st_size for f in where.rglob("*") if f.is_file())
+    return int(_filesystem(where).du(where))
+
+
 def _url_attrs(where: str) -> dict:
     try:
         return dict(zarr.open_group(open_store(where, read_only=True), mode="r").attrs)

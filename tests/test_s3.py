@@ -51,7 +51,9 @@ def s3(moto, monkeypatch):
 
 def test_harvest_to_s3_train_from_it_and_resume_an_interrupted_harvest(tiny_bert, tmp_path, s3, monkeypatch):
     local = harvest(tmp_path / "local.zarr", TEXTS, model_path=tiny_bert, **OPTIONS)
-    remote = harvest("s3://stores/acts.zarr", TEXTS, model_path=tiny_bert, **OPTIONS)
+    remote = harvest("s3://stores/acts.zarr", TEXTS, model_path=tiny_bert, reuse=False, **OPTIONS)
+    # the same content beside an s3:// --out is found, as beside a local one
+    assert harvest("s3://stores/again.zarr", TEXTS, model_path=tiny_bert, **OPTIONS).path == "s3://stores/acts.zarr"
     assert remote.path == "s3://stores/acts.zarr" and s3.exists("stores/acts.zarr/zarr.json")
     same_store(local, ActivationStore.open("s3://stores/acts.zarr"))
     result = train(remote, SAEConfig(32, 64, 4), TrainConfig(tokens=512, batch_size=64, eval_every=4),
@@ -68,7 +70,7 @@ def test_harvest_to_s3_train_from_it_and_resume_an_interrupted_harvest(tiny_bert
 
     monkeypatch.setattr(StoreWriter, "append", crash)
     with pytest.raises(KeyboardInterrupt):
-        harvest("s3://stores/resumed.zarr", TEXTS, model_path=tiny_bert, **OPTIONS)
+        harvest("s3://stores/resumed.zarr", TEXTS, model_path=tiny_bert, reuse=False, **OPTIONS)
     monkeypatch.setattr(StoreWriter, "append", original)
     with pytest.raises(SAERegistryError, match="never finished"):
         ActivationStore.open("s3://stores/resumed.zarr")
@@ -81,6 +83,39 @@ def test_workers_write_to_s3_the_one_worker_store(tiny_bert, tmp_path, s3):
     remote = harvest("s3://stores/workers.zarr", TEXTS, model_path=tiny_bert, workers=2, reuse=False, **OPTIONS)
     same_store(local, remote)
     assert not s3.exists("stores/workers.zarr.shards")  # the shard sub-stores (on S3 too) are deleted
+
+
+def test_stores_are_found_by_content_key_under_a_store_root_on_s3(tiny_bert, tmp_path, s3, monkeypatch):
+    from click.testing import CliRunner
+
+    from sae_registry.cli import main
+    from sae_registry.config import HarvestSpec
+    from sae_registry.harvest import ensure_store, resolve_store
+
+    remote = harvest("s3://stores/root/a.zarr", TEXTS[:6], model_path=tiny_bert, **OPTIONS)
+    key = remote.source["content_key"]
+    monkeypatch.setenv("SAE_REGISTRY_STORE_ROOT", "s3://stores/root")
+    monkeypatch.chdir(tmp_path)
+    heard = []
+    found = harvest(tmp_path / "b.zarr", TEXTS[:6], model_path=tiny_bert, say=heard.append, **OPTIONS)
+    assert found.path == "s3://stores/root/a.zarr" and not (tmp_path / "b.zarr").exists() and key in heard[0]
+    assert resolve_store(f"key:{key[:10]}") == "s3://stores/root/a.zarr"
+    listed = CliRunner().invoke(main, ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "stores"])
+    assert listed.exit_code == 0, listed.output
+    assert f"{key}  {len(remote):>12,} tokens" in listed.output and "s3://stores/root/a.zarr" in listed.output
+    # a sweep's key that is not there yet is harvested under the root, on S3
+    from sae_registry.harvest import read_texts
+
+    (tmp_path / "x").mkdir()  # not under the working directory, where keys are also looked up
+    text = tmp_path / "x" / "texts.txt"
+    text.write_text("\n%\n".join(TEXTS[:6]))
+    spec = HarvestSpec(model_path=str(tiny_bert), layer=2, max_length=32, batch_size=4, chunk_tokens=64,
+                       text=str(text), separator="^%$")
+    made = harvest(tmp_path / "x" / "probe.zarr", read_texts(text, separator="^%$"), model_path=tiny_bert, reuse=False,
+                   **{**OPTIONS, "layer": 2}).source["content_key"]
+    where = resolve_store(f"key:{made}", spec)
+    assert where == f"s3://stores/root/{made}.zarr"
+    assert ensure_store(where, spec).source["content_key"] == made and s3.exists(f"stores/root/{made}.zarr/zarr.json")
 
 
 def test_a_missing_or_cut_chunk_on_s3_is_found_as_on_disk(tmp_path, s3):
@@ -159,7 +194,7 @@ def test_an_s3_outage_during_a_harvest_is_waited_out_or_stops_it_and_resume_lose
     local = harvest(tmp_path / "local.zarr", TEXTS, model_path=tiny_bert, **OPTIONS)
     # a short outage (1 s, within the wait): the harvest waits for the endpoint and goes on
     _cut_at(monkeypatch, StoreWriter, "append", 3, proxied, restore_after=1.0)
-    waited = harvest("s3://stores/outage-short.zarr", TEXTS, model_path=tiny_bert, **OPTIONS)
+    waited = harvest("s3://stores/outage-short.zarr", TEXTS, model_path=tiny_bert, reuse=False, **OPTIONS)
     assert proxied.cuts == 1
     same_store(local, waited)
     assert lost_and_duplicated(local, waited) == (0, 0)
@@ -169,7 +204,7 @@ def test_an_s3_outage_during_a_harvest_is_waited_out_or_stops_it_and_resume_lose
     _cut_at(monkeypatch, StoreWriter, "append", 3, proxied, restore_after=None)
     started = time.monotonic()
     with pytest.raises(SAERegistryError, match=r"S3 endpoint .* stopped answering while writing rows .* --resume"):
-        harvest("s3://stores/outage-long.zarr", TEXTS, model_path=tiny_bert, **OPTIONS)
+        harvest("s3://stores/outage-long.zarr", TEXTS, model_path=tiny_bert, reuse=False, **OPTIONS)
     assert time.monotonic() - started < 60  # bounded waits, not minutes (a bound, not a speed test)
     proxied.restore()
     with pytest.raises(SAERegistryError, match="never finished"):
