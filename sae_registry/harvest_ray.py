@@ -122,6 +122,7 @@ def _harvest_shard(path: str, label: str, batches: list, options: dict) -> int:
     for p in paths.values():
         if _finished(p):
             zarr_files.delete_tree(p)
+    batches = [(ids.long(), mask.long(), keep) for ids, mask, keep in batches]  # as the tokenizer gave them
     stores = H.harvest(where, [label], resume=True, reuse=False, _batches=batches, **options)
     return len(next(iter(stores.values())) if isinstance(stores, dict) else stores)
 
@@ -187,7 +188,9 @@ def harvest_on_ray(store_path: str | Path, texts: list[str], batches: list, *, w
     started = connect(None)
     try:
         task = ray.remote(_harvest_shard).options(max_retries=SHARD_RETRIES, retry_exceptions=False, **ray_options)
-        refs = [task.remote(str(p), f"shard {i} of {where}", batches[a:b], shard_options)
+        # token ids as int32 and the mask as bools on the way (5 bytes a token, not 16); widened back in the worker
+        refs = [task.remote(str(p), f"shard {i} of {where}", [(ids.int(), mask.bool(), keep) for ids, mask, keep
+                                                                in batches[a:b]], shard_options)
                 for i, (p, (a, b)) in enumerate(zip(paths, bounds))]
         try:
             ray.get(refs)
