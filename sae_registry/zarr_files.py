@@ -156,7 +156,16 @@ def open_store(where: Path | str, *, read_only: bool) -> zarr.storage.StoreLike:
     if isinstance(where, Path):
         return zarr.storage.LocalStore(where, read_only=read_only)
     check_s3(where)
-    return zarr.storage.FsspecStore.from_url(where, read_only=read_only, storage_options=storage_options(where))
+    store = zarr.storage.FsspecStore.from_url(where, read_only=read_only, storage_options=storage_options(where))
+    _few_retries(store.fs)
+    return store
+
+
+def _few_retries(fs) -> None:
+    """s3fs tries a request that timed out or was cut 5 times over botocore's own 3 attempts (15 x 15 s on an
+    endpoint that accepts and never answers); once is enough: :func:`through_outages` waits for outages."""
+    if hasattr(fs, "retries"):
+        fs.retries = 1
 
 
 def exists(where: Path | str) -> bool:
@@ -180,7 +189,9 @@ def _filesystem(url: str):
     import fsspec
 
     check_s3(url)
-    return fsspec.filesystem(url.split("://", 1)[0], **storage_options(url))
+    fs = fsspec.filesystem(url.split("://", 1)[0], **storage_options(url))
+    _few_retries(fs)
+    return fs
 
 
 def groups_under(root: Path | str) -> list[tuple[Path | str, dict]]:

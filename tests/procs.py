@@ -118,11 +118,13 @@ class TcpProxy:
         self._sockets: set = set()
         self._listener = None
         self.cuts = 0
+        self.stalled = False
         self.restore()
 
     def restore(self) -> None:
         import threading
 
+        self.stalled = False
         with self._lock:
             if self._listener is not None:
                 return
@@ -133,7 +135,14 @@ class TcpProxy:
             self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
+    def stall(self) -> None:
+        """Drop the open connections and hold every new one open without an answer (an endpoint that hangs)."""
+        self.cut()
+        self.restore()
+        self.stalled = True
+
     def cut(self) -> None:
+        self.stalled = False
         with self._lock:
             listener, self._listener = self._listener, None
             sockets, self._sockets = self._sockets, set()
@@ -151,6 +160,10 @@ class TcpProxy:
                 client, _ = listener.accept()
             except OSError:  # cut: the listener is closed
                 return
+            if self.stalled:  # accepted, and never answered
+                with self._lock:
+                    self._sockets.add(client)
+                continue
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.target), timeout=5)
             except OSError:

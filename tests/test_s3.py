@@ -252,3 +252,23 @@ def test_an_s3_outage_during_a_training_is_waited_out_or_stops_it_and_resume_con
     assert steps[0] > 1  # continued from a checkpoint, not from the start
     same_training(resumed)
 
+
+
+def test_an_endpoint_that_hangs_is_an_error_in_bounded_time(tmp_path, moto, proxied, monkeypatch):
+    from sae_registry import zarr_files
+
+    local = tmp_path / "acts.zarr"
+    with ActivationStore.create(local, d=8, chunk_tokens=100) as store:
+        store.append(torch.randn(1000, 8, generator=torch.Generator().manual_seed(0)))
+    moto[1].put(str(local), "stores/hangs.zarr", recursive=True)
+    monkeypatch.setattr(zarr_files, "S3_READ_SECONDS", 1)  # the configured 15 s, shortened for the test
+    monkeypatch.setenv("SAE_REGISTRY_S3_WAIT_SECONDS", "1")
+    store = ActivationStore.open("s3://stores/hangs.zarr")
+    proxied.stall()  # connections are accepted and never answered: only timeouts end a request
+    started = time.monotonic()
+    with pytest.raises(SAERegistryError, match=r"stopped answering while reading rows 0-100 .*ReadTimeoutError"):
+        store.read(0, 100)
+    # botocore's 3 attempts of 1 s, once (not s3fs's 5 times over), then the wait: seconds, not minutes
+    assert time.monotonic() - started < 30
+    proxied.restore()
+    assert torch.equal(store.read(), ActivationStore.open(local).read())
