@@ -237,7 +237,9 @@ class ActivationStore(StoreInfo):
                 f"{self.path} was harvested without token provenance (token ids, windows, positions); "
                 "re-harvest it with this version of sae-registry (`sae-registry harvest`) to get them"
             )
-        return {name: array[start:stop] for name, array in self._provenance.items()}
+        return {name: zarr_files.through_outages(self.path, f"reading the {name} of rows {start}-{stop}", READ_AGAIN,
+                                                 lambda array=array: array[start:stop])
+                for name, array in self._provenance.items()}
 
     @property
     def mean(self) -> torch.Tensor:
