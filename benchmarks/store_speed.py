@@ -187,18 +187,52 @@ def shuffle_quality(source) -> dict:
 
     lo, hi = source.split_range("train")
     seq = source.provenance(lo, hi)["seq"]
-    index = DATA / "shuffle" / "index.zarr"  # one column: the row's number, to see where batches come from
-    with ActivationStore.create(index, 1, chunk_tokens=source.metadata["chunk_tokens"], eval_fraction=1e-6,
+    # the row's number in column 0, to see where batches come from; as wide as the store, so that a
+    # shuffle buffer sized in bytes holds as many rows as it would there
+    index = DATA / "shuffle" / "index.zarr"
+    with ActivationStore.create(index, source.d, chunk_tokens=source.metadata["chunk_tokens"], eval_fraction=1e-6,
                                 overwrite=True) as store:
-        store.append(torch.arange(hi - lo, dtype=torch.float32)[:, None])
-    ours = [seq[b[:, 0].long().numpy()] for b in ActivationStore.open(index).batches(BATCH, seed=1)]
+        for start in range(0, hi - lo, 32_768):
+            rows = torch.zeros(min(32_768, hi - lo - start), source.d)
+            rows[:, 0] = torch.arange(start, start + len(rows), dtype=torch.float32)
+            store.append(rows)
+    store = ActivationStore.open(index)
+    ours = [seq[b[:, 0].long().numpy()] for b in store.batches(BATCH, seed=1)]
+    window = store.shuffle_window(BATCH) if hasattr(store, "shuffle_window") else 8 * source.metadata["chunk_tokens"]
+    # smaller windows (shuffle_tokens), to see how the correlation falls as the window grows
+    by_window = {w: neighbour_overlap([seq[b[:, 0].long().numpy()]
+                                       for b in store.batches(BATCH, seed=1, shuffle_tokens=w)])
+                 for w in (16_384, 32_768, 65_536, 98_304)} if hasattr(store, "shuffle_window") else {}
     perm = np.random.default_rng(1).permutation(hi - lo)
     full = [seq[perm[i : i + BATCH]] for i in range(0, hi - lo, BATCH)]
     ordered = [seq[i : i + BATCH] for i in range(0, hi - lo, BATCH)]
-    return {"window_rows": 8 * source.metadata["chunk_tokens"], "batches": neighbour_overlap(ours),
+    return {"window_rows": window, "by_window": by_window, "batches": neighbour_overlap(ours),
             "full_shuffle": neighbour_overlap(full), "no_shuffle": neighbour_overlap(ordered),
             "windows_per_batch": {"batches": windows_per_batch(ours), "full_shuffle": windows_per_batch(full),
                                   "no_shuffle": windows_per_batch(ordered)}}
+
+
+def shuffle_and_speed() -> dict:
+    """Shuffle quality and the speed of one shuffled epoch of the real store (best of 5, page cache warm),
+    with ``batches``' defaults: the same command measures any version of the reader."""
+    from sae_registry import ActivationStore
+
+    source = real_store()
+    quality = shuffle_quality(source)
+    store = ActivationStore.open(source.path)
+    speed = max(read_epoch(store) for _ in range(5))
+    gb = speed * source.d * 4 / 1e9
+    peak = peak_rss_mb(MEMORY_PROBE.format(path=str(store.path)))
+    print(f"neighbouring batches' source windows, correlation of row counts: batches() {quality['batches']:.4f}, "
+          f"full shuffle {quality['full_shuffle']:.4f}, no shuffle {quality['no_shuffle']:.4f}; source windows per "
+          f"batch {quality['windows_per_batch']}; shuffle window {quality['window_rows']:,} rows; by window "
+          f"{ {w: round(c, 4) for w, c in quality['by_window'].items()} }")
+    print(f"one shuffled epoch of {source.num_tokens('train'):,} rows: {speed:,.0f} tokens/s, {gb:.3f} GB/s; "
+          f"peak RSS of an epoch {peak:,.0f} MiB; load average {os.getloadavg()}")
+    result = {"shuffle": quality, "tokens_per_s": speed, "gb_per_s": gb, "peak_rss_mib": peak,
+              "load_average": os.getloadavg()}
+    print(f"written {write_results('store_speed_shuffle', result)}")
+    return result
 
 
 def datapath(limit_mib: int) -> dict:
@@ -229,7 +263,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--datapath", action="store_true",
                         help="Only S3 beside local reads, a store 4x a memory limit, and shuffle quality.")
     parser.add_argument("--limit-mib", type=int, default=1024, help="The memory limit of --datapath's big store.")
+    parser.add_argument("--shuffle", action="store_true",
+                        help="Only shuffle quality and the speed and memory of one shuffled epoch of the real store.")
     args = parser.parse_args(argv)
+    if args.shuffle:
+        return shuffle_and_speed()
     if args.datapath:
         return datapath(args.limit_mib)
 

@@ -54,8 +54,9 @@ pass_tracking = click.pass_obj  # hands a command the Tracking that main put in 
 @_options(HarvestSpec)
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted harvest into --out (same options).")
-@click.option("--store-root", type=click.Path(path_type=Path), default=None,
-              help="Also look here for a store with the same content [env SAE_REGISTRY_STORE_ROOT].")
+@click.option("--store-root", default=None,
+              help="Also look here (a folder or an s3:// prefix) for a store with the same content "
+                   "[env SAE_REGISTRY_STORE_ROOT].")
 @click.option("--reuse/--no-reuse", default=True,
               help="Return an existing store with the same content key instead of harvesting [default: reuse].")
 def harvest(out, overwrite, resume, store_root, reuse, **options) -> None:
@@ -72,13 +73,15 @@ def harvest(out, overwrite, resume, store_root, reuse, **options) -> None:
 
 
 @main.command()
-@click.option("--store-root", type=click.Path(path_type=Path), default=None,
-              help="The folder of stores [default: $SAE_REGISTRY_STORE_ROOT, else the working directory].")
+@click.option("--store-root", default=None,
+              help="The folder (or s3:// prefix) of stores [default: $SAE_REGISTRY_STORE_ROOT, else the working "
+                   "directory].")
 @pass_tracking
 def stores(tracking, store_root) -> None:
     """List the stores in a folder: content key, tokens, size, hook, and the dictionaries trained on each."""
     from .registry import versions_by_store
     from .store import list_stores, store_roots
+    from .zarr_files import tree_bytes
 
     found = list_stores(store_roots(store_root) or [Path.cwd()])
     if not found:
@@ -87,7 +90,7 @@ def stores(tracking, store_root) -> None:
     trained = versions_by_store(tracking)
     for path, attrs in found:
         source = attrs.get("source", {})
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        size = tree_bytes(path)
         names = sorted(trained.get(attrs.get("fingerprint", ""), []))
         click.echo(f"{source.get('content_key') or '-':16}  {attrs.get('n_tokens', 0):>12,} tokens  "
                    f"{size / 2**20:>9.1f} MiB  {source.get('hook', '-'):18}  {path}"

@@ -32,8 +32,10 @@ from .texts import Windows, demo_texts, read_texts, shuffled
 
 __all__ = ["content_key", "default_model_path", "demo_texts", "harvest", "read_texts"]
 
-# Rows for batches (driver of a sharded harvest): (first row, number of rows, their token ids) -> rows
-RowSource = Callable[[int, int, torch.Tensor], torch.Tensor]
+# Rows for batches (driver of a sharded harvest): (first row, number of rows, their token ids) -> rows, one
+# tensor per hook in the order the hooks were given
+RowSource = Callable[[int, int, torch.Tensor], list[torch.Tensor]]
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a batch of windows: input_ids, attention_mask, keep
 
 
 def harvest(
@@ -63,7 +65,7 @@ def harvest(
     store_root: str | Path | None = None,
     reuse: bool = True,
     say: Callable[[str], None] | None = None,
-    _in_order: bool = False,
+    _batches: list[Batch] | None = None,
     _rows: RowSource | None = None,
 ) -> ActivationStore | dict[str, ActivationStore]:
     """Write the activation at one hook point of every kept token of ``texts`` to a store.
@@ -96,8 +98,8 @@ def harvest(
     is returned instead of harvesting again; ``say`` hears which.
 
     ``workers`` > 1 runs the model on Ray (``$RAY_ADDRESS`` for a cluster), one replica per worker
-    with ``resources`` each (``{"gpu": 1}``); the store is the same, bit for bit, as with one worker
-    (:mod:`sae_registry.harvest_ray`; one hook, unpacked windows, a list of texts).
+    with ``resources`` each (``{"gpu": 1}``); the stores are the same, bit for bit, as with one worker,
+    for any hooks, packed or not, local or on S3 (:mod:`sae_registry.harvest_ray`; a list of texts).
     """
     if isinstance(texts, (str, bytes)):
         raise SAERegistryError("texts must be a list of documents (strings), got one string; wrap it: [text]")
@@ -115,8 +117,8 @@ def harvest(
     if hook is not None and hooks is not None:
         raise SAERegistryError("give hook= or hooks=, not both")
     if workers != 1:
-        if streamed or hooks is not None:
-            raise SAERegistryError("a harvest with --workers takes a list of texts (not a stream) and one hook")
+        if streamed:
+            raise SAERegistryError("a harvest with --workers takes a list of texts (a file or folder), not a stream")
         check_workers(workers, len(texts))
     say = say or (lambda _message: None)
     if hooks is None and "://" not in str(store_path) and not (resume and Path(store_path).exists()):
@@ -133,23 +135,25 @@ def harvest(
                        max_length=max_length, exclude_special=exclude_special, pack=pack, dtype=dtype,
                        texts_sha256=texts_sha256, seed=seed, batch_size=batch_size, max_tokens=max_tokens)
     key = content_key(content)
-    if reuse and not overwrite and not resume and not _in_order and hooks is None and not streamed \
-            and "://" not in str(store_path):
-        found = find_by_key(key, [Path(store_path).absolute().parent, *store_roots(store_root)])
+    if reuse and not overwrite and not resume and _batches is None and hooks is None and not streamed:
+        out = zarr_files.location(store_path)
+        found = find_by_key(key, [out.parent if isinstance(out, Path) else out.rsplit("/", 1)[0],
+                                  *store_roots(store_root)])
         if found is not None:
             say(f"using {found}: it holds the same content (key {key})")
             return ActivationStore.open(found)
     if workers > 1:
-        if pack:
-            raise SAERegistryError("a harvest with --workers cuts the documents into shards: use --no-pack")
         from .harvest_ray import harvest_on_ray
 
-        options = dict(model_path=model_path, layer=layer, hook=hook, max_length=max_length, batch_size=batch_size,
-                       max_tokens=max_tokens, exclude_special=exclude_special, pack=pack, dtype=dtype,
-                       chunk_tokens=chunk_tokens, device=device, seed=seed, text_source=text_source,
+        windows = Windows(tokenizer, max_length=max_length, batch_size=batch_size, pack=pack,
+                          exclude_special=exclude_special)
+        options = dict(model_path=model_path, layer=layer, hook=hook, hooks=hooks, max_length=max_length,
+                       batch_size=batch_size, max_tokens=max_tokens, exclude_special=exclude_special, pack=pack,
+                       dtype=dtype, chunk_tokens=chunk_tokens, device=device, seed=seed, text_source=text_source,
                        progress=progress, separator=separator)
-        return harvest_on_ray(store_path, texts, workers=workers, resources=resources, overwrite=overwrite,
-                              resume=resume, options=options)
+        return harvest_on_ray(store_path, texts, _cut(windows.batches(shuffled(texts, seed)), max_tokens),
+                              workers=workers, resources=resources, overwrite=overwrite, resume=resume,
+                              options=options)
     device = resolve_device("auto" if device is None else device)
     model = load_model(ref, causal_lm=causal, device=device)  # with _rows too: its blocks name the hook points
     n_layers, blocks = model.config.num_hidden_layers, find_blocks(model)
@@ -199,7 +203,7 @@ def harvest(
     bar = tqdm(total=max_tokens or None, unit="tok", desc="harvest", disable=not progress)
     try:
         with torch.inference_mode():
-            for ids, mask, keep in windows.batches(iter(texts) if _in_order else shuffled(texts, seed)):
+            for ids, mask, keep in _batches if _batches is not None else windows.batches(shuffled(texts, seed)):
                 n_rows = int(keep.sum())
                 if written + n_rows <= skip:  # on disk already: replayed without the model
                     seqs += len(keep)
@@ -215,7 +219,7 @@ def harvest(
                 if _rows is None:
                     seen = _run(model, inputs, points)
                 else:  # the rows come from the shard stores of a sharded harvest, in order
-                    seen = {points[0].name: _rows(written, n, ids[keep][:n])}
+                    seen = dict(zip([p.name for p in points], _rows(written, n, ids[keep][:n])))
                     keep_rows = torch.ones(n, dtype=torch.bool)
                 window, pos = keep.nonzero(as_tuple=True)  # row-major, the order of hidden[keep]
                 provenance = {"token_id": ids[keep], "seq": window + seqs, "pos": pos}
@@ -237,6 +241,17 @@ def harvest(
         bar.close()
     opened = {name: ActivationStore.open(path) for name, path in paths.items()}
     return opened if hooks is not None else opened[points[0].name]
+
+
+def _cut(batches: Iterable[Batch], max_tokens: int | None) -> list[Batch]:
+    """The batches a harvest runs the model on: up to the one that reaches ``max_tokens`` kept tokens."""
+    kept, out = 0, []
+    for batch in batches:
+        out.append(batch)
+        kept += int(batch[2].sum())
+        if max_tokens is not None and kept >= max_tokens:
+            break
+    return out
 
 
 def _run(model, inputs: dict, points: list) -> dict[str, torch.Tensor]:
@@ -342,7 +357,7 @@ def resolve_store(ref: str, spec: HarvestSpec | None = None, *, store_root: str 
     roots = [Path.cwd(), *store_roots(store_root)]
     found = find_by_key(key, roots)
     if found is not None and spec is not None:
-        attrs = json.loads((found / "zarr.json").read_text())["attributes"]
+        attrs = zarr_files.group_attrs(found)
         have = {**attrs.get("source", {}), "dtype": attrs.get("dtype")}
         wanted = {name: getattr(spec, name) for name in ("layer", "max_length", "batch_size", "max_tokens",
                                                          "exclude_special", "seed", "dtype")}
@@ -369,7 +384,7 @@ def resolve_store(ref: str, spec: HarvestSpec | None = None, *, store_root: str 
     if not (made := content_key(content)).startswith(key):
         raise SAERegistryError(f"store: key:{key} is not what the spec's harvest: block makes (its key is {made}); "
                                f"write store: key:{made}, or name the store by path")
-    return str(roots[-1] / f"{made}.zarr")
+    return f"{roots[-1]}/{made}.zarr"
 
 
 def ensure_store(
@@ -396,13 +411,18 @@ def ensure_store(
             except SAERegistryError as e:
                 say(f"{e}\nharvesting it again")
         if spec is not None and (not exists or replace_unreadable):
-            texts = read_texts(spec.text, separator=spec.separator) if spec.text else demo_texts()
-            source = spec.text or "python:pydoc_data.topics"
-            where = spec.hook or (spec.hooks[0] if spec.hooks else f"layer {spec.layer}")
-            say(f"harvesting {spec.model_path or 'MiniLM-L6'} {where} over {source} into {path}")
-            return harvest(path, texts, text_source=source, overwrite=exists or replace_unreadable,
-                           **spec.harvest_options())
+            return _harvested(path, spec, overwrite=exists or replace_unreadable, say=say)
+    elif spec is not None and not zarr_files.exists(zarr_files.location(str(path))):
+        return _harvested(str(path), spec, overwrite=False, say=say)  # e.g. <store root on S3>/<key>.zarr
     return _opened(path, say)
+
+
+def _harvested(path: Path | str, spec: HarvestSpec, *, overwrite: bool, say: Callable[[str], None]):
+    texts = read_texts(spec.text, separator=spec.separator) if spec.text else demo_texts()
+    source = spec.text or "python:pydoc_data.topics"
+    where = spec.hook or (spec.hooks[0] if spec.hooks else f"layer {spec.layer}")
+    say(f"harvesting {spec.model_path or 'MiniLM-L6'} {where} over {source} into {path}")
+    return harvest(path, texts, text_source=source, overwrite=overwrite, **spec.harvest_options())
 
 
 def _opened(path: str | Path, say: Callable[[str], None]) -> ActivationStore:

@@ -1,4 +1,4 @@
-"""Harvest on Ray: documents cut into shards, one model replica per worker, one store at the end.
+"""Harvest on Ray: the model's batches cut into shards, one model replica per worker, one store at the end.
 
 The Ray edge of harvesting, as :mod:`sae_registry.sweep` is the Ray edge of training: the harvest
 itself (:func:`sae_registry.harvest.harvest`) runs without Ray, and this module only splits the work,
@@ -6,18 +6,20 @@ schedules it and joins it.
 
 Design (shard sub-stores joined in order):
 
-1. The driver shuffles the documents with the seed exactly as a one-worker harvest does, and cuts
-   the shuffled list into ``workers`` contiguous shards *on batch boundaries* (a shard holds whole
-   batches of ``batch_size`` documents), so that every forward pass sees the same windows, padded
-   the same way, as in a one-worker harvest: the rows come out bit for bit the same.
-2. Each shard is a Ray task (one model replica, ``resources`` each) that harvests its documents, in
-   order, into its own sub-store ``<store>.shards/shard-00003.zarr`` beside the store. A sub-store is
-   an ordinary store, written in whole chunks: a worker killed part way is retried by Ray
+1. The driver shuffles the documents with the seed and cuts them into the batches of token windows
+   exactly as a one-worker harvest does (packed or not: packing joins documents across batches, so
+   the unit of work is the batch, never the document), and cuts the list of batches into ``workers``
+   contiguous shards, so that every forward pass sees the same windows, padded the same way, as in a
+   one-worker harvest: the rows come out bit for bit the same.
+2. Each shard is a Ray task (one model replica, ``resources`` each) that runs the model over its
+   batches, in order, into its own sub-store ``<store>.shards/shard-00003.zarr`` beside the store (a
+   folder of one sub-store per hook with several hooks; an ``s3://`` prefix for a store on S3). A
+   sub-store is an ordinary store, written in whole chunks: a worker killed part way is retried by Ray
    (``max_retries``) and resumes its sub-store from its last whole chunk.
 3. The driver runs the one-worker harvest loop over the same batches, taking each batch's rows from
    the sub-stores instead of the model (checking their token ids against its own tokenization), so
-   the store, its provenance, statistics and fingerprint are those of a one-worker harvest by
-   construction. The sub-stores are deleted when the store is finished.
+   the stores, their provenance, statistics and fingerprints are those of a one-worker harvest by
+   construction. The sub-stores are deleted when the stores are finished.
 
 ``--resume`` after the driver died: finished sub-stores are kept, unfinished ones resume, and the
 store resumes from its last whole chunk. Rows are copied once more than in a one-worker harvest (a
@@ -26,8 +28,6 @@ disk-speed pass, small beside the model's time).
 
 from __future__ import annotations
 
-import random
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -50,9 +50,14 @@ def shard_bounds(n_documents: int, batch_size: int, workers: int) -> list[tuple[
     return [(a, min(b, n_documents)) for a, b in zip(cuts, cuts[1:]) if a < n_documents]
 
 
-def _shard_dir(store_path: str | Path) -> Path:
-    path = Path(store_path).absolute()
-    return path.with_name(path.name + ".shards")
+def _shard_dir(store_path: Path | str) -> Path | str:
+    if isinstance(store_path, str):
+        return store_path + ".shards"
+    return store_path.with_name(store_path.name + ".shards")
+
+
+def _join(where: Path | str, name: str) -> Path | str:
+    return f"{where}/{name}" if isinstance(where, str) else where / name
 
 
 def parse_resources(resources: dict | str | None) -> dict:
@@ -87,69 +92,93 @@ def _ray_options(resources: dict | str | None) -> dict:
     return options
 
 
-def _harvest_shard(path: str, texts: list[str], options: dict) -> int:
-    """One shard into its sub-store (resumed when there is one); the number of rows it holds."""
-    from . import harvest as H
+def _hook_paths(where: Path | str, hooks: list[str] | None) -> dict[str | None, Path | str]:
+    """The stores a harvest into ``where`` writes: ``where`` itself, or ``where/<hook>.zarr`` per hook."""
+    return {h: _join(where, f"{h}.zarr") for h in hooks} if hooks else {None: where}
 
-    if (Path(path) / "zarr.json").exists():
-        try:
-            return len(ActivationStore.open(path))  # finished by an earlier attempt
-        except SAERegistryError:
-            pass  # unfinished: resume it
-    store = H.harvest(path, texts, resume=True, reuse=False, _in_order=True, **options)
-    return len(store)
+
+def _finished(path: Path | str) -> bool:
+    from . import zarr_files
+
+    if not zarr_files.exists(path):
+        return False
+    try:
+        ActivationStore.open(path)
+        return True
+    except SAERegistryError:
+        return False
+
+
+def _harvest_shard(path: str, label: str, batches: list, options: dict) -> int:
+    """One shard's batches into its sub-store(s), resumed when there are some; the number of rows."""
+    from . import harvest as H
+    from . import zarr_files
+
+    where = zarr_files.location(path)
+    paths = _hook_paths(where, options.get("hooks"))
+    if all(_finished(p) for p in paths.values()):  # finished by an earlier attempt
+        return len(ActivationStore.open(next(iter(paths.values()))))
+    # several hooks close one after another: one finished beside an unfinished one is harvested again
+    for p in paths.values():
+        if _finished(p):
+            zarr_files.delete_tree(p)
+    batches = [(ids.long(), mask.long(), keep) for ids, mask, keep in batches]  # as the tokenizer gave them
+    stores = H.harvest(where, [label], resume=True, reuse=False, _batches=batches, **options)
+    return len(next(iter(stores.values())) if isinstance(stores, dict) else stores)
 
 
 class _ShardRows:
-    """Rows by global index, read from the shard sub-stores in shard order."""
+    """Rows by global index, read from the shard sub-stores in shard order: one list of rows per hook,
+    in the order the hooks were given."""
 
-    def __init__(self, paths: list[Path]) -> None:
-        self.stores = [ActivationStore.open(p) for p in paths]
-        self.starts = np.cumsum([0] + [len(s) for s in self.stores])
+    def __init__(self, paths: list[dict[str | None, Path | str]]) -> None:
+        self.stores = [[ActivationStore.open(p) for p in shard.values()] for shard in paths]
+        self.names = range(len(self.stores[0]))
+        self.starts = np.cumsum([0] + [len(shard[0]) for shard in self.stores])
 
-    def __call__(self, start: int, n: int, token_ids: torch.Tensor) -> torch.Tensor:
-        parts, ids = [], []
+    def __call__(self, start: int, n: int, token_ids: torch.Tensor) -> list[torch.Tensor]:
+        parts: list[list] = [[] for _ in self.names]
+        ids, got, pos = [], 0, start
         i = int(np.searchsorted(self.starts, start, side="right")) - 1
-        pos = start
-        while len(parts) == 0 or sum(len(p) for p in parts) < n:
+        while got < n or not ids:
             if i >= len(self.stores):
                 raise SAERegistryError("the shard sub-stores hold fewer rows than the documents give; "
                                        "harvest again with --overwrite")
+            shard = self.stores[i]
             lo = pos - int(self.starts[i])
-            hi = min(len(self.stores[i]), lo + n - sum(len(p) for p in parts))
-            parts.append(self.stores[i].read(lo, hi))
-            ids.append(torch.from_numpy(self.stores[i].provenance(lo, hi)["token_id"]))
+            hi = min(len(shard[0]), lo + n - got)
+            for name in self.names:
+                parts[name].append(shard[name].read(lo, hi))
+            ids.append(torch.from_numpy(shard[0].provenance(lo, hi)["token_id"]))
+            got += hi - lo
             pos += hi - lo
             i += 1
-        rows, got = torch.cat(parts), torch.cat(ids)
-        if not torch.equal(got.long(), token_ids.long()):  # the shards were cut or written differently
+        if not torch.equal(torch.cat(ids).long(), token_ids.long()):  # the shards were cut or written differently
             raise SAERegistryError(f"the shard sub-stores do not match the documents at row {start}; "
                                    "harvest again with --overwrite")
-        return rows
+        return [torch.cat(rows) for rows in parts]
 
 
-def harvest_on_ray(store_path: str | Path, texts: list[str], *, workers: int, resources: dict | str | None,
-                   overwrite: bool, resume: bool, options: dict) -> ActivationStore:
-    """:func:`sae_registry.harvest.harvest` with ``workers`` Ray workers; see the module's doc."""
+def harvest_on_ray(store_path: str | Path, texts: list[str], batches: list, *, workers: int,
+                   resources: dict | str | None, overwrite: bool, resume: bool, options: dict):
+    """:func:`sae_registry.harvest.harvest` with ``workers`` Ray workers over ``batches`` (the batches of
+    windows a one-worker harvest of ``texts`` runs the model on); see the module's doc."""
     from . import harvest as H
+    from . import zarr_files
     from .cluster import connect
 
     ray_options = _ray_options(resources)
-    store_path = Path(store_path).absolute()
-    if "://" in str(store_path):
-        raise SAERegistryError("a harvest with --workers writes a local store; harvest with one worker to a URL")
-    if store_path.exists() and not (overwrite or resume):
-        raise SAERegistryError(f"{store_path} already exists; pass overwrite=True (--overwrite) to replace it")
-    shard_dir = _shard_dir(store_path)
-    if shard_dir.exists() and not resume:
-        shutil.rmtree(shard_dir)  # ours (named after the store), left by an earlier harvest
-    shard_dir.mkdir(parents=True, exist_ok=True)
-
-    order = list(range(len(texts)))
-    random.Random(options["seed"]).shuffle(order)
-    docs = [texts[i] for i in order]
-    bounds = shard_bounds(len(docs), options["batch_size"], workers)
-    paths = [shard_dir / f"shard-{i:05d}.zarr" for i in range(len(bounds))]
+    where = zarr_files.location(store_path)
+    hooks = list(options["hooks"]) if options.get("hooks") else None
+    if not (overwrite or resume):
+        for p in _hook_paths(where, hooks).values():
+            if zarr_files.exists(p) or (isinstance(p, Path) and p.exists()):
+                raise SAERegistryError(f"{p} already exists; pass overwrite=True (--overwrite) to replace it")
+    shard_dir = _shard_dir(where)
+    if not resume:
+        zarr_files.delete_tree(shard_dir)  # ours (named after the store), left by an earlier harvest
+    bounds = shard_bounds(len(batches), 1, workers)
+    paths = [_join(shard_dir, f"shard-{i:05d}" if hooks else f"shard-{i:05d}.zarr") for i in range(len(bounds))]
     # a worker's model goes on its own device; the driver never loads it
     shard_options = {**options, "progress": False, "text_source": "",
                      "device": "cuda" if ray_options.get("num_gpus") else options["device"]}
@@ -159,7 +188,10 @@ def harvest_on_ray(store_path: str | Path, texts: list[str], *, workers: int, re
     started = connect(None)
     try:
         task = ray.remote(_harvest_shard).options(max_retries=SHARD_RETRIES, retry_exceptions=False, **ray_options)
-        refs = [task.remote(str(p), docs[a:b], shard_options) for p, (a, b) in zip(paths, bounds)]
+        # token ids as int32 and the mask as bools on the way (5 bytes a token, not 16); widened back in the worker
+        refs = [task.remote(str(p), f"shard {i} of {where}", [(ids.int(), mask.bool(), keep) for ids, mask, keep
+                                                                in batches[a:b]], shard_options)
+                for i, (p, (a, b)) in enumerate(zip(paths, bounds))]
         try:
             ray.get(refs)
         except ray.exceptions.RayError as e:
@@ -170,7 +202,8 @@ def harvest_on_ray(store_path: str | Path, texts: list[str], *, workers: int, re
     finally:
         if started:
             ray.shutdown()
+    rows = _ShardRows([_hook_paths(p, hooks) for p in paths])
     store = H.harvest(store_path, texts, overwrite=overwrite and not resume, resume=resume, reuse=False,
-                      _rows=_ShardRows(paths), **options)
-    shutil.rmtree(shard_dir, ignore_errors=True)
+                      _rows=rows, **options)
+    zarr_files.delete_tree(shard_dir)
     return store

@@ -20,8 +20,9 @@ order, so the split holds whole documents the training split never saw.
 
 This module is the reader; writing is :mod:`sae_registry.store_writer` (reached through
 :meth:`ActivationStore.create` / :meth:`ActivationStore.reopen`). Reading (:meth:`batches`) follows
-what is fast for zarr: whole chunks in random order, shuffled within a buffer of several chunks,
-decoded by background threads ahead of the consumer (:mod:`sae_registry.prefetch`).
+what is fast for zarr: whole chunks in random order into a shuffle buffer sized by a memory budget
+(``SHUFFLE_BYTES``), each batch drawn at random from it, decoded by background threads ahead of the
+consumer (:mod:`sae_registry.prefetch`).
 
 What a store's metadata is trusted for: its shape, chunking and statistics are checked at open
 (chunks bounded by the store's size and a memory budget, every chunk file present); its ``source``
@@ -30,8 +31,8 @@ is description only.
 
 from __future__ import annotations
 
-import json
 import os
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -56,10 +57,15 @@ COMPRESSORS = ("lz4", "zstd", "none")
 PROVENANCE = {"token_id": "int32", "seq": "int64", "pos": "int32"}  # array name -> dtype
 STORE_ARRAYS = (ARRAY, *PROVENANCE)
 SPLITS = ("train", "eval", "all")
+READ_AGAIN = ("When it answers again, run the same command again; a training continues where its last checkpoint "
+              "left it with --resume (resume=True), in the same data order.")
 # Reading one row decodes its whole chunk: a store's chunks may not ask for more memory than this
 # (the default chunk of 8192 rows of d = 16384 float32 is 512 MiB).
 MAX_CHUNK_BYTES = 1 << 30
 DEFAULT_CHUNK_TOKENS = 8192  # a chunk may hold more rows than the store only up to this many
+# The shuffle buffer of `batches`: rows drawn at random for each batch (256 MiB is 174,762 rows of d = 384
+# float32), sized in bytes so that the window grows with the store until it meets this budget.
+SHUFFLE_BYTES = 256 << 20
 
 
 def to_numpy(array: np.ndarray | torch.Tensor, dtype: str) -> np.ndarray:
@@ -231,7 +237,9 @@ class ActivationStore(StoreInfo):
                 f"{self.path} was harvested without token provenance (token ids, windows, positions); "
                 "re-harvest it with this version of sae-registry (`sae-registry harvest`) to get them"
             )
-        return {name: array[start:stop] for name, array in self._provenance.items()}
+        return {name: zarr_files.through_outages(self.path, f"reading the {name} of rows {start}-{stop}", READ_AGAIN,
+                                                 lambda array=array: array[start:stop])
+                for name, array in self._provenance.items()}
 
     @property
     def mean(self) -> torch.Tensor:
@@ -279,7 +287,10 @@ class ActivationStore(StoreInfo):
 
     def _try_rows(self, start: int, stop: int) -> tuple[np.ndarray | None, str | None]:
         try:
-            rows = self._array[start:stop]
+            rows = zarr_files.through_outages(self.path, f"reading rows {start}-{stop}", READ_AGAIN,
+                                              lambda: self._array[start:stop])
+        except SAERegistryError:
+            raise
         except (RuntimeError, ValueError, OSError) as e:  # codecs raise RuntimeError, a short raw chunk ValueError
             return None, f"{type(e).__name__}: {e}"
         return rows, None if finite(rows, self.dtype) else "it holds NaN or Inf"
@@ -291,6 +302,13 @@ class ActivationStore(StoreInfo):
             hi = min(hi, lo + max_tokens)
         return self.read(lo, hi)
 
+    def shuffle_window(self, batch_size: int, split: str = "train", shuffle_tokens: int | None = None) -> int:
+        """Rows :meth:`batches` shuffles together: ``shuffle_tokens``, else as many as fit in
+        ``SHUFFLE_BYTES`` (256 MiB) stored; at least a chunk and a batch, at most the whole split."""
+        row_bytes = self.d * (4 if self.dtype == "float32" else 2)
+        window = shuffle_tokens if shuffle_tokens is not None else max(1, SHUFFLE_BYTES // row_bytes)
+        return min(self.num_tokens(split), max(window, self.metadata["chunk_tokens"] + batch_size))
+
     def batches(
         self,
         batch_size: int,
@@ -298,40 +316,48 @@ class ActivationStore(StoreInfo):
         split: str = "train",
         shuffle: bool = True,
         seed: int = 0,
-        buffer_chunks: int = 8,
+        shuffle_tokens: int | None = None,
         prefetch: int = 4,
         drop_last: bool = False,
         threads: int = 2,
     ) -> Iterator[torch.Tensor]:
         """One epoch of float32 batches ``[batch_size, d]`` (the last may be smaller).
 
-        With ``shuffle``, chunks are read in a random order and rows shuffled across a buffer of
-        ``buffer_chunks`` chunks; the same ``seed`` gives the same batches. Every token of the split
-        appears exactly once per epoch. Reading and decoding run in background threads: ``threads``
-        chunks at once (more for an object store, where each chunk is a request that waits).
+        With ``shuffle``, whole chunks are read in a random order into a shuffle buffer of
+        :meth:`shuffle_window` rows (by default as many as 256 MiB holds, so the window grows with the
+        store up to that budget, and a store that fits is shuffled as a whole); each batch is
+        ``batch_size`` rows drawn at random from the buffer, and the next chunk comes in when there is
+        room. The same ``seed`` gives the same batches. Every token of the split appears exactly once
+        per epoch. Reading and decoding run in background threads: ``threads`` chunks at once (more
+        for an object store, where each chunk is a request that waits).
 
-        Memory is bounded by the buffer, not the store: about ``(buffer_chunks + threads + prefetch)``
-        chunks' worth of rows, whatever the store's size. The shuffle window is the buffer: a batch
-        draws its rows from ``buffer_chunks`` chunks chosen at random from the whole split.
+        Memory is bounded by the buffer, not the store: the window's rows plus about
+        ``threads + 1`` chunks being read and ``prefetch`` batches, whatever the store's size.
         """
         require_positive_int("batch_size", batch_size)
-        require_positive_int("buffer_chunks", buffer_chunks)
+        if shuffle_tokens is not None:
+            require_positive_int("shuffle_tokens", shuffle_tokens)
         require_positive_int("prefetch", prefetch)
         require_positive_int("threads", threads)
         lo, hi = self.split_range(split)
         chunk = self.metadata["chunk_tokens"]
         spans = [(max(start, lo), min(start + chunk, hi)) for start in range((lo // chunk) * chunk, hi, chunk)]
+        window = self.shuffle_window(batch_size, split, shuffle_tokens)
 
-        def produce() -> Iterator[torch.Tensor]:
-            rng = np.random.default_rng(seed)
-            order = [spans[i] for i in rng.permutation(len(spans))] if shuffle else spans
+        def chunks(order: list[tuple[int, int]], pool: ThreadPoolExecutor) -> Iterator[np.ndarray]:
+            """The rows of ``order``'s spans, in that order, at most ``threads`` reads ahead."""
+            ahead: deque = deque(pool.submit(self._rows, *span) for span in order[:threads])
+            for span in order[threads:] + [None] * len(ahead):
+                rows = ahead.popleft().result()
+                if span is not None:
+                    ahead.append(pool.submit(self._rows, *span))
+                yield rows
+
+        def in_order() -> Iterator[torch.Tensor]:
             leftover = np.zeros((0, self.d), dtype=self._array.dtype)
             with ThreadPoolExecutor(max_workers=threads) as pool:
-                for g in range(0, len(order), buffer_chunks):
-                    parts = list(pool.map(lambda s: self._rows(*s), order[g : g + buffer_chunks]))
-                    rows = np.concatenate([leftover, *parts])
-                    if shuffle:
-                        rows = rows[rng.permutation(len(rows))]
+                for part in chunks(spans, pool):
+                    rows = np.concatenate([leftover, part])
                     n_full = (len(rows) // batch_size) * batch_size
                     for i in range(0, n_full, batch_size):
                         yield to_float32(rows[i : i + batch_size], self.dtype)
@@ -339,7 +365,36 @@ class ActivationStore(StoreInfo):
             if len(leftover) and not drop_last:
                 yield to_float32(leftover, self.dtype)
 
-        return prefetched(produce, prefetch, name="store-batches")
+        def shuffled() -> Iterator[torch.Tensor]:
+            rng = np.random.default_rng(seed)
+            order = [spans[i] for i in rng.permutation(len(spans))]
+            buffer = np.empty((window, self.d), dtype=self._array.dtype)
+            n = 0  # rows [0, n) of the buffer are waiting to go out
+
+            def take(k: int) -> torch.Tensor:
+                """``k`` rows drawn at random from the buffer; the buffer's last rows fill their places."""
+                nonlocal n
+                picked = rng.choice(n, k, replace=False)
+                out = to_float32(buffer[picked], self.dtype)
+                tail = n - k
+                kept = np.ones(k, dtype=bool)
+                kept[picked[picked >= tail] - tail] = False
+                buffer[picked[picked < tail]] = buffer[tail + np.flatnonzero(kept)]
+                n = tail
+                return out
+
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                for part in chunks(order, pool):
+                    while n + len(part) > window:  # full: batches go out until the chunk fits
+                        yield take(batch_size)
+                    buffer[n : n + len(part)] = part
+                    n += len(part)
+            while n >= batch_size:
+                yield take(batch_size)
+            if n and not drop_last:
+                yield take(n)
+
+        return prefetched(shuffled if shuffle else in_order, prefetch, name="store-batches")
 
     def __repr__(self) -> str:
         status = self.metadata.get("status")
@@ -349,28 +404,26 @@ class ActivationStore(StoreInfo):
 # -- finding stores by what they hold ------------------------------------------------------------------
 
 
-def store_roots(store_root: str | Path | None = None) -> list[Path]:
-    """Where stores are looked for by content key: ``store_root``, else ``$SAE_REGISTRY_STORE_ROOT`` (read now)."""
+def store_roots(store_root: str | Path | None = None) -> list[Path | str]:
+    """Where stores are looked for by content key: ``store_root``, else ``$SAE_REGISTRY_STORE_ROOT`` (read now);
+    a folder or an object-store prefix (``s3://bucket/stores``)."""
     root = store_root or os.environ.get("SAE_REGISTRY_STORE_ROOT")
-    return [Path(root).absolute()] if root else []
+    return [zarr_files.location(root)] if root else []
 
 
-def list_stores(roots: list[Path]) -> list[tuple[Path, dict]]:
+def list_stores(roots: list[Path | str]) -> list[tuple[Path | str, dict]]:
     """Finished stores directly under each of ``roots`` (and each root itself), with their attributes."""
     found, seen = [], set()
     for root in roots:
-        for path in [root, *(sorted(root.iterdir()) if root.is_dir() else [])]:
-            try:
-                attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
-            except (OSError, ValueError, AttributeError):
-                continue
-            if attrs.get("format") == FORMAT and attrs.get("status") == "complete" and path.resolve() not in seen:
-                seen.add(path.resolve())
+        for path, attrs in zarr_files.groups_under(zarr_files.location(root)):
+            same = path.resolve() if isinstance(path, Path) else path
+            if attrs.get("format") == FORMAT and attrs.get("status") == "complete" and same not in seen:
+                seen.add(same)
                 found.append((path, attrs))
     return found
 
 
-def find_by_key(key: str, roots: list[Path]) -> Path | None:
+def find_by_key(key: str, roots: list[Path | str]) -> Path | str | None:
     """The finished store under ``roots`` whose content key is ``key`` (or starts with it), if any."""
     for path, attrs in list_stores(roots):
         have = str(attrs.get("source", {}).get("content_key", ""))

@@ -30,6 +30,10 @@ from .store import (
 )
 
 
+RESUME_HINT = ("The store is left 'writing' (unfinished) with the whole chunks written so far; when the endpoint "
+               "answers again, run the same harvest with --resume (resume=True) to continue it.")
+
+
 class StoreWriter(StoreInfo):
     """Appends rows to a store that is ``"writing"``; :meth:`close` marks it ``"complete"``.
 
@@ -196,16 +200,20 @@ class StoreWriter(StoreInfo):
         n = (len(data) // chunk) * chunk if whole_chunks_only else len(data)
         if n:
             start = self._n_written
-            self._array.resize((start + n, self.d))
-            self._array[start : start + n] = data[:n]
+            columns = {name: np.concatenate(parts) for name, parts in self._pending_provenance.items()}
+
+            def write() -> None:  # the same bytes to the same chunks: safe to do again after an outage
+                self._array.resize((start + n, self.d))
+                self._array[start : start + n] = data[:n]
+                for name, array in self._provenance.items():
+                    array.resize((start + n,))
+                    array[start : start + n] = columns[name][:n]
+
+            zarr_files.through_outages(self.path, f"writing rows {start}-{start + n}", RESUME_HINT, write)
             self._hash.update(np.ascontiguousarray(data[:n]).tobytes())
             for i in range(0, n, chunk):  # chunk by chunk, so that reopen() can redo the same sums
                 self._add_stats(data[i : min(i + chunk, n)])
-            for name, array in self._provenance.items():
-                column = np.concatenate(self._pending_provenance[name])
-                array.resize((start + n,))
-                array[start : start + n] = column[:n]
-                self._pending_provenance[name] = [column[n:]]
+            self._pending_provenance = {name: [column[n:]] for name, column in columns.items()}
             self._n_written += n
         self._pending = [data[n:]] if n < len(data) else []
         self._pending_rows = len(data) - n
@@ -240,14 +248,16 @@ class StoreWriter(StoreInfo):
                 raise SAERegistryError(f"a store needs at least 2 tokens; {self.path} got {n}")
             mean = self._sum / n
             var = np.maximum(self._sum_sq / n - mean**2, 0.0)
-            zarr_files.finish(self._group, {
+            final = {
                 "n_tokens": n,
                 "mean": mean.tolist(),
                 "mean_norm": self._norm_sum / n,
                 "total_variance": float(var.sum()),
                 "fingerprint": self._hash.hexdigest()[:16],
                 "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            })
+            }
+            zarr_files.through_outages(self.path, "finishing the store", RESUME_HINT,
+                                       lambda: zarr_files.finish(self._group, final))
         self.metadata = dict(self._group.attrs)
         self._closed = True
 

@@ -15,9 +15,10 @@ import json
 import os
 import shutil
 import socket
+import time
 import urllib.parse
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, TypeVar
 
 import zarr
 import zarr.codecs
@@ -54,6 +55,11 @@ def location(path: str | Path) -> Path | str:
 _CREDENTIAL_SOURCES = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
                        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
 S3_CONNECT_SECONDS = 5  # an endpoint that does not answer fails in seconds, not after minutes of retries
+S3_READ_SECONDS = 15  # a request whose answer stops coming for this long is retried
+# How long a chunk read or write waits for an S3 endpoint that stopped answering (it went down, a network
+# cut) before the work stops with an error that says how to resume; `SAE_REGISTRY_S3_WAIT_SECONDS`, read then.
+S3_WAIT_SECONDS = 30
+T = TypeVar("T")
 
 
 def _endpoint() -> str | None:
@@ -65,7 +71,7 @@ def storage_options(url: str) -> dict:
     timeouts and few retries, so that an unreachable endpoint is an error in seconds."""
     if not url.startswith("s3://"):
         return {}
-    options: dict = {"config_kwargs": {"connect_timeout": S3_CONNECT_SECONDS, "read_timeout": 60,
+    options: dict = {"config_kwargs": {"connect_timeout": S3_CONNECT_SECONDS, "read_timeout": S3_READ_SECONDS,
                                        "retries": {"max_attempts": 3, "mode": "standard"}}}
     if endpoint := _endpoint():
         options["client_kwargs"] = {"endpoint_url": endpoint}
@@ -76,6 +82,7 @@ def check_s3(url: str) -> None:
     """Refuse, in seconds, an ``s3://`` URL with no credentials anywhere or an endpoint that does not answer."""
     if not url.startswith("s3://"):
         return
+    s3_wait_seconds()  # a bad setting is refused before any work, not at the first outage
     home = Path(os.environ.get("HOME", "~")).expanduser()
     if not any(os.environ.get(name) for name in _CREDENTIAL_SOURCES) and not (home / ".aws" / "credentials").exists():
         raise SAERegistryError(
@@ -95,12 +102,70 @@ def check_s3(url: str) -> None:
             ) from None
 
 
+def _lost_connection(e: BaseException) -> bool:
+    """Whether ``e`` says the endpoint could not be reached or stopped answering (not that a key is missing)."""
+    import aiohttp
+    import botocore.exceptions
+
+    kinds = (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError, aiohttp.ClientConnectionError,
+             aiohttp.ClientPayloadError, ConnectionError, TimeoutError)
+    while e is not None:
+        if isinstance(e, kinds):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def s3_wait_seconds() -> float:
+    """How long a read or write waits for an S3 endpoint to answer again (``$SAE_REGISTRY_S3_WAIT_SECONDS``)."""
+    value = os.environ.get("SAE_REGISTRY_S3_WAIT_SECONDS")
+    try:
+        seconds = float(value) if value else S3_WAIT_SECONDS
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise SAERegistryError(f"SAE_REGISTRY_S3_WAIT_SECONDS must be a number of seconds >= 0, got {value!r}")
+    return seconds
+
+
+def through_outages(where: Path | str, doing: str, then: str, action: Callable[[], T]) -> T:
+    """``action()``; on an object store, an endpoint that stops answering is waited for (retried with
+    backoff) for :func:`s3_wait_seconds`, then an error naming the store, what was being done
+    (``doing``) and what to do (``then``). Local stores run ``action`` once."""
+    if isinstance(where, Path):
+        return action()
+    wait = s3_wait_seconds()
+    deadline, delay = time.monotonic() + wait, 0.25
+    while True:
+        try:
+            return action()
+        except Exception as e:
+            if not _lost_connection(e):
+                raise
+            if time.monotonic() + delay > deadline:
+                raise SAERegistryError(
+                    f"{where}: the S3 endpoint {_endpoint() or '(AWS)'} stopped answering while {doing} and did not "
+                    f"come back within {wait:g} s ({type(e).__name__}: {str(e).splitlines()[0][:200]}). {then}"
+                ) from e
+        time.sleep(delay)
+        delay = min(2 * delay, 4.0)
+
+
 def open_store(where: Path | str, *, read_only: bool) -> zarr.storage.StoreLike:
     """The zarr store at a local path or an object-store URL (checked reachable first)."""
     if isinstance(where, Path):
         return zarr.storage.LocalStore(where, read_only=read_only)
     check_s3(where)
-    return zarr.storage.FsspecStore.from_url(where, read_only=read_only, storage_options=storage_options(where))
+    store = zarr.storage.FsspecStore.from_url(where, read_only=read_only, storage_options=storage_options(where))
+    _few_retries(store.fs)
+    return store
+
+
+def _few_retries(fs) -> None:
+    """s3fs tries a request that timed out or was cut 5 times over botocore's own 3 attempts (15 x 15 s on an
+    endpoint that accepts and never answers); once is enough: :func:`through_outages` waits for outages."""
+    if hasattr(fs, "retries"):
+        fs.retries = 1
 
 
 def exists(where: Path | str) -> bool:
@@ -109,6 +174,62 @@ def exists(where: Path | str) -> bool:
         return (where / "zarr.json").exists()
     store = open_store(where, read_only=True)
     return bool(zarr.core.sync.sync(store.exists("zarr.json")))
+
+
+def delete_tree(where: Path | str) -> None:
+    """Delete a folder or an object-store prefix and everything under it; nothing there is not an error."""
+    if isinstance(where, Path):
+        shutil.rmtree(where, ignore_errors=True)
+        return
+    zarr.core.sync.sync(open_store(where, read_only=False).delete_dir(""))
+
+
+def _filesystem(url: str):
+    """A synchronous fsspec filesystem for an object-store URL, with the same endpoint and timeouts as stores."""
+    import fsspec
+
+    check_s3(url)
+    fs = fsspec.filesystem(url.split("://", 1)[0], **storage_options(url))
+    _few_retries(fs)
+    return fs
+
+
+def groups_under(root: Path | str) -> list[tuple[Path | str, dict]]:
+    """``root`` and each folder (or object-store prefix) directly under it that holds a zarr group, with the
+    group's attributes; nothing there is an empty list."""
+    if isinstance(root, Path):
+        candidates: list[Path | str] = [root, *(sorted(root.iterdir()) if root.is_dir() else [])]
+        read = lambda path: (path / "zarr.json").read_text()  # noqa: E731
+    else:
+        fs, scheme = _filesystem(root), root.split("://", 1)[0]
+        try:
+            children = sorted(fs.ls(root, detail=False, refresh=True))
+        except FileNotFoundError:
+            children = []
+        candidates = [root, *(f"{scheme}://{c.rstrip('/')}" for c in children)]
+        read = lambda path: fs.cat_file(f"{path}/zarr.json")  # noqa: E731
+    found = []
+    for path in candidates:
+        try:
+            attrs = json.loads(read(path)).get("attributes", {})
+        except (OSError, ValueError, AttributeError):  # not a zarr group (FileNotFoundError is an OSError)
+            continue
+        found.append((path, attrs if isinstance(attrs, dict) else {}))
+    return found
+
+
+def group_attrs(where: Path | str) -> dict:
+    """The attributes in the ``zarr.json`` at ``where`` (a folder or an object-store URL)."""
+    if isinstance(where, Path):
+        return json.loads((where / "zarr.json").read_text()).get("attributes", {})
+    return json.loads(_filesystem(where).cat_file(f"{where}/zarr.json")).get("attributes", {})
+
+
+def tree_bytes(where: Path | str) -> int:
+    """Bytes of every file under a folder or an object-store prefix."""
+    if isinstance(where, Path):
+        return sum(f.stat().st_size for f in where.rglob("*") if f.is_file())
+    return int(_filesystem(where).du(where))
 
 
 def _url_attrs(where: str) -> dict:

@@ -98,3 +98,97 @@ def chromium() -> str:
         if found:
             return found
     pytest.skip("no chromium here (CI installs it: scripts/setup-deploy-tools.sh)")
+
+
+class TcpProxy:
+    """A TCP proxy on a free loopback port to ``127.0.0.1:target`` that a test cuts and restores.
+
+    ``cut()`` closes the listening socket and every open connection, as an endpoint that went down
+    does (new connections are refused, requests in flight are reset); ``restore()`` listens again on
+    the same port. Plain sockets and one thread per direction: enough for a test's few connections.
+    """
+
+    def __init__(self, target: int) -> None:
+        import threading
+
+        self.target = target
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._lock = threading.Lock()
+        self._sockets: set = set()
+        self._listener = None
+        self.cuts = 0
+        self.stalled = False
+        self.restore()
+
+    def restore(self) -> None:
+        import threading
+
+        self.stalled = False
+        with self._lock:
+            if self._listener is not None:
+                return
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", self.port))
+            listener.listen(64)
+            self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def stall(self) -> None:
+        """Drop the open connections and hold every new one open without an answer (an endpoint that hangs)."""
+        self.cut()
+        self.restore()
+        self.stalled = True
+
+    def cut(self) -> None:
+        self.stalled = False
+        with self._lock:
+            listener, self._listener = self._listener, None
+            sockets, self._sockets = self._sockets, set()
+            self.cuts += 1
+        for s in ([listener] if listener else []) + list(sockets):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def _accept(self, listener) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # cut: the listener is closed
+                return
+            if self.stalled:  # accepted, and never answered
+                with self._lock:
+                    self._sockets.add(client)
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                if self._listener is not listener:  # cut meanwhile
+                    client.close()
+                    upstream.close()
+                    return
+                self._sockets |= {client, upstream}
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.cut()

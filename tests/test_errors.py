@@ -389,6 +389,26 @@ def api_s3_unreachable(env, tmp, mp):
     ActivationStore.open("s3://stores/acts.zarr")
 
 
+def store_s3_outage(env, tmp, mp):
+    import botocore.exceptions
+
+    from sae_registry import store_writer, zarr_files
+
+    mp.setenv("SAE_REGISTRY_S3_WAIT_SECONDS", "0")  # the endpoint's real comings and goings: tests/test_s3.py
+
+    def write():
+        raise botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:9/stores/acts.zarr")
+
+    zarr_files.through_outages("s3://stores/acts.zarr", "writing rows 0-64", store_writer.RESUME_HINT, write)
+
+
+def store_s3_wait_not_seconds(env, tmp, mp):
+    mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+    mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    mp.setenv("SAE_REGISTRY_S3_WAIT_SECONDS", "soon")
+    ActivationStore.open("s3://stores/acts.zarr")
+
+
 def _harvest_minilm(**options):
     def case(env, tmp, mp):
         from sae_registry.harvest import harvest
@@ -674,6 +694,11 @@ CASES = {
     "api-s3-no-credentials": (lambda e, t, m: (_no_s3_credentials(m, t), ActivationStore.open("s3://stores/acts.zarr")),
                               "s3://stores/acts.zarr: no S3 credentials: set AWS_ACCESS_KEY_ID"),
     "api-s3-unreachable": (api_s3_unreachable, r"s3://stores/acts.zarr: cannot reach the S3 endpoint http://127\.0\.0\.1:\d+"),
+    "store-s3-outage": (store_s3_outage, r"s3://stores/acts.zarr: the S3 endpoint .* stopped answering while writing "
+                        r"rows 0-64 and did not come back within 0 s \(EndpointConnectionError: .*\)\. The store is "
+                        r"left 'writing' .* run the same harvest with --resume"),
+    "store-s3-wait-not-seconds": (store_s3_wait_not_seconds,
+                                  "SAE_REGISTRY_S3_WAIT_SECONDS must be a number of seconds >= 0, got 'soon'"),
     "harvest-unknown-hook": (_harvest_minilm(hook="blocks.2.resid_post"),
                              (r"unknown hook 'blocks.2.resid_post' for sentence-transformers/all-MiniLM-L6-v2: the hook "
                               r"names are blocks.L.\{hook_resid_pre, hook_attn_out, ln2.hook_normalized, hook_mlp_out, "

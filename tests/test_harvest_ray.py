@@ -94,6 +94,23 @@ def test_two_workers_write_the_one_worker_store_bit_for_bit(tiny_bert, tmp_path,
                        **{**OPTIONS, "max_tokens": 300}), capped)
 
 
+@pytest.mark.slow
+def test_workers_with_several_hooks_and_packed_windows_write_the_one_worker_stores(tiny_bert, tmp_path, local_ray):
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
+    options = {**OPTIONS, "pack": True}
+    options.pop("layer")
+    one = harvest(tmp_path / "one", TEXTS, model_path=tiny_bert, hooks=hooks, **options)
+    two = harvest(tmp_path / "two", TEXTS, model_path=tiny_bert, hooks=hooks, workers=2, reuse=False, **options)
+    assert sorted(two) == sorted(hooks) and not (tmp_path / "two.shards").exists()
+    for hook in hooks:
+        same_store(one[hook], two[hook])
+    assert one[hooks[0]].source["pack"] is True
+    # packing joins documents across batches: the shards are cut on batches, never inside a window
+    packed = harvest(tmp_path / "p1.zarr", TEXTS, model_path=tiny_bert, reuse=False, **{**OPTIONS, "pack": True})
+    same_store(packed, harvest(tmp_path / "p3.zarr", TEXTS, model_path=tiny_bert, workers=3, reuse=False,
+                               **{**OPTIONS, "pack": True}))
+
+
 def test_bad_worker_counts_are_refused_before_any_work(tiny_bert, tmp_path):
     with pytest.raises(SAERegistryError, match="workers must be a positive integer"):
         harvest(tmp_path / "w.zarr", TEXTS, model_path=tiny_bert, workers=0, **OPTIONS)

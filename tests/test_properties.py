@@ -113,16 +113,16 @@ def test_the_store_returns_exactly_what_was_appended(example, data):
 
 
 @SETTINGS
-@given(stores(), st.integers(1, 300), st.integers(1, 5), st.integers(0, 1000), st.booleans(),
+@given(stores(), st.integers(1, 300), st.integers(1, 2000), st.integers(0, 1000), st.booleans(),
        st.sampled_from(["train", "eval", "all"]), st.booleans())
-def test_shuffled_batches_are_a_permutation_of_the_split(example, batch_size, buffer_chunks, seed, shuffle, split,
+def test_shuffled_batches_are_a_permutation_of_the_split(example, batch_size, shuffle_tokens, seed, shuffle, split,
                                                          drop_last):
     x, bounds, _, chunk_tokens, compressor = example
     with tempfile.TemporaryDirectory() as tmp:
         store = _write(x, bounds, "float32", chunk_tokens, compressor, Path(tmp))
         lo, hi = store.split_range(split)
         batches = list(store.batches(batch_size, split=split, shuffle=shuffle, seed=seed,
-                                     buffer_chunks=buffer_chunks, drop_last=drop_last))
+                                     shuffle_tokens=shuffle_tokens, drop_last=drop_last))
         if drop_last:  # only the epoch's last, short batch is dropped
             assert all(len(b) == batch_size for b in batches)
             assert len(batches) == (hi - lo) // batch_size
@@ -136,7 +136,7 @@ def test_shuffled_batches_are_a_permutation_of_the_split(example, batch_size, bu
         torch.testing.assert_close(rows, x[rows[:, 0].long()], rtol=0, atol=0)  # whole rows, unchanged
         if not shuffle:
             assert ids == sorted(ids)
-        again = list(store.batches(batch_size, split=split, shuffle=shuffle, seed=seed, buffer_chunks=buffer_chunks,
+        again = list(store.batches(batch_size, split=split, shuffle=shuffle, seed=seed, shuffle_tokens=shuffle_tokens,
                                    drop_last=drop_last))
         assert len(again) == len(batches) and all(torch.equal(a, b) for a, b in zip(again, batches))
 

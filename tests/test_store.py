@@ -73,13 +73,36 @@ def test_splits_are_disjoint_and_cover_the_store(tmp_path):
 @pytest.mark.parametrize("batch_size", [100, 512, 777])
 def test_shuffled_batches_cover_every_token_exactly_once_per_epoch(tmp_path, batch_size):
     store = _make(tmp_path / "s.zarr", _rows(5000), chunk_tokens=512, eval_fraction=0.1)
-    batches = list(store.batches(batch_size, seed=3, buffer_chunks=3))
+    batches = list(store.batches(batch_size, seed=3, shuffle_tokens=1500))
     assert all(len(b) == batch_size for b in batches[:-1])
     ids = torch.cat(batches)[:, 0].long()
     assert sorted(ids.tolist()) == list(range(store.num_tokens("train")))
     assert not torch.equal(ids, torch.sort(ids).values)  # it is shuffled
     eval_ids = torch.cat(list(store.batches(batch_size, split="eval", seed=3)))[:, 0].long()
     assert sorted(eval_ids.tolist()) == list(range(4500, 5000))
+
+
+def test_the_shuffle_window_grows_with_the_store_up_to_its_budget(tmp_path, monkeypatch):
+    from sae_registry import store as S
+
+    store = _make(tmp_path / "s.zarr", _rows(5000), chunk_tokens=256, eval_fraction=0.1)
+    assert store.shuffle_window(100) == 4500  # the whole training split fits the default budget
+
+    def chunks_per_batch(**options):
+        return [len(set((b[:, 0].long() // 256).tolist())) for b in store.batches(100, seed=0, **options)]
+
+    # a window of two chunks: the first batch draws from the two chunks the buffer holds, and later
+    # batches from few more (rows stay in the buffer until drawn)
+    assert store.shuffle_window(100, shuffle_tokens=512) == 512
+    small = chunks_per_batch(shuffle_tokens=512)
+    assert small[0] <= 2
+    # the whole split in the buffer: every batch draws from across the store (a full shuffle)
+    full = chunks_per_batch()
+    assert min(full) >= 12 and np.mean(full) > 2 * np.mean(small)
+    # the budget is in bytes: 8 columns of float32 are 32 bytes a row
+    monkeypatch.setattr(S, "SHUFFLE_BYTES", 32 * 1000)
+    assert store.shuffle_window(100) == 1000 and store.shuffle_window(1000) == 1256  # at least a chunk and a batch
+    assert chunks_per_batch()[0] <= 3
 
 
 def test_batches_are_reproducible_per_seed_and_differ_across_seeds(tmp_path):
