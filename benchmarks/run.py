@@ -1,6 +1,6 @@
 """Run every benchmark (or those named), print their tables, then the targets and how far each is met.
 
-    .venv/bin/python benchmarks/run.py                 # all: train store sweep use (~1 h on 2 cores, mostly train)
+    .venv/bin/python benchmarks/run.py                 # all: train store sweep use hooks (~1 h on 2 cores, mostly train)
     .venv/bin/python benchmarks/run.py train store     # some
     .venv/bin/python benchmarks/run.py --quick         # fewer steps and tokens, for a smoke run
 
@@ -23,6 +23,7 @@ BENCHMARKS = {
     "store": ("store_speed.py", [], []),
     "sweep": ("sweep_speed.py", [], ["--tokens", "60000"]),
     "use": ("use_speed.py", [], ["--harvest-texts", "60"]),
+    "hooks": ("harvest_hooks.py", [], ["--tokens", "2048", "--repeats", "1"]),  # needs the llm extra
 }
 
 
@@ -59,6 +60,23 @@ def targets() -> list[tuple[str, str, bool | None]]:
         if default:
             out.append(("store reads >= 5x training consumption (default store)", f"{default['vs_training']:.1f}x",
                         default["vs_training"] >= 5))
+    rules = load("train_speed_rules")
+    for case, want in (("batch_top_k 4096", 2.5), ("matryoshka 4096", 2.5), ("jumprelu 4096", 1.5)):
+        rows = [r for r in (rules or {}).get("rows", []) if r["case"] == case]
+        ours = next((r for r in rows if r["impl"] == "ours"), None)
+        lens = next((r for r in rows if r["impl"].startswith("SAELens ") and "fvu" in r), None)
+        if ours and lens:
+            out.append((f"{case}: >= {want}x SAELens's tokens/s", f"{ours['vs_saelens']:.2f}x", ours["vs_saelens"] >= want))
+            matched = abs(ours["l0"] - lens["l0"]) <= 0.1 * lens["l0"]
+            gap = ours["fvu"] / lens["fvu"] - 1
+            out.append((f"{case}: FVU within 2% of SAELens's at matched L0",
+                        f"{ours['fvu']:.4f} at L0 {ours['l0']:.1f} vs {lens['fvu']:.4f} at L0 {lens['l0']:.1f}",
+                        matched and gap <= 0.02))
+    sparse = next((r for r in (rules or {}).get("rows", []) if r["case"] == "l1 4096" and "sparse steps" in r["impl"]),
+                  None)
+    if sparse:
+        out.append(("l1 4096: >= 1.5x the dense reference once under 5% active", f"{sparse['vs_reference']:.2f}x",
+                    sparse["vs_reference"] >= 1.5))
     sweep = load("sweep_speed")
     if sweep and "summary" in sweep:
         ours = sweep["summary"][0]
