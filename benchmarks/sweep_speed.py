@@ -30,11 +30,13 @@ from common import ROOT, real_store, table, write_results
 RESULT = "SWEEP_SPEED_RESULT "
 
 
-def demo_spec(store: str, tokens: int, workdir: Path) -> dict:
-    """jobs/demo.yaml on the benchmark's store, with ``tokens`` per dictionary."""
+def demo_spec(store: str, tokens: int, workdir: Path, evaluate: str | None = None) -> dict:
+    """jobs/demo.yaml on the benchmark's store, with ``tokens`` per dictionary (and ``evaluate`` when given)."""
     spec = yaml.safe_load((ROOT / "jobs" / "demo.yaml").read_text())
     spec.update(store=store, harvest=None, storage=str(workdir / "ray_results"))
     spec["train"]["tokens"] = tokens
+    if evaluate is not None:
+        spec["evaluate"] = evaluate
     return spec
 
 
@@ -161,24 +163,32 @@ def timed_process(flag: str, spec: dict, workdir: Path) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=300_000, help="training tokens per dictionary")
+    parser.add_argument("--like-for-like", action="store_true",
+                        help="also run the sweep with evaluate: none (their loop does no downstream evaluation)")
     args = parser.parse_args(argv)
     cores = os.cpu_count() or 1
     store = str(real_store().path)
     load_before = os.getloadavg()
     runs = {}
-    for who in ("ours", "theirs"):
+    for who, flag, evaluate in (("ours", "--_ours", None), ("plain", "--_ours", "none"), ("theirs", "--_theirs", None)):
+        if who == "plain" and not args.like_for_like:
+            continue
         workdir = Path(tempfile.mkdtemp(prefix=f"sweep-speed-{who}-"))
         print(f"{who}: the demo grid, {args.tokens:,} tokens per dictionary", flush=True)
-        runs[who] = timed_process(f"--_{who}", demo_spec(store, args.tokens, workdir), workdir)
+        runs[who] = timed_process(flag, demo_spec(store, args.tokens, workdir, evaluate), workdir)
     load_after = os.getloadavg()
     us, them = runs["ours"], runs["theirs"]
-    step_seconds = sum(t["measured"] for t in us["trials"]) * us["cpus_per_trial"]
-    summary = [
-        {"run": "sae-registry sweep (jobs/demo.yaml)", "wall": us["wall"], "speedup": them["wall"] / us["wall"],
-         "efficiency": step_seconds / (us["wall"] * min(cores, us["slots"] * us["cpus_per_trial"]))},
-        {"run": "dictionary_learning trainSAE, 8 trainers", "wall": them["wall"], "speedup": 1.0,
-         "efficiency": them["loop"] / them["wall"]},
-    ]
+
+    def row(name: str, run: dict) -> dict:
+        step_seconds = sum(t["measured"] for t in run["trials"]) * run["cpus_per_trial"]
+        return {"run": name, "wall": run["wall"], "speedup": them["wall"] / run["wall"],
+                "efficiency": step_seconds / (run["wall"] * min(cores, run["slots"] * run["cpus_per_trial"]))}
+
+    summary = [row("sae-registry sweep (jobs/demo.yaml, downstream evaluation on)", us)]
+    if "plain" in runs:
+        summary.append(row("the same sweep, evaluate: none (like for like)", runs["plain"]))
+    summary.append({"run": "dictionary_learning trainSAE, 8 trainers (no evaluation)", "wall": them["wall"],
+                    "speedup": 1.0, "efficiency": them["loop"] / them["wall"]})
     print(f"\nload average {load_before[0]:.1f} before, {load_after[0]:.1f} after; {cores} cores")
     print(table(summary, [("run", "run", ""), ("wall", "wall s", ".1f"), ("speedup", "x their loop", ".2f"),
                           ("efficiency", "efficiency", ".0%")]))
@@ -197,9 +207,15 @@ def main(argv: list[str] | None = None) -> dict:
                                ("measured", "measured step loop s", ".1f"), ("error", "error of share", "+.0%")]))
     phases = [{"phase": k, "seconds": v} for k, v in us["seconds"].items()]
     phases.append({"phase": "process start to run() (python, imports)", "seconds": us["wall"] - us["wall_in_run"]})
+    columns = [("phase", "where the sweep's seconds went (trials/*: summed over trials)", ""), ("seconds", "seconds", ".1f")]
+    if "plain" in runs:
+        plain = dict(runs["plain"]["seconds"], **{"process start to run() (python, imports)":
+                                                  runs["plain"]["wall"] - runs["plain"]["wall_in_run"]})
+        for p in phases:
+            p["plain"] = plain.get(p["phase"], float("nan"))
+        columns.append(("plain", "evaluate: none", ".1f"))
     print()
-    print(table(phases, [("phase", "where the sweep's seconds went (trials/*: summed over trials)", ""),
-                         ("seconds", "seconds", ".1f")]))
+    print(table(phases, columns))
     path = write_results("sweep_speed", {"tokens_per_dictionary": args.tokens, "cores": cores,
                                          "load_average": [load_before, load_after], "summary": summary,
                                          "dictionaries": per_dict, "trials": us["trials"], "phases": phases})

@@ -10,11 +10,13 @@ FINISHED one can be registered (``registry.register_run``). The only room that i
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,7 @@ from .tracking import Tracking, TrackingLike, code_tags, lineage_tags, retrying,
 from .train import METRICS_FILE, TrainConfig, TrainResult, check_pack, train_pack
 
 __all__ = ["Imported", "MetricLogger", "Recorded", "import_dictionary", "log_files", "record_downstream",
-           "record_pack", "run_guard",
+           "record_pack", "run_guard", "set_tags",
            "run_name", "default_run_name", "start_runs", "train_and_register"]
 
 MODEL_ARTIFACT = "sae"  # name of the logged pyfunc model
@@ -226,32 +228,40 @@ def record_pack(
 
 
 def _log_outputs(client, run_id: str, result: TrainResult, extra: dict[str, float] | None = None) -> None:
-    """Final metrics (and ``extra`` ones, also as tags), artifacts, plots, the logged model; the run ends FINISHED."""
+    """Final metrics (and ``extra`` ones, also as tags), artifacts, plots, the logged model; the run ends FINISHED.
+
+    Few calls: the files (``metrics.json``, the plots) go up as one folder, and the final metrics
+    travel in the logged model's own ``log_batch``.
+    """
     from mlflow.entities import Metric, RunTag
 
     from . import plots
 
     step = result.history[-1]["step"] if result.history else 0
-    client.log_batch(run_id, metrics=[Metric(f"final/{k}", v, 0, step) for k, v in result.metrics.items()]
-                     + [Metric("final/tokens_per_second", result.tokens_per_second, 0, step)]
-                     + [Metric(k, v, 0, step) for k, v in (extra or {}).items()],
-                     tags=[RunTag(k.replace("/", "."), repr(float(v))) for k, v in (extra or {}).items()])
-    out = result.out_dir
-    client.log_artifact(run_id, str(out / METRICS_FILE))
-    for name, fig in (
-        ("training_curves", plots.training_curves(result.history)),
-        ("feature_density", plots.density_histogram(result.evaluation.density)),
-        ("l0_distribution", plots.l0_histogram(result.evaluation.l0_per_row)),
-    ):
-        client.log_figure(run_id, fig, f"plots/{name}.png")
-    _log_model(client, run_id, out, result.sae.cfg)
+    with tempfile.TemporaryDirectory(prefix="sae-outputs-") as tmp:
+        shutil.copyfile(result.out_dir / METRICS_FILE, Path(tmp) / METRICS_FILE)
+        (Path(tmp) / "plots").mkdir()
+        for name, fig in (
+            ("training_curves", plots.training_curves(result.history)),
+            ("feature_density", plots.density_histogram(result.evaluation.density)),
+            ("l0_distribution", plots.l0_histogram(result.evaluation.l0_per_row)),
+        ):
+            fig.savefig(Path(tmp) / "plots" / f"{name}.png")
+        client.log_artifacts(run_id, tmp)
+    _log_model(client, run_id, result.out_dir, result.sae.cfg,
+               metrics=[Metric(f"final/{k}", v, 0, step) for k, v in result.metrics.items()]
+               + [Metric("final/tokens_per_second", result.tokens_per_second, 0, step)]
+               + [Metric(k, v, 0, step) for k, v in (extra or {}).items()],
+               tags=[RunTag(k.replace("/", "."), repr(float(v))) for k, v in (extra or {}).items()])
 
 
-def _log_model(client, run_id: str, out: Path, cfg: SAEConfig) -> None:
+def _log_model(client, run_id: str, out: Path, cfg: SAEConfig, metrics: list | None = None,
+               tags: list | None = None) -> None:
     """Log the dictionary in ``out`` as the run's pyfunc model, with the tags registration needs; ends the run FINISHED.
 
     Through the client bound to the run's server (MLflow's ``pyfunc.log_model`` would use its global
     tracking URI): a logged model is created, the pyfunc is saved locally and uploaded to it.
+    ``metrics`` and ``tags`` (the final numbers) are sent with the model's tags, in one call.
     """
     import mlflow.pyfunc
     from mlflow.entities import LoggedModelOutput
@@ -281,11 +291,11 @@ def _log_model(client, run_id: str, out: Path, cfg: SAEConfig) -> None:
         client.log_model_artifacts(model.model_id, str(local))
     client.finalize_logged_model(model.model_id, "READY")
     # What registration needs, kept on the run so that any process can register it later.
-    client.log_batch(run_id, tags=_tags({
+    client.log_batch(run_id, metrics=metrics or [], tags=[*(tags or []), *_tags({
         "sae.model_uri": f"models:/{model.model_id}",
         f"sha256.{WEIGHTS_FILE}": sha256(out / WEIGHTS_FILE),
         f"sha256.{CONFIG_FILE}": sha256(out / CONFIG_FILE),
-    }))
+    })])
     client.set_terminated(run_id, "FINISHED")
 
 
@@ -297,8 +307,6 @@ def shipped_code(directory: Path) -> Path:
     requirements need not name ``sae-registry`` (an index could serve anyone's package under it).
     A private name, so that loading a model never replaces an installed ``sae_registry``.
     """
-    import shutil
-
     package = Path(directory) / SHIPPED_PACKAGE
     package.mkdir(parents=True)
     (package / "__init__.py").write_text(f'"""sae-registry {__version__}: the modules a logged dictionary loads with."""\n')
@@ -307,10 +315,12 @@ def shipped_code(directory: Path) -> Path:
     return package
 
 
-def shipped_modules(root: str = "sae.py") -> list[str]:
+@lru_cache(maxsize=None)
+def shipped_modules(root: str = "sae.py") -> tuple[str, ...]:
     """The package's own modules that ``root`` imports, directly or not (``sae.py``: what serving loads).
 
-    Read from the code, not listed by hand, so that a module the model starts to use is shipped too.
+    Read from the code, not listed by hand, so that a module the model starts to use is shipped too
+    (once per process: every dictionary a trial logs ships the same code).
     """
     import ast
 
@@ -323,13 +333,18 @@ def shipped_modules(root: str = "sae.py") -> list[str]:
         for node in ast.walk(ast.parse((here / name).read_text())):
             if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
                 todo.append(node.module.split(".")[0] + ".py")
-    return sorted(seen)
+    return tuple(sorted(seen))
 
 
 def _tags(tags: dict[str, str]) -> list:
     from mlflow.entities import RunTag
 
     return [RunTag(k, str(v)) for k, v in tags.items()]
+
+
+def set_tags(client, run_id: str, tags: dict[str, str]) -> None:
+    """Set several tags of a run in one call."""
+    client.log_batch(run_id, tags=_tags(tags))
 
 
 def log_files(run_id: str, files: list[Path], artifact_path: str, tracking_uri: TrackingLike = None) -> str:

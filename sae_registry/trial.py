@@ -46,7 +46,7 @@ def run_trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, paren
     import torch
     from ray import tune
 
-    from .runs import record_pack, start_runs
+    from .runs import record_pack, set_tags, start_runs
     from .store import ActivationStore
 
     torch.set_num_threads(max(1, threads))
@@ -66,6 +66,7 @@ def run_trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, paren
     out_dirs = [trial_dir / "dictionaries" / n for n in names]
     members = [(s, replace(t, device=device), o) for (s, t), o in zip(members, out_dirs)]
     checkpoint = tune.get_checkpoint()
+    node = ray.get_runtime_context().get_node_id()
     if checkpoint is None:
         # No Tune checkpoint, but an earlier attempt of this sweep may have made runs for these
         # members (interrupted before its first checkpoint, or finished just before the head died).
@@ -75,10 +76,12 @@ def run_trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, paren
                                        for n, r in existing.items()}), "done": 1})
             return
         missing = [i for i, n in enumerate(names) if n not in existing]
+        # a new run is made with its node tags; an existing one gets them below
         new_ids = iter(start_runs(store, [members[i] for i in missing], family=spec["name"], sweep_id=sweep_id,
                                   parent_run_id=parent_run_id, tracking_uri=tracking,
-                                  member_tags=[{"sweep.member": names[i]} for i in missing]))
+                                  member_tags=[{"sweep.member": names[i], **_node_tags("", node)} for i in missing]))
         run_ids = [existing[n].info.run_id if n in existing else next(new_ids) for n in names]
+        earlier = {existing[n].info.run_id: existing[n].data.tags.get("ray.node_ids", "") for n in names if n in existing}
     else:  # a retry: continue from the last reported checkpoint, in the same MLflow runs
         with checkpoint.as_directory() as saved:
             saved = Path(saved)
@@ -87,13 +90,11 @@ def run_trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, paren
                 shutil.rmtree(out / "checkpoint", ignore_errors=True)
                 out.mkdir(parents=True, exist_ok=True)
                 shutil.copytree(saved / name, out / "checkpoint")
+        earlier = {run_id: tracking.client.get_run(run_id).data.tags.get("ray.node_ids", "") for run_id in run_ids}
 
     client = tracking.client
-    node = ray.get_runtime_context().get_node_id()
-    for run_id in run_ids:  # where it ran: every attempt's node, in order (a retry may run elsewhere)
-        earlier = client.get_run(run_id).data.tags.get("ray.node_ids", "")
-        client.set_tag(run_id, "ray.node_ids", ",".join([*filter(None, earlier.split(",")), node]))
-        client.set_tag(run_id, "ray.node_id", node)  # the last attempt's
+    for run_id, before in earlier.items():  # where it ran: every attempt's node, in order (a retry may run elsewhere)
+        set_tags(client, run_id, _node_tags(before, node))
     clock["runs"] = clock["last_eval"] = time.perf_counter()
     pending: dict[int, dict] = {}
     last_tune_checkpoint = [-math.inf]
@@ -122,11 +123,10 @@ def run_trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, paren
         return call
 
     def downstream(results) -> list[dict]:
-        """Downstream fidelity of every member: one model load and clean pass for the pack."""
-        from .downstream import prepare
-
+        """Downstream fidelity of every member: one model load and clean pass for the pack (and for the
+        next trials this worker process runs, when Tune reuses it)."""
         started = time.perf_counter()
-        splice = prepare(store, max_tokens=spec.get("evaluate_tokens", 4096), device=device)
+        splice = _prepared(store, spec.get("evaluate_tokens", 4096), device)
         out = [splice.run(r.sae) for r in results]
         clock["downstream"] = time.perf_counter() - started
         return out
@@ -148,6 +148,26 @@ def run_trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, paren
                  "time/training": clock["last_eval"] - clock["runs"], "time/train_loop": train_loop,
                  "time/downstream": downstream_s,
                  "time/outputs": end - clock["last_eval"] - downstream_s, "time/trial": end - clock["start"]})
+
+
+_PREPARED: dict = {}  # this worker process's prepared downstream evaluation (model, text, clean pass)
+
+
+def _prepared(store, max_tokens: int, device: str):
+    """The store's downstream evaluation, prepared once per worker process: a worker that Tune reuses
+    for the next trial (``reuse_actors``) neither loads the model nor runs the clean pass again."""
+    from .downstream import prepare
+
+    key = (str(store.path), store.fingerprint, max_tokens, device)
+    if key not in _PREPARED:
+        _PREPARED.clear()  # one model held at a time
+        _PREPARED[key] = prepare(store, max_tokens=max_tokens, device=device)
+    return _PREPARED[key]
+
+
+def _node_tags(earlier: str, node: str) -> dict[str, str]:
+    """The ``ray.*`` tags of a run whose next attempt runs on ``node``: every attempt's node in order, and the last."""
+    return {"ray.node_ids": ",".join([*filter(None, earlier.split(",")), node]), "ray.node_id": node}
 
 
 def member_runs(family: str, sweep_id: str, names: list[str], tracking: Tracking) -> dict:

@@ -460,6 +460,21 @@ def test_a_local_sweep_logs_where_it_is_told_not_where_the_environment_points(en
     assert mlflow.MlflowClient(tracking_uri=mlflow_server["uri"]).get_experiment_by_name("told-uri") is None
 
 
+def test_a_reused_worker_prepares_the_downstream_evaluation_once_per_store(minilm_store, monkeypatch):
+    """A worker that Tune reuses for the next trial keeps the model and the clean pass; other options redo them."""
+    from sae_registry import downstream, trial
+
+    made = []
+    real = downstream.prepare
+    monkeypatch.setattr(downstream, "prepare", lambda *a, **kw: made.append(kw) or real(*a, **kw))
+    monkeypatch.setattr(trial, "_PREPARED", {})
+    first = trial._prepared(minilm_store, 256, "cpu")
+    assert trial._prepared(minilm_store, 256, "cpu") is first and len(made) == 1
+    other = trial._prepared(minilm_store, 128, "cpu")
+    assert other is not first and len(made) == 2 and other.tokens < first.tokens
+    assert list(trial._PREPARED.values()) == [other]  # one model held at a time
+
+
 def test_a_pack_reports_each_member_with_its_own_numbers():
     from sae_registry.sweep_progress import LiveTable, report
 
