@@ -281,8 +281,12 @@ RULE_COSTS: dict[str, RuleCost] = {
     "top_k": RuleCost(dense=0.12, active=4.9),
     "l1": RuleCost(dense=0.62),
 }
-# Not fitted yet: the batch rules share top_k's sparse step, jumprelu l1's dense one.
-RULE_COSTS.update(batch_top_k=RULE_COSTS["top_k"], matryoshka=RULE_COSTS["top_k"], jumprelu=RULE_COSTS["l1"])
+# The other rules: top_k's constants times their step's cost against the encoder product alone, over
+# top_k's, at dict_size 4096 (benchmarks/results/train_speed_rules.json and train_speed.json: of the
+# bound, top_k 0.56, batch_top_k 0.22 (its top k of the whole batch), matryoshka 0.19 (a decode per
+# prefix), jumprelu 0.42 at L0 70, its sparse step; its first, dense steps are not counted).
+RULE_COSTS.update(batch_top_k=RuleCost(dense=0.31, active=12.5), matryoshka=RuleCost(dense=0.36, active=14.7),
+                  jumprelu=RuleCost(dense=0.16, active=6.5, active_fraction=0.017))
 
 
 def estimated_cost(sae_cfg: SAEConfig, train_cfg: TrainConfig, input_size: int) -> float:
