@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     from sae_registry import harvest as H
     from sae_registry.hooks import StopForward, architecture, capture_hooks, find_blocks, parse_hook
     from sae_registry.models import load_model, load_tokenizer, resolve
-    from sae_registry.texts import Windows, demo_texts
+    from sae_registry.texts import Windows, demo_texts, shuffled
 
     ref = resolve(MODEL)
     start = time.perf_counter()
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     texts = demo_texts()
     windows = Windows(tokenizer, max_length=MAX_LENGTH, batch_size=BATCH, pack=True, exclude_special=True)
     batches, kept = [], 0
-    for ids, mask, keep in windows.batches(texts):
+    for ids, mask, keep in windows.batches(shuffled(texts, 0)):  # harvest's order (seed 0)
         batches.append((ids, mask))
         kept += int(keep.sum())
         if kept >= args.tokens:
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     def harvest(hooks: list[str]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             options = dict(model_path=MODEL, max_length=MAX_LENGTH, batch_size=BATCH, max_tokens=kept,
-                           progress=False, reuse=False, _in_order=True)
+                           progress=False, reuse=False)
             if len(hooks) == 1:
                 H.harvest(Path(tmp) / "one.zarr", texts, hook=hooks[0], **options)
             else:
