@@ -76,7 +76,10 @@ def frontier(rows: list[dict]) -> Figure:
     """A sweep: FVU against L0, one series per dict_size (per rule and dict_size when the sweep has
     several rules), frontier points joined by a line; with downstream fidelities (loss recovered for
     a causal LM), a second panel of fidelity against L0."""
-    fidelity = [r for r in rows if r.get("fidelity") is not None and np.isfinite(r["fidelity"])]
+    def measured(r: dict) -> bool:
+        return r.get("fidelity") is not None and bool(np.isfinite(r["fidelity"]))
+
+    fidelity = any(measured(r) for r in rows)
     fig, axes = _subplots(2 if fidelity else 1, figsize=(12 if fidelity else 7, 4.5))
     axes = list(np.atleast_1d(axes))
     rules = sorted({r.get("sparsity", "") for r in rows})
@@ -88,7 +91,7 @@ def frontier(rows: list[dict]) -> Figure:
         front = sorted((r for r in mine if r.get("frontier")), key=lambda r: r["l0"])
         axes[0].plot([r["l0"] for r in front], [r["fvu"] for r in front], "o-", color=color, label=label)
         if fidelity:
-            mine = sorted((r for r in mine if r in fidelity), key=lambda r: r["l0"])
+            mine = sorted(filter(measured, mine), key=lambda r: r["l0"])
             axes[1].plot([r["l0"] for r in mine], [r["fidelity"] for r in mine], "o-", color=color, label=label)
     axes[0].set(ylabel="FVU", title="Sweep: FVU vs L0 frontier")
     if fidelity:
