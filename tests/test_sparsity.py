@@ -245,3 +245,21 @@ def test_training_a_batch_rule_ends_with_inference_l0_near_k(synthetic_store, tm
     cfg = TrainConfig(tokens=40 * 1024, batch_size=1024, lr=3e-3, eval_every=40)
     result = train(store, SAEConfig(32, 128, 3, "batch_top_k"), cfg, tmp_path / "run", progress=False)
     assert abs(result.metrics["l0"] - 3) < 0.3, result.metrics
+
+
+@pytest.mark.parametrize("sparsity", ["batch_top_k", "matryoshka"])
+def test_the_batch_rules_default_to_three_times_top_ks_learning_rate(sparsity):
+    top_k = TrainConfig().resolved(SAEConfig(8, 64, 4, "top_k")).lr
+    assert TrainConfig().resolved(SAEConfig(8, 64, 4, sparsity)).lr == pytest.approx(3 * top_k)
+    assert TrainConfig(lr=1e-3).resolved(SAEConfig(8, 64, 4, sparsity)).lr == 1e-3  # a given lr is kept
+
+
+def test_the_cost_model_prices_each_rule_by_its_own_measured_step():
+    from sae_registry.sweep_spec import estimated_cost
+
+    def cost(sparsity):
+        return estimated_cost(SAEConfig(384, 4096, 32, sparsity), TrainConfig(tokens=1000), 384)
+
+    # batch_top_k's whole-batch selection and matryoshka's per-prefix decode cost more than top_k's step
+    assert cost("top_k") < cost("batch_top_k") < cost("matryoshka")
+    assert cost("jumprelu") < cost("l1")  # jumprelu's sparse step, not l1's dense one
