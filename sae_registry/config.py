@@ -31,6 +31,9 @@ MAX_INPUT_SIZE = 2**16
 SPARSITY_MODES = ("top_k", "l1", "batch_top_k", "jumprelu", "matryoshka")
 K_RULES = ("top_k", "batch_top_k", "matryoshka")  # the rules with a k
 DENSE_START = ("l1", "jumprelu")  # codes start dense: the encoder starts small
+# l1 and jumprelu switch to the sparse step once the last step's active fraction is below this
+# (above it the dense products win: the sparse backward's gathers cost several times a dense FLOP).
+SPARSE_BELOW = 0.05
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 ENCODER_INITS = ("decoder_transpose", "kaiming")
 PRECISIONS = ("float32", "bfloat16")

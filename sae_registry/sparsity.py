@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import K_RULES
+from .config import K_RULES, SPARSE_BELOW
 from .errors import SAERegistryError
 from .sparse_ops import Ragged, SelectedLatents, SparseDecode
 
@@ -34,9 +34,6 @@ if TYPE_CHECKING:
     from .config import SAEConfig, TrainConfig
     from .sae import Codes, SparseAutoencoder, SparseEncoder
 
-# l1 and jumprelu switch to the sparse step once the last step's active fraction is below this
-# (above it the dense products win: the sparse backward's gathers cost several times a dense FLOP).
-SPARSE_BELOW = 0.05
 UNSET = -1.0  # a BatchTopK threshold not estimated yet: inference falls back to the batch's own top k
 
 

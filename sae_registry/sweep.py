@@ -181,6 +181,7 @@ def run(
 
     started = time.perf_counter()
     seconds: dict[str, float] = {}
+    phase = _PhaseClock(seconds)
     tracking = Tracking.resolve(tracking_uri)
     store_path = _ensure_store(spec)
     store = ActivationStore.open(store_path)
@@ -198,19 +199,19 @@ def run(
         done = _finished(spec, f"{storage}/{spec.name}", tracking)
         if done is not None:
             return done
-    seconds["driver_setup"] = time.perf_counter() - started
+    phase("driver_setup")
     started_ray = connect(address)
-    seconds["ray_start"] = time.perf_counter() - started - seconds["driver_setup"]
+    phase("ray_start")
     try:
         check_resources(spec.resources)  # before anything is created: a sweep that cannot run leaves no trace
         # the costliest packs first, sized so that the trials running side by side end together
         slots = spec.concurrent_slots(ray.nodes())
         plan = spec.pack_plan(store.d, slots)
+        phase("plan")
         client = tracking.client
         experiment_path = f"{storage}/{spec.name}"
-        mark = time.perf_counter()
         state = _sweep_state(spec, store, experiment_path, client, tracking, resume)
-        seconds["mlflow_setup"] = time.perf_counter() - mark
+        phase("mlflow_setup")
         sweep_id, parent_run_id = state["sweep_id"], state["parent_run_id"]
         cpu, gpu = spec.resources.cpu, spec.resources.gpu
         trainable = tune.with_resources(
@@ -241,10 +242,10 @@ def run(
             )
         if resume:
             client.update_run(parent_run_id, status="RUNNING")
-        mark = time.perf_counter()
+        phase("tune_setup")
         with _driver_guard(spec, client, parent_run_id):
             results = tuner.fit()
-            seconds["fit"] = time.perf_counter() - mark
+            phase("fit")
             seconds.update({f"trials/{k}": v for k, v in fixed_costs(results).items()})
             failed = sum(1 for r in results if r.error is not None)
             # Ctrl-C makes fit() return early with trials still running: nothing is registered then.
@@ -252,6 +253,7 @@ def run(
     finally:
         if started_ray:
             ray.shutdown()
+            phase("ray_shutdown")
     if unfinished:
         client.set_terminated(parent_run_id, "KILLED")
         raise SAERegistryError(
@@ -259,11 +261,24 @@ def run(
             "`sae-registry sweep SPEC --resume` (finished trials are kept, nothing is duplicated)"
         )
     with _driver_guard(spec, client, parent_run_id):
-        rows, champion = _register_and_summarise(spec, client, sweep_id, parent_run_id, failed, tracking, seconds)
+        rows, champion = _register_and_summarise(spec, client, sweep_id, parent_run_id, failed, tracking, phase)
     wall = time.perf_counter() - started
     client.log_metric(parent_run_id, "wall_seconds", wall)
     client.set_terminated(parent_run_id, "FAILED" if failed else "FINISHED")
     return SweepResult(sweep_id, parent_run_id, rows, champion, failed, wall, seconds)
+
+
+class _PhaseClock:
+    """``phase(name)``: the seconds since the previous call (or since it was made) go to ``seconds[name]``.
+    Called at every step of :func:`run`, so the phases add up to its wall time."""
+
+    def __init__(self, seconds: dict[str, float]) -> None:
+        self.seconds, self.last = seconds, time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.last
+        self.last = now
 
 
 @contextmanager
@@ -285,19 +300,16 @@ def _driver_guard(spec: SweepSpec, client, parent_run_id: str) -> Iterator[None]
 
 
 def _register_and_summarise(spec: SweepSpec, client, sweep_id: str, parent_run_id: str, failed: int,
-                            tracking: Tracking, seconds: dict | None = None) -> tuple[list[dict], str | None]:
+                            tracking: Tracking, phase: _PhaseClock) -> tuple[list[dict], str | None]:
     """Frontier, registration per ``spec.register``, alias, and the summary on the parent run.
 
-    ``seconds`` gets the time spent registering and summarising (the frontier plot and table).
+    ``phase`` times registering and summarising (the frontier plot and table).
     """
-    import time
-
     from mlflow.entities import Metric
 
     from . import plots
     from .registry import register_run, set_alias
 
-    mark = time.perf_counter()
     experiment = client.get_experiment_by_name(spec.name)
     # fit() is over: a run still RUNNING belongs to a trial whose last attempt died; it failed.
     for r in client.search_runs([experiment.experiment_id],
@@ -334,7 +346,7 @@ def _register_and_summarise(spec: SweepSpec, client, sweep_id: str, parent_run_i
         else:
             champion = min(eligible, key=lambda r: r["fvu"])["version"]
         set_alias(spec.name, spec.alias, champion, tracking_uri=tracking)
-    registered_at = time.perf_counter()
+    phase("registration")
     if rows:
         client.log_table(parent_run_id, data={k: [r[k] for r in rows] for k in rows[0]},
                          artifact_file="sweep_summary.json")
@@ -342,9 +354,7 @@ def _register_and_summarise(spec: SweepSpec, client, sweep_id: str, parent_run_i
         client.log_figure(parent_run_id, fig, "plots/frontier.png")
     client.log_batch(parent_run_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in (
         ("dictionaries", len(rows)), ("registered", len(registered)), ("failed_trials", failed))])
-    if seconds is not None:
-        seconds["registration"] = registered_at - mark
-        seconds["frontier_summary"] = time.perf_counter() - registered_at
+    phase("frontier_summary")
     return rows, champion
 
 

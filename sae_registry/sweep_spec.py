@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .config import K_RULES, PACK_SHARED, HarvestSpec, SAEConfig, TrainConfig
+from .config import K_RULES, PACK_SHARED, SPARSE_BELOW, HarvestSpec, SAEConfig, TrainConfig
 from .errors import SAERegistryError, require_choice, require_float, require_int, require_positive_int
 
 REGISTER_CHOICES = ("all", "pareto", "none")
@@ -287,17 +287,35 @@ RULE_COSTS: dict[str, RuleCost] = {
 # prefix), jumprelu 0.42 at L0 70, its sparse step; its first, dense steps are not counted).
 RULE_COSTS.update(batch_top_k=RuleCost(dense=0.31, active=12.5), matryoshka=RuleCost(dense=0.36, active=14.7),
                   jumprelu=RuleCost(dense=0.16, active=6.5, active_fraction=0.017))
+# l1's codes thin out as it trains, faster the larger its coefficient: on the demo store the active
+# fraction at the end was about L1_FRACTION_TIMES_COEFF / l1_coeff (3.5-3.8 % at 0.01, 12.3-12.7 % at
+# 0.003; dict_size 1024 and 2048, 300 k tokens). A run expected to end under SPARSE_BELOW takes its
+# dense step for about the first L1_DENSE_SHARE of its steps (train_speed.py's l1 case: 53 of 100)
+# and top_k's sparse step at its active latents after; one expected to end above it stays dense.
+L1_FRACTION_TIMES_COEFF = 3.7e-4
+L1_DENSE_SHARE = 0.5
 
 
 def estimated_cost(sae_cfg: SAEConfig, train_cfg: TrainConfig, input_size: int) -> float:
     """Estimated seconds of training steps of one dictionary on one core of the reference machine.
 
     tokens x d x (dense x dict_size + active x active latents), with the rule's constants
-    (:data:`RULE_COSTS`); a rule without measured constants is costed as the densest known one.
+    (:data:`RULE_COSTS`); a rule without measured constants is costed as the densest known one. l1's
+    step is dense, or dense then sparse when its coefficient is expected to thin its codes enough
+    (:data:`L1_FRACTION_TIMES_COEFF`).
     """
     rule = RULE_COSTS.get(sae_cfg.sparsity) or max(RULE_COSTS.values(), key=lambda r: r.dense + r.active)
+    per_token = input_size * 1e-9
+    if sae_cfg.sparsity == "l1":
+        dense = rule.dense * sae_cfg.dict_size
+        fraction = L1_FRACTION_TIMES_COEFF / max(train_cfg.resolved(sae_cfg).l1_coeff, 1e-12)
+        if fraction >= SPARSE_BELOW:
+            return train_cfg.tokens * per_token * dense
+        top_k = RULE_COSTS["top_k"]
+        sparse = top_k.dense * sae_cfg.dict_size + top_k.active * fraction * sae_cfg.dict_size
+        return train_cfg.tokens * per_token * (L1_DENSE_SHARE * dense + (1 - L1_DENSE_SHARE) * sparse)
     active = sae_cfg.top_k if sae_cfg.sparsity in K_RULES else rule.active_fraction * sae_cfg.dict_size
-    return train_cfg.tokens * input_size * (rule.dense * sae_cfg.dict_size + rule.active * active) * 1e-9
+    return train_cfg.tokens * per_token * (rule.dense * sae_cfg.dict_size + rule.active * active)
 
 
 def balanced_bins(costs: list[float], bins: int, capacity: int | None = None) -> list[list[int]]:

@@ -109,6 +109,11 @@ def test_the_demo_spec_runs_registers_the_frontier_and_the_champion_loads(env, m
     assert client.get_run(result.parent_run_id).info.status == "FINISHED"
     listing = CliRunner().invoke(main, ["list", "demo"])
     assert listing.exit_code == 0 and len(listing.output.strip().splitlines()) == 1 + 8  # the whole grid
+    # where the wall time went: the driver's phases add up to it; the trials' sums are theirs
+    phases = {k: v for k, v in result.seconds.items() if not k.startswith("trials/")}
+    assert {"ray_start", "fit", "registration", "ray_shutdown"} <= set(phases)
+    assert sum(phases.values()) == pytest.approx(result.wall_seconds, abs=0.5)
+    assert result.seconds["trials/train_loop"] > 0
 
 
 def test_downstream_fidelity_is_logged_tagged_and_chooses_the_champion(env, minilm_store):
@@ -567,6 +572,14 @@ def test_cost_grows_with_tokens_width_and_dictionary():
     assert cost(dict_size=2048) > cost(dict_size=1024)
     assert cost(dict_size=1024, top_k=64) > cost(dict_size=1024, top_k=16)
     assert cost(dict_size=1024, sparsity="l1") > cost(dict_size=1024, top_k=32)  # dense l1 costs more
+
+    def l1(coeff):
+        sae = SAEConfig(input_size=384, dict_size=1024, sparsity="l1")
+        return estimated_cost(sae, TrainConfig(tokens=1000, l1_coeff=coeff), 384)
+
+    # a coefficient that thins the codes under the sparse step's threshold: dense for half the run only
+    assert l1(0.003) == pytest.approx(cost(dict_size=1024, sparsity="l1"))  # stays dense: one price
+    assert cost(dict_size=1024, top_k=32) < l1(0.01) < 0.8 * l1(0.003)
 
 
 def test_concurrent_slots_count_whole_trials_per_node():
