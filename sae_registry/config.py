@@ -30,7 +30,6 @@ MAX_INPUT_SIZE = 2**16
 # The sparsity rules (each a class in sparsity.py; named here so that the CLI needs no torch).
 SPARSITY_MODES = ("top_k", "l1", "batch_top_k", "jumprelu", "matryoshka")
 K_RULES = ("top_k", "batch_top_k", "matryoshka")  # the rules with a k
-DENSE_START = ("l1", "jumprelu")  # codes start dense: the encoder starts small
 # l1 and jumprelu switch to the sparse step once the last step's active fraction is below this
 # (above it the dense products win: the sparse backward's gathers cost several times a dense FLOP).
 SPARSE_BELOW = 0.05
@@ -234,7 +233,7 @@ class TrainConfig:
             l0_coeff=self.l0_coeff if self.l0_coeff is not None else 1.0 / sae_cfg.input_size,
             aux_k=self.aux_k if self.aux_k is not None else max(1, sae_cfg.input_size // 2),
             encoder_init_scale=self.encoder_init_scale if self.encoder_init_scale is not None
-            else (0.1 if sae_cfg.sparsity in DENSE_START else 1.0),
+            else rule_of(sae_cfg.sparsity).encoder_init_scale,
             device=resolve_device(self.device),
         )
 
