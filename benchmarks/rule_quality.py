@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
                    **train_one("ours" if impl == "ours" else "saelens", store, rule, lr, threshold, batches, x_eval)}
             by_impl[impl].append(run)
             runs.append(run)
+            print(f"    FVU {run['fvu']:.4f}  L0 {run['l0']:.1f}  ({run['seconds']:.0f} s)", flush=True)
         if rule == "jumprelu":  # L0 differs run to run: ours read at each SAELens run's L0
             for theirs in by_impl["SAELens"]:
                 mine = at_l0(by_impl["ours"], theirs["l0"])

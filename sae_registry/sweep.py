@@ -200,7 +200,11 @@ def run(
         if done is not None:
             return done
     phase("driver_setup")
-    started_ray = connect(address)
+    opened = tracking.open_in_background()  # a new SQLite store's schema is made while Ray starts
+    try:
+        started_ray = connect(address)
+    finally:
+        opened()
     phase("ray_start")
     try:
         check_resources(spec.resources)  # before anything is created: a sweep that cannot run leaves no trace

@@ -21,6 +21,7 @@ import os
 import random
 import socket
 import subprocess
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -114,6 +115,21 @@ class Tracking:
             if not folder.is_dir():
                 raise SAERegistryError(f"the registry database {self.uri} is in a folder that does not exist "
                                        f"({folder}); create it, or give another --tracking-uri")
+
+    def open_in_background(self) -> Callable[[], None]:
+        """Open the store in another thread, now (a new SQLite store makes its schema: seconds), while
+        this one does something else (a sweep starts Ray); returns the call that waits for it. A failure
+        is left to the next call made here, which raises it where it can be reported."""
+
+        def touch() -> None:
+            try:
+                self.client.search_experiments(max_results=1)
+            except Exception:  # noqa: BLE001 (raised again, in the caller's thread, by its next call)
+                pass
+
+        thread = threading.Thread(target=touch, name="mlflow-open", daemon=True)
+        thread.start()
+        return thread.join
 
     def assume_reachable(self) -> None:
         """Skip the check from now on (a Ray trial: the driver checked; MLflow's retries ride out a restart)."""
