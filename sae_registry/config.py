@@ -167,7 +167,7 @@ class TrainConfig:
     tokens: int = option(2_000_000, "Training tokens (the store is read for as many epochs as needed).",
                          min=1, pack=True)
     batch_size: int = option(4096, "Tokens per step.", min=1, pack=True)
-    lr: float | None = option(None, "Adam learning rate [default: 5e-4 / sqrt(dict_size / 16384), 3x that for "
+    lr: float | None = option(None, "Adam learning rate [default: 5e-4 / sqrt(dict_size / 16384), 6x that for "
                                   "batch_top_k and matryoshka].", above=0)
     l1_coeff: float | None = option(None, "L1 coefficient [default: 5e-3 for l1, else 0].", min=0)
     l0_coeff: float | None = option(None, "jumprelu: L0 penalty coefficient [default: 1 / input_size, SAELens's "
