@@ -9,7 +9,8 @@ its weights saved at the end. Both are timed from process start to exit. Each di
 and L0 come from the same held-out split, computed the same way (``metrics.fvu``).
 
 Efficiency: the seconds the trials spent in their step loops (summed, times each trial's CPUs)
-over wall x cores. Also printed: where the sweep's seconds went outside training, and the cost
+over wall x cores. With ``--repeats N`` each contender runs N times, in turn, and its run of median
+wall time is the one reported (runs on one quiet 2-core machine varied by about 15 %). Also printed: where the sweep's seconds went outside training, and the cost
 model's estimate of each trial against its measured step loop.
 """
 
@@ -163,35 +164,47 @@ def timed_process(flag: str, spec: dict, workdir: Path) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=300_000, help="training tokens per dictionary")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run each contender this many times, alternating; the run of median wall counts")
     parser.add_argument("--like-for-like", action="store_true",
                         help="also run the sweep with evaluate: none (their loop does no downstream evaluation)")
     args = parser.parse_args(argv)
     cores = os.cpu_count() or 1
     store = str(real_store().path)
     load_before = os.getloadavg()
-    runs = {}
-    for who, flag, evaluate in (("ours", "--_ours", None), ("plain", "--_ours", "none"), ("theirs", "--_theirs", None)):
-        if who == "plain" and not args.like_for_like:
-            continue
-        workdir = Path(tempfile.mkdtemp(prefix=f"sweep-speed-{who}-"))
-        print(f"{who}: the demo grid, {args.tokens:,} tokens per dictionary", flush=True)
-        runs[who] = timed_process(flag, demo_spec(store, args.tokens, workdir, evaluate), workdir)
+    every: dict[str, list[dict]] = {}
+    for repeat in range(args.repeats):  # the contenders alternate, so that a slow spell hits each alike
+        for who, flag, evaluate in (("ours", "--_ours", None), ("plain", "--_ours", "none"), ("theirs", "--_theirs", None)):
+            if who == "plain" and not args.like_for_like:
+                continue
+            workdir = Path(tempfile.mkdtemp(prefix=f"sweep-speed-{who}-"))
+            print(f"{who}: the demo grid, {args.tokens:,} tokens per dictionary (run {repeat + 1} of {args.repeats})",
+                  flush=True)
+            every.setdefault(who, []).append(timed_process(flag, demo_spec(store, args.tokens, workdir, evaluate), workdir))
     load_after = os.getloadavg()
+    # each contender's run of median wall time (the lower of the two middle ones for an even count)
+    runs = {who: sorted(done, key=lambda r: r["wall"])[(len(done) - 1) // 2] for who, done in every.items()}
     us, them = runs["ours"], runs["theirs"]
 
-    def row(name: str, run: dict) -> dict:
+    def row(name: str, run: dict, who: str) -> dict:
         step_seconds = sum(t["measured"] for t in run["trials"]) * run["cpus_per_trial"]
         return {"run": name, "wall": run["wall"], "speedup": them["wall"] / run["wall"],
-                "efficiency": step_seconds / (run["wall"] * min(cores, run["slots"] * run["cpus_per_trial"]))}
+                "efficiency": step_seconds / (run["wall"] * min(cores, run["slots"] * run["cpus_per_trial"])),
+                "walls": ", ".join(f"{r['wall']:.1f}" for r in every[who])}
 
-    summary = [row("sae-registry sweep (jobs/demo.yaml, downstream evaluation on)", us)]
+    summary = [row("sae-registry sweep (jobs/demo.yaml, downstream evaluation on)", us, "ours")]
     if "plain" in runs:
-        summary.append(row("the same sweep, evaluate: none (like for like)", runs["plain"]))
+        summary.append(row("the same sweep, evaluate: none (like for like)", runs["plain"], "plain"))
     summary.append({"run": "dictionary_learning trainSAE, 8 trainers (no evaluation)", "wall": them["wall"],
-                    "speedup": 1.0, "efficiency": them["loop"] / them["wall"]})
+                    "speedup": 1.0, "efficiency": them["loop"] / them["wall"],
+                    "walls": ", ".join(f"{r['wall']:.1f}" for r in every["theirs"])})
     print(f"\nload average {load_before[0]:.1f} before, {load_after[0]:.1f} after; {cores} cores")
-    print(table(summary, [("run", "run", ""), ("wall", "wall s", ".1f"), ("speedup", "x their loop", ".2f"),
-                          ("efficiency", "efficiency", ".0%")]))
+    columns = [("run", "run", ""), ("wall", "wall s", ".1f"), ("speedup", "x their loop", ".2f"),
+               ("efficiency", "efficiency", ".0%")]
+    if args.repeats > 1:
+        columns[1] = ("wall", f"median wall s of {args.repeats}", ".1f")
+        columns.append(("walls", "every run's wall s", ""))
+    print(table(summary, columns))
     theirs_by_name = {r["name"]: r for r in them["dictionaries"]}
     per_dict = [{"name": r["name"], "fvu": r["fvu"], "their_fvu": theirs_by_name[r["name"]]["fvu"],
                  "l0": r["l0"], "their_l0": theirs_by_name[r["name"]]["l0"]} for r in us["dictionaries"]]
@@ -216,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
         columns.append(("plain", "evaluate: none", ".1f"))
     print()
     print(table(phases, columns))
-    path = write_results("sweep_speed", {"tokens_per_dictionary": args.tokens, "cores": cores,
+    path = write_results("sweep_speed", {"tokens_per_dictionary": args.tokens, "cores": cores, "repeats": args.repeats,
                                          "load_average": [load_before, load_after], "summary": summary,
                                          "dictionaries": per_dict, "trials": us["trials"], "phases": phases})
     print(f"\nwritten {path}")
