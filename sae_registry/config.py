@@ -169,6 +169,9 @@ class TrainConfig:
     batch_size: int = option(4096, "Tokens per step.", min=1, pack=True)
     lr: float | None = option(None, "Adam learning rate [default: 5e-4 / sqrt(dict_size / 16384), 6x that for "
                                   "batch_top_k and matryoshka].", above=0)
+    decoder_lr_scale: float | None = option(
+        None, "The decoder's learning rate as a multiple of lr [default: 3 for batch_top_k, else 1]: its rows "
+        "stay at unit norm, so one Adam step turns them less, relative to their size, than SAELens's.", above=0)
     l1_coeff: float | None = option(None, "L1 coefficient [default: 5e-3 for l1, else 0].", min=0)
     l0_coeff: float | None = option(None, "jumprelu: L0 penalty coefficient [default: 1 / input_size, SAELens's "
                                     "l0_coefficient 1 in this MSE's units].", min=0, rules=("jumprelu",))
@@ -232,6 +235,8 @@ class TrainConfig:
             l1_coeff=self.l1_coeff if self.l1_coeff is not None else (5e-3 if sae_cfg.sparsity == "l1" else 0.0),
             l0_coeff=self.l0_coeff if self.l0_coeff is not None else 1.0 / sae_cfg.input_size,
             aux_k=self.aux_k if self.aux_k is not None else max(1, sae_cfg.input_size // 2),
+            decoder_lr_scale=self.decoder_lr_scale if self.decoder_lr_scale is not None
+            else rule_of(sae_cfg.sparsity).decoder_lr_scale,
             encoder_init_scale=self.encoder_init_scale if self.encoder_init_scale is not None
             else rule_of(sae_cfg.sparsity).encoder_init_scale,
             device=resolve_device(self.device),

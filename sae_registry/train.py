@@ -151,7 +151,10 @@ class _Member:
                 raise SAERegistryError("precision: bfloat16 needs sparsity top_k with sparse_backward; use float32")
             self.select_dtype = torch.bfloat16
         # fused: one kernel for all of Adam's updates (about 10x foreach's speed on CPU)
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, eps=6.25e-10, fused=True)
+        decoder = self.sae.W_dec
+        self.opt = torch.optim.Adam([{"params": [p for p in self.sae.parameters() if p is not decoder], "scale": 1.0},
+                                     {"params": [decoder], "scale": cfg.decoder_lr_scale}],
+                                    lr=cfg.lr, eps=6.25e-10, fused=True)
         self.since_fired = torch.zeros(sae_cfg.dict_size, dtype=torch.long, device=self.device)
         self.dead = torch.zeros(0, dtype=torch.long, device=self.device)
         # Running sums stay on the device: one host sync per evaluation, not per step.
@@ -200,7 +203,7 @@ class _Member:
         ramp = min(1.0, (self.step + 1) / max(1.0, cfg.l1_warmup_fraction * total_steps))
         loss, aux = sae.rule.loss(sae, x, out, cfg, ramp, self.dead)
         for group in self.opt.param_groups:
-            group["lr"] = cfg.lr * _lr_factor(self.step, total_steps, cfg.lr_decay_fraction)
+            group["lr"] = cfg.lr * group["scale"] * _lr_factor(self.step, total_steps, cfg.lr_decay_fraction)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.unit_norm_decoder:

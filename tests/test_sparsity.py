@@ -254,6 +254,26 @@ def test_the_batch_rules_default_to_six_times_top_ks_learning_rate(sparsity):
     assert TrainConfig(lr=1e-3).resolved(SAEConfig(8, 64, 4, sparsity)).lr == 1e-3  # a given lr is kept
 
 
+@pytest.mark.parametrize("sparsity, scale", [("batch_top_k", 3.0), ("matryoshka", 1.0), ("top_k", 1.0), ("l1", 1.0)])
+def test_the_decoder_learns_at_its_rules_multiple_of_the_learning_rate(synthetic_store, tmp_path, sparsity, scale):
+    from sae_registry.train import _Member
+
+    store, _ = synthetic_store
+    sae_cfg = SAEConfig(store.d, 64, 4, sparsity)
+    assert TrainConfig().resolved(sae_cfg).decoder_lr_scale == scale
+    for given in (None, 2.0):
+        cfg = TrainConfig(tokens=4 * 256, batch_size=256, lr=1e-3, decoder_lr_scale=given, device="cpu").resolved(sae_cfg)
+        (out := tmp_path / f"run-{given}").mkdir()
+        member = _Member(store, sae_cfg, cfg, out, None, None)
+        before = member.sae.W_dec.detach().clone()
+        member.train_step(store.read(0, 256), 4)
+        encoder, decoder = member.opt.param_groups
+        assert [p is member.sae.W_dec for p in decoder["params"]] == [True]
+        assert not any(p is member.sae.W_dec for p in encoder["params"])
+        assert decoder["lr"] == pytest.approx((given or scale) * encoder["lr"]) and encoder["lr"] > 0
+        assert not torch.equal(before, member.sae.W_dec)  # the decoder's group did step
+
+
 def test_the_cost_model_prices_each_rule_by_its_own_measured_step():
     from sae_registry.sweep_spec import estimated_cost
 
