@@ -254,7 +254,7 @@ def test_the_batch_rules_default_to_six_times_top_ks_learning_rate(sparsity):
     assert TrainConfig(lr=1e-3).resolved(SAEConfig(8, 64, 4, sparsity)).lr == 1e-3  # a given lr is kept
 
 
-@pytest.mark.parametrize("sparsity, scale", [("batch_top_k", 3.0), ("matryoshka", 1.0), ("top_k", 1.0), ("l1", 1.0)])
+@pytest.mark.parametrize("sparsity, scale", [("batch_top_k", 3.0), ("matryoshka", 3.0), ("top_k", 1.0), ("l1", 1.0)])
 def test_the_decoder_learns_at_its_rules_multiple_of_the_learning_rate(synthetic_store, tmp_path, sparsity, scale):
     from sae_registry.train import _Member
 
