@@ -15,7 +15,8 @@ The recipe (each part a :class:`TrainConfig` option, defaults after Gao et al. 2
   ramped up over the first ``l1_warmup_fraction`` of steps;
 - each rule's own terms and updates (:mod:`sae_registry.sparsity`: JumpReLU's L0 penalty and
   threshold estimator, BatchTopK's inference threshold, Matryoshka's prefix losses);
-- Adam with a learning rate that decays linearly to zero over the last ``lr_decay_fraction``.
+- Adam with a learning rate that decays linearly to zero over the last ``lr_decay_fraction``; the
+  decoder in a group of its own, at ``decoder_lr_scale`` times the rate.
 
 Knows nothing of Ray or MLflow: callers watch progress through ``callback(step, metrics)``.
 Checkpoints (:mod:`sae_registry.checkpoints`: safetensors + JSON, no pickle) let a stopped run resume exactly.
