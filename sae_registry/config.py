@@ -167,7 +167,7 @@ class TrainConfig:
     tokens: int = option(2_000_000, "Training tokens (the store is read for as many epochs as needed).",
                          min=1, pack=True)
     batch_size: int = option(4096, "Tokens per step.", min=1, pack=True)
-    lr: float | None = option(None, "Adam learning rate [default: 5e-4 / sqrt(dict_size / 16384), 6x that for "
+    lr: float | None = option(None, "Adam learning rate [default: 5e-4 / sqrt(dict_size / 16384), 3x that for "
                                   "batch_top_k and matryoshka].", above=0)
     decoder_lr_scale: float | None = option(
         None, "The decoder's learning rate as a multiple of lr [default: 3 for batch_top_k and matryoshka, else "

@@ -248,9 +248,9 @@ def test_training_a_batch_rule_ends_with_inference_l0_near_k(synthetic_store, tm
 
 
 @pytest.mark.parametrize("sparsity", ["batch_top_k", "matryoshka"])
-def test_the_batch_rules_default_to_six_times_top_ks_learning_rate(sparsity):
+def test_the_batch_rules_default_to_three_times_top_ks_learning_rate(sparsity):
     top_k = TrainConfig().resolved(SAEConfig(8, 64, 4, "top_k")).lr
-    assert TrainConfig().resolved(SAEConfig(8, 64, 4, sparsity)).lr == pytest.approx(6 * top_k)
+    assert TrainConfig().resolved(SAEConfig(8, 64, 4, sparsity)).lr == pytest.approx(3 * top_k)
     assert TrainConfig(lr=1e-3).resolved(SAEConfig(8, 64, 4, sparsity)).lr == 1e-3  # a given lr is kept
 
 
