@@ -9,9 +9,9 @@ grid, on the same batches (``train_speed.py``'s case: d 384 -> 4096, k 32, batch
 
 batch_top_k and matryoshka are scored with the training rule (the k * 4096 largest of each
 4096-token held-out batch), so every run's L0 is 32 and the FVUs compare directly. jumprelu's L0
-is whatever training reached, so jumprelu runs also cross the first threshold, and our FVU is read
-at SAELens's best run's L0 by interpolating (log L0, FVU) between our two runs that bracket it (the
-row says when none do).
+is whatever training reached, so our jumprelu runs also cross the first threshold, and our FVU is
+read at each SAELens run's L0 by interpolating (log L0, FVU) between our two runs that bracket it
+(the row says when none do).
 
     python rule_quality.py                                   # all three rules (about 3 h on 2 quiet cores)
     python rule_quality.py --rules batch_top_k --lrs 3e-3 1e-2

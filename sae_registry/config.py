@@ -233,7 +233,7 @@ class TrainConfig:
             # MiniLM with inputs at mean norm sqrt(d): FVU 0.169 vs 0.113 after 1.5 M tokens at 4096
             lr=self.lr if self.lr is not None else rule_of(sae_cfg.sparsity).lr_scale * 5e-4 / math.sqrt(
                 sae_cfg.dict_size / 2**14),
-            l1_coeff=self.l1_coeff if self.l1_coeff is not None else (5e-3 if sae_cfg.sparsity == "l1" else 0.0),
+            l1_coeff=self.l1_coeff_for(sae_cfg.sparsity),
             l0_coeff=self.l0_coeff if self.l0_coeff is not None else 1.0 / sae_cfg.input_size,
             aux_k=self.aux_k if self.aux_k is not None else max(1, sae_cfg.input_size // 2),
             decoder_lr_scale=self.decoder_lr_scale if self.decoder_lr_scale is not None
@@ -242,6 +242,10 @@ class TrainConfig:
             else rule_of(sae_cfg.sparsity).encoder_init_scale,
             device=resolve_device(self.device),
         )
+
+    def l1_coeff_for(self, sparsity: str) -> float:
+        """The L1 coefficient a ``sparsity`` run takes: the given one, else its default (torch-free: the cost model asks)."""
+        return self.l1_coeff if self.l1_coeff is not None else (5e-3 if sparsity == "l1" else 0.0)
 
     def to_dict(self) -> dict:
         return asdict(self)

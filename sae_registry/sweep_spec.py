@@ -308,7 +308,7 @@ def estimated_cost(sae_cfg: SAEConfig, train_cfg: TrainConfig, input_size: int) 
     per_token = input_size * 1e-9
     if sae_cfg.sparsity == "l1":
         dense = rule.dense * sae_cfg.dict_size
-        fraction = L1_FRACTION_TIMES_COEFF / max(train_cfg.resolved(sae_cfg).l1_coeff, 1e-12)
+        fraction = L1_FRACTION_TIMES_COEFF / max(train_cfg.l1_coeff_for("l1"), 1e-12)
         if fraction >= SPARSE_BELOW:
             return train_cfg.tokens * per_token * dense
         top_k = RULE_COSTS["top_k"]
