@@ -11,10 +11,13 @@ batch_top_k and matryoshka are scored with the training rule (the k * 4096 large
 4096-token held-out batch), so every run's L0 is 32 and the FVUs compare directly. jumprelu's L0
 is whatever training reached, so our jumprelu runs also cross the first threshold, and our FVU is
 read at each SAELens run's L0 by interpolating (log L0, FVU) between our two runs that bracket it
-(the row says when none do).
+(the row says when none do). With ``--target-l0 T`` both train jumprelu towards L0 T instead (our
+``target_l0``, SAELens's ``quadratic`` mode: the same penalty), from the same first thresholds,
+and the best FVU of each among its runs that ended within 5 % of T is compared.
 
     python rule_quality.py                                   # all three rules (about 3 h on 2 quiet cores)
     python rule_quality.py --rules batch_top_k --lrs 3e-3 1e-2
+    python rule_quality.py --rules jumprelu --target-l0 32 --thresholds 0.3 0.5
 """
 
 from __future__ import annotations
@@ -33,14 +36,16 @@ SAELENS_LRS = (3e-3, 6e-3, 1.2e-2)  # its runs take 3x ours
 JUMPRELU_LRS = (1e-3, 3e-3)
 THRESHOLDS = (0.45, INIT_THRESHOLD, 0.55)  # jumprelu: our first thresholds (train_speed.py's module doc)
 STEPS = 196
+NEAR_TARGET = 0.05  # --target-l0: a run counts when its L0 is this close to the target, relatively
 
 
-def train_one(impl: str, store, sparsity: str, lr: float, threshold: float, batches, x_eval) -> dict:
+def train_one(impl: str, store, sparsity: str, lr: float, threshold: float, batches, x_eval,
+              target_l0: float | None = None) -> dict:
     """Train one dictionary for STEPS steps on ``batches``; its held-out FVU and L0, and its seconds."""
     torch.manual_seed(0)
     started = time.perf_counter()
     if impl == "ours":
-        member = ours(store, sparsity, 4096, STEPS, lr=lr, init_threshold=threshold)
+        member = ours(store, sparsity, 4096, STEPS, lr=lr, init_threshold=threshold, target_l0=target_l0)
         for i in range(STEPS):
             member.train_step(batches[i % len(batches)], STEPS)
             if (i + 1) % member.cfg.eval_every == 0:
@@ -48,7 +53,7 @@ def train_one(impl: str, store, sparsity: str, lr: float, threshold: float, batc
         seconds = time.perf_counter() - started
         return {**evaluate_ours(member, x_eval), "seconds": seconds}
     scale = math.sqrt(D_IN) / store.mean_norm  # SAELens takes the batches scaled as ours normalises them
-    trainer = saelens(sparsity, 4096, lr, STEPS, init_threshold=threshold)
+    trainer = saelens(sparsity, 4096, lr, STEPS, init_threshold=threshold, target_l0=target_l0)
     for i in range(STEPS):
         trainer.step(batches[i % len(batches)] * scale)
         trainer.n_training_steps += 1
@@ -67,6 +72,23 @@ def at_l0(runs: list[dict], l0: float) -> float | None:
     return None
 
 
+def _near_target(by_impl: dict[str, list[dict]], target: float) -> dict:
+    """jumprelu trained towards ``target``: the best FVU of each implementation among its runs near it."""
+    best = {}
+    for impl, runs in by_impl.items():
+        near = [r for r in runs if abs(r["l0"] / target - 1) <= NEAR_TARGET]
+        best[impl] = min(near, key=lambda r: r["fvu"]) if near else None
+    mine, theirs = best["ours"], best["SAELens"]
+    if mine is None or theirs is None:
+        missing = " and ".join(i for i in best if best[i] is None)
+        return {"rule": "jumprelu", "ours": mine and mine["fvu"], "saelens": theirs and theirs["fvu"], "l0": target,
+                "gap": None, "how": f"no run of {missing} ended within {NEAR_TARGET:.0%} of L0 {target:g}"}
+    return {"rule": "jumprelu", "ours": mine["fvu"], "saelens": theirs["fvu"], "l0": target,
+            "gap": mine["fvu"] / theirs["fvu"] - 1,
+            "how": f"target L0 {target:g}, the best of each within {NEAR_TARGET:.0%} of it "
+                   f"(L0 {mine['l0']:.1f} ours, {theirs['l0']:.1f} SAELens)"}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rules", nargs="*", default=list(RULES), choices=list(RULES))
@@ -76,6 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="jumprelu's learning rates, for both")
     parser.add_argument("--thresholds", nargs="*", type=float, default=list(THRESHOLDS),
                         help="jumprelu: our first thresholds (SAELens's is train_speed.py's, whose L0 ours must bracket)")
+    parser.add_argument("--target-l0", type=float, default=None,
+                        help="jumprelu: both train towards this L0 (quadratic penalty), from each first threshold")
     parser.add_argument("--results", default="rule_quality", help="the results file's name in benchmarks/results/")
     args = parser.parse_args(argv)
     store = real_store()
@@ -86,18 +110,22 @@ def main(argv: list[str] | None = None) -> dict:
         by_impl: dict[str, list[dict]] = {"ours": [], "SAELens": []}
         if rule == "jumprelu":
             plan = [("ours", lr, t) for lr in args.jumprelu_lrs for t in args.thresholds]
-            plan += [("SAELens", lr, INIT_THRESHOLD) for lr in args.jumprelu_lrs]
+            theirs = args.thresholds if args.target_l0 is not None else [INIT_THRESHOLD]
+            plan += [("SAELens", lr, t) for lr in args.jumprelu_lrs for t in theirs]
         else:  # the first threshold means nothing to the k rules
             plan = [("ours", lr, INIT_THRESHOLD) for lr in args.lrs] + [("SAELens", lr, INIT_THRESHOLD) for lr in args.saelens_lrs]
         for impl, lr, threshold in plan:
             print(f"{rule}: {impl} at lr {lr:g}" + (f", first threshold {threshold:g}" if rule == "jumprelu" else ""),
                   flush=True)
             run = {"rule": rule, "impl": impl, "lr": lr, "threshold": threshold if rule == "jumprelu" else None,
-                   **train_one("ours" if impl == "ours" else "saelens", store, rule, lr, threshold, batches, x_eval)}
+                   **train_one("ours" if impl == "ours" else "saelens", store, rule, lr, threshold, batches, x_eval,
+                               args.target_l0 if rule == "jumprelu" else None)}
             by_impl[impl].append(run)
             runs.append(run)
             print(f"    FVU {run['fvu']:.4f}  L0 {run['l0']:.1f}  ({run['seconds']:.0f} s)", flush=True)
-        if rule == "jumprelu":  # L0 differs run to run: ours read at each SAELens run's L0
+        if rule == "jumprelu" and args.target_l0 is not None:
+            summary.append(_near_target(by_impl, args.target_l0))
+        elif rule == "jumprelu":  # L0 differs run to run: ours read at each SAELens run's L0
             for theirs in by_impl["SAELens"]:
                 mine = at_l0(by_impl["ours"], theirs["l0"])
                 summary.append({"rule": rule, "ours": mine, "saelens": theirs["fvu"], "l0": theirs["l0"],
@@ -115,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     print(table(summary, [("rule", "rule", ""), ("ours", "FVU ours", ".4f"), ("saelens", "FVU SAELens", ".4f"),
                           ("l0", "at L0", ".1f"), ("gap", "ours vs SAELens", "+.1%"), ("how", "compared", "")]))
-    path = write_results(args.results, {"steps": STEPS, "batch_size": BATCH, "runs": runs, "summary": summary})
+    path = write_results(args.results, {"steps": STEPS, "batch_size": BATCH, "target_l0": args.target_l0,
+                                        "runs": runs, "summary": summary})
     print(f"\nwritten {path}")
     return {"runs": runs, "summary": summary}
 

@@ -158,11 +158,13 @@ def held_out(encode, decode, x: torch.Tensor) -> dict:
     return {"fvu": float(M.fvu(x, recon)), "l0": float(torch.cat([(h > 0).sum(-1) for h in codes]).float().mean())}
 
 
-def saelens(sparsity: str, dict_size: int, lr: float, steps: int, init_threshold: float = INIT_THRESHOLD):
+def saelens(sparsity: str, dict_size: int, lr: float, steps: int, init_threshold: float = INIT_THRESHOLD,
+            target_l0: float | None = None):
     """SAELens's trainer of its own training SAE for ``sparsity``, to be driven by ``.step(batch)``.
 
     Built in code (no hub, no wandb): its defaults but for the shape, k, the matryoshka widths,
-    jumprelu's L0 coefficient, bandwidth and first threshold, and the learning rate. Raises
+    jumprelu's L0 coefficient, bandwidth, first threshold and target L0 (its quadratic mode when
+    given), and the learning rate. Raises
     LookupError when this SAELens lacks the class.
     """
     try:
@@ -177,7 +179,9 @@ def saelens(sparsity: str, dict_size: int, lr: float, steps: int, init_threshold
         raise LookupError(f"sae_lens {sae_lens.__version__} has no {SAELENS[sparsity][0]}")
     options = {"batch_top_k": {"k": K}, "matryoshka": {"k": K, "matryoshka_widths": list(PREFIXES)},
                "jumprelu": {"l0_coefficient": L0_COEFF, "jumprelu_bandwidth": BANDWIDTH,
-                            "jumprelu_init_threshold": init_threshold}}[sparsity]
+                            "jumprelu_init_threshold": init_threshold,
+                            **({"jumprelu_sparsity_loss_mode": "quadratic", "target_l0": target_l0}
+                               if target_l0 is not None else {})}}[sparsity]
     sae = sae_class(cfg_class(d_in=D_IN, d_sae=dict_size, device="cpu", **options))
     # lr_end: the runner config's default, which the trainer asks for (its constant schedule ignores it)
     cfg = SAETrainerConfig(total_training_samples=steps * BATCH, train_batch_size_samples=BATCH, lr=lr,
@@ -186,7 +190,8 @@ def saelens(sparsity: str, dict_size: int, lr: float, steps: int, init_threshold
 
 
 def ours(store, sparsity: str, dict_size: int, total_steps: int, sparse_backward: bool = True,
-         precision: str = "float32", lr: float | None = None, init_threshold: float = INIT_THRESHOLD):
+         precision: str = "float32", lr: float | None = None, init_threshold: float = INIT_THRESHOLD,
+         target_l0: float | None = None):
     """Our trainer for one dictionary (the object train() drives), ready to step (``lr``: the rule's default when None)."""
     from sae_registry import SAEConfig
     from sae_registry.train import TrainConfig, _Member
@@ -194,7 +199,8 @@ def ours(store, sparsity: str, dict_size: int, total_steps: int, sparse_backward
     sae_cfg = SAEConfig(D_IN, dict_size, K, sparsity, prefixes=PREFIXES if sparsity == "matryoshka" else None)
     cfg = TrainConfig(batch_size=BATCH, tokens=total_steps * BATCH, l1_coeff=L1_COEFF if sparsity == "l1" else None,
                       **({"l0_coeff": L0_COEFF / D_IN, "jumprelu_bandwidth": BANDWIDTH,
-                          "jumprelu_init_threshold": init_threshold} if sparsity == "jumprelu" else {}),
+                          "jumprelu_init_threshold": init_threshold, "target_l0": target_l0}
+                         if sparsity == "jumprelu" else {}),
                       lr=lr, sparse_backward=sparse_backward, precision=precision, device="cpu").resolved(sae_cfg)
     member = _Member(store, sae_cfg, cfg, Path(tempfile.mkdtemp()), None, None)
     member.init_b_dec(store.read(0, 16_384))

@@ -176,6 +176,10 @@ class TrainConfig:
     l1_coeff: float | None = option(None, "L1 coefficient [default: 5e-3 for l1, else 0].", min=0)
     l0_coeff: float | None = option(None, "jumprelu: L0 penalty coefficient [default: 1 / input_size, SAELens's "
                                     "l0_coefficient 1 in this MSE's units].", min=0, rules=("jumprelu",))
+    target_l0: float | None = option(
+        None, "jumprelu: train towards this mean L0 with a quadratic penalty on each token's L0, l0_coeff * 2 / "
+        "target_l0 * (L0 - target_l0)^2 (Gemma Scope 2; SAELens's quadratic mode) [default: none, the penalty "
+        "is l0_coeff * L0].", above=0, rules=("jumprelu",))
     jumprelu_bandwidth: float = option(0.05, "jumprelu: width of the rectangle kernel of the threshold's "
                                        "pseudo-derivative.", above=0, rules=("jumprelu",))
     jumprelu_init_threshold: float = option(0.01, "jumprelu: initial threshold of every latent.", min=0,

@@ -11,7 +11,8 @@ names in SAELens and dictionary_learning. Adding an architecture is one class he
                  (an average of each batch's smallest selected value; Bussmann et al. 2024)
     jumprelu     codes = pre * (pre > threshold_i), per-latent thresholds trained through a
                  straight-through estimator with a rectangle-kernel pseudo-derivative of width
-                 ``jumprelu_bandwidth``; loss + l0_coeff * L0 (Rajamanoharan et al. 2024)
+                 ``jumprelu_bandwidth``; loss + l0_coeff * L0 (Rajamanoharan et al. 2024), or with
+                 ``target_l0`` T, l0_coeff * 2 / T * (L0 - T)^2 per token (Gemma Scope 2)
     matryoshka   batch_top_k's selection; the loss sums the reconstructions' MSE of each nested
                  prefix ``prefixes`` of the dictionary (Bussmann et al. 2025)
 
@@ -267,7 +268,10 @@ class JumpReLU(_SparseWhenSmall):
     saelens, dictionary_learning = "jumprelu", "JumpReluAutoEncoder"
 
     def run_name(self, cfg, train_cfg=None):
-        return super().run_name(cfg) + (f"-l0c{train_cfg.l0_coeff:g}" if train_cfg is not None else "")
+        if train_cfg is None:
+            return super().run_name(cfg)
+        target = f"-l0t{train_cfg.target_l0:g}" if train_cfg.target_l0 is not None else ""
+        return super().run_name(cfg) + f"-l0c{train_cfg.l0_coeff:g}" + target
 
     def tensors(self, cfg):
         return {"threshold": (cfg.dict_size,)}
@@ -297,12 +301,15 @@ class JumpReLU(_SparseWhenSmall):
         mse = (out.reconstruction - x_n).pow(2).mean()
         t = sae.encoder.threshold
         if out.rows is None:
-            pre = out.pre_acts
-            l0 = _Threshold.apply(pre, t, cfg.jumprelu_bandwidth, True).sum() / len(x_n)
+            per_token = _Threshold.apply(out.pre_acts, t, cfg.jumprelu_bandwidth, True).sum(-1)
         else:  # the step's estimator is non-zero only within the band, all of it among the entries
-            pre = out.pre_acts[out.rows, out.indices]
-            l0 = _Threshold.apply(pre, t[out.indices], cfg.jumprelu_bandwidth, True).sum() / len(x_n)
-        loss = mse + cfg.l0_coeff * ramp * l0
+            steps = _Threshold.apply(out.pre_acts[out.rows, out.indices], t[out.indices], cfg.jumprelu_bandwidth, True)
+            per_token = x_n.new_zeros(len(x_n)).index_add(0, out.rows, steps)
+        if cfg.target_l0 is None:
+            penalty = per_token.mean()
+        else:  # Gemma Scope 2's quadratic penalty around the target, token by token (as SAELens's)
+            penalty = (2 / cfg.target_l0 * (per_token - cfg.target_l0).pow(2)).mean()
+        loss = mse + cfg.l0_coeff * ramp * penalty
         aux = x_n.new_zeros(())
         if cfg.pre_act_coeff > 0 and len(dead):
             # Anthropic's pre-act loss on dead latents only (as SAELens): pulls their encoder outputs up

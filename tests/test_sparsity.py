@@ -50,6 +50,32 @@ def test_the_sparse_step_gives_the_dense_steps_numbers(sparsity):
         torch.testing.assert_close(sparse[name], dense[name], msg=name)
 
 
+@pytest.mark.parametrize("target", [2.0, 30.0])
+def test_jumprelu_target_l0_is_a_quadratic_penalty_per_token_on_both_paths(target):
+    sae = _sae("jumprelu")
+    x = torch.randn(16, 8)
+    cfg = TrainConfig(l0_coeff=0.05, jumprelu_bandwidth=0.3, target_l0=target).resolved(sae.cfg)
+    dense_loss, dense = _grads(sae, x, False, cfg)
+    sparse_loss, sparse = _grads(sae, x, True, cfg)
+    torch.testing.assert_close(sparse_loss, dense_loss)
+    for name in dense:
+        torch.testing.assert_close(sparse[name], dense[name], msg=name)
+    with torch.no_grad():
+        pre = sae.encoder.encoder(x - sae.b_dec)
+        per_token = (pre > sae.encoder.threshold).sum(-1).float()
+        mse = (sae(x) - x).pow(2).mean()
+    assert 2 < per_token.mean() < 30  # one target below the batch's L0, one above
+    torch.testing.assert_close(dense_loss, mse + 0.05 * (2 / target * (per_token - target) ** 2).mean())
+    # the penalty alone moves the thresholds towards the target: up when L0 is above it, down below
+    sae.zero_grad()
+    out = sae.forward_train(x, sparse_backward=False, cfg=cfg)
+    loss, _ = sae.rule.loss(sae, x, out, cfg, 1.0, torch.zeros(0, dtype=torch.long))
+    mse_only = (out.reconstruction - x).pow(2).mean()
+    (loss - mse_only).backward()
+    push = sae.encoder.threshold.grad.sum()
+    assert (push < 0) if target < per_token.mean() else (push > 0)
+
+
 def test_l1_turns_sparse_only_when_few_codes_are_active():
     sae = _sae("l1")
     x = torch.randn(16, 8)
@@ -159,6 +185,41 @@ def test_every_new_rule_trains_on_a_store(sparsity, synthetic_store, tmp_path):
     torch.testing.assert_close(loaded.encode(x), result.sae.encode(x))
 
 
+def test_jumprelu_target_l0_penalty_is_saelens_quadratic_mode():
+    from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+    from sae_lens.saes.sae import TrainStepInput
+
+    sae = _sae("jumprelu")
+    x = torch.randn(16, 8)
+    cfg = TrainConfig(l0_coeff=0.05, jumprelu_bandwidth=0.3, target_l0=6.0).resolved(sae.cfg)
+    out = sae.forward_train(x, sparse_backward=False, cfg=cfg)
+    loss, _ = sae.rule.loss(sae, x, out, cfg, 1.0, torch.zeros(0, dtype=torch.long))
+    ours = loss - (out.reconstruction - x).pow(2).mean()
+    g_ours = torch.autograd.grad(ours, sae.encoder.threshold)[0]
+    theirs_sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(
+        d_in=8, d_sae=32, jumprelu_bandwidth=0.3, jumprelu_sparsity_loss_mode="quadratic", target_l0=6.0))
+    with torch.no_grad():
+        theirs_sae.threshold.copy_(sae.encoder.threshold)
+        theirs_sae.W_dec.copy_(sae.W_dec)  # unit rows: SAELens's step mode no longer weights by their norms
+    step = TrainStepInput(x, {"l0": 0.05}, None, 0, False)
+    hidden_pre = out.pre_acts.detach()
+    theirs = theirs_sae.calculate_aux_loss(step, torch.relu(hidden_pre), hidden_pre, x)["l0_loss"]
+    g_theirs = torch.autograd.grad(theirs, theirs_sae.threshold)[0]
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(g_ours, g_theirs)
+
+
+def test_jumprelu_with_a_target_l0_trains_to_it(synthetic_store, tmp_path):
+    store, _ = synthetic_store
+    reached = {}
+    for target in (None, 40):  # without it, this coefficient stops at L0 about 12 on this store
+        cfg = TrainConfig(tokens=60 * 1024, batch_size=1024, lr=1e-2, eval_every=30, l0_coeff=0.1, target_l0=target,
+                          jumprelu_init_threshold=0.2)
+        reached[target] = train(store, SAEConfig(32, 128, sparsity="jumprelu"), cfg, tmp_path / str(target),
+                                progress=False).metrics["l0"]
+    assert reached[None] < 20 and 36 < reached[40] < 44, reached
+
+
 def test_every_rule_exposes_a_cost_estimate():
     for name, rule in RULES.items():
         cfg = SAEConfig(64, 1024, 8, name)
@@ -176,6 +237,9 @@ def test_every_rule_exposes_a_cost_estimate():
     (lambda: SAEConfig(8, 32, top_k=33, sparsity="batch_top_k"), "top_k .33. cannot exceed dict_size"),
     (lambda: TrainConfig(l0_coeff=-1.0), "l0_coeff must be >= 0"),
     (lambda: TrainConfig(l0_coeff=0.1).resolved(SAEConfig(8, 32)), "l0_coeff applies to sparsity jumprelu only"),
+    (lambda: TrainConfig(target_l0=0), "target_l0 must be > 0"),
+    (lambda: TrainConfig(target_l0=8).resolved(SAEConfig(8, 32, sparsity="batch_top_k")),
+     "target_l0 applies to sparsity jumprelu only"),
     (lambda: TrainConfig(threshold_lr=0.5).resolved(SAEConfig(8, 32, sparsity="l1")),
      "threshold_lr applies to sparsity batch_top_k or matryoshka only"),
 ])
@@ -219,10 +283,12 @@ def test_every_dictionary_of_a_grid_across_rules_has_a_run_name_of_its_own():
         "grid": [{"sparsity": ["top_k", "batch_top_k", "matryoshka"], "dict_size": [64, 128], "k": [4, 8]},
                  {"sparsity": ["matryoshka"], "dict_size": [64], "k": [4], "prefixes": ["16,64", "32,64"]},
                  {"sparsity": ["jumprelu"], "dict_size": [64], "l0_coeff": [0.01, 0.1]},
+                 {"sparsity": ["jumprelu"], "dict_size": [64], "l0_coeff": [0.1], "target_l0": [8, 16]},
                  {"sparsity": ["l1"], "dict_size": [64], "l1_coeff": [0.01, 0.1]}],
     })
     names = [member_name(s, t) for s, t in spec.configurations(32)]
-    assert len(names) == 12 + 2 + 2 + 2 and len(set(names)) == len(names), names
+    assert len(names) == 12 + 2 + 2 + 2 + 2 and len(set(names)) == len(names), names
+    assert "jumprelu-d64-l0c0.1-l0t16-s0" in names
     assert {n.split("-")[0] for n in names} == {"topk", "batchtopk", "matryoshka", "jumprelu", "l1"}
     assert "jumprelu-d64-l0c0.1-s0" in names and "matryoshka-d64-k4-p16.64-s0" in names
 
