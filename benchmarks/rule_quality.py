@@ -10,24 +10,28 @@ grid, on the same batches (``train_speed.py``'s case: d 384 -> 4096, k 32, batch
 batch_top_k and matryoshka are scored with the training rule (the k * 4096 largest of each
 4096-token held-out batch), so every run's L0 is 32 and the FVUs compare directly. jumprelu's L0
 is whatever training reached, so our jumprelu runs also cross the first threshold, and our FVU is
-read at each SAELens run's L0 by interpolating (log L0, FVU) between our two runs that bracket it
+read at each SAELens run's L0 by interpolating (log L0, FVU) between the two runs of our frontier (the
+runs no other run of ours beats on both L0 and FVU) that bracket it
 (the row says when none do). With ``--target-l0 T`` both train jumprelu towards L0 T instead (our
-``target_l0``, SAELens's ``quadratic`` mode: the same penalty), from the same first thresholds,
-and the best FVU of each among its runs that ended within 5 % of T is compared.
+``target_l0``, SAELens's ``quadratic`` mode: the same penalty) from the same first thresholds,
+and ours may also move its thresholds at ``--threshold-lr-scales`` times the rate
+(``threshold_lr_scale``); the reading at each SAELens run's L0 is the same.
 
     python rule_quality.py                                   # all three rules (about 3 h on 2 quiet cores)
     python rule_quality.py --rules batch_top_k --lrs 3e-3 1e-2
-    python rule_quality.py --rules jumprelu --target-l0 32 --thresholds 0.3 0.5
+    python rule_quality.py --rules jumprelu --target-l0 32 --thresholds 0.1 0.3 --threshold-lr-scales 1 10
+    python rule_quality.py ... --reuse rule_quality_jumprelu_target   # runs already in that file are not trained again
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 
 import torch
-from common import real_store, table, write_results
+from common import RESULTS, real_store, table, write_results
 from train_speed import BATCH, D_IN, INIT_THRESHOLD, evaluate_ours, held_out, ours, saelens
 
 RULES = ("batch_top_k", "matryoshka", "jumprelu")
@@ -36,16 +40,16 @@ SAELENS_LRS = (3e-3, 6e-3, 1.2e-2)  # its runs take 3x ours
 JUMPRELU_LRS = (1e-3, 3e-3)
 THRESHOLDS = (0.45, INIT_THRESHOLD, 0.55)  # jumprelu: our first thresholds (train_speed.py's module doc)
 STEPS = 196
-NEAR_TARGET = 0.05  # --target-l0: a run counts when its L0 is this close to the target, relatively
 
 
 def train_one(impl: str, store, sparsity: str, lr: float, threshold: float, batches, x_eval,
-              target_l0: float | None = None) -> dict:
+              target_l0: float | None = None, threshold_lr_scale: float = 1.0) -> dict:
     """Train one dictionary for STEPS steps on ``batches``; its held-out FVU and L0, and its seconds."""
     torch.manual_seed(0)
     started = time.perf_counter()
     if impl == "ours":
-        member = ours(store, sparsity, 4096, STEPS, lr=lr, init_threshold=threshold, target_l0=target_l0)
+        member = ours(store, sparsity, 4096, STEPS, lr=lr, init_threshold=threshold, target_l0=target_l0,
+                      threshold_lr_scale=threshold_lr_scale)
         for i in range(STEPS):
             member.train_step(batches[i % len(batches)], STEPS)
             if (i + 1) % member.cfg.eval_every == 0:
@@ -62,31 +66,33 @@ def train_one(impl: str, store, sparsity: str, lr: float, threshold: float, batc
     return {**held_out(trainer.sae.encode, trainer.sae.decode, x_eval * scale), "seconds": seconds}
 
 
+def _key(rule: str, impl: str, lr: float, threshold: float | None, scale: float | None, target: float | None) -> tuple:
+    return rule, impl, lr, threshold, scale, target
+
+
+def earlier_runs(name: str | None) -> dict[tuple, dict]:
+    """The runs of an earlier results file (same batches, steps and scoring), by their settings."""
+    if name is None:
+        return {}
+    data = json.loads((RESULTS / f"{name}.json").read_text())
+    if (data["steps"], data["batch_size"]) != (STEPS, BATCH):
+        raise SystemExit(f"{name}: {data['steps']} steps of {data['batch_size']}, not {STEPS} of {BATCH}: not comparable")
+    jumprelu = {"threshold_lr_scale": 1.0, "target_l0": data.get("target_l0")}
+    return {_key(r["rule"], r["impl"], r["lr"], r["threshold"],
+                 *((r.get("threshold_lr_scale") or 1.0, jumprelu["target_l0"]) if r["rule"] == "jumprelu" else (None, None))): r
+            for r in data["runs"]}
+
+
 def at_l0(runs: list[dict], l0: float) -> float | None:
-    """FVU at ``l0`` on the line (log L0, FVU) between the two runs that bracket it (None if none do)."""
+    """FVU at ``l0`` on the line (log L0, FVU) between the two runs of the frontier that bracket it (None if
+    none do): a run that another beats on both L0 and FVU is left out, so each implementation is read at its best."""
     pts = sorted((r["l0"], r["fvu"]) for r in runs if r["l0"] > 0)
+    pts = [(l0_a, f_a) for l0_a, f_a in pts if not any(l0_b <= l0_a and f_b < f_a for l0_b, f_b in pts)]
     for (l0_a, f_a), (l0_b, f_b) in zip(pts, pts[1:]):
         if l0_a <= l0 <= l0_b:
             w = 0.0 if l0_b == l0_a else (math.log(l0) - math.log(l0_a)) / (math.log(l0_b) - math.log(l0_a))
             return f_a + w * (f_b - f_a)
     return None
-
-
-def _near_target(by_impl: dict[str, list[dict]], target: float) -> dict:
-    """jumprelu trained towards ``target``: the best FVU of each implementation among its runs near it."""
-    best = {}
-    for impl, runs in by_impl.items():
-        near = [r for r in runs if abs(r["l0"] / target - 1) <= NEAR_TARGET]
-        best[impl] = min(near, key=lambda r: r["fvu"]) if near else None
-    mine, theirs = best["ours"], best["SAELens"]
-    if mine is None or theirs is None:
-        missing = " and ".join(i for i in best if best[i] is None)
-        return {"rule": "jumprelu", "ours": mine and mine["fvu"], "saelens": theirs and theirs["fvu"], "l0": target,
-                "gap": None, "how": f"no run of {missing} ended within {NEAR_TARGET:.0%} of L0 {target:g}"}
-    return {"rule": "jumprelu", "ours": mine["fvu"], "saelens": theirs["fvu"], "l0": target,
-            "gap": mine["fvu"] / theirs["fvu"] - 1,
-            "how": f"target L0 {target:g}, the best of each within {NEAR_TARGET:.0%} of it "
-                   f"(L0 {mine['l0']:.1f} ours, {theirs['l0']:.1f} SAELens)"}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -98,38 +104,48 @@ def main(argv: list[str] | None = None) -> dict:
                         help="jumprelu's learning rates, for both")
     parser.add_argument("--thresholds", nargs="*", type=float, default=list(THRESHOLDS),
                         help="jumprelu: our first thresholds (SAELens's is train_speed.py's, whose L0 ours must bracket)")
+    parser.add_argument("--threshold-lr-scales", nargs="*", type=float, default=[1.0],
+                        help="jumprelu: ours also at each of these multiples of lr for its thresholds")
     parser.add_argument("--target-l0", type=float, default=None,
                         help="jumprelu: both train towards this L0 (quadratic penalty), from each first threshold")
+    parser.add_argument("--reuse", default=None, help="an earlier results file's name: its runs are not trained again")
     parser.add_argument("--results", default="rule_quality", help="the results file's name in benchmarks/results/")
     args = parser.parse_args(argv)
     store = real_store()
     x_eval = store.read_split("eval", max_tokens=16_384)
     batches = list(store.batches(BATCH, seed=0, drop_last=True))
-    runs, summary = [], []
+    runs, summary, earlier = [], [], earlier_runs(args.reuse)
     for rule in args.rules:
         by_impl: dict[str, list[dict]] = {"ours": [], "SAELens": []}
         if rule == "jumprelu":
-            plan = [("ours", lr, t) for lr in args.jumprelu_lrs for t in args.thresholds]
+            plan = [("ours", lr, t, s) for lr in args.jumprelu_lrs for t in args.thresholds for s in args.threshold_lr_scales]
             theirs = args.thresholds if args.target_l0 is not None else [INIT_THRESHOLD]
-            plan += [("SAELens", lr, t) for lr in args.jumprelu_lrs for t in theirs]
+            plan += [("SAELens", lr, t, 1.0) for lr in args.jumprelu_lrs for t in theirs]
         else:  # the first threshold means nothing to the k rules
-            plan = [("ours", lr, INIT_THRESHOLD) for lr in args.lrs] + [("SAELens", lr, INIT_THRESHOLD) for lr in args.saelens_lrs]
-        for impl, lr, threshold in plan:
-            print(f"{rule}: {impl} at lr {lr:g}" + (f", first threshold {threshold:g}" if rule == "jumprelu" else ""),
-                  flush=True)
-            run = {"rule": rule, "impl": impl, "lr": lr, "threshold": threshold if rule == "jumprelu" else None,
+            plan = [("ours", lr, INIT_THRESHOLD, 1.0) for lr in args.lrs]
+            plan += [("SAELens", lr, INIT_THRESHOLD, 1.0) for lr in args.saelens_lrs]
+        for impl, lr, threshold, scale in plan:
+            jumprelu = rule == "jumprelu"
+            key = _key(rule, impl, lr, threshold if jumprelu else None, *((scale, args.target_l0) if jumprelu else (None, None)))
+            if key in earlier:
+                by_impl[impl].append(earlier[key])
+                runs.append(earlier[key])
+                continue
+            print(f"{rule}: {impl} at lr {lr:g}" + (f", first threshold {threshold:g}, thresholds at {scale:g}x"
+                                                    if jumprelu else ""), flush=True)
+            run = {"rule": rule, "impl": impl, "lr": lr, "threshold": threshold if jumprelu else None,
+                   "threshold_lr_scale": scale if jumprelu else None,
                    **train_one("ours" if impl == "ours" else "saelens", store, rule, lr, threshold, batches, x_eval,
-                               args.target_l0 if rule == "jumprelu" else None)}
+                               args.target_l0 if jumprelu else None, scale)}
             by_impl[impl].append(run)
             runs.append(run)
             print(f"    FVU {run['fvu']:.4f}  L0 {run['l0']:.1f}  ({run['seconds']:.0f} s)", flush=True)
-        if rule == "jumprelu" and args.target_l0 is not None:
-            summary.append(_near_target(by_impl, args.target_l0))
-        elif rule == "jumprelu":  # L0 differs run to run: ours read at each SAELens run's L0
+        if rule == "jumprelu":  # L0 differs run to run: ours read at each SAELens run's L0
             for theirs in by_impl["SAELens"]:
                 mine = at_l0(by_impl["ours"], theirs["l0"])
                 summary.append({"rule": rule, "ours": mine, "saelens": theirs["fvu"], "l0": theirs["l0"],
-                                "how": f"ours interpolated at SAELens's L0 (its lr {theirs['lr']:g})" if mine is not None
+                                "how": f"ours interpolated at SAELens's L0 (its lr {theirs['lr']:g}, first threshold "
+                                       f"{theirs['threshold']:g})" if mine is not None
                                 else "no two runs of ours bracket SAELens's L0",
                                 "gap": None if mine is None else mine / theirs["fvu"] - 1})
         else:
@@ -138,7 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
                             "how": "the best of each (L0 32 for all)"})
     print()
     print(table(runs, [("rule", "rule", ""), ("impl", "implementation", ""), ("lr", "lr", "g"),
-                       ("threshold", "first threshold", "g"), ("fvu", "FVU", ".4f"), ("l0", "L0", ".1f"),
+                       ("threshold", "first threshold", "g"), ("threshold_lr_scale", "thresholds' lr", "g"),
+                       ("fvu", "FVU", ".4f"), ("l0", "L0", ".1f"),
                        ("seconds", "seconds", ".0f")]))
     print()
     print(table(summary, [("rule", "rule", ""), ("ours", "FVU ours", ".4f"), ("saelens", "FVU SAELens", ".4f"),

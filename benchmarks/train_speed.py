@@ -191,7 +191,7 @@ def saelens(sparsity: str, dict_size: int, lr: float, steps: int, init_threshold
 
 def ours(store, sparsity: str, dict_size: int, total_steps: int, sparse_backward: bool = True,
          precision: str = "float32", lr: float | None = None, init_threshold: float = INIT_THRESHOLD,
-         target_l0: float | None = None):
+         target_l0: float | None = None, threshold_lr_scale: float = 1.0):
     """Our trainer for one dictionary (the object train() drives), ready to step (``lr``: the rule's default when None)."""
     from sae_registry import SAEConfig
     from sae_registry.train import TrainConfig, _Member
@@ -199,7 +199,8 @@ def ours(store, sparsity: str, dict_size: int, total_steps: int, sparse_backward
     sae_cfg = SAEConfig(D_IN, dict_size, K, sparsity, prefixes=PREFIXES if sparsity == "matryoshka" else None)
     cfg = TrainConfig(batch_size=BATCH, tokens=total_steps * BATCH, l1_coeff=L1_COEFF if sparsity == "l1" else None,
                       **({"l0_coeff": L0_COEFF / D_IN, "jumprelu_bandwidth": BANDWIDTH,
-                          "jumprelu_init_threshold": init_threshold, "target_l0": target_l0}
+                          "jumprelu_init_threshold": init_threshold, "target_l0": target_l0,
+                          "threshold_lr_scale": threshold_lr_scale}
                          if sparsity == "jumprelu" else {}),
                       lr=lr, sparse_backward=sparse_backward, precision=precision, device="cpu").resolved(sae_cfg)
     member = _Member(store, sae_cfg, cfg, Path(tempfile.mkdtemp()), None, None)

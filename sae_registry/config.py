@@ -180,6 +180,10 @@ class TrainConfig:
         None, "jumprelu: train towards this mean L0 with a quadratic penalty on each token's L0, l0_coeff * 2 / "
         "target_l0 * (L0 - target_l0)^2 (Gemma Scope 2; SAELens's quadratic mode) [default: none, the penalty "
         "is l0_coeff * L0].", above=0, rules=("jumprelu",))
+    threshold_lr_scale: float = option(
+        1.0, "jumprelu: the thresholds' learning rate as a multiple of lr. Adam moves a threshold by about "
+        "lr a step whatever its gradient, so reaching an L0 from a far first threshold takes about the "
+        "distance / lr steps; a larger multiple gets there in a short run.", above=0, rules=("jumprelu",))
     jumprelu_bandwidth: float = option(0.05, "jumprelu: width of the rectangle kernel of the threshold's "
                                        "pseudo-derivative.", above=0, rules=("jumprelu",))
     jumprelu_init_threshold: float = option(0.01, "jumprelu: initial threshold of every latent.", min=0,

@@ -16,7 +16,8 @@ The recipe (each part a :class:`TrainConfig` option, defaults after Gao et al. 2
 - each rule's own terms and updates (:mod:`sae_registry.sparsity`: JumpReLU's L0 penalty and
   threshold estimator, BatchTopK's inference threshold, Matryoshka's prefix losses);
 - Adam with a learning rate that decays linearly to zero over the last ``lr_decay_fraction``; the
-  decoder in a group of its own, at ``decoder_lr_scale`` times the rate.
+  decoder in a group of its own, at ``decoder_lr_scale`` times the rate, and jumprelu's thresholds in
+  another, at ``threshold_lr_scale`` times it.
 
 Knows nothing of Ray or MLflow: callers watch progress through ``callback(step, metrics)``.
 Checkpoints (:mod:`sae_registry.checkpoints`: safetensors + JSON, no pickle) let a stopped run resume exactly.
@@ -152,10 +153,13 @@ class _Member:
                 raise SAERegistryError("precision: bfloat16 needs sparsity top_k with sparse_backward; use float32")
             self.select_dtype = torch.bfloat16
         # fused: one kernel for all of Adam's updates (about 10x foreach's speed on CPU)
-        decoder = self.sae.W_dec
-        self.opt = torch.optim.Adam([{"params": [p for p in self.sae.parameters() if p is not decoder], "scale": 1.0},
-                                     {"params": [decoder], "scale": cfg.decoder_lr_scale}],
-                                    lr=cfg.lr, eps=6.25e-10, fused=True)
+        decoder, threshold = self.sae.W_dec, getattr(self.sae.encoder, "threshold", None)
+        own = {"decoder": [decoder], "threshold": [threshold] if isinstance(threshold, torch.nn.Parameter) else []}
+        groups = [{"params": [p for p in self.sae.parameters() if p is not decoder and p is not threshold], "scale": 1.0},
+                  {"params": own["decoder"], "scale": cfg.decoder_lr_scale}]
+        if own["threshold"]:  # jumprelu's learned thresholds
+            groups.append({"params": own["threshold"], "scale": cfg.threshold_lr_scale})
+        self.opt = torch.optim.Adam(groups, lr=cfg.lr, eps=6.25e-10, fused=True)
         self.since_fired = torch.zeros(sae_cfg.dict_size, dtype=torch.long, device=self.device)
         self.dead = torch.zeros(0, dtype=torch.long, device=self.device)
         # Running sums stay on the device: one host sync per evaluation, not per step.

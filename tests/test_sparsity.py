@@ -238,6 +238,7 @@ def test_every_rule_exposes_a_cost_estimate():
     (lambda: TrainConfig(l0_coeff=-1.0), "l0_coeff must be >= 0"),
     (lambda: TrainConfig(l0_coeff=0.1).resolved(SAEConfig(8, 32)), "l0_coeff applies to sparsity jumprelu only"),
     (lambda: TrainConfig(target_l0=0), "target_l0 must be > 0"),
+    (lambda: TrainConfig(threshold_lr_scale=3.0).resolved(SAEConfig(8, 32)), "threshold_lr_scale applies to sparsity jumprelu only"),
     (lambda: TrainConfig(target_l0=8).resolved(SAEConfig(8, 32, sparsity="batch_top_k")),
      "target_l0 applies to sparsity jumprelu only"),
     (lambda: TrainConfig(threshold_lr=0.5).resolved(SAEConfig(8, 32, sparsity="l1")),
@@ -338,6 +339,24 @@ def test_the_decoder_learns_at_its_rules_multiple_of_the_learning_rate(synthetic
         assert not any(p is member.sae.W_dec for p in encoder["params"])
         assert decoder["lr"] == pytest.approx((given or scale) * encoder["lr"]) and encoder["lr"] > 0
         assert not torch.equal(before, member.sae.W_dec)  # the decoder's group did step
+
+
+def test_jumprelu_thresholds_learn_at_their_own_multiple_of_the_learning_rate(synthetic_store, tmp_path):
+    from sae_registry.train import _Member
+
+    store, _ = synthetic_store
+    sae_cfg = SAEConfig(store.d, 64, sparsity="jumprelu")
+    cfg = TrainConfig(tokens=4 * 256, batch_size=256, lr=1e-3, threshold_lr_scale=10.0, jumprelu_init_threshold=0.05,
+                      device="cpu").resolved(sae_cfg)
+    member = _Member(store, sae_cfg, cfg, tmp_path, None, None)
+    before = member.sae.encoder.threshold.detach().clone()
+    member.train_step(store.read(0, 256), 4)
+    rest, decoder, thresholds = member.opt.param_groups
+    assert [p is member.sae.encoder.threshold for p in thresholds["params"]] == [True]
+    assert not any(p is member.sae.encoder.threshold for p in rest["params"] + decoder["params"])
+    assert thresholds["lr"] == pytest.approx(10 * rest["lr"]) and rest["lr"] > 0
+    moved = (member.sae.encoder.threshold - before).abs().max()
+    assert 5e-3 < moved <= 1e-2 * 1.01  # Adam's first step: about the group's rate, 10x the others'
 
 
 def test_the_cost_model_prices_each_rule_by_its_own_measured_step():
