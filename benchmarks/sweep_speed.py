@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="run each contender this many times, alternating; the run of median wall counts")
     parser.add_argument("--like-for-like", action="store_true",
                         help="also run the sweep with evaluate: none (their loop does no downstream evaluation)")
+    parser.add_argument("--results", default="sweep_speed",
+                        help="the results file's name in benchmarks/results/ (run.py's targets read sweep_speed)")
     args = parser.parse_args(argv)
     cores = os.cpu_count() or 1
     store = str(real_store().path)
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
         columns.append(("plain", "evaluate: none", ".1f"))
     print()
     print(table(phases, columns))
-    path = write_results("sweep_speed", {"tokens_per_dictionary": args.tokens, "cores": cores, "repeats": args.repeats,
+    path = write_results(args.results, {"tokens_per_dictionary": args.tokens, "cores": cores, "repeats": args.repeats,
                                          "load_average": [load_before, load_after], "summary": summary,
                                          "dictionaries": per_dict, "trials": us["trials"], "phases": phases})
     print(f"\nwritten {path}")

@@ -151,8 +151,10 @@ def start_runs(
     parent_run_id: str | None = None,
     tracking_uri: TrackingLike = None,
     member_tags: list[dict] | None = None,
+    run_names: list[str] | None = None,
 ) -> list[str]:
-    """Create one MLflow run per configuration, with its parameters and lineage tags; their ids."""
+    """Create one MLflow run per configuration, with its parameters and lineage tags; their ids.
+    ``run_names`` (a sweep's, which tell apart members the rule's own names do not) replace :func:`run_name`'s."""
     from mlflow.entities import Param
 
     check_family_name(family)
@@ -163,8 +165,9 @@ def start_runs(
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run_ids = []
-    for (sae_cfg, train_cfg, _), extra in zip(members, member_tags or [{}] * len(members)):
-        run = client.create_run(experiment_id, run_name=default_run_name(sae_cfg, train_cfg), tags={**tags, **extra})
+    names = run_names or [default_run_name(s, t) for s, t, _ in members]
+    for (sae_cfg, train_cfg, _), extra, name in zip(members, member_tags or [{}] * len(members), names):
+        run = client.create_run(experiment_id, run_name=name, tags={**tags, **extra})
         params = {**sae_cfg.to_dict(), **train_cfg.resolved(sae_cfg).to_dict(), "store_tokens": len(store)}
         client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         run_ids.append(run.info.run_id)

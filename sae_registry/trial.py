@@ -21,16 +21,52 @@ from .sweep_progress import report
 from .sweep_spec import SweepSpec
 from .tracking import Tracking
 
-__all__ = ["member_name", "member_runs", "run_trial"]
+__all__ = ["member_name", "member_names", "member_runs", "run_trial"]
 
 # At most one Tune checkpoint per trial in this many seconds (see the trial's reporter).
 TUNE_CHECKPOINT_SECONDS = 10.0
 
 
-def member_name(sae_cfg: SAEConfig, train_cfg: TrainConfig) -> str:
+# grid keys a rule's run name already shows (``topk-d4096-k32``, ``jumprelu-d4096-l0c0.01-l0t32``; seeds: ``-s0``)
+NAMED_KEYS = {"top_k": {"k"}, "batch_top_k": {"k"}, "matryoshka": {"k", "prefixes"}, "l1": {"l1_coeff"},
+              "jumprelu": {"l0_coeff", "target_l0"}}
+
+
+def member_name(sae_cfg: SAEConfig, train_cfg: TrainConfig, run_name: str | None = None) -> str:
     from .runs import default_run_name
 
-    return f"{default_run_name(sae_cfg, train_cfg)}-s{train_cfg.seed}"
+    return f"{run_name or default_run_name(sae_cfg, train_cfg)}-s{train_cfg.seed}"
+
+
+def member_runs_names(spec: SweepSpec, configs: list[tuple[SAEConfig, TrainConfig]]) -> list[str]:
+    """Each configuration's MLflow run name: the rule's (:func:`sae_registry.runs.run_name`), then
+    ``-{key}{value}`` for every other grid key whose value differs across the sweep (``-lr0.003``): a
+    grid over ``lr`` or ``batch_size`` would otherwise give two members one name."""
+    from .runs import default_run_name
+    from .sweep_spec import RULE_KEYS
+
+    def value(sae_cfg: SAEConfig, train_cfg: TrainConfig, key: str):
+        rule = sae_cfg.sparsity
+        if rule not in RULE_KEYS.get(key, (rule,)) or key in NAMED_KEYS.get(rule, ()):
+            return None  # a key of another rule (it means nothing here), or one the rule's name shows
+        v = getattr(train_cfg, key, getattr(sae_cfg, key, None))
+        return repr(v) if isinstance(v, float) else v  # the shortest form that tells two floats apart
+
+    keys = sorted({key for grid in spec.grid for key in grid} - {"sparsity", "dict_size", "seed"})
+    varying = [k for k in keys if len({json.dumps(value(s, t, k)) for s, t in configs}) > 1]
+    return [default_run_name(s, t) + "".join(f"-{k}{value(s, t, k)}" for k in varying if value(s, t, k) is not None)
+            for s, t in configs]
+
+
+def member_names(spec: SweepSpec, configs: list[tuple[SAEConfig, TrainConfig]]) -> list[str]:
+    """Each configuration's member name within the sweep (its run name and seed); refuses two alike."""
+    from .errors import SAERegistryError
+
+    names = [member_name(s, t, r) for (s, t), r in zip(configs, member_runs_names(spec, configs))]
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise SAERegistryError(f"sweep {spec.name}: members {twice} would share a name; give them different settings")
+    return names
 
 
 def run_trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, parent_run_id: str, tracking_uri: str,
@@ -59,10 +95,12 @@ def run_trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, paren
     tracking.assume_reachable()  # the driver checked it: a trial rides out a server restart on MLflow's retries
     store = ActivationStore.open(store_path)
     clock["store"] = time.perf_counter()
-    configs = SweepSpec.from_dict(spec).configurations(store.d)
+    sweep_spec = SweepSpec.from_dict(spec)
+    configs = sweep_spec.configurations(store.d)
     members = [configs[i] for i in config["pack"]]
     trial_dir = Path(tune.get_context().get_trial_dir())
-    names = [member_name(s, t) for s, t in members]
+    run_names = [member_runs_names(sweep_spec, configs)[i] for i in config["pack"]]
+    names = [member_names(sweep_spec, configs)[i] for i in config["pack"]]
     out_dirs = [trial_dir / "dictionaries" / n for n in names]
     members = [(s, replace(t, device=device), o) for (s, t), o in zip(members, out_dirs)]
     checkpoint = tune.get_checkpoint()
@@ -79,7 +117,8 @@ def run_trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, paren
         # a new run is made with its node tags; an existing one gets them below
         new_ids = iter(start_runs(store, [members[i] for i in missing], family=spec["name"], sweep_id=sweep_id,
                                   parent_run_id=parent_run_id, tracking_uri=tracking,
-                                  member_tags=[{"sweep.member": names[i], **_node_tags("", node)} for i in missing]))
+                                  member_tags=[{"sweep.member": names[i], **_node_tags("", node)} for i in missing],
+                                  run_names=[run_names[i] for i in missing]))
         run_ids = [existing[n].info.run_id if n in existing else next(new_ids) for n in names]
         earlier = {existing[n].info.run_id: existing[n].data.tags.get("ray.node_ids", "") for n in names if n in existing}
     else:  # a retry: continue from the last reported checkpoint, in the same MLflow runs

@@ -277,7 +277,7 @@ def test_a_grid_key_of_another_rule_is_refused():
 def test_every_dictionary_of_a_grid_across_rules_has_a_run_name_of_its_own():
     """A sweep finds its members' runs by name: two dictionaries of one grid may never share one."""
     from sae_registry.sweep_spec import SweepSpec
-    from sae_registry.trial import member_name
+    from sae_registry.trial import member_names
 
     spec = SweepSpec.from_dict({
         "name": "names", "store": "s.zarr", "pack": 1,
@@ -285,11 +285,16 @@ def test_every_dictionary_of_a_grid_across_rules_has_a_run_name_of_its_own():
                  {"sparsity": ["matryoshka"], "dict_size": [64], "k": [4], "prefixes": ["16,64", "32,64"]},
                  {"sparsity": ["jumprelu"], "dict_size": [64], "l0_coeff": [0.01, 0.1]},
                  {"sparsity": ["jumprelu"], "dict_size": [64], "l0_coeff": [0.1], "target_l0": [8, 16]},
-                 {"sparsity": ["l1"], "dict_size": [64], "l1_coeff": [0.01, 0.1]}],
+                 {"sparsity": ["l1"], "dict_size": [64], "l1_coeff": [0.01, 0.1]},
+                 # keys no rule's name shows: named when they vary across the sweep
+                 {"sparsity": ["top_k", "l1"], "dict_size": [256], "lr": [1e-3, 3e-3]},
+                 {"sparsity": ["top_k"], "dict_size": [256], "k": [4], "l1_coeff": [0.001]}],
     })
-    names = [member_name(s, t) for s, t in spec.configurations(32)]
-    assert len(names) == 12 + 2 + 2 + 2 + 2 and len(set(names)) == len(names), names
+    names = member_names(spec, spec.configurations(32))
+    assert len(names) == 12 + 2 + 2 + 2 + 2 + 4 + 1 and len(set(names)) == len(names), names
     assert "jumprelu-d64-l0c0.1-l0t16-s0" in names
+    assert {"topk-d256-k32-lr0.003-s0", "l1-d256-l1c0.005-lr0.003-s0", "topk-d256-k4-l1_coeff0.001-s0"} <= set(names)
+    assert "topk-d64-k4-s0" in names  # the grids' usual members keep their names
     assert {n.split("-")[0] for n in names} == {"topk", "batchtopk", "matryoshka", "jumprelu", "l1"}
     assert "jumprelu-d64-l0c0.1-s0" in names and "matryoshka-d64-k4-p16.64-s0" in names
 
