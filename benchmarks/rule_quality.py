@@ -55,7 +55,7 @@ def train_one(impl: str, store, sparsity: str, lr: float, threshold: float, batc
             if (i + 1) % member.cfg.eval_every == 0:
                 member.refresh_dead()
         seconds = time.perf_counter() - started
-        return {**evaluate_ours(member, x_eval), "seconds": seconds}
+        return {**evaluate_ours(member, x_eval), "seconds": seconds, "decoder_lr_scale": member.cfg.decoder_lr_scale}
     scale = math.sqrt(D_IN) / store.mean_norm  # SAELens takes the batches scaled as ours normalises them
     trainer = saelens(sparsity, 4096, lr, STEPS, init_threshold=threshold, target_l0=target_l0)
     for i in range(STEPS):
@@ -66,8 +66,16 @@ def train_one(impl: str, store, sparsity: str, lr: float, threshold: float, batc
     return {**held_out(trainer.sae.encode, trainer.sae.decode, x_eval * scale), "seconds": seconds}
 
 
-def _key(rule: str, impl: str, lr: float, threshold: float | None, scale: float | None, target: float | None) -> tuple:
-    return rule, impl, lr, threshold, scale, target
+def _key(rule: str, impl: str, lr: float, threshold: float | None, scale: float | None, target: float | None,
+         decoder: float | None) -> tuple:
+    return rule, impl, lr, threshold, scale, target, decoder
+
+
+def _our_decoder_scale(rule: str) -> float:
+    """Our rule's default decoder_lr_scale: runs made at another are not reused."""
+    from sae_registry.sparsity import rule_of
+
+    return rule_of(rule).decoder_lr_scale
 
 
 def earlier_runs(name: str | None) -> dict[tuple, dict]:
@@ -79,7 +87,8 @@ def earlier_runs(name: str | None) -> dict[tuple, dict]:
         raise SystemExit(f"{name}: {data['steps']} steps of {data['batch_size']}, not {STEPS} of {BATCH}: not comparable")
     jumprelu = {"threshold_lr_scale": 1.0, "target_l0": data.get("target_l0")}
     return {_key(r["rule"], r["impl"], r["lr"], r["threshold"],
-                 *((r.get("threshold_lr_scale") or 1.0, jumprelu["target_l0"]) if r["rule"] == "jumprelu" else (None, None))): r
+                 *((r.get("threshold_lr_scale") or 1.0, jumprelu["target_l0"]) if r["rule"] == "jumprelu" else (None, None)),
+                 r.get("decoder_lr_scale", 1.0) if r["impl"] == "ours" else None): r
             for r in data["runs"]}
 
 
@@ -126,7 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
             plan += [("SAELens", lr, INIT_THRESHOLD, 1.0) for lr in args.saelens_lrs]
         for impl, lr, threshold, scale in plan:
             jumprelu = rule == "jumprelu"
-            key = _key(rule, impl, lr, threshold if jumprelu else None, *((scale, args.target_l0) if jumprelu else (None, None)))
+            key = _key(rule, impl, lr, threshold if jumprelu else None, *((scale, args.target_l0) if jumprelu else (None, None)),
+                       _our_decoder_scale(rule) if impl == "ours" else None)
             if key in earlier:
                 by_impl[impl].append(earlier[key])
                 runs.append(earlier[key])

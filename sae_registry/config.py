@@ -170,8 +170,8 @@ class TrainConfig:
     lr: float | None = option(None, "Adam learning rate [default: 5e-4 / sqrt(dict_size / 16384), 3x that for "
                                   "batch_top_k and matryoshka].", above=0)
     decoder_lr_scale: float | None = option(
-        None, "The decoder's learning rate as a multiple of lr [default: 3 for batch_top_k and matryoshka, else "
-        "1]: its rows stay at unit norm, so one Adam step turns them less, relative to their size, than "
+        None, "The decoder's learning rate as a multiple of lr [default: 3 for batch_top_k, matryoshka and "
+        "jumprelu, else 1]: its rows stay at unit norm, so one Adam step turns them less, relative to their size, than "
         "SAELens's.", above=0)
     l1_coeff: float | None = option(None, "L1 coefficient [default: 5e-3 for l1, else 0].", min=0)
     l0_coeff: float | None = option(None, "jumprelu: L0 penalty coefficient [default: 1 / input_size, SAELens's "
