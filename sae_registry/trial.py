@@ -45,16 +45,18 @@ def member_runs_names(spec: SweepSpec, configs: list[tuple[SAEConfig, TrainConfi
     from .runs import default_run_name
     from .sweep_spec import RULE_KEYS
 
-    def value(sae_cfg: SAEConfig, train_cfg: TrainConfig, key: str):
+    def unnamed(sae_cfg: SAEConfig, key: str) -> bool:  # the key means something for the rule, which does not show it
         rule = sae_cfg.sparsity
-        if rule not in RULE_KEYS.get(key, (rule,)) or key in NAMED_KEYS.get(rule, ()):
-            return None  # a key of another rule (it means nothing here), or one the rule's name shows
+        return rule in RULE_KEYS.get(key, (rule,)) and key not in NAMED_KEYS.get(rule, ())
+
+    def value(sae_cfg: SAEConfig, train_cfg: TrainConfig, key: str):
         v = getattr(train_cfg, key, getattr(sae_cfg, key, None))
         return repr(v) if isinstance(v, float) else v  # the shortest form that tells two floats apart
 
     keys = sorted({key for grid in spec.grid for key in grid} - {"sparsity", "dict_size", "seed"})
-    varying = [k for k in keys if len({json.dumps(value(s, t, k)) for s, t in configs}) > 1]
-    return [default_run_name(s, t) + "".join(f"-{k}{value(s, t, k)}" for k in varying if value(s, t, k) is not None)
+    varying = [k for k in keys if len({json.dumps(value(s, t, k)) for s, t in configs if unnamed(s, k)}) > 1]
+    return [default_run_name(s, t) + "".join(f"-{k}{value(s, t, k)}" for k in varying
+                                             if unnamed(s, k) and value(s, t, k) is not None)
             for s, t in configs]
 
 

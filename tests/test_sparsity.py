@@ -295,6 +295,9 @@ def test_every_dictionary_of_a_grid_across_rules_has_a_run_name_of_its_own():
     assert "jumprelu-d64-l0c0.1-l0t16-s0" in names
     assert {"topk-d256-k32-lr0.003-s0", "l1-d256-l1c0.005-lr0.003-s0", "topk-d256-k4-l1_coeff0.001-s0"} <= set(names)
     assert "topk-d64-k4-s0" in names  # the grids' usual members keep their names
+    one = SweepSpec.from_dict({"name": "one", "store": "s.zarr", "grid": [
+        {"sparsity": ["top_k", "jumprelu"], "dict_size": [64], "target_l0": [32], "threshold_lr_scale": [30]}]})
+    assert member_names(one, one.configurations(32)) == ["topk-d64-k32-s0", "jumprelu-d64-l0c0.03125-l0t32-s0"]
     assert {n.split("-")[0] for n in names} == {"topk", "batchtopk", "matryoshka", "jumprelu", "l1"}
     assert "jumprelu-d64-l0c0.1-s0" in names and "matryoshka-d64-k4-p16.64-s0" in names
 
