@@ -73,7 +73,7 @@ def targets() -> list[tuple[str, str, bool | None]]:
             out.append((f"{case}: >= {want}x SAELens's tokens/s", f"{ours['vs_saelens']:.2f}x", ours["vs_saelens"] >= want))
     # FVU at matched L0, each implementation at its best learning rate (rule_quality.py)
     quality: dict[str, list[dict]] = {}  # rule -> its rows, from the newer file that has it (`--results` names)
-    names = ("rule_quality", "rule_quality_jumprelu", "rule_quality_decoder", "rule_quality_jumprelu_target")
+    names = ("rule_quality", "rule_quality_jumprelu", "rule_quality_decoder", "rule_quality_jumprelu_target2")
     for result in sorted(filter(None, map(load, names)), key=lambda r: r["when"]):
         for rule in {row["rule"] for row in result["summary"]}:
             quality[rule] = [row for row in result["summary"] if row["rule"] == rule]

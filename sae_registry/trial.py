@@ -21,7 +21,7 @@ from .sweep_progress import report
 from .sweep_spec import SweepSpec
 from .tracking import Tracking
 
-__all__ = ["member_name", "member_names", "member_runs", "run_trial"]
+__all__ = ["member_name", "member_names", "member_run_names", "member_runs", "run_trial"]
 
 # At most one Tune checkpoint per trial in this many seconds (see the trial's reporter).
 TUNE_CHECKPOINT_SECONDS = 10.0
@@ -38,7 +38,7 @@ def member_name(sae_cfg: SAEConfig, train_cfg: TrainConfig, run_name: str | None
     return f"{run_name or default_run_name(sae_cfg, train_cfg)}-s{train_cfg.seed}"
 
 
-def member_runs_names(spec: SweepSpec, configs: list[tuple[SAEConfig, TrainConfig]]) -> list[str]:
+def member_run_names(spec: SweepSpec, configs: list[tuple[SAEConfig, TrainConfig]]) -> list[str]:
     """Each configuration's MLflow run name: the rule's (:func:`sae_registry.runs.run_name`), then
     ``-{key}{value}`` for every other grid key whose value differs across the sweep (``-lr0.003``): a
     grid over ``lr`` or ``batch_size`` would otherwise give two members one name."""
@@ -64,7 +64,7 @@ def member_names(spec: SweepSpec, configs: list[tuple[SAEConfig, TrainConfig]]) 
     """Each configuration's member name within the sweep (its run name and seed); refuses two alike."""
     from .errors import SAERegistryError
 
-    names = [member_name(s, t, r) for (s, t), r in zip(configs, member_runs_names(spec, configs))]
+    names = [member_name(s, t, r) for (s, t), r in zip(configs, member_run_names(spec, configs))]
     if len(set(names)) < len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
         raise SAERegistryError(f"sweep {spec.name}: members {twice} would share a name; give them different settings")
@@ -101,8 +101,8 @@ def run_trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, paren
     configs = sweep_spec.configurations(store.d)
     members = [configs[i] for i in config["pack"]]
     trial_dir = Path(tune.get_context().get_trial_dir())
-    run_names = [member_runs_names(sweep_spec, configs)[i] for i in config["pack"]]
-    names = [member_names(sweep_spec, configs)[i] for i in config["pack"]]
+    every_run_name, every_name = member_run_names(sweep_spec, configs), member_names(sweep_spec, configs)
+    run_names, names = [every_run_name[i] for i in config["pack"]], [every_name[i] for i in config["pack"]]
     out_dirs = [trial_dir / "dictionaries" / n for n in names]
     members = [(s, replace(t, device=device), o) for (s, t), o in zip(members, out_dirs)]
     checkpoint = tune.get_checkpoint()
