@@ -116,6 +116,23 @@ def test_the_demo_spec_runs_registers_the_frontier_and_the_champion_loads(env, m
     assert result.seconds["trials/train_loop"] > 0
 
 
+def test_a_grid_over_lr_gives_each_member_its_own_run_and_name(env, synthetic_store):
+    """lr is in no rule's name: the members are told apart by it, in their runs' names and tags."""
+    store, _ = synthetic_store
+    spec = SweepSpec.from_dict(_spec(store, "lrgrid", pack=1, register="all",
+                                     grid=[{"sparsity": ["top_k"], "dict_size": [256], "k": [8], "lr": [1e-3, 3e-3]}]))
+    result = run(spec, verbose=0)
+    assert result.failed_trials == 0 and len(result.dictionaries) == 2
+    children = _children("lrgrid", result.sweep_id)
+    by_name = {c.info.run_name: c for c in children}
+    assert set(by_name) == {"topk-d256-k8-lr0.001", "topk-d256-k8-lr0.003"}
+    assert {c.data.tags["sweep.member"] for c in children} == {"topk-d256-k8-lr0.001-s0", "topk-d256-k8-lr0.003-s0"}
+    assert {name: float(c.data.params["lr"]) for name, c in by_name.items()} == {
+        "topk-d256-k8-lr0.001": 1e-3, "topk-d256-k8-lr0.003": 3e-3}
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert sorted(r["name"] for r in result.dictionaries) == sorted(by_name)
+
+
 def test_downstream_fidelity_is_logged_tagged_and_chooses_the_champion(env, minilm_store):
     spec = SweepSpec.from_dict(_spec(minilm_store, "downstream", pack=2, register="all", evaluate="downstream",
                                      evaluate_tokens=512, champion_by="downstream"))
