@@ -85,9 +85,9 @@ def earlier_runs(name: str | None) -> dict[tuple, dict]:
     data = json.loads((RESULTS / f"{name}.json").read_text())
     if (data["steps"], data["batch_size"]) != (STEPS, BATCH):
         raise SystemExit(f"{name}: {data['steps']} steps of {data['batch_size']}, not {STEPS} of {BATCH}: not comparable")
-    jumprelu = {"threshold_lr_scale": 1.0, "target_l0": data.get("target_l0")}
+    target = data.get("target_l0")
     return {_key(r["rule"], r["impl"], r["lr"], r["threshold"],
-                 *((r.get("threshold_lr_scale") or 1.0, jumprelu["target_l0"]) if r["rule"] == "jumprelu" else (None, None)),
+                 *((r.get("threshold_lr_scale") or 1.0, target) if r["rule"] == "jumprelu" else (None, None)),
                  r.get("decoder_lr_scale", 1.0) if r["impl"] == "ours" else None): r
             for r in data["runs"]}
 

@@ -91,6 +91,7 @@ class Rule:
     encoder_init_scale = 1.0  # decoder_transpose times this, by default
     lr_scale = 1.0  # the default learning rate is this times top_k's (TrainConfig.lr)
     decoder_lr_scale = 1.0  # the decoder's default learning rate is this times the rest's
+    named_keys: frozenset[str] = frozenset()  # the grid keys run_name shows (besides sparsity and dict_size)
     saelens: str | None = None  # the architecture SAELens saves it as (None: not exportable)
     dictionary_learning: str | None = None  # the dictionary_learning class
 
@@ -161,6 +162,7 @@ class Rule:
 
 class TopK(Rule):
     name, fixed_k = "top_k", True
+    named_keys = frozenset({"k"})
     saelens, dictionary_learning = "topk", "AutoEncoderTopK"
 
     def encode(self, encoder, x_n):
@@ -244,6 +246,7 @@ class _SparseWhenSmall(Rule):
 
 class L1(_SparseWhenSmall):
     name = "l1"
+    named_keys = frozenset({"l1_coeff"})
     encoder_init_scale = 0.1  # codes start dense: see train.py
     saelens, dictionary_learning = "standard", "AutoEncoder"
 
@@ -264,6 +267,7 @@ class L1(_SparseWhenSmall):
 
 class JumpReLU(_SparseWhenSmall):
     name = "jumprelu"
+    named_keys = frozenset({"l0_coeff", "target_l0"})
     encoder_init_scale = 0.1  # as SAELens's decoder_init_norm 0.1 with encoder = decoder transpose
     # SAELens's decoder rows start at norm 0.1 and are free, so a row turns about ten times faster than
     # ours (kept at unit norm); as for batch_top_k, the decoder at 3x: on rule_quality.py's case (target
@@ -306,13 +310,13 @@ class JumpReLU(_SparseWhenSmall):
         mse = (out.reconstruction - x_n).pow(2).mean()
         t = sae.encoder.threshold
         if out.rows is None:
-            per_token = _Threshold.apply(out.pre_acts, t, cfg.jumprelu_bandwidth, True).sum(-1)
+            steps = _Threshold.apply(out.pre_acts, t, cfg.jumprelu_bandwidth, True)
         else:  # the step's estimator is non-zero only within the band, all of it among the entries
             steps = _Threshold.apply(out.pre_acts[out.rows, out.indices], t[out.indices], cfg.jumprelu_bandwidth, True)
-            per_token = x_n.new_zeros(len(x_n)).index_add(0, out.rows, steps)
         if cfg.target_l0 is None:
-            penalty = per_token.mean()
+            penalty = steps.sum() / len(x_n)
         else:  # Gemma Scope 2's quadratic penalty around the target, token by token (as SAELens's)
+            per_token = steps.sum(-1) if out.rows is None else x_n.new_zeros(len(x_n)).index_add(0, out.rows, steps)
             penalty = (2 / cfg.target_l0 * (per_token - cfg.target_l0).pow(2)).mean()
         loss = mse + cfg.l0_coeff * ramp * penalty
         aux = x_n.new_zeros(())
@@ -331,6 +335,7 @@ class JumpReLU(_SparseWhenSmall):
 
 class BatchTopK(Rule):
     name = "batch_top_k"
+    named_keys = frozenset({"k"})
     # measured on MiniLM (d 384, k 32; benchmarks/rule_quality.py's case: dict_size 4096, batch 4096, 800 k
     # tokens). With one rate for all: FVU 0.155 at top_k's 1e-3, 0.104 at 3e-3, 0.091 at 6e-3, 0.102 at
     # 1.2e-2. With the decoder at 3x (SAELens's decoder is weight-normalised: a row's step is lr / its
@@ -411,6 +416,7 @@ class BatchTopK(Rule):
 
 class Matryoshka(BatchTopK):
     name = "matryoshka"
+    named_keys = frozenset({"k", "prefixes"})
     saelens, dictionary_learning = "jumprelu", "MatryoshkaBatchTopKSAE"
 
     def run_name(self, cfg, train_cfg=None):

@@ -153,13 +153,14 @@ class _Member:
                 raise SAERegistryError("precision: bfloat16 needs sparsity top_k with sparse_backward; use float32")
             self.select_dtype = torch.bfloat16
         # fused: one kernel for all of Adam's updates (about 10x foreach's speed on CPU)
-        decoder, threshold = self.sae.W_dec, getattr(self.sae.encoder, "threshold", None)
-        own = {"decoder": [decoder], "threshold": [threshold] if isinstance(threshold, torch.nn.Parameter) else []}
-        groups = [{"params": [p for p in self.sae.parameters() if p is not decoder and p is not threshold], "scale": 1.0},
-                  {"params": own["decoder"], "scale": cfg.decoder_lr_scale}]
-        if own["threshold"]:  # jumprelu's learned thresholds
-            groups.append({"params": own["threshold"], "scale": cfg.threshold_lr_scale})
-        self.opt = torch.optim.Adam(groups, lr=cfg.lr, eps=6.25e-10, fused=True)
+        # the decoder, and jumprelu's learned thresholds, in groups of their own rate
+        threshold = getattr(self.sae.encoder, "threshold", None)
+        own = [(self.sae.W_dec, cfg.decoder_lr_scale)]
+        if isinstance(threshold, torch.nn.Parameter):
+            own.append((threshold, cfg.threshold_lr_scale))
+        rest = [p for p in self.sae.parameters() if all(p is not q for q, _ in own)]
+        self.opt = torch.optim.Adam([{"params": rest, "scale": 1.0}, *({"params": [p], "scale": s} for p, s in own)],
+                                    lr=cfg.lr, eps=6.25e-10, fused=True)
         self.since_fired = torch.zeros(sae_cfg.dict_size, dtype=torch.long, device=self.device)
         self.dead = torch.zeros(0, dtype=torch.long, device=self.device)
         # Running sums stay on the device: one host sync per evaluation, not per step.

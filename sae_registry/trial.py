@@ -27,11 +27,6 @@ __all__ = ["member_name", "member_names", "member_run_names", "member_runs", "ru
 TUNE_CHECKPOINT_SECONDS = 10.0
 
 
-# grid keys a rule's run name already shows (``topk-d4096-k32``, ``jumprelu-d4096-l0c0.01-l0t32``; seeds: ``-s0``)
-NAMED_KEYS = {"top_k": {"k"}, "batch_top_k": {"k"}, "matryoshka": {"k", "prefixes"}, "l1": {"l1_coeff"},
-              "jumprelu": {"l0_coeff", "target_l0"}}
-
-
 def member_name(sae_cfg: SAEConfig, train_cfg: TrainConfig, run_name: str | None = None) -> str:
     from .runs import default_run_name
 
@@ -43,11 +38,12 @@ def member_run_names(spec: SweepSpec, configs: list[tuple[SAEConfig, TrainConfig
     ``-{key}{value}`` for every other grid key whose value differs across the sweep (``-lr0.003``): a
     grid over ``lr`` or ``batch_size`` would otherwise give two members one name."""
     from .runs import default_run_name
+    from .sparsity import rule_of
     from .sweep_spec import RULE_KEYS
 
     def unnamed(sae_cfg: SAEConfig, key: str) -> bool:  # the key means something for the rule, which does not show it
         rule = sae_cfg.sparsity
-        return rule in RULE_KEYS.get(key, (rule,)) and key not in NAMED_KEYS.get(rule, ())
+        return rule in RULE_KEYS.get(key, (rule,)) and key not in rule_of(rule).named_keys
 
     def value(sae_cfg: SAEConfig, train_cfg: TrainConfig, key: str):
         v = getattr(train_cfg, key, getattr(sae_cfg, key, None))
@@ -60,11 +56,14 @@ def member_run_names(spec: SweepSpec, configs: list[tuple[SAEConfig, TrainConfig
             for s, t in configs]
 
 
-def member_names(spec: SweepSpec, configs: list[tuple[SAEConfig, TrainConfig]]) -> list[str]:
-    """Each configuration's member name within the sweep (its run name and seed); refuses two alike."""
+def member_names(spec: SweepSpec, configs: list[tuple[SAEConfig, TrainConfig]],
+                 run_names: list[str] | None = None) -> list[str]:
+    """Each configuration's member name within the sweep (its run name, :func:`member_run_names` unless
+    given, and seed); refuses two alike."""
     from .errors import SAERegistryError
 
-    names = [member_name(s, t, r) for (s, t), r in zip(configs, member_run_names(spec, configs))]
+    run_names = run_names or member_run_names(spec, configs)
+    names = [member_name(s, t, r) for (s, t), r in zip(configs, run_names)]
     if len(set(names)) < len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
         raise SAERegistryError(f"sweep {spec.name}: members {twice} would share a name; give them different settings")
@@ -101,7 +100,8 @@ def run_trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, paren
     configs = sweep_spec.configurations(store.d)
     members = [configs[i] for i in config["pack"]]
     trial_dir = Path(tune.get_context().get_trial_dir())
-    every_run_name, every_name = member_run_names(sweep_spec, configs), member_names(sweep_spec, configs)
+    every_run_name = member_run_names(sweep_spec, configs)
+    every_name = member_names(sweep_spec, configs, every_run_name)
     run_names, names = [every_run_name[i] for i in config["pack"]], [every_name[i] for i in config["pack"]]
     out_dirs = [trial_dir / "dictionaries" / n for n in names]
     members = [(s, replace(t, device=device), o) for (s, t), o in zip(members, out_dirs)]
