@@ -12,6 +12,11 @@ Efficiency: the seconds the trials spent in their step loops (summed, times each
 over wall x cores. With ``--repeats N`` each contender runs N times, in turn, and its run of median
 wall time is the one reported (runs on one quiet 2-core machine varied by about 15 %). Also printed: where the sweep's seconds went outside training, and the cost
 model's estimate of each trial against its measured step loop.
+
+``--bound`` also times the floor under any sweep of this grid here: the packs the sweep plans, each
+trained by ``train.train_pack`` in a plain process of its own, all started at once (no Ray, MLflow,
+evaluation or outputs). Our sweep's wall can only approach it; their loop over its wall is the most
+any sweep of ours could reach on this machine.
 """
 
 from __future__ import annotations
@@ -146,18 +151,59 @@ def _their_metrics(store, configs, save_dir: Path) -> list[dict]:
     return rows
 
 
+def pack_alone(spec: dict, workdir: Path, members: list[int]) -> dict:
+    """One pack of the sweep's plan through ``train.train_pack`` alone, on the trial's CPUs: no Ray,
+    no MLflow, no evaluation, no outputs (runs in its own process: ``--_pack``)."""
+    import torch
+
+    from sae_registry import ActivationStore
+    from sae_registry.sweep import SweepSpec
+    from sae_registry.train import train_pack
+
+    sweep = SweepSpec.from_dict(spec)
+    torch.set_num_threads(max(1, int(sweep.resources.cpu)))
+    store = ActivationStore.open(sweep.store)
+    configs = sweep.configurations(store.d)
+    first = train_pack(store, [(*configs[i], workdir / f"member-{i}") for i in members], progress=False)[0]
+    return {"ended": time.time(), "loop": first.history[-1]["tokens"] / first.tokens_per_second}
+
+
+def bound(spec: dict, workdir: Path) -> dict:
+    """The floor under any sweep of this grid on this machine: the sweep's own packs, each in a plain
+    process, all started at once; wall from the first start to the last end."""
+    from sae_registry import ActivationStore
+    from sae_registry.sweep import SweepSpec
+
+    sweep = SweepSpec.from_dict(spec)
+    slots = sweep.concurrent_slots([{"Alive": True, "Resources": {"CPU": float(os.cpu_count() or 1)}}])
+    plan = sweep.pack_plan(ActivationStore.open(sweep.store).d, slots)
+    started = time.time()
+    running = [_start("--_pack", spec, workdir, json.dumps(members)) for members in plan]
+    results = [_result("--_pack", p) for p in running]
+    return {"wall": max(r["ended"] for r in results) - started, "loops": [r["loop"] for r in results],
+            "cpus_per_trial": sweep.resources.cpu, "slots": slots}
+
+
+def _start(flag: str, spec: dict, workdir: Path, *more: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, __file__, flag, json.dumps(spec), str(workdir), *more], cwd=workdir,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TQDM_DISABLE": "1", "RAY_USAGE_STATS_ENABLED": "0"})
+
+
+def _result(flag: str, process: subprocess.Popen) -> dict:
+    stdout, stderr = process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"{flag} failed ({process.returncode}):\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    line = next(line for line in stdout.splitlines() if line.startswith(RESULT))
+    return json.loads(line.removeprefix(RESULT))
+
+
 def timed_process(flag: str, spec: dict, workdir: Path) -> dict:
     """Run this file with ``flag`` in a fresh process; its result, and its wall time from the start of
     the process to the end of the job (the process's own ``ended`` clock: its bookkeeping after that
     is not counted)."""
     started = time.time()
-    out = subprocess.run([sys.executable, __file__, flag, json.dumps(spec), str(workdir)], cwd=workdir,
-                         capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1",
-                                                              "RAY_USAGE_STATS_ENABLED": "0"})
-    if out.returncode != 0:
-        raise RuntimeError(f"{flag} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    line = next(line for line in out.stdout.splitlines() if line.startswith(RESULT))
-    result = json.loads(line.removeprefix(RESULT))
+    result = _result(flag, _start(flag, spec, workdir))
     return {**result, "wall": result["ended"] - started}
 
 
@@ -168,6 +214,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="run each contender this many times, alternating; the run of median wall counts")
     parser.add_argument("--like-for-like", action="store_true",
                         help="also run the sweep with evaluate: none (their loop does no downstream evaluation)")
+    parser.add_argument("--bound", action="store_true",
+                        help="also time the floor: the sweep's packs in plain processes, all at once (no Ray, "
+                             "MLflow or evaluation)")
     parser.add_argument("--results", default="sweep_speed",
                         help="the results file's name in benchmarks/results/ (run.py's targets read sweep_speed)")
     args = parser.parse_args(argv)
@@ -183,6 +232,10 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{who}: the demo grid, {args.tokens:,} tokens per dictionary (run {repeat + 1} of {args.repeats})",
                   flush=True)
             every.setdefault(who, []).append(timed_process(flag, demo_spec(store, args.tokens, workdir, evaluate), workdir))
+        if args.bound:
+            workdir = Path(tempfile.mkdtemp(prefix="sweep-speed-bound-"))
+            print(f"bound: the sweep's packs in plain processes (run {repeat + 1} of {args.repeats})", flush=True)
+            every.setdefault("bound", []).append(bound(demo_spec(store, args.tokens, workdir), workdir))
     load_after = os.getloadavg()
     # each contender's run of median wall time (the lower of the two middle ones for an even count)
     runs = {who: sorted(done, key=lambda r: r["wall"])[(len(done) - 1) // 2] for who, done in every.items()}
@@ -197,6 +250,13 @@ def main(argv: list[str] | None = None) -> dict:
     summary = [row("sae-registry sweep (jobs/demo.yaml, downstream evaluation on)", us, "ours")]
     if "plain" in runs:
         summary.append(row("the same sweep, evaluate: none (like for like)", runs["plain"], "plain"))
+    if "bound" in runs:
+        floor = runs["bound"]
+        summary.append({"run": "floor: the same packs in plain processes (no Ray, MLflow, evaluation)",
+                        "wall": floor["wall"], "speedup": them["wall"] / floor["wall"],
+                        "efficiency": sum(floor["loops"]) * floor["cpus_per_trial"]
+                        / (floor["wall"] * min(cores, floor["slots"] * floor["cpus_per_trial"])),
+                        "walls": ", ".join(f"{r['wall']:.1f}" for r in every["bound"])})
     summary.append({"run": "dictionary_learning trainSAE, 8 trainers (no evaluation)", "wall": them["wall"],
                     "speedup": 1.0, "efficiency": them["loop"] / them["wall"],
                     "walls": ", ".join(f"{r['wall']:.1f}" for r in every["theirs"])})
@@ -242,5 +302,8 @@ if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] in ("--_ours", "--_theirs"):
         fn = ours if sys.argv[1] == "--_ours" else theirs
         print(RESULT + json.dumps(fn(json.loads(sys.argv[2]), Path(sys.argv[3]))), flush=True)
+    elif len(sys.argv) == 5 and sys.argv[1] == "--_pack":
+        print(RESULT + json.dumps(pack_alone(json.loads(sys.argv[2]), Path(sys.argv[3]), json.loads(sys.argv[4]))),
+              flush=True)
     else:
         main()
