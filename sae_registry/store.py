@@ -265,8 +265,13 @@ class ActivationStore(StoreInfo):
         return hi - lo
 
     def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Rows ``[start, stop)`` as a float32 tensor."""
-        start, stop, _ = slice(start, stop).indices(self._array.shape[0])
+        """Rows ``[start, stop)`` as a float32 tensor (negative positions count from the end, as in a slice)."""
+        n = self._array.shape[0]
+        given = (start, stop)
+        start, stop, _ = slice(start, stop).indices(n)
+        if stop < start:  # read(i * count, count) past the first: rows would come back empty, silently
+            raise SAERegistryError(f"read{given}: stop is before start; read takes the rows [start, stop) of {n}, "
+                                   f"not a start and a count: read({given[0]}, {given[0]} + count)")
         return to_float32(self._rows(start, stop), self.dtype)
 
     def _rows(self, start: int, stop: int) -> np.ndarray:

@@ -170,6 +170,10 @@ def store_nan_chunk(env, tmp, mp):
         pass
 
 
+def store_read_count_for_stop(env, tmp, mp):
+    ActivationStore.open(_store(tmp / "s.zarr")).read(1000, 100)  # meant rows 1000-1099
+
+
 def store_truncated_chunk(env, tmp, mp):
     path = _store(tmp / "t.zarr", compressor="lz4")
     data = _chunk(path, 2).read_bytes()
@@ -697,6 +701,9 @@ CASES = {
     "store-s3-outage": (store_s3_outage, r"s3://stores/acts.zarr: the S3 endpoint .* stopped answering while writing "
                         r"rows 0-64 and did not come back within 0 s \(EndpointConnectionError: .*\)\. The store is "
                         r"left 'writing' .* run the same harvest with --resume"),
+    "store-read-count-for-stop": (store_read_count_for_stop,
+                                  r"read\(1000, 100\): stop is before start; read takes the rows \[start, stop\) of "
+                                  r"2000, not a start and a count: read\(1000, 1000 \+ count\)"),
     "store-s3-wait-not-seconds": (store_s3_wait_not_seconds,
                                   "SAE_REGISTRY_S3_WAIT_SECONDS must be a number of seconds >= 0, got 'soon'"),
     "harvest-unknown-hook": (_harvest_minilm(hook="blocks.2.resid_post"),

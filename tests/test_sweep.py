@@ -184,16 +184,20 @@ def _ray_node(tmp: Path, port: int | None, head_port: int) -> None:
 
 
 def _stop_ray_started_under(tmp: Path) -> None:
-    """Stop the Ray processes of our test cluster (they name its temp dir), TERM then KILL."""
+    """Stop the Ray processes of our test cluster, TERM then KILL: those that name its temp dir (the
+    GCS, raylets, agents) and their descendants (the workers, whose titles name no path). Another Ray
+    on this machine is left alone."""
     import psutil
 
     def ours():
-        found = []
+        found = {}
         for p in psutil.process_iter(["cmdline"]):
-            cmd = " ".join(p.info["cmdline"] or [])
-            if str(tmp) in cmd or "ray::" in cmd or "raylet" in cmd or "gcs_server" in cmd:
-                found.append(p)
-        return found
+            try:
+                if str(tmp) in " ".join(p.info["cmdline"] or []):
+                    found.update({q.pid: q for q in [p, *p.children(recursive=True)]})
+            except psutil.NoSuchProcess:
+                continue
+        return list(found.values())
 
     for p in ours():
         p.terminate()
