@@ -263,6 +263,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nload average {load_before[0]:.1f} before, {load_after[0]:.1f} after; {cores} cores")
     columns = [("run", "run", ""), ("wall", "wall s", ".1f"), ("speedup", "x their loop", ".2f"),
                ("efficiency", "efficiency", ".0%")]
+    if "bound" in runs:  # what a sweep's own overheads cost: the floor's wall over each run's
+        for r in summary[:-1]:  # ours (their loop, last, is another program)
+            r["of_floor"] = runs["bound"]["wall"] / r["wall"]
+        columns.append(("of_floor", "floor / wall", ".0%"))
     if args.repeats > 1:
         columns[1] = ("wall", f"median wall s of {args.repeats}", ".1f")
         columns.append(("walls", "every run's wall s", ""))
