@@ -189,19 +189,19 @@ def _stop_ray_started_under(tmp: Path) -> None:
     on this machine is left alone."""
     import psutil
 
-    def ours():
-        found = {}
-        for p in psutil.process_iter(["cmdline"]):
-            try:
-                if str(tmp) in " ".join(p.info["cmdline"] or []):
-                    found.update({q.pid: q for q in [p, *p.children(recursive=True)]})
-            except psutil.NoSuchProcess:
-                continue
-        return list(found.values())
-
-    for p in ours():
-        p.terminate()
-    gone, alive = psutil.wait_procs(ours(), timeout=15)
+    ours = {}  # found once, before any is stopped: a worker whose raylet is gone names no parent of ours
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if str(tmp) in " ".join(p.info["cmdline"] or []):
+                ours.update({q.pid: q for q in [p, *p.children(recursive=True)]})
+        except psutil.NoSuchProcess:
+            continue
+    for p in ours.values():
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    gone, alive = psutil.wait_procs(list(ours.values()), timeout=15)
     for p in alive:
         p.kill()
 
