@@ -12,13 +12,18 @@ Sections of the table:
   disk, batches moved to the device), d 768 and 2304 x dict_size 32768 and 131072 x k 32 and 64 x
   float32 and bfloat16 top-k selection. Timed between two evaluations after warm-up steps, so the
   first steps (allocation, kernel selection) and the final save are not counted.
+- ``crossover``: one l1 training step on its dense and on its sparse path at active fractions held
+  by hand (3, 6, 10 and 15 %; the first d and dict_size above), as dense / sparse: above 1 the sparse
+  step is faster. Where that crosses 1 is where ``config.SPARSE_BELOW`` should sit on this device
+  (5 %, set from the CPU; ``benchmarks/l1_crossover.py`` has the CPU table).
 - ``sweep``: ``sae-registry sweep`` on a spec of 8 one-dictionary trials, four at a time on one GPU,
   as a user runs it: wall time (Ray start, trials, MLflow, registration), GPU utilisation sampled
   with nvidia-smi (mean and peak over the sweep), dictionaries registered.
 
 Activations are synthetic (Gaussian): speed does not depend on what the numbers are, and nothing
-is downloaded. Depends on the public API only: ActivationStore, SAEConfig, TrainConfig, train and
-the ``sae-registry sweep`` command.
+is downloaded. Depends on the public API (ActivationStore, SAEConfig, TrainConfig, train and the
+``sae-registry sweep`` command), and for the crossover rows on ``l1_crossover.step_seconds``, which
+steps a training member directly.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ PRECISIONS = ("float32", "bfloat16")
 COLUMNS = [("section", "section", ""), ("case", "case", ""), ("status", "status", ""),
            ("shown", "value", ""), ("unit", "unit", ""), ("note", "note", "")]
 CHECK = {"d": 64, "dict_size": 1024, "k": 16, "batch": 512, "steps": 4}
+CROSSOVER = (0.03, 0.06, 0.1, 0.15)  # l1's active fractions at which its two steps are timed
 
 
 class _Measured(Exception):
@@ -187,6 +193,23 @@ def speed_row(store, dict_size: int, k: int, precision: str, shape: dict, device
     return {"section": "speed", "case": f"d {store.d}, dict_size {dict_size}, k {k}, {precision}", "status": "ok",
             "value": intervals * every * batch / seconds, "unit": "tokens/s", "note": note,
             "d": store.d, "dict_size": dict_size, "k": k, "precision": precision, "peak_gib": peak}
+
+
+def crossover_row(store, dict_size: int, fraction: float, shape: dict, device: str) -> dict:
+    """One l1 step's dense time over its sparse time at ``fraction`` active (median of 5 steps each)."""
+    from itertools import islice
+
+    from l1_crossover import step_seconds
+
+    from sae_registry.config import SPARSE_BELOW
+
+    batches = list(islice(store.batches(shape["batch"], seed=1, drop_last=True), 6))
+    dense, sparse = (step_seconds(store, batches, dict_size, fraction, path, device) for path in (False, True))
+    return {"section": "crossover", "case": f"l1 step at {fraction:.0%} active, d {store.d}, dict_size {dict_size}",
+            "status": "ok", "value": dense / sparse, "unit": "x dense",
+            "note": f"dense {dense * 1e3:.2f} ms, sparse {sparse * 1e3:.2f} ms a step of {shape['batch']}; "
+                    f"the sparse step is taken under {SPARSE_BELOW:.0%}",
+            "fraction": fraction, "dense_ms": dense * 1e3, "sparse_ms": sparse * 1e3}
 
 
 # -- sweep ----------------------------------------------------------------------------------------
@@ -379,6 +402,21 @@ def main(argv: list[str] | None = None) -> int:
                             rows.append({"section": "speed", "case": case, "status": "FAIL",
                                          "note": f"{type(e).__name__}: {e}"[:200]})
                         write(out, payload)
+        d, dict_size = shape["d"][0], shape["dict_size"][0]
+        for fraction in CROSSOVER:
+            case = f"l1 step at {fraction:.0%} active, d {d}, dict_size {dict_size}"
+            if time.perf_counter() - started > args.budget - shape["sweep_reserve"]:
+                rows.append({"section": "crossover", "case": case, "status": "skipped",
+                             "note": f"skipped: {shape['sweep_reserve']} s of the {args.budget:.0f} s budget are "
+                                     "kept for the sweep"})
+                continue
+            print(f"  crossover: {case}", flush=True)
+            try:
+                rows.append(crossover_row(stores[d], dict_size, fraction, shape, device))
+            except Exception as e:
+                rows.append({"section": "crossover", "case": case, "status": "FAIL",
+                             "note": f"{type(e).__name__}: {e}"[:200]})
+            write(out, payload)
         print("  sweep", flush=True)
         remaining = max(30.0, args.budget - (time.perf_counter() - started))
         rows += sweep_rows(stores[shape["d"][0]].path, shape, device, work, timeout=remaining, log_path=out)

@@ -25,25 +25,40 @@ from sae_registry.config import SAEConfig, TrainConfig
 from sae_registry.train import _Member, check_pack
 
 
-def step_seconds(store, batches: list[torch.Tensor], dict_size: int, fraction: float, sparse: bool) -> float:
-    """The median seconds of one training step at ``fraction`` active, on the sparse or the dense path."""
+def step_seconds(store, batches: list[torch.Tensor], dict_size: int, fraction: float, sparse: bool,
+                 device: str = "cpu") -> float:
+    """The median seconds of one training step at ``fraction`` active, on the sparse or the dense path
+    (the first step not counted); the GPU check calls it with ``device="cuda"``."""
+    threshold = sparsity.SPARSE_BELOW
     sparsity.SPARSE_BELOW = 2.0 if sparse else 0.0  # the path chosen, whatever the fraction
     sae_cfg = SAEConfig(input_size=store.d, dict_size=dict_size, sparsity="l1")
-    with tempfile.TemporaryDirectory() as out:
-        cfg = check_pack(store, [(sae_cfg, TrainConfig(batch_size=len(batches[0]), l1_coeff=0.003), out)])[0]
-        member = _Member(store, sae_cfg, cfg, Path(out), None, None)
-        member.init_b_dec(batches[0])
-        with torch.no_grad():
-            pre = (batches[0] * member.scale - member.sae.b_dec) @ member.sae.encoder.encoder.weight.T
-            member.sae.encoder.encoder.bias.fill_(-float(torch.quantile(pre.flatten()[::7], 1 - fraction)))
-        member.sae.active_fraction = fraction
-        for group in member.opt.param_groups:
-            group["scale"] = 0.0  # no parameter moves: the fraction stays where it was set
-        times = []
-        for batch in batches:
-            started = time.perf_counter()
-            member.train_step(batch, len(batches))
-            times.append(time.perf_counter() - started)
+    cuda = device.startswith("cuda")
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            cfg = check_pack(store, [(sae_cfg, TrainConfig(batch_size=len(batches[0]), l1_coeff=0.003, device=device),
+                                      out)])[0]
+            member = _Member(store, sae_cfg, cfg, Path(out), None, None)
+            member.init_b_dec(batches[0])
+            batches = [b.to(device) for b in batches]
+            with torch.no_grad():
+                pre = (batches[0] * member.scale - member.sae.b_dec) @ member.sae.encoder.encoder.weight.T
+                sample = pre.flatten()[::max(1, pre.numel() // 2**20)].float().cpu()  # quantile's size limit
+                member.sae.encoder.encoder.bias.fill_(-float(torch.quantile(sample, 1 - fraction)))
+                del pre
+            member.sae.active_fraction = fraction
+            for group in member.opt.param_groups:
+                group["scale"] = 0.0  # no parameter moves: the fraction stays where it was set
+            times = []
+            for batch in batches:
+                if cuda:
+                    torch.cuda.synchronize()
+                started = time.perf_counter()
+                member.train_step(batch, len(batches))
+                if cuda:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - started)
+    finally:
+        sparsity.SPARSE_BELOW = threshold
     return statistics.median(times[1:])
 
 
@@ -57,19 +72,15 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     store = real_store()
     batches = list(itertools.islice(store.batches(args.batch_size, seed=1, drop_last=True), args.steps))
-    threshold = sparsity.SPARSE_BELOW
     rows = []
-    try:
-        for dict_size, fraction in itertools.product(args.dict_sizes, args.fractions):
-            dense, sparse = (step_seconds(store, batches, dict_size, fraction, s) for s in (False, True))
-            rows.append({"dict_size": dict_size, "fraction": fraction, "dense_ms": dense * 1e3,
-                         "sparse_ms": sparse * 1e3, "ratio": dense / sparse})
-            print(f"d {dict_size}, {fraction:.0%} active: dense {dense * 1e3:.1f} ms, sparse {sparse * 1e3:.1f} ms",
-                  flush=True)
-    finally:
-        sparsity.SPARSE_BELOW = threshold
+    for dict_size, fraction in itertools.product(args.dict_sizes, args.fractions):
+        dense, sparse = (step_seconds(store, batches, dict_size, fraction, s) for s in (False, True))
+        rows.append({"dict_size": dict_size, "fraction": fraction, "dense_ms": dense * 1e3,
+                     "sparse_ms": sparse * 1e3, "ratio": dense / sparse})
+        print(f"d {dict_size}, {fraction:.0%} active: dense {dense * 1e3:.1f} ms, sparse {sparse * 1e3:.1f} ms",
+              flush=True)
     print(f"\none l1 step, batch {args.batch_size}, d_in {store.d}, one thread; the sparse step is taken under "
-          f"{threshold:.0%} active")
+          f"{sparsity.SPARSE_BELOW:.0%} active")
     print(table(rows, [("dict_size", "dict_size", ""), ("fraction", "active", ".0%"), ("dense_ms", "dense ms", ".1f"),
                        ("sparse_ms", "sparse ms", ".1f"), ("ratio", "dense / sparse", ".2f")]))
     print(f"\nwritten {write_results('l1_crossover', {'batch_size': args.batch_size, 'rows': rows})}")

@@ -23,7 +23,9 @@ def _expected_cases() -> list[str]:
     shape = gpu_check.SMOKE
     speed = [f"d {d}, dict_size {n}, k {k}, {p}" for d in shape["d"] for n in shape["dict_size"]
              for k in shape["k"] for p in gpu_check.PRECISIONS]
-    return ["sparse vs dense backward (cpu)", "save / load (cpu)", "encode (cpu vs cpu)", *speed,
+    crossover = [f"l1 step at {f:.0%} active, d {shape['d'][0]}, dict_size {shape['dict_size'][0]}"
+                 for f in gpu_check.CROSSOVER]
+    return ["sparse vs dense backward (cpu)", "save / load (cpu)", "encode (cpu vs cpu)", *speed, *crossover,
             "wall (8 trials of 1, cpu 0.5, gpu 0 each, 4 at a time)", "dictionaries registered",
             "GPU utilisation, mean over the sweep", "GPU utilisation, peak"]
 
@@ -52,6 +54,9 @@ def test_the_gpu_check_smoke_run_prints_every_row_and_writes_positive_numbers(tm
     assert rows["dictionaries registered"]["value"] == 8
     assert sum(r["section"] == "speed" for r in payload["rows"]) == 16
     assert all(r["unit"] == "tokens/s" for r in payload["rows"] if r["section"] == "speed")
+    assert sum(r["section"] == "crossover" for r in payload["rows"]) == len(gpu_check.CROSSOVER)
+    assert all(r["unit"] == "x dense" and r["dense_ms"] > 0 and r["sparse_ms"] > 0
+               for r in payload["rows"] if r["section"] == "crossover")
 
     # the printed table: a header, then one line per row with its status and value as in the JSON
     lines = done.stdout.splitlines()
