@@ -40,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -383,40 +384,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu check ({payload['mode']}, {device}): checks", flush=True)
         rows += check_rows(make_store(work / "check.zarr", CHECK["d"], 8 * CHECK["batch"], seed=0), device, work)
         write(out, payload)
+
+        def measure(section: str, case: str, row) -> None:
+            """Add ``row()`` to ``section``; skipped when the sweep's reserve is at stake, FAIL on an error."""
+            if time.perf_counter() - started > args.budget - shape["sweep_reserve"]:
+                rows.append({"section": section, "case": case, "status": "skipped",
+                             "note": f"skipped: {shape['sweep_reserve']} s of the {args.budget:.0f} s budget are "
+                                     "kept for the sweep"})
+                return
+            print(f"  {section}: {case}", flush=True)
+            try:
+                rows.append(row())
+            except Exception as e:
+                rows.append({"section": section, "case": case, "status": "FAIL",
+                             "note": f"{type(e).__name__}: {e}"[:200]})
+            write(out, payload)
+
         stores = {}
         for d in shape["d"]:
             stores[d] = make_store(work / f"d{d}.zarr", d, shape["store_batches"] * shape["batch"], seed=d)
             for dict_size in shape["dict_size"]:
                 for k in shape["k"]:
                     for precision in PRECISIONS:
-                        case = f"d {d}, dict_size {dict_size}, k {k}, {precision}"
-                        if time.perf_counter() - started > args.budget - shape["sweep_reserve"]:
-                            rows.append({"section": "speed", "case": case, "status": "skipped",
-                                         "note": f"skipped: {shape['sweep_reserve']} s of the {args.budget:.0f} s "
-                                                 "budget are kept for the sweep"})
-                            continue
-                        print(f"  speed: {case}", flush=True)
-                        try:
-                            rows.append(speed_row(stores[d], dict_size, k, precision, shape, device, work))
-                        except Exception as e:
-                            rows.append({"section": "speed", "case": case, "status": "FAIL",
-                                         "note": f"{type(e).__name__}: {e}"[:200]})
-                        write(out, payload)
+                        measure("speed", f"d {d}, dict_size {dict_size}, k {k}, {precision}",
+                                partial(speed_row, stores[d], dict_size, k, precision, shape, device, work))
         d, dict_size = shape["d"][0], shape["dict_size"][0]
         for fraction in CROSSOVER:
-            case = f"l1 step at {fraction:.0%} active, d {d}, dict_size {dict_size}"
-            if time.perf_counter() - started > args.budget - shape["sweep_reserve"]:
-                rows.append({"section": "crossover", "case": case, "status": "skipped",
-                             "note": f"skipped: {shape['sweep_reserve']} s of the {args.budget:.0f} s budget are "
-                                     "kept for the sweep"})
-                continue
-            print(f"  crossover: {case}", flush=True)
-            try:
-                rows.append(crossover_row(stores[d], dict_size, fraction, shape, device))
-            except Exception as e:
-                rows.append({"section": "crossover", "case": case, "status": "FAIL",
-                             "note": f"{type(e).__name__}: {e}"[:200]})
-            write(out, payload)
+            measure("crossover", f"l1 step at {fraction:.0%} active, d {d}, dict_size {dict_size}",
+                    partial(crossover_row, stores[d], dict_size, fraction, shape, device))
         print("  sweep", flush=True)
         remaining = max(30.0, args.budget - (time.perf_counter() - started))
         rows += sweep_rows(stores[shape["d"][0]].path, shape, device, work, timeout=remaining, log_path=out)
