@@ -66,9 +66,13 @@ def train_one(impl: str, store, sparsity: str, lr: float, threshold: float, batc
     return {**held_out(trainer.sae.encode, trainer.sae.decode, x_eval * scale), "seconds": seconds}
 
 
-def _key(rule: str, impl: str, lr: float, threshold: float | None, scale: float | None, target: float | None,
-         decoder: float | None) -> tuple:
-    return rule, impl, lr, threshold, scale, target, decoder
+def run_key(run: dict, target_l0: float | None) -> tuple:
+    """What makes two runs the same: rule, implementation, lr; jumprelu's first threshold, thresholds'
+    rate and target L0; our decoder's rate."""
+    jumprelu = run["rule"] == "jumprelu"
+    return (run["rule"], run["impl"], run["lr"], run["threshold"] if jumprelu else None,
+            (run.get("threshold_lr_scale") or 1.0) if jumprelu else None, target_l0 if jumprelu else None,
+            run.get("decoder_lr_scale", 1.0) if run["impl"] == "ours" else None)
 
 
 def _our_decoder_scale(rule: str) -> float:
@@ -85,11 +89,7 @@ def earlier_runs(name: str | None) -> dict[tuple, dict]:
     data = json.loads((RESULTS / f"{name}.json").read_text())
     if (data["steps"], data["batch_size"]) != (STEPS, BATCH):
         raise SystemExit(f"{name}: {data['steps']} steps of {data['batch_size']}, not {STEPS} of {BATCH}: not comparable")
-    target = data.get("target_l0")
-    return {_key(r["rule"], r["impl"], r["lr"], r["threshold"],
-                 *((r.get("threshold_lr_scale") or 1.0, target) if r["rule"] == "jumprelu" else (None, None)),
-                 r.get("decoder_lr_scale", 1.0) if r["impl"] == "ours" else None): r
-            for r in data["runs"]}
+    return {run_key(r, data.get("target_l0")): r for r in data["runs"]}
 
 
 def at_l0(runs: list[dict], l0: float) -> float | None:
@@ -135,16 +135,17 @@ def main(argv: list[str] | None = None) -> dict:
             plan += [("SAELens", lr, INIT_THRESHOLD, 1.0) for lr in args.saelens_lrs]
         for impl, lr, threshold, scale in plan:
             jumprelu = rule == "jumprelu"
-            key = _key(rule, impl, lr, threshold if jumprelu else None, *((scale, args.target_l0) if jumprelu else (None, None)),
-                       _our_decoder_scale(rule) if impl == "ours" else None)
+            planned = {"rule": rule, "impl": impl, "lr": lr, "threshold": threshold if jumprelu else None,
+                       "threshold_lr_scale": scale if jumprelu else None,
+                       **({"decoder_lr_scale": _our_decoder_scale(rule)} if impl == "ours" else {})}
+            key = run_key(planned, args.target_l0)
             if key in earlier:
                 by_impl[impl].append(earlier[key])
                 runs.append(earlier[key])
                 continue
             print(f"{rule}: {impl} at lr {lr:g}" + (f", first threshold {threshold:g}, thresholds at {scale:g}x"
                                                     if jumprelu else ""), flush=True)
-            run = {"rule": rule, "impl": impl, "lr": lr, "threshold": threshold if jumprelu else None,
-                   "threshold_lr_scale": scale if jumprelu else None,
+            run = {**planned,
                    **train_one("ours" if impl == "ours" else "saelens", store, rule, lr, threshold, batches, x_eval,
                                args.target_l0 if jumprelu else None, scale)}
             by_impl[impl].append(run)

@@ -65,12 +65,11 @@ def ours(spec: dict, workdir: Path) -> dict:
         m = client.get_run(row["run_id"]).data.metrics
         loop[row["name"]] = spec.train["tokens"] // spec.train["batch_size"] * spec.train["batch_size"] / m[
             "final/tokens_per_second"]
-    # the plan the sweep ran (deterministic), on the local Ray it started (every CPU of this machine)
-    slots = spec.concurrent_slots([{"Alive": True, "Resources": {"CPU": float(os.cpu_count() or 1)}}])
     d = ActivationStore.open(spec.store).d
     configs = spec.configurations(d)
+    slots, plan = local_plan(spec, d)
     trials = []
-    for pack in spec.pack_plan(d, slots):
+    for pack in plan:
         names = [default_run_name(*configs[i]) for i in pack]
         trials.append({"members": names, "predicted": sum(estimated_cost(*configs[i], d) for i in pack),
                        "measured": loop[names[0]]})
@@ -78,6 +77,13 @@ def ours(spec: dict, workdir: Path) -> dict:
             "cpus_per_trial": spec.resources.cpu, "slots": slots,
             "dictionaries": [{k: r[k] for k in ("name", "sparsity", "dict_size", "k", "l1_coeff", "fvu", "l0")}
                              for r in result.dictionaries]}
+
+
+def local_plan(sweep, d: int) -> tuple[int, list[list[int]]]:
+    """The trials a sweep runs at once on a local Ray (every CPU of this machine), and its packs
+    (deterministic: the plan the sweep ran)."""
+    slots = sweep.concurrent_slots([{"Alive": True, "Resources": {"CPU": float(os.cpu_count() or 1)}}])
+    return slots, sweep.pack_plan(d, slots)
 
 
 class Batches:
@@ -175,8 +181,7 @@ def bound(spec: dict, workdir: Path) -> dict:
     from sae_registry.sweep import SweepSpec
 
     sweep = SweepSpec.from_dict(spec)
-    slots = sweep.concurrent_slots([{"Alive": True, "Resources": {"CPU": float(os.cpu_count() or 1)}}])
-    plan = sweep.pack_plan(ActivationStore.open(sweep.store).d, slots)
+    slots, plan = local_plan(sweep, ActivationStore.open(sweep.store).d)
     started = time.time()
     running = [_start("--_pack", spec, workdir, json.dumps(members)) for members in plan]
     results = [_result("--_pack", p) for p in running]

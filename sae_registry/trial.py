@@ -21,16 +21,10 @@ from .sweep_progress import report
 from .sweep_spec import SweepSpec
 from .tracking import Tracking
 
-__all__ = ["member_name", "member_names", "member_run_names", "member_runs", "run_trial"]
+__all__ = ["member_names", "member_run_names", "member_runs", "run_trial"]
 
 # At most one Tune checkpoint per trial in this many seconds (see the trial's reporter).
 TUNE_CHECKPOINT_SECONDS = 10.0
-
-
-def member_name(sae_cfg: SAEConfig, train_cfg: TrainConfig, run_name: str | None = None) -> str:
-    from .runs import default_run_name
-
-    return f"{run_name or default_run_name(sae_cfg, train_cfg)}-s{train_cfg.seed}"
 
 
 def member_run_names(spec: SweepSpec, configs: list[tuple[SAEConfig, TrainConfig]]) -> list[str]:
@@ -58,12 +52,12 @@ def member_run_names(spec: SweepSpec, configs: list[tuple[SAEConfig, TrainConfig
 
 def member_names(spec: SweepSpec, configs: list[tuple[SAEConfig, TrainConfig]],
                  run_names: list[str] | None = None) -> list[str]:
-    """Each configuration's member name within the sweep (its run name, :func:`member_run_names` unless
-    given, and seed); refuses two alike."""
+    """Each configuration's member name within the sweep: its run name (:func:`member_run_names` unless
+    given) and seed, ``topk-d1024-k32-s0``; refuses two alike."""
     from .errors import SAERegistryError
 
     run_names = run_names or member_run_names(spec, configs)
-    names = [member_name(s, t, r) for (s, t), r in zip(configs, run_names)]
+    names = [f"{r}-s{t.seed}" for (_, t), r in zip(configs, run_names)]
     if len(set(names)) < len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
         raise SAERegistryError(f"sweep {spec.name}: members {twice} would share a name; give them different settings")
