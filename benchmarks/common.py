@@ -25,7 +25,7 @@ STORE = DATA / "minilm-l3.zarr"
 def real_store(path: Path = STORE, **options):
     """The demo's MiniLM-L6 layer-3 store (128 k real tokens), harvested once and kept."""
     from sae_registry import ActivationStore
-    from sae_registry.harvest import demo_texts, harvest
+    from sae_registry.harvest.local import demo_texts, harvest
 
     try:
         return ActivationStore.open(path)

@@ -8,7 +8,7 @@ Sections of the table:
 - ``check``: the same dictionary trained with the sparse and the dense top-k backward on the device
   (same numbers to float32 rounding), saved and loaded back (identical tensors and outputs), and
   encoding on the device against the CPU (same codes to rounding). Status ``ok`` or ``FAIL``.
-- ``speed``: training tokens/s through :func:`sae_registry.train.train` (the store streamed from
+- ``speed``: training tokens/s through :func:`sae_registry.training.loop.train` (the store streamed from
   disk, batches moved to the device), d 768 and 2304 x dict_size 32768 and 131072 x k 32 and 64 x
   float32 and bfloat16 top-k selection. Timed between two evaluations after warm-up steps, so the
   first steps (allocation, kernel selection) and the final save are not counted.
@@ -88,7 +88,7 @@ def _sync(device: str) -> None:
 
 def _train_small(store, device: str, out: Path, **options):
     from sae_registry import SAEConfig
-    from sae_registry.train import TrainConfig, train
+    from sae_registry.training.loop import TrainConfig, train
 
     cfg = TrainConfig(tokens=CHECK["steps"] * CHECK["batch"], batch_size=CHECK["batch"], eval_every=2,
                       checkpoint_every=CHECK["steps"], eval_tokens=CHECK["batch"], device=device, **options)
@@ -165,7 +165,7 @@ def speed_row(store, dict_size: int, k: int, precision: str, shape: dict, device
     import torch
 
     from sae_registry import SAEConfig
-    from sae_registry.train import TrainConfig, train
+    from sae_registry.training.loop import TrainConfig, train
 
     every, intervals, batch = shape["eval_every"], shape["intervals"], shape["batch"]
     marks: list[float] = []
@@ -202,7 +202,7 @@ def crossover_row(store, dict_size: int, fraction: float, shape: dict, device: s
 
     from l1_crossover import step_seconds
 
-    from sae_registry.config import SPARSE_BELOW
+    from sae_registry.architectures.catalogue import SPARSE_BELOW
 
     batches = list(islice(store.batches(shape["batch"], seed=1, drop_last=True), 6))
     dense, sparse = (step_seconds(store, batches, dict_size, fraction, path, device) for path in (False, True))

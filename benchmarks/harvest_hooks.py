@@ -38,10 +38,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
 
-    from sae_registry import harvest as H
-    from sae_registry.hooks import StopForward, architecture, capture_hooks, find_blocks, parse_hook
-    from sae_registry.models import load_model, load_tokenizer, resolve
-    from sae_registry.texts import Windows, demo_texts, shuffled
+    from sae_registry.harvest import local as H
+    from sae_registry.harvest.hooks import StopForward, architecture, capture_hooks, find_blocks, parse_hook
+    from sae_registry.harvest.models import load_model, load_tokenizer, resolve
+    from sae_registry.harvest.texts import Windows, demo_texts, shuffled
 
     ref = resolve(MODEL)
     start = time.perf_counter()

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from common import real_store, table, write_results
 
-from sae_registry import sparsity
-from sae_registry.config import SAEConfig, TrainConfig
-from sae_registry.train import _Member, check_pack
+from sae_registry.architectures import base as sparsity  # SPARSE_BELOW is read there
+from sae_registry.config.options import SAEConfig, TrainConfig
+from sae_registry.training.loop import _Member, check_pack
 
 
 def step_seconds(store, batches: list[torch.Tensor], dict_size: int, fraction: float, sparse: bool,

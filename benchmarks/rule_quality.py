@@ -77,7 +77,7 @@ def run_key(run: dict, target_l0: float | None) -> tuple:
 
 def _our_decoder_scale(rule: str) -> float:
     """Our rule's default decoder_lr_scale: runs made at another are not reused."""
-    from sae_registry.sparsity import rule_of
+    from sae_registry.architectures.catalogue import rule_of
 
     return rule_of(rule).decoder_lr_scale
 

@@ -138,7 +138,7 @@ import resource, sys, torch
 limit = {limit}
 resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))  # heap and anonymous maps; the page cache is not ours
 from sae_registry import ActivationStore, SAEConfig
-from sae_registry.train import TrainConfig, train
+from sae_registry.training.loop import TrainConfig, train
 store = ActivationStore.open({path!r})
 train(store, SAEConfig(store.d, 64, 4), TrainConfig(tokens=store.num_tokens("train"), batch_size=4096,
       eval_every=10**9), {out!r}, progress=False)

@@ -1,6 +1,6 @@
 """The demo sweep as a user runs it, against dictionary-learning's multi-trainer loop on the same tokens.
 
-Ours: the grid of ``jobs/demo.yaml`` through ``sae_registry.sweep.run`` in a fresh Python process
+Ours: the grid of ``jobs/demo.yaml`` through ``sae_registry.sweep.driver.run`` in a fresh Python process
 (imports, a local Ray, MLflow recording, downstream evaluation, registration and the frontier all
 counted), as ``sae-registry sweep jobs/demo.yaml`` does it. Theirs: dictionary-learning's
 ``trainSAE`` with the same 8 configurations (dict_size, k, l1 coefficient, learning rate, seed,
@@ -48,8 +48,9 @@ def demo_spec(store: str, tokens: int, workdir: Path, evaluate: str | None = Non
 
 def ours(spec: dict, workdir: Path) -> dict:
     """The sweep (runs in its own process: see ``--_ours``)."""
-    from sae_registry.sweep import SweepSpec, run
-    from sae_registry.sweep_spec import estimated_cost
+    from sae_registry.config.sweep import SweepSpec
+    from sae_registry.sweep.driver import run
+    from sae_registry.config.sweep import estimated_cost
 
     spec = SweepSpec.from_dict(spec)
     result = run(spec, tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}", verbose=0)
@@ -57,7 +58,7 @@ def ours(spec: dict, workdir: Path) -> dict:
     import mlflow
 
     from sae_registry import ActivationStore
-    from sae_registry.runs import default_run_name
+    from sae_registry.registry.runs import default_run_name
 
     client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     loop = {}  # member name -> its pack's step-loop seconds (tokens at the loop's measured rate)
@@ -106,7 +107,7 @@ def theirs(spec: dict, workdir: Path) -> dict:
     from dictionary_learning.training import trainSAE
 
     from sae_registry import ActivationStore
-    from sae_registry.sweep import SweepSpec
+    from sae_registry.config.sweep import SweepSpec
 
     sweep = SweepSpec.from_dict(spec)
     store = ActivationStore.open(sweep.store)
@@ -138,8 +139,8 @@ def _their_metrics(store, configs, save_dir: Path) -> list[dict]:
     from dictionary_learning.dictionary import AutoEncoder
     from dictionary_learning.trainers.top_k import AutoEncoderTopK
 
-    from sae_registry.metrics import fvu
-    from sae_registry.runs import default_run_name
+    from sae_registry.metrics.reconstruction import fvu
+    from sae_registry.registry.runs import default_run_name
 
     x = store.read_split("eval")
     rows = []
@@ -163,8 +164,8 @@ def pack_alone(spec: dict, workdir: Path, members: list[int]) -> dict:
     import torch
 
     from sae_registry import ActivationStore
-    from sae_registry.sweep import SweepSpec
-    from sae_registry.train import train_pack
+    from sae_registry.config.sweep import SweepSpec
+    from sae_registry.training.loop import train_pack
 
     sweep = SweepSpec.from_dict(spec)
     torch.set_num_threads(max(1, int(sweep.resources.cpu)))
@@ -178,7 +179,7 @@ def bound(spec: dict, workdir: Path) -> dict:
     """The floor under any sweep of this grid on this machine: the sweep's own packs, each in a plain
     process, all started at once; wall from the first start to the last end."""
     from sae_registry import ActivationStore
-    from sae_registry.sweep import SweepSpec
+    from sae_registry.config.sweep import SweepSpec
 
     sweep = SweepSpec.from_dict(spec)
     slots, plan = local_plan(sweep, ActivationStore.open(sweep.store).d)

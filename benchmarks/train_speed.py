@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from common import peak_rss_mb, real_store, table, write_results
-from sae_registry.sparsity import SPARSE_BELOW
+from sae_registry.architectures.catalogue import SPARSE_BELOW
 from torch import nn
 
 D_IN, K, BATCH = 384, 32, 4096
@@ -151,7 +151,7 @@ class DenseReference(nn.Module):
 @torch.no_grad()
 def held_out(encode, decode, x: torch.Tensor) -> dict:
     """FVU and mean L0 on ``x``, encoded ``BATCH`` tokens at a time (a batch rule selects within each)."""
-    from sae_registry import metrics as M
+    from sae_registry.metrics import reconstruction as M
 
     codes = [encode(xb) for xb in x.split(BATCH)]
     recon = torch.cat([decode(h) for h in codes])
@@ -194,7 +194,7 @@ def ours(store, sparsity: str, dict_size: int, total_steps: int, sparse_backward
          target_l0: float | None = None, threshold_lr_scale: float = 1.0):
     """Our trainer for one dictionary (the object train() drives), ready to step (``lr``: the rule's default when None)."""
     from sae_registry import SAEConfig
-    from sae_registry.train import TrainConfig, _Member
+    from sae_registry.training.loop import TrainConfig, _Member
 
     sae_cfg = SAEConfig(D_IN, dict_size, K, sparsity, prefixes=PREFIXES if sparsity == "matryoshka" else None)
     cfg = TrainConfig(batch_size=BATCH, tokens=total_steps * BATCH, l1_coeff=L1_COEFF if sparsity == "l1" else None,
@@ -210,8 +210,8 @@ def ours(store, sparsity: str, dict_size: int, total_steps: int, sparse_backward
 
 def evaluate_ours(member, x_eval: torch.Tensor) -> dict:
     """Our FVU and L0 on the held-out split; batch_top_k and matryoshka by the training rule, as the others."""
-    from sae_registry.metrics import evaluate
-    from sae_registry.sparsity import UNSET
+    from sae_registry.metrics.reconstruction import evaluate
+    from sae_registry.architectures.batch_top_k import UNSET
 
     sae = member.sae.eval()
     if sae.cfg.sparsity in ("batch_top_k", "matryoshka"):
@@ -315,7 +315,7 @@ for _ in range(3): step()
 def end_to_end(store, dict_size: int, steps: int) -> float:
     """Our tokens/s through train() itself: batches streamed from the store, evaluations included."""
     from sae_registry import SAEConfig
-    from sae_registry.train import TrainConfig, train
+    from sae_registry.training.loop import TrainConfig, train
 
     result = train(store, SAEConfig(D_IN, dict_size, K), TrainConfig(tokens=steps * BATCH, batch_size=BATCH, device="cpu"),
                    tempfile.mkdtemp(), progress=False)

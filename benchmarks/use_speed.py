@@ -55,8 +55,8 @@ def timed_process(body: str, env: dict) -> dict:
 
 def register_one(store, workdir: Path, tracking_uri: str) -> Path:
     from sae_registry import SAEConfig
-    from sae_registry.registry import train_and_register
-    from sae_registry.train import TrainConfig
+    from sae_registry.registry.runs import train_and_register
+    from sae_registry.training.loop import TrainConfig
 
     run_dir = workdir / "run"
     train_and_register(store, SAEConfig(store.d, 4096, 32), TrainConfig(tokens=8192, batch_size=4096, eval_every=1),
@@ -101,7 +101,7 @@ ENCODE_PROBE = """
 import sys, tempfile; sys.path.insert(0, "benchmarks")
 from common import real_store
 from sae_registry import SparseAutoencoder
-from sae_registry.encode import encode_store
+from sae_registry.analysis.encode import encode_store
 encode_store(SparseAutoencoder.build(384, 4096, 32), real_store(), tempfile.mkdtemp() + "/codes.zarr", progress=False)
 """
 
@@ -110,7 +110,7 @@ def encode_rows(store) -> list[dict]:
     import torch
 
     from sae_registry import SparseAutoencoder
-    from sae_registry.encode import encode_store
+    from sae_registry.analysis.encode import encode_store
 
     torch.manual_seed(0)
     sae = SparseAutoencoder.build(store.d, 4096, 32).eval()
@@ -141,7 +141,7 @@ def harvest_rows(n_texts: int) -> list[dict]:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from sae_registry.harvest import default_model_path, demo_texts, harvest
+    from sae_registry.harvest.local import default_model_path, demo_texts, harvest
 
     texts = demo_texts()[:n_texts]
     out = Path(tempfile.mkdtemp(prefix="harvest-bench-"))

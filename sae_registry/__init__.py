@@ -10,46 +10,39 @@ and ``sae-registry --help`` import neither torch nor MLflow.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from ._util.lazy import lazy_exports
+from ._util.version import __version__
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "ActivationStore": "store",
-    "Dictionary": "dictionary",
-    "SAEConfig": "sae",
+    "ActivationStore": "store.reader",
+    "Dictionary": "registry.dictionary",
+    "SAEConfig": "config.options",
     "SAERegistryError": "errors",
-    "SparseAutoencoder": "sae",
-    "SparseEncoder": "sae",
-    "Tracking": "tracking",
-    "evaluate": "downstream",  # downstream fidelity; the module is sae_registry.downstream
-    "find": "registry",
-    "load": "dictionary",
-    "read_codes": "encode",  # codes files written by `sae-registry encode`
+    "SparseAutoencoder": "model.sae",
+    "SparseEncoder": "model.sae",
+    "TrainConfig": "config.options",
+    "Tracking": "registry.tracking",
+    "evaluate": "metrics.downstream",  # downstream fidelity
+    "find": "registry.versions",
+    "load": "registry.dictionary",
+    "read_codes": "analysis.encode",  # codes files written by `sae-registry encode`
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from .dictionary import Dictionary, load
-    from .downstream import evaluate
+    from .analysis.encode import read_codes
+    from .config.options import SAEConfig, TrainConfig
     from .errors import SAERegistryError
-    from .registry import find
-    from .sae import SAEConfig, SparseAutoencoder, SparseEncoder
-    from .store import ActivationStore
-    from .tracking import Tracking
+    from .metrics.downstream import evaluate
+    from .model.sae import SparseAutoencoder, SparseEncoder
+    from .registry.dictionary import Dictionary, load
+    from .registry.tracking import Tracking
+    from .registry.versions import find
+    from .store.reader import ActivationStore
 
 
-def __getattr__(name: str) -> Any:
-    """Import a public name's module on first use and keep the name here."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -4,6 +4,7 @@ every public entry point runs on its arguments before any work starts."""
 from __future__ import annotations
 
 import math
+import re
 import unicodedata
 from collections.abc import Iterable
 
@@ -69,3 +70,12 @@ def require_choice(name: str, value: object, choices: Iterable[str]) -> str:
     if value not in choices:
         raise SAERegistryError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     return value  # type: ignore[return-value]
+
+
+def check_family_name(family: str) -> str:
+    """``family`` when it can name an MLflow registered model and an experiment, else a clear error."""
+    if not isinstance(family, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}", family):
+        raise SAERegistryError(
+            f"family name {family!r} must be 1-128 letters, digits, '.', '_' or '-' (no '/' or '@')"
+        )
+    return family

@@ -76,7 +76,7 @@ def synthetic_store(tmp_path_factory):
 @pytest.fixture(scope="session")
 def minilm_store(tmp_path_factory):
     """Real activations: MiniLM-L6 layer 3 over Python's reference docs (the first ~40k tokens)."""
-    from sae_registry.harvest import demo_texts, harvest
+    from sae_registry.harvest.local import demo_texts, harvest
 
     path = tmp_path_factory.mktemp("stores") / "minilm.zarr"
     return harvest(path, demo_texts(), layer=3, max_tokens=40_000, chunk_tokens=4096, progress=False,

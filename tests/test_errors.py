@@ -23,12 +23,12 @@ import yaml
 from click.testing import CliRunner
 
 import sae_registry
-import sae_registry.harvest
-import sae_registry.tracking
+import sae_registry.harvest.local
+import sae_registry.registry.tracking
 from sae_registry import ActivationStore, SAEConfig, SAERegistryError, SparseAutoencoder
-from sae_registry.cli import main
-from sae_registry.sweep import SweepSpec
-from sae_registry.train import TrainConfig, train
+from sae_registry.cli.commands import main
+from sae_registry.config.sweep import SweepSpec
+from sae_registry.training.loop import TrainConfig, train
 
 TABLE = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 FAMILY = "tiny"
@@ -50,7 +50,7 @@ class Env:
     """What the cases need: a small store, and a registry holding one dictionary (tiny@champion)."""
 
     def __init__(self, root: Path) -> None:
-        from sae_registry.registry import train_and_register
+        from sae_registry.registry.runs import train_and_register
 
         self.root = root
         self.store = _store(root / "s.zarr")
@@ -206,7 +206,7 @@ def store_half_written(env, tmp, mp):
 
 
 def store_encode_d_mismatch(env, tmp, mp):
-    from sae_registry.encode import encode_store
+    from sae_registry.analysis.encode import encode_store
 
     encode_store(SparseAutoencoder.build(16, 32, 2), ActivationStore.open(env.store), tmp / "codes.zarr",
                  progress=False)
@@ -269,7 +269,7 @@ def _spec(**change) -> dict:
 
 
 def spec_ray_unreachable(env, tmp, mp):
-    from sae_registry.sweep import run
+    from sae_registry.sweep.driver import run
 
     spec = SweepSpec.from_dict(_spec(store=str(env.store), grid={"dict_size": [16], "k": [2]}))
     started = time.perf_counter()
@@ -280,7 +280,7 @@ def spec_ray_unreachable(env, tmp, mp):
 
 
 def train_out_busy(env, tmp, mp):
-    from sae_registry.checkpoints import writing_to
+    from sae_registry.training.checkpoints import writing_to
 
     with writing_to([tmp / "o"]):  # as a first training holds it
         train(ActivationStore.open(env.store), SAEConfig(8, 16, 2), TrainConfig(batch_size=256), tmp / "o",
@@ -291,7 +291,7 @@ def ray_token_refused(env, tmp, mp):
     """Ray's own exception chain, as a head with RAY_AUTH_MODE=token answers a driver without it."""
     import ray
 
-    from sae_registry import cluster
+    from sae_registry._util import cluster
 
     def refused(**kwargs):
         try:
@@ -310,8 +310,8 @@ def ray_token_refused(env, tmp, mp):
 
 
 def sweep_driver_failed(env, tmp, mp):
-    from sae_registry.sweep import _driver_guard
-    from sae_registry.tracking import Tracking
+    from sae_registry.sweep.driver import _driver_guard
+    from sae_registry.registry.tracking import Tracking
 
     tracking = Tracking.resolve(f"sqlite:///{tmp / 'sweep.db'}")
     parent = tracking.client.create_run(tracking.ensure_experiment("ok"))
@@ -320,7 +320,7 @@ def sweep_driver_failed(env, tmp, mp):
 
 
 def _after_sweep_driver_failed(env, tmp):
-    from sae_registry.tracking import Tracking
+    from sae_registry.registry.tracking import Tracking
 
     client = Tracking.resolve(f"sqlite:///{tmp / 'sweep.db'}").client
     runs = client.search_runs([client.get_experiment_by_name("ok").experiment_id])
@@ -353,7 +353,7 @@ def registry_server_unreachable(env, tmp, mp):
 
 
 def api_remote_code_model(env, tmp, mp):
-    from sae_registry.harvest import harvest
+    from sae_registry.harvest.local import harvest
 
     (tmp / "model").mkdir()
     (tmp / "model" / "config.json").write_text(json.dumps({"model_type": "bert", "auto_map": {"AutoModel": "x.Y"}}))
@@ -361,7 +361,7 @@ def api_remote_code_model(env, tmp, mp):
 
 
 def import_k_not_one_integer(env, tmp, mp):
-    from sae_registry.interchange import read
+    from sae_registry.interchange.formats import read
 
     (tmp / "dl").mkdir()
     (tmp / "dl" / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoderTopK"}}))
@@ -372,8 +372,8 @@ def import_k_not_one_integer(env, tmp, mp):
 
 
 def api_store_key_other_options(env, tmp, mp):
-    from sae_registry.config import HarvestSpec
-    from sae_registry.harvest import resolve_store
+    from sae_registry.config.options import HarvestSpec
+    from sae_registry.harvest.local import resolve_store
 
     _store(tmp / "keyed.zarr", source={"content_key": "abcdef0123456789", "layer": 3, "max_length": 128})
     mp.chdir(tmp)
@@ -396,7 +396,7 @@ def api_s3_unreachable(env, tmp, mp):
 def store_s3_outage(env, tmp, mp):
     import botocore.exceptions
 
-    from sae_registry import store_writer, zarr_files
+    from sae_registry.store import writer as store_writer, zarr_files
 
     mp.setenv("SAE_REGISTRY_S3_WAIT_SECONDS", "0")  # the endpoint's real comings and goings: tests/test_s3.py
 
@@ -415,21 +415,21 @@ def store_s3_wait_not_seconds(env, tmp, mp):
 
 def _harvest_minilm(**options):
     def case(env, tmp, mp):
-        from sae_registry.harvest import harvest
+        from sae_registry.harvest.local import harvest
 
         harvest(tmp / "s.zarr", ["some text"], progress=False, **options)
     return case
 
 
 def gguf_not_causal_lm(env, tmp, mp):
-    from sae_registry.harvest import harvest
+    from sae_registry.harvest.local import harvest
 
     (tmp / "notes.gguf").write_bytes(b"GGUF but not really" * 8)
     harvest(tmp / "s.zarr", ["some text"], model_path=tmp / "notes.gguf", progress=False)
 
 
 def jsonl_without_text(env, tmp, mp):
-    from sae_registry.harvest import read_texts
+    from sae_registry.harvest.local import read_texts
 
     (tmp / "d.jsonl").write_text(json.dumps({"content": "words"}) + "\n")
     read_texts(tmp / "d.jsonl")
@@ -441,7 +441,7 @@ def api_find_unknown_filter(env, tmp, mp):
 
 
 def api_alias_before_training(env, tmp, mp):
-    from sae_registry.runs import train_and_register
+    from sae_registry.registry.runs import train_and_register
 
     env.registry(mp)
     mp.chdir(env.root)
@@ -473,7 +473,7 @@ def api_resume_changed(env, tmp, mp):
 def spec_resume_changed(env, tmp, mp):
     import mlflow
 
-    from sae_registry.sweep import _check_same_trials
+    from sae_registry.sweep.driver import _check_same_trials
 
     client = mlflow.MlflowClient(tracking_uri=env.uri)
     mp.chdir(env.root)
@@ -484,8 +484,8 @@ def spec_resume_changed(env, tmp, mp):
 
 
 def cli_evaluate_imported(env, tmp, mp):
-    from sae_registry.interchange import export
-    from sae_registry.runs import import_dictionary
+    from sae_registry.interchange.formats import export
+    from sae_registry.registry.runs import import_dictionary
 
     env.registry(mp)
     export(sae_registry.load(f"{FAMILY}@champion").sae, "saelens", tmp / "e")  # the bare SAE: no lineage
@@ -494,7 +494,7 @@ def cli_evaluate_imported(env, tmp, mp):
 
 
 def import_unmapped_architecture(env, tmp, mp):
-    from sae_registry.interchange import read
+    from sae_registry.interchange.formats import read
 
     (tmp / "dl").mkdir()
     (tmp / "dl" / "config.json").write_text(json.dumps({"trainer": {"dict_class": "GatedAutoEncoder"}}))
@@ -503,7 +503,7 @@ def import_unmapped_architecture(env, tmp, mp):
 
 
 def export_batch_top_k_without_threshold(env, tmp, mp):
-    from sae_registry.interchange import export
+    from sae_registry.interchange.formats import export
 
     export(SparseAutoencoder.build(8, 16, 2, "batch_top_k"), "saelens", tmp / "out")
 
@@ -638,7 +638,7 @@ CASES = {
     "cli-tracking-unreachable": (_cli("--tracking-uri", "http://127.0.0.1:PORT", "list"),
                                  r"1:Error: cannot reach the MLflow tracking server at http://127\.0\.0\.1:\d+"),
     "api-retry-seconds": (lambda e, t, m: (m.setenv("SAE_REGISTRY_RETRY_SECONDS", "abc"),
-                                           sae_registry.tracking.retrying(lambda: None, "a registry call")),
+                                           sae_registry.registry.tracking.retrying(lambda: None, "a registry call")),
                           "SAE_REGISTRY_RETRY_SECONDS='abc' is not a number of seconds"),
     "api-weights-header-mismatch": (
         lambda e, t, m: SparseAutoencoder.load(_saved(t, lambda c: c["sae"].update(dict_size=3_000_000))),
@@ -672,7 +672,7 @@ CASES = {
                             "1:Error: 'ftp://x/y' is not a tracking URI MLflow can use"),
     "cli-out-is-a-file": (_cli("export", f"{FAMILY}@champion", "STORE/zarr.json", "--format", "saelens", registry=True),
                           "1:Error: .*zarr.json is a file; export into a directory"),
-    "api-harvest-one-string": (lambda e, t, m: __import__("sae_registry.harvest").harvest.harvest(t / "s.zarr", "a text"),
+    "api-harvest-one-string": (lambda e, t, m: __import__("sae_registry.harvest.local").harvest.local.harvest(t / "s.zarr", "a text"),
                                r"texts must be a list of documents \(strings\), got one string; wrap it: \[text\]"),
     "cli-cards-width": (_cli("cards", f"{FAMILY}@champion", "--store", "NARROW", "--no-log", "--out", "TMP/c",
                              registry=True),
@@ -683,7 +683,7 @@ CASES = {
                           r"\(RAY_AUTH_MODE is unset, RAY_AUTH_TOKEN is set\): set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN"),
     "sweep-driver-failed": (sweep_driver_failed, r"sweep 'ok' failed in this process .*FileNotFoundError.*"
                             r"`sae-registry sweep SPEC --resume` continues the sweep and registers", _after_sweep_driver_failed),
-    "store-model-not-here": (lambda e, t, m: __import__("sae_registry.models").models.find_model(
+    "store-model-not-here": (lambda e, t, m: __import__("sae_registry.harvest.models").harvest.models.find_model(
         {"model_path": "/nonexistent/model", "model_id": "someone/not-here"}),
         r"the store's model is not on this machine: /nonexistent/model does not exist .*pass --model DIR"),
     "cli-train-out-exists": (cli_train_out_exists, (r"1:Error: --out .*o already holds a dictionary or a training "
@@ -691,7 +691,7 @@ CASES = {
     "cli-harvest-workers-zero": (_cli("harvest", "--out", "TMP/w.zarr", "--workers", "0"),
                                  "1:Error: --workers must be a positive integer, got 0"),
     "api-harvest-workers-over-documents": (
-        lambda e, t, m: sae_registry.harvest.harvest(t / "w.zarr", ["one", "two"], workers=3, progress=False),
+        lambda e, t, m: sae_registry.harvest.local.harvest(t / "w.zarr", ["one", "two"], workers=3, progress=False),
         "workers is 3 but there are only 2 documents to harvest: each worker needs at least one"),
     "api-store-key-other-options": (api_store_key_other_options,
                                     r"store: key:abcdef01 is .*keyed.zarr, made with other options .*layer: 3 there, 4 here"),

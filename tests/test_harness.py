@@ -34,8 +34,8 @@ from hypothesis import strategies as st
 
 import sae_registry
 from sae_registry import ActivationStore, SAEConfig, SAERegistryError
-from sae_registry.cli import main
-from sae_registry.train import TrainConfig
+from sae_registry.cli.commands import main
+from sae_registry.training.loop import TrainConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 SURVEY = os.environ.get("SAE_HARNESS_SURVEY")
@@ -50,9 +50,9 @@ class World:
     a registry with one trained dictionary (h@champion, h/1) and one imported (imp/1), an export."""
 
     def __init__(self, root: Path) -> None:
-        from sae_registry.harvest import harvest
-        from sae_registry.interchange import export
-        from sae_registry.runs import import_dictionary, train_and_register
+        from sae_registry.harvest.local import harvest
+        from sae_registry.interchange.formats import export
+        from sae_registry.registry.runs import import_dictionary, train_and_register
 
         self.root = root
         self.uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -338,32 +338,32 @@ def _cfgs(w: World, **train) -> tuple[SAEConfig, TrainConfig]:
 
 
 def _train_and_register(w: World, out: Path, **kw):
-    from sae_registry.runs import train_and_register
+    from sae_registry.registry.runs import train_and_register
 
     return train_and_register(w.store, *_cfgs(w), out, **{"family": "fresh", "tracking_uri": w.uri,
                                                              "progress": False, **kw})
 
 
 def _make_cards(w: World, store=None, **kw):
-    from sae_registry.cards import make_cards
+    from sae_registry.analysis.cards import make_cards
 
     return make_cards(w.dictionary.sae, store or w.store, **kw)
 
 
 def _encode(w: World, out: Path, store=None, **kw):
-    from sae_registry.encode import encode_store
+    from sae_registry.analysis.encode import encode_store
 
     return encode_store(w.dictionary.sae, store or w.store, out, progress=False, **kw)
 
 
 def _harvest_api(w: World, out: Path, texts=TEXTS[:4], **kw):
-    from sae_registry.harvest import harvest
+    from sae_registry.harvest.local import harvest
 
     return harvest(out, texts, **{"layer": 1, "max_tokens": 64, "device": "cpu", "progress": False, **kw})
 
 
 def _spec(**change) -> dict:
-    from sae_registry.sweep import SweepSpec
+    from sae_registry.config.sweep import SweepSpec
 
     return SweepSpec.from_dict({"name": "s", "store": "x.zarr", "grid": {"dict_size": [32], "k": [4]}, **change})
 
@@ -388,12 +388,12 @@ API_CASES = [
         lambda w, v, out: sae_registry.find(FAMILY, tracking_uri=w.uri, **{v: 4})),
     Api("find order_by", st.sampled_from(["fvuu", "", "FVU", "l_0"]),
         lambda w, v, out: sae_registry.find(FAMILY, tracking_uri=w.uri, order_by=v)),
-    Api("registry.resolve name", BAD_NAMES, lambda w, v, out: __import__("sae_registry.registry").registry.resolve(
+    Api("registry.resolve name", BAD_NAMES, lambda w, v, out: __import__("sae_registry.registry.versions").registry.versions.resolve(
         v, w.uri)),
     Api("registry.set_alias alias", BAD_ALIASES,
-        lambda w, v, out: __import__("sae_registry.registry").registry.set_alias(FAMILY, v, "1", w.uri)),
+        lambda w, v, out: __import__("sae_registry.registry.versions").registry.versions.set_alias(FAMILY, v, "1", w.uri)),
     Api("registry.set_alias version", st.sampled_from(["0", "99", "abc", -1, 1.5, None, "99999999999999999999"]),
-        lambda w, v, out: __import__("sae_registry.registry").registry.set_alias(FAMILY, "x", v, w.uri)),
+        lambda w, v, out: __import__("sae_registry.registry.versions").registry.versions.set_alias(FAMILY, "x", v, w.uri)),
     Api("evaluate store", bad_paths(("missing", "file", "empty", "narrow")),
         lambda w, v, out: sae_registry.evaluate(w.dictionary, path_of(w, v), max_tokens=64)),
     Api("evaluate max_tokens", PY_NUMBERS,
@@ -412,25 +412,25 @@ API_CASES = [
     Api("ActivationStore.create existing", st.sampled_from(["store", "file"]),
         lambda w, v, out: ActivationStore.create(w.store.path if v == "store" else w.a_file, d=8)),
     Api("train.train store width", st.sampled_from(["narrow"]),
-        lambda w, v, out: __import__("sae_registry.train").train.train(w.narrow, *_cfgs(w), out, progress=False)),
+        lambda w, v, out: __import__("sae_registry.training.loop").training.loop.train(w.narrow, *_cfgs(w), out, progress=False)),
     Api("train.train out", st.sampled_from(["file"]),
-        lambda w, v, out: __import__("sae_registry.train").train.train(w.store, *_cfgs(w), w.a_file, progress=False)),
+        lambda w, v, out: __import__("sae_registry.training.loop").training.loop.train(w.store, *_cfgs(w), w.a_file, progress=False)),
     Api("runs.train_and_register family", BAD_FAMILIES, lambda w, v, out: _train_and_register(w, out, family=v)),
     Api("runs.train_and_register alias", BAD_ALIASES, lambda w, v, out: _train_and_register(w, out, alias=v)),
     Api("runs.train_and_register batch_size", st.sampled_from([10**6, 2**40]),
-        lambda w, v, out: __import__("sae_registry.runs").runs.train_and_register(
+        lambda w, v, out: __import__("sae_registry.registry.runs").registry.runs.train_and_register(
             w.store, _cfgs(w)[0], _cfgs(w, batch_size=v)[1], out, family="fresh", tracking_uri=w.uri, progress=False)),
     Api("runs.train_and_register tracking_uri", st.sampled_from(["nonsense://x", "ftp://x/y"]),
         lambda w, v, out: _train_and_register(w, out, tracking_uri=v)),
     Api("interchange.export fmt", BAD_CHOICES,
-        lambda w, v, out: __import__("sae_registry.interchange").interchange.export(w.dictionary, v, out)),
+        lambda w, v, out: __import__("sae_registry.interchange.formats").interchange.formats.export(w.dictionary, v, out)),
     Api("interchange.export directory", st.sampled_from(["file", "existing"]),
-        lambda w, v, out: __import__("sae_registry.interchange").interchange.export(
+        lambda w, v, out: __import__("sae_registry.interchange.formats").interchange.formats.export(
             w.dictionary, "saelens", w.a_file if v == "file" else w.exported)),
     Api("interchange.read directory", bad_paths(("missing", "file", "empty", "narrow")),
-        lambda w, v, out: __import__("sae_registry.interchange").interchange.read(path_of(w, v))),
+        lambda w, v, out: __import__("sae_registry.interchange.formats").interchange.formats.read(path_of(w, v))),
     Api("interchange.read fmt", BAD_CHOICES | st.just("dictionary_learning"),
-        lambda w, v, out: __import__("sae_registry.interchange").interchange.read(w.exported, v)),
+        lambda w, v, out: __import__("sae_registry.interchange.formats").interchange.formats.read(w.exported, v)),
     Api("encode.encode_store store width", st.sampled_from(["narrow"]), lambda w, v, out: _encode(w, out, w.narrow)),
     Api("encode.encode_store split", BAD_CHOICES, lambda w, v, out: _encode(w, out, split=v)),
     Api("encode.encode_store batch_size", PY_NUMBERS, lambda w, v, out: _encode(w, out, batch_size=v)),
@@ -472,7 +472,7 @@ def test_the_public_functions_refuse_bad_values_before_any_work(world, api, data
 
 
 def test_harvest_refuses_an_existing_store_before_loading_the_model(world, monkeypatch):
-    import sae_registry.harvest as H
+    from sae_registry.harvest import local as H
 
     def no_model(*a, **k):
         raise AssertionError("the model was loaded before the output was checked")
@@ -485,7 +485,7 @@ def test_harvest_refuses_an_existing_store_before_loading_the_model(world, monke
 
 
 def test_a_sweep_that_already_ran_is_refused_before_ray_starts(world, tmp_path, monkeypatch):
-    import sae_registry.sweep as S
+    from sae_registry.sweep import driver as S
 
     def no_ray(address):
         raise AssertionError("Ray was started before the sweep's state was checked")
@@ -527,7 +527,7 @@ def test_a_cached_load_reads_the_embedded_registry_without_mlflow(world):
     sha = world.dictionary.tags["sha256.sae.safetensors"]
     assert json.loads(got.stdout.splitlines()[-1]) == [FAMILY, "1", ["champion"], sha, False]
     # the same answer as MLflow's
-    from sae_registry.registry import resolve, resolve_embedded
+    from sae_registry.registry.versions import resolve, resolve_embedded
 
     assert resolve_embedded(f"{FAMILY}@champion", world.uri) == resolve(f"{FAMILY}@champion", world.uri)
     assert resolve_embedded(f"{FAMILY}/1", world.uri) == resolve(f"{FAMILY}/1", world.uri)

@@ -1,0 +1,5 @@
+"""``python -m sae_registry.cli``."""
+
+from .commands import main
+
+main()

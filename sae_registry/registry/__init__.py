@@ -1,0 +1,1 @@
+"""Layer 7, the registry: the tracking server as a value (``tracking.py``), versions, aliases and families (``versions.py``), runs (``runs.py``), ``Dictionary``/``load`` (``dictionary.py``) and the pyfunc that ``mlflow models serve`` runs (``serving.py``)."""

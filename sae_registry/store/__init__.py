@@ -1,0 +1,1 @@
+"""Layer 3, activation stores: the layout (``layout.py``), the zarr reader (``reader.py``), writer, checks and file I/O (``zarr_files.py``), and the activation-source protocol the trainer reads through (``source.py``)."""
