@@ -48,9 +48,8 @@ def demo_spec(store: str, tokens: int, workdir: Path, evaluate: str | None = Non
 
 def ours(spec: dict, workdir: Path) -> dict:
     """The sweep (runs in its own process: see ``--_ours``)."""
-    from sae_registry.config.sweep import SweepSpec
+    from sae_registry.config.sweep import SweepSpec, estimated_cost
     from sae_registry.sweep.driver import run
-    from sae_registry.config.sweep import estimated_cost
 
     spec = SweepSpec.from_dict(spec)
     result = run(spec, tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}", verbose=0)

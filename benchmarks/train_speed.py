@@ -42,8 +42,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from common import peak_rss_mb, real_store, table, write_results
-from sae_registry.architectures.catalogue import SPARSE_BELOW
 from torch import nn
+
+from sae_registry.architectures.catalogue import SPARSE_BELOW
 
 D_IN, K, BATCH = 384, 32, 4096
 CASES = {  # name -> (sparsity, dict_size, steps)
@@ -210,8 +211,8 @@ def ours(store, sparsity: str, dict_size: int, total_steps: int, sparse_backward
 
 def evaluate_ours(member, x_eval: torch.Tensor) -> dict:
     """Our FVU and L0 on the held-out split; batch_top_k and matryoshka by the training rule, as the others."""
-    from sae_registry.metrics.reconstruction import evaluate
     from sae_registry.architectures.batch_top_k import UNSET
+    from sae_registry.metrics.reconstruction import evaluate
 
     sae = member.sae.eval()
     if sae.cfg.sparsity in ("batch_top_k", "matryoshka"):

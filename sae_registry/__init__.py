@@ -3,6 +3,7 @@
 >>> import sae_registry
 >>> d = sae_registry.load("minilm-l3@champion")     # a registered dictionary, by name
 >>> codes = d.encode(x)                               # [batch, dict_size]
+>>> r = sae_registry.train(acts, dict_size=4096)      # acts: [n, d] tensor or array; family= registers it
 
 The public names are imported when first used (a module ``__getattr__``): ``import sae_registry``
 and ``sae-registry --help`` import neither torch nor MLflow.
@@ -29,6 +30,7 @@ _EXPORTS = {
     "find": "registry.versions",
     "load": "registry.dictionary",
     "read_codes": "analysis.encode",  # codes files written by `sae-registry encode`
+    "train": "registry.runs",  # from an array or any activation source; registered with family=
 }
 
 __all__ = sorted(_EXPORTS)
@@ -40,6 +42,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .metrics.downstream import evaluate
     from .model.sae import SparseAutoencoder, SparseEncoder
     from .registry.dictionary import Dictionary, load
+    from .registry.runs import train
     from .registry.tracking import Tracking
     from .registry.versions import find
     from .store.reader import ActivationStore

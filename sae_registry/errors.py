@@ -69,7 +69,7 @@ def require_choice(name: str, value: object, choices: Iterable[str]) -> str:
     choices = tuple(choices)
     if value not in choices:
         raise SAERegistryError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-    return value  # type: ignore[return-value]
+    return value
 
 
 def check_family_name(family: str) -> str:

@@ -8,7 +8,7 @@ option fails here instead of in a reader's terminal.
 from __future__ import annotations
 
 import re
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -52,7 +52,7 @@ def invocations(text: str) -> list[tuple[str, str, list[str]]]:
     return found
 
 
-@lru_cache(maxsize=None)
+@cache
 def help_text(command: str | None) -> tuple[int, str]:
     """Exit code and output of `sae-registry [COMMAND] --help`, through click's test runner."""
     args = [command, "--help"] if command else ["--help"]
@@ -154,5 +154,5 @@ def test_readme_setup_commands_are_the_ci_command():
     commands = [line.split("  #")[0].strip() for line in first_block.group(1).splitlines() if line.strip()]
     ci_run = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
               if line.strip() and not line.startswith("#") and not line.startswith(("set ", "cd "))]
-    assert ci_run == ["bash scripts/setup.sh --test && .venv/bin/python -m pytest"]
+    assert ci_run == ["bash scripts/setup.sh --test && bash scripts/lint.sh && .venv/bin/python -m pytest"]
     assert commands == ["bash scripts/setup.sh && .venv/bin/sae-registry demo", ci_run[0]]

@@ -310,8 +310,8 @@ def ray_token_refused(env, tmp, mp):
 
 
 def sweep_driver_failed(env, tmp, mp):
-    from sae_registry.sweep.driver import _driver_guard
     from sae_registry.registry.tracking import Tracking
+    from sae_registry.sweep.driver import _driver_guard
 
     tracking = Tracking.resolve(f"sqlite:///{tmp / 'sweep.db'}")
     parent = tracking.client.create_run(tracking.ensure_experiment("ok"))
@@ -396,7 +396,8 @@ def api_s3_unreachable(env, tmp, mp):
 def store_s3_outage(env, tmp, mp):
     import botocore.exceptions
 
-    from sae_registry.store import writer as store_writer, zarr_files
+    from sae_registry.store import writer as store_writer
+    from sae_registry.store import zarr_files
 
     mp.setenv("SAE_REGISTRY_S3_WAIT_SECONDS", "0")  # the endpoint's real comings and goings: tests/test_s3.py
 
@@ -497,7 +498,7 @@ def import_unmapped_architecture(env, tmp, mp):
     from sae_registry.interchange.formats import read
 
     (tmp / "dl").mkdir()
-    (tmp / "dl" / "config.json").write_text(json.dumps({"trainer": {"dict_class": "GatedAutoEncoder"}}))
+    (tmp / "dl" / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoderNew"}}))
     torch.save({"encoder.weight": torch.randn(16, 8)}, tmp / "dl" / "ae.pt")
     read(tmp / "dl")
 
@@ -547,7 +548,8 @@ CASES = {
     "api-width": (api_width, r"input must have last dimension 8, got shape \(3, 7\)"),
     "api-encode-nan": (api_encode_nan, "input contains NaN or Inf values; drop or fix those rows"),
     "api-unknown-sparsity": (lambda e, t, m: SAEConfig(8, 16, 2, "topk"),
-                             "sparsity must be one of top_k, l1, batch_top_k, jumprelu, matryoshka, got 'topk'"),
+                             "sparsity must be one of top_k, l1, batch_top_k, jumprelu, matryoshka, abs_top_k, gated, "
+                             "got 'topk'"),
     "api-k-zero": (lambda e, t, m: SAEConfig(8, 16, 0), "top_k must be a positive integer, got 0"),
     "api-k-too-big": (lambda e, t, m: SAEConfig(8, 16, 32), r"top_k \(32\) cannot exceed dict_size \(16\)"),
     "api-negative-l1": (lambda e, t, m: TrainConfig(l1_coeff=-0.1), "l1_coeff must be >= 0, got -0.1"),
@@ -589,7 +591,8 @@ CASES = {
     "spec-field-typo": (lambda e, t, m: SweepSpec.from_dict(_spec(registr="all")),
                         r"unknown spec fields \['registr'\]; known: .*register"),
     "spec-unknown-sparsity": (lambda e, t, m: SweepSpec.from_dict(_spec(grid={"sparsity": ["topk"]})),
-                              "grid point .*: sparsity must be one of top_k, l1, batch_top_k, jumprelu, matryoshka, got 'topk'"),
+                              "grid point .*: sparsity must be one of top_k, l1, batch_top_k, jumprelu, matryoshka, "
+                              "abs_top_k, gated, got 'topk'"),
     "spec-k-too-big": (lambda e, t, m: SweepSpec.from_dict(_spec(grid={"dict_size": [8], "k": [16]})),
                        r"grid point .*: top_k \(16\) cannot exceed dict_size \(8\)"),
     "spec-negative-l1": (lambda e, t, m: SweepSpec.from_dict(_spec(train={"l1_coeff": -1})),
@@ -730,7 +733,7 @@ CASES = {
                                 r"top_k \(17\) cannot exceed dict_size \(16\)"),
     "api-negative-l0-coeff": (lambda e, t, m: TrainConfig(l0_coeff=-0.5), "l0_coeff must be >= 0, got -0.5"),
     "import-unmapped-architecture": (import_unmapped_architecture,
-                                     "trainer.dict_class 'GatedAutoEncoder' cannot be mapped exactly"),
+                                     "trainer.dict_class 'AutoEncoderNew' cannot be mapped exactly"),
     "export-batch-top-k-no-threshold": (export_batch_top_k_without_threshold,
                                         "threshold: this batch_top_k dictionary has no inference threshold yet"),
 }

@@ -23,16 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..harvest import models
 from ..errors import SAERegistryError, printable, require_choice, require_int, require_positive_int
+from ..harvest import models
 from ..model.sae import SparseAutoencoder
+from ..registry.dictionary import load
+from ..registry.runs import log_files
+from ..registry.tracking import Tracking
 from ..registry.versions import CARDS_DIR
 from ..store.reader import ActivationStore
+from ..store.source import ActivationSource, open_source
 from .cards_page import BANDS, band_of, render_html
-from ..registry.runs import log_files
-from ..registry.dictionary import load
-from ..registry.tracking import Tracking
-
 
 # -- statistics over a split ---------------------------------------------------------------------------
 
@@ -57,7 +57,7 @@ class LatentStats:
         return np.where(self.count > 0, self.total / np.maximum(self.count, 1), 0.0)
 
 
-def _check_width(sae: SparseAutoencoder, store: ActivationStore) -> None:
+def _check_width(sae: SparseAutoencoder, store: ActivationSource) -> None:
     if store.d != sae.cfg.input_size:
         raise SAERegistryError(
             f"the dictionary reads {sae.cfg.input_size}-wide activations but {store.path} holds {store.d}-wide ones; "
@@ -68,7 +68,7 @@ def _check_width(sae: SparseAutoencoder, store: ActivationStore) -> None:
 @torch.no_grad()
 def latent_stats(
     sae: SparseAutoencoder,
-    store: ActivationStore,
+    store: ActivationSource,
     *,
     split: str = "eval",
     n_top: int = 10,
@@ -91,7 +91,7 @@ def latent_stats(
     for start in range(lo, hi, batch_size):
         stop = min(start + batch_size, hi)
         codes = sae.encode(store.read(start, stop).to(device)).float().cpu()
-        count += (codes > 0).sum(0).double()
+        count += (codes != 0).sum(0).double()  # a negative code (abs_top_k) fires too
         total += codes.sum(0).double()
         k = min(n_top, len(codes))
         values, idx = codes.topk(k, dim=0)  # [k, dict_size]
@@ -425,7 +425,7 @@ def cards_for(
     where = store_path or dictionary.lineage.get("store.path")
     if not where:
         raise SAERegistryError(f"{name} records no store path; pass --store")
-    store = ActivationStore.open(where)
+    store = open_source(where)  # a path or URL; an in-memory array's lineage (memory:...) is refused by name
     info = {"dictionary": f"{dictionary.family}/{dictionary.version}",
             "aliases": ", ".join(dictionary.aliases) or "-", "run_id": dictionary.lineage.get("run_id", "")}
     trained_on = dictionary.lineage.get("store.fingerprint")

@@ -34,12 +34,12 @@ import zarr
 import zarr.storage
 from tqdm.auto import tqdm
 
-from ..store import zarr_files
 from ..errors import SAERegistryError, require_int, require_positive_int
 from ..model.files import WEIGHTS_FILE
 from ..model.sae import SparseAutoencoder
+from ..store import zarr_files
 from ..store.layout import MAX_CHUNK_BYTES
-from ..store.reader import ActivationStore
+from ..store.source import ActivationSource
 
 CODES_FORMAT = "sae-registry/codes"
 FORMAT_VERSION = 2
@@ -50,7 +50,7 @@ CODES_ARRAYS = ("values", "indices", "codes")
 @torch.no_grad()
 def encode_store(
     sae: SparseAutoencoder,
-    store: ActivationStore,
+    store: ActivationSource,
     out: str | Path,
     *,
     split: str = "all",
@@ -78,7 +78,8 @@ def encode_store(
             f"{store.path} holds {store.d}-wide activations but the dictionary takes "
             f"input_size={cfg.input_size}"
         )
-    n = store.num_tokens(split)  # also rejects a bad split name before anything is deleted
+    lo, hi = store.split_range(split)  # also rejects a bad split name before anything is deleted
+    n = hi - lo
     meta = {
         "format_version": FORMAT_VERSION,
         "sparsity": cfg.sparsity,

@@ -60,6 +60,7 @@ class Architecture:
     lr_scale: float = 1.0  # the default learning rate is this times top_k's
     decoder_lr_scale: float = 1.0  # the decoder's default learning rate is this times the rest's
     encoder_init_scale: float = 1.0  # the encoder starts as the decoder's transpose times this
+    l1_coeff: float = 0.0  # the default l1_coeff: the weight of its L1 penalty when none is given
     saelens: str | None = None  # the architecture SAELens saves it as (None: not exportable)
     dictionary_learning: str | None = None  # its dictionary_learning class (None: not exportable)
     # a cost the sweep can pack by; the default costs it as the densest built-in rule
@@ -79,7 +80,7 @@ BUILTIN: tuple[Architecture, ...] = (
     # l1's active fraction at the end was about 3.7e-4 / l1_coeff on the demo store (3.5-3.8 % at
     # 0.01, 12.3-12.7 % at 0.003; dict_size 1024 and 2048, 300 k tokens); timed on its dense step.
     Architecture("l1", ".l1:L1", "ReLU codes and an L1 penalty (Anthropic's recipe)", named_keys=("l1_coeff",),
-                 encoder_init_scale=0.1, saelens="standard", dictionary_learning="AutoEncoder",
+                 encoder_init_scale=0.1, l1_coeff=5e-3, saelens="standard", dictionary_learning="AutoEncoder",
                  cost=RuleCost(dense=0.62, thins_with_l1=3.7e-4)),
     # batch_top_k's rates, measured on MiniLM (d 384, k 32; benchmarks/rule_quality.py's case: dict_size
     # 4096, batch 4096, 800 k tokens). With one rate for all: FVU 0.155 at top_k's 1e-3, 0.104 at 3e-3,
@@ -105,6 +106,16 @@ BUILTIN: tuple[Architecture, ...] = (
                  "(Bussmann et al. 2025)", uses_k=True, named_keys=("k", "prefixes"), lr_scale=3.0,
                  decoder_lr_scale=3.0, saelens="jumprelu", dictionary_learning="MatryoshkaBatchTopKSAE",
                  cost=RuleCost(dense=0.36, active=14.7)),
+    # abs_top_k: top_k's cost (not measured: an abs over the encoder outputs is all it adds).
+    Architecture("abs_top_k", ".abs_top_k:AbsTopK", "the k codes of largest magnitude per token, signed (AbsTopK, "
+                 "arXiv 2510.00404)", uses_k=True, fixed_k=True, named_keys=("k",), saelens="abstopk",
+                 cost=RuleCost(dense=0.12, active=4.9)),
+    # gated: l1's dense step with a third product, the gate path's decoding (not measured: 8/6 of l1's). Its
+    # l1_coeff on MiniLM layer 3 (a 60 k-token store, dict_size 1024, 300 k tokens, batch 2048): FVU 0.099 at
+    # L0 138 at l1's 5e-3, 0.187 at L0 44 at 1.5e-2, where l1 at 5e-3 ended at 0.213, L0 67.
+    Architecture("gated", ".gated:Gated", "a gate picks the latents, a magnitude path their values; L1 on the "
+                 "gate (Rajamanoharan et al. 2024)", named_keys=("l1_coeff",), encoder_init_scale=0.1, l1_coeff=1.5e-2,
+                 saelens="gated", dictionary_learning="GatedAutoEncoder", cost=RuleCost(dense=0.83)),
 )
 
 

@@ -11,9 +11,14 @@ from pathlib import Path
 
 import click
 
-from .options import SAE_OPTIONS, built as _built, configs as _configs, options as _options
+from ..config.metrics import DOWNSTREAM, RECONSTRUCTION, listed
+from ..config.metrics import metrics as metric_table
 from ..config.options import HarvestSpec, SAEConfig, TrainConfig
 from ..errors import SAERegistryError, printable
+from .options import SAE_OPTIONS
+from .options import built as _built
+from .options import configs as _configs
+from .options import options as _options
 
 DEMO_STORE = "minilm-l3.zarr"
 
@@ -99,11 +104,9 @@ def stores(tracking, store_root) -> None:
 
 def _print_result(result) -> None:
     m = result.metrics
-    click.echo(
-        f"FVU {m['fvu']:.4f}  explained variance {m['explained_variance']:.4f}  L0 {m['l0']:.1f}  "
-        f"dead fraction {m['dead_fraction']:.4f}  MSE {m['mse']:.5f}  "
-        f"({result.tokens_per_second:,.0f} tokens/s)"
-    )
+    numbers = "  ".join(f"{metric.label} {m[metric.key]:{metric.fmt}}" for metric in metric_table(RECONSTRUCTION)
+                        if metric.key in m)
+    click.echo(f"{numbers}  ({result.tokens_per_second:,.0f} tokens/s)")
     click.echo(f"dictionary saved to {result.out_dir}")
 
 
@@ -243,18 +246,17 @@ def list_(tracking, family) -> None:
             named = ", ".join(f"{a}=v{v}" for a, v in sorted(aliases.items()))
             click.echo(printable(f"{name:32s} latest v{newest}  {named}"))  # names and aliases: anyone's text
         return
-    found = registry.versions(family, tracking)
-    fidelity = any("downstream.fidelity" in v.tags for v in found)  # a column only when some version has one
-    click.echo(f"{'version':>7}  {'aliases':18} {'architecture':12} {'dict_size':>9} {'k':>4} {'l1_coeff':>9} "
-               f"{'FVU':>7} {'L0':>7} {'dead':>6}" + (f" {'fidelity':>8}" if fidelity else "") + "  created")
-    for v in found:
+    family_versions = registry.versions(family, tracking)
+    # the metrics table's listed columns; a downstream one only when some version has it
+    columns = [m for m in listed() if not m.optional or any(m.tag in v.tags for v in family_versions)]
+    click.echo(f"{'version':>7}  {'aliases':18} {'architecture':12} {'dict_size':>9} {'k':>4} {'l1_coeff':>9}"
+               + "".join(f" {m.header}" for m in columns) + "  created")
+    for v in family_versions:
         t = v.tags
         click.echo(printable(
             f"{v.version:>7}  {','.join(v.aliases) or '-':18} {t.get('sparsity') or '-':12} "
-            f"{t.get('dict_size', '-'):>9} {t.get('k') or '-':>4} "
-            f"{_fmt(t.get('l1_coeff'), '.2g'):>9} {_fmt(t.get('fvu'), '.4f'):>7} {_fmt(t.get('l0'), '.1f'):>7} "
-            f"{_fmt(t.get('dead_fraction'), '.3f'):>6}"
-            + (f" {_fmt(t.get('downstream.fidelity'), '.4f'):>8}" if fidelity else "") + f"  {_created(v.created)}"
+            f"{t.get('dict_size', '-'):>9} {t.get('k') or '-':>4} {_fmt(t.get('l1_coeff'), '.2g'):>9}"
+            + "".join(f" {m.cell(t.get(m.tag))}" for m in columns) + f"  {_created(v.created)}"
         ))
 
 
@@ -305,10 +307,10 @@ def promote(tracking, family, version, alias, remove) -> None:
 @pass_tracking
 def encode(tracking, name, store_path, out, split, batch_size, device, overwrite, resume) -> None:
     """Encode a whole store with dictionary NAME; top_k codes are kept as values + indices."""
-    from ..registry.dictionary import load
-    from ..analysis.encode import encode_store
-    from ..store.reader import ActivationStore
     from .._util.device import resolve_device
+    from ..analysis.encode import encode_store
+    from ..registry.dictionary import load
+    from ..store.reader import ActivationStore
 
     dictionary = load(name, device=resolve_device(device), tracking_uri=tracking)
     store = ActivationStore.open(store_path)
@@ -326,8 +328,8 @@ def encode(tracking, name, store_path, out, split, batch_size, device, overwrite
 @pass_tracking
 def export(tracking, name, directory, fmt, overwrite) -> None:
     """Write dictionary NAME to DIRECTORY in SAELens's or dictionary_learning's saved format (weights mapped exactly)."""
-    from ..registry.dictionary import load
     from ..interchange.formats import export as export_dictionary
+    from ..registry.dictionary import load
 
     dictionary = load(name, tracking_uri=tracking)
     export_dictionary(dictionary, fmt, directory, overwrite=overwrite)
@@ -408,8 +410,8 @@ def evaluate_(tracking, name, store_path, model_path, text_path, layer, hook, to
     """
     if layer is not None and hook is not None:
         raise SAERegistryError("give --layer or --hook, not both: they both name where the dictionary is spliced in")
-    from ..registry.dictionary import load
     from ..metrics.downstream import evaluate
+    from ..registry.dictionary import load
 
     dictionary = load(name, tracking_uri=tracking)
     store = store_path or (None if model_path else dictionary.lineage.get("store.path"))
@@ -426,7 +428,9 @@ def evaluate_(tracking, name, store_path, model_path, text_path, layer, hook, to
         texts = read_texts(text_path)
     m = evaluate(dictionary, store, texts=texts, model=model_path, layer=layer, hook=hook, max_tokens=tokens,
                  device=device)
-    click.echo(f"{dictionary.family}/{dictionary.version}: downstream fidelity {m['downstream/fidelity']:.4f} "
+    headline = ", ".join(f"{metric.label} {m[metric.key]:{metric.fmt}}" for metric in listed()
+                         if metric.where == DOWNSTREAM and metric.key in m)
+    click.echo(f"{dictionary.family}/{dictionary.version}: {headline} "
                f"({m['downstream/tokens']:,.0f} tokens in {m['downstream/windows']:.0f} windows)")
     for key in sorted(m):
         click.echo(f"  {key:28s} {m[key]:.6g}")

@@ -176,7 +176,7 @@ class TrainConfig:
         None, "The decoder's learning rate as a multiple of lr [default: 3 for batch_top_k, matryoshka and "
         "jumprelu, else 1]: its rows stay at unit norm, so one Adam step turns them less, relative to their size, than "
         "SAELens's.", above=0)
-    l1_coeff: float | None = option(None, "L1 coefficient [default: 5e-3 for l1, else 0].", min=0)
+    l1_coeff: float | None = option(None, "L1 coefficient [default: 5e-3 for l1, 1.5e-2 for gated, else 0].", min=0)
     l0_coeff: float | None = option(None, "jumprelu: L0 penalty coefficient [default: 1 / input_size, SAELens's "
                                     "l0_coefficient 1 in this MSE's units].", min=0, rules=("jumprelu",))
     target_l0: float | None = option(
@@ -253,7 +253,7 @@ class TrainConfig:
 
     def l1_coeff_for(self, sparsity: str) -> float:
         """The L1 coefficient a ``sparsity`` run takes: the given one, else its default (torch-free: the cost model asks)."""
-        return self.l1_coeff if self.l1_coeff is not None else (5e-3 if sparsity == "l1" else 0.0)
+        return self.l1_coeff if self.l1_coeff is not None else architecture(sparsity).l1_coeff
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -14,12 +14,19 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..architectures.catalogue import SPARSE_BELOW, architecture, k_rules
+from ..errors import (
+    SAERegistryError,
+    check_family_name,
+    require_choice,
+    require_float,
+    require_int,
+    require_positive_int,
+)
+from .metrics import DOWNSTREAM, RECONSTRUCTION, champion_metric, default_champion
 from .options import PACK_SHARED, HarvestSpec, SAEConfig, TrainConfig
-from ..errors import SAERegistryError, check_family_name, require_choice, require_float, require_int, require_positive_int
 
 REGISTER_CHOICES = ("all", "pareto", "none")
-EVALUATE_CHOICES = ("none", "downstream")
-CHAMPION_BY = ("fvu", "downstream")
+EVALUATE_CHOICES = ("none", DOWNSTREAM)
 SAE_KEYS = {"dict_size", "k", "sparsity", "prefixes"}
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
 # The sparsity rules each key means something for (absent: every rule); a grid key is not crossed
@@ -73,13 +80,15 @@ class SweepSpec:
     pack: int | str = 1  # configurations trained together on one batch stream, per trial; or "auto"
     register: str = "pareto"
     alias: str | None = "champion"
-    champion_max_l0: float | None = None  # the alias goes to the lowest FVU among versions with L0 <= this
+    champion_max_l0: float | None = None  # the alias goes to the best (champion_by) among versions with L0 <= this
     max_failures: int = 2  # retries of a crashed trial, each from its last checkpoint
     storage: str = "ray_results"  # where Tune keeps trial state and checkpoints (shared path or URL on a cluster)
     harvest: HarvestSpec | None = None  # how to make the store when it does not exist yet
     evaluate: str = "none"  # "downstream": splice each dictionary into the source model at the end
     evaluate_tokens: int = 4096  # held-out tokens spliced per dictionary for that
-    champion_by: str = "fvu"  # the alias goes to the lowest FVU, or ("downstream") the highest downstream fidelity
+    # the metric the alias goes to the best of: config/metrics.py's champion_choices (fvu: the lowest FVU;
+    # downstream: the highest downstream fidelity)
+    champion_by: str = field(default_factory=default_champion)
 
     def __post_init__(self) -> None:
         check_family_name(self.name)
@@ -115,9 +124,10 @@ class SweepSpec:
         require_choice("register", self.register, REGISTER_CHOICES)
         require_choice("evaluate", self.evaluate, EVALUATE_CHOICES)
         require_positive_int("evaluate_tokens", self.evaluate_tokens)
-        require_choice("champion_by", self.champion_by, CHAMPION_BY)
-        if self.champion_by == "downstream" and self.evaluate != "downstream":
-            raise SAERegistryError("champion_by: downstream needs evaluate: downstream (the fidelity it ranks by)")
+        ranked = champion_metric(self.champion_by)  # one of the choices, else an error listing them
+        if ranked.where not in (RECONSTRUCTION, self.evaluate):  # a downstream metric needs evaluate: downstream
+            raise SAERegistryError(f"champion_by: {self.champion_by} needs evaluate: {ranked.where} "
+                                   f"(the {ranked.label} it ranks by)")
         self.configurations()  # every combination must be a valid SAE and training config
 
     def _check_grid(self) -> None:

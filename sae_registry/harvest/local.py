@@ -21,15 +21,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..store import zarr_files, writer as store_writer
+from .._util.device import resolve_device
 from ..config.options import HarvestSpec
 from ..errors import SAERegistryError, require_int, require_positive_int
+from ..store import writer as store_writer
+from ..store import zarr_files
+from ..store.reader import ActivationStore, find_by_key, store_roots
 from .hooks import StopForward, architecture, capture_hooks, find_blocks, layer_hook, parse_hook
 from .models import check_layer, default_model_path, load_model, load_tokenizer, model_kind, model_package, resolve
-from .._util.device import resolve_device
-from ..store.reader import ActivationStore, find_by_key, store_roots
-from .texts import Windows, demo_texts, read_texts, shuffled
 from .on_ray import harvest_on_ray
+from .texts import Windows, demo_texts, read_texts, shuffled
 
 __all__ = ["content_key", "default_model_path", "demo_texts", "harvest", "read_texts"]
 

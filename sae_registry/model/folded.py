@@ -16,8 +16,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..errors import SAERegistryError
 from ..config.options import SAEConfig
+from ..errors import SAERegistryError
 from .sae import SparseAutoencoder
 
 __all__ = ["SAEBenchConfig", "Weights", "folded_weights", "from_weights", "hook_layer", "saebench_config"]
@@ -44,9 +44,11 @@ def folded_weights(sae: SparseAutoencoder) -> Weights:
 
 @torch.no_grad()
 def from_weights(weights: Weights, top_k: int | None, sparsity: str | None = None,
-                 threshold: torch.Tensor | None = None, prefixes: str | None = None) -> SparseAutoencoder:
+                 threshold: torch.Tensor | None = None, prefixes: str | None = None,
+                 tensors: dict[str, torch.Tensor] | None = None) -> SparseAutoencoder:
     """A dictionary (``input_scale`` 1) computing exactly ``weights``; ``top_k`` None means ReLU (sparsity l1)
-    unless ``sparsity`` says otherwise (jumprelu, batch_top_k, matryoshka: with their ``threshold``)."""
+    unless ``sparsity`` says otherwise (jumprelu, batch_top_k, matryoshka: with their ``threshold``; gated:
+    its other ``tensors`` by name, ``r_mag`` and ``b_mag``)."""
     names = ("W_enc", "b_enc", "W_dec", "b_dec")
     W_enc, b_enc, W_dec, b_dec = (torch.as_tensor(w).detach().to("cpu", torch.float32) for w in weights)
     if W_enc.ndim != 2:
@@ -67,6 +69,14 @@ def from_weights(weights: Weights, top_k: int | None, sparsity: str | None = Non
             raise SAERegistryError(f"threshold has shape {tuple(threshold.shape)}; a {sparsity} dictionary of "
                                    f"{d_sae} latents needs {tuple(sae.encoder.threshold.shape)}, finite")
         sae.encoder.threshold.copy_(threshold)
+    for name, shape in sae.rule.tensors(cfg).items():
+        if name == "threshold":
+            continue
+        value = torch.as_tensor((tensors or {}).get(name, torch.empty(0))).to(torch.float32)
+        if tuple(value.shape) != shape or not torch.isfinite(value).all():
+            raise SAERegistryError(f"{name} has shape {tuple(value.shape)}; a {sparsity} dictionary of {d_sae} "
+                                   f"latents needs {shape}, finite")
+        getattr(sae.encoder, name).copy_(value)
     sae.encoder.encoder.weight.copy_(W_enc.T)
     sae.encoder.encoder.bias.copy_(b_enc)
     sae.W_dec.copy_(W_dec)

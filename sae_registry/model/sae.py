@@ -29,6 +29,7 @@ from ..config.options import MAX_DICT_SIZE, MAX_INPUT_SIZE, SAEConfig, TrainConf
 from ..errors import SAERegistryError, require_choice, require_float, require_int, require_positive_int
 from . import files
 
+
 def _checked_config(input_size: object, dict_size: object, top_k: object, sparsity: object) -> SAEConfig:
     """The seed API's arguments checked one by one (errors name the argument), then as a config."""
     require_int("input_size", require_positive_int("input_size", input_size), max=MAX_INPUT_SIZE)

@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import SAERegistryError
-from ..model.folded import SAEBenchConfig, Weights, folded_weights, saebench_config
-from .versions import VersionInfo, resolve, resolve_embedded
 from ..config.options import SAEConfig
+from ..errors import SAERegistryError
 from ..model.files import CONFIG_FILE, WEIGHTS_FILE
+from ..model.folded import SAEBenchConfig, Weights, folded_weights, saebench_config
 from ..model.sae import SparseAutoencoder
 from .tracking import Tracking, TrackingLike, lineage_of, sha256
+from .versions import VersionInfo, resolve, resolve_embedded
 
 __all__ = ["Dictionary", "cache_root", "load"]
 

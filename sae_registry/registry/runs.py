@@ -15,28 +15,30 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, fields, replace
+from functools import cache
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from .._util.version import __version__
-from ..errors import check_family_name
-from .versions import check_alias, register_run, set_alias
-from ..config.options import SAEConfig
-from ..model.files import CONFIG_FILE, WEIGHTS_FILE
-from ..model.files import prepare_out
 from ..architectures.catalogue import rule_of
-from ..store.reader import ActivationStore
-from .tracking import Tracking, TrackingLike, code_tags, lineage_tags, retrying, sha256
-from ..training.loop import METRICS_FILE, TrainConfig, TrainResult, check_pack, train_pack
-from ..metrics import plots
+from ..config.options import SAEConfig
+from ..errors import SAERegistryError, check_family_name
 from ..interchange.formats import read
+from ..metrics import plots
+from ..model.files import CONFIG_FILE, WEIGHTS_FILE, prepare_out
+from ..model.sae import SparseAutoencoder
+from ..store.source import ActivationSource, SourceLike, open_source
+from ..training import loop
+from ..training.loop import METRICS_FILE, TrainConfig, TrainResult, check_pack, train_pack
+from .tracking import Tracking, TrackingLike, code_tags, lineage_tags, retrying, sha256
+from .versions import check_alias, register_run, set_alias
 
 __all__ = ["Imported", "MetricLogger", "Recorded", "import_dictionary", "log_files", "record_downstream",
            "record_pack", "run_guard", "set_tags",
-           "run_name", "default_run_name", "start_runs", "train_and_register"]
+           "run_name", "default_run_name", "start_runs", "train", "train_and_register"]
 
 MODEL_ARTIFACT = "sae"  # name of the logged pyfunc model
 SERVING_CODE = Path(__file__).with_name("serving.py")
@@ -103,15 +105,115 @@ default_run_name = run_name  # the name of a training of ``sae_cfg`` with ``trai
 
 @dataclass
 class Recorded:
-    """What :func:`train_and_register` made: the run, and the version when one was registered."""
+    """What :func:`train_and_register` (or :func:`train`) made: the run, and the version when one was
+    registered (``None`` when nothing was recorded), and the training's result."""
 
-    run_id: str
+    run_id: str | None
     version: str | None
     result: TrainResult
 
+    @property
+    def sae(self) -> SparseAutoencoder:
+        """The trained dictionary (``result.sae``)."""
+        return self.result.sae
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Its final held-out metrics (``result.metrics``)."""
+        return self.result.metrics
+
+
+def train(
+    acts: SourceLike,
+    sae_cfg: SAEConfig | None = None,
+    train_cfg: TrainConfig | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    family: str | None = None,
+    alias: str | None = None,
+    tracking_uri: TrackingLike = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    **options: object,
+) -> Recorded:
+    """Train one dictionary on ``acts``; with ``family``, record and register it like any run.
+
+    >>> r = sae_registry.train(acts, dict_size=4096, top_k=32, tokens=2_000_000)   # acts: [n, d] floats
+    >>> r.sae.encode(acts[:8])
+    >>> sae_registry.train(acts, family="mine", alias="champion", tracking_uri="sqlite:///mlflow.db")
+
+    ``acts`` is a torch tensor or numpy array ``[n, d]`` of floats (the last 5% of rows held out for
+    evaluation; an :class:`~sae_registry.store.source.ArraySource` for another fraction or to name
+    its ``source``), a store path or URL, or any :class:`~sae_registry.store.source.ActivationSource`
+    (see :func:`~sae_registry.store.source.open_source`). ``options`` are fields of
+    :class:`SAEConfig` and :class:`TrainConfig` (``dict_size``, ``top_k``, ``sparsity``, ``tokens``,
+    ``lr``, ...); they replace those of ``sae_cfg`` / ``train_cfg``, and ``input_size`` defaults to
+    the activations' width. ``out_dir`` receives ``sae.safetensors`` + ``config.json`` (default: a
+    new temporary directory, ``result.out_dir``).
+
+    With ``family``, the training is an MLflow run in ``tracking_uri`` (see :func:`train_and_register`),
+    registered as the next version of ``family`` (given ``alias`` when set); its lineage records the
+    data's fingerprint, and ``store.path`` is ``memory:<fingerprint>`` for an in-memory array.
+    Without it nothing is recorded, and MLflow is not imported. Every argument is checked, and the
+    array read once (refusing NaN, Inf, a wrong shape or dtype), before any run starts.
+    """
+    if family is None and (alias is not None or tracking_uri is not None):
+        raise SAERegistryError("alias and tracking_uri say where to register a dictionary: give family= too "
+                               "(the registered model's name), or leave them out to train without recording")
+    if family is not None:
+        check_family_name(family)
+        if alias is not None:
+            check_alias(alias)
+    sae_options, train_options = _split_options(options)
+    train_cfg = _with_options("train_cfg", TrainConfig, train_cfg, train_options)
+    if sae_cfg is not None and not isinstance(sae_cfg, SAEConfig):
+        raise SAERegistryError(f"sae_cfg must be an SAEConfig (or None), got {type(sae_cfg).__name__}")
+    source = open_source(acts)
+    if sae_cfg is None:
+        sae_options.setdefault("input_size", source.d)
+    sae_cfg = _with_options("sae_cfg", SAEConfig, sae_cfg, sae_options)
+    if sae_cfg.input_size != source.d:
+        raise SAERegistryError(f"input_size ({sae_cfg.input_size}) differs from the width of the activations "
+                               f"({source.d}); leave input_size out to take theirs")
+    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="sae-train-"))
+    try:
+        if family is not None:
+            return train_and_register(source, sae_cfg, train_cfg, out, family=family, alias=alias,
+                                      tracking_uri=tracking_uri, resume=resume, overwrite=overwrite, progress=progress)
+        prepare_out(out, overwrite=overwrite, resume=resume)
+        return Recorded(None, None, loop.train(source, sae_cfg, train_cfg, out, resume=resume, progress=progress))
+    except BaseException:
+        if out_dir is None:  # a directory of ours that nobody could name to resume from
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _split_options(options: dict) -> tuple[dict, dict]:
+    """``options`` as (SAEConfig fields, TrainConfig fields); a key of neither is refused, naming both lists."""
+    sae_names = {f.name for f in fields(SAEConfig)}
+    train_names = {f.name for f in fields(TrainConfig)}
+    if unknown := sorted(set(options) - sae_names - train_names):
+        raise SAERegistryError(f"unknown options {unknown}; SAE options: {sorted(sae_names)}; training options: "
+                               f"{sorted(train_names)}")
+    return ({k: v for k, v in options.items() if k in sae_names},
+            {k: v for k, v in options.items() if k in train_names})
+
+
+Config = TypeVar("Config", SAEConfig, TrainConfig)
+
+
+def _with_options(name: str, cls: type[Config], given: object, options: dict) -> Config:
+    """``given`` (a ``cls``, or None for the defaults) with ``options`` replacing its fields, checked."""
+    if given is None:
+        return cls(**options)
+    if not isinstance(given, cls):
+        raise SAERegistryError(f"{name} must be a {cls.__name__} (or None), got {type(given).__name__}")
+    return replace(given, **options)
+
 
 def train_and_register(
-    store: ActivationStore,
+    store: ActivationSource,
     sae_cfg: SAEConfig,
     train_cfg: TrainConfig,
     out_dir: str | Path,
@@ -140,6 +242,7 @@ def train_and_register(
     (recorded,) = record_pack(store, [(sae_cfg, train_cfg, out_dir)], family=family, tracking_uri=tracking,
                               resume=resume, progress=progress, callbacks=[callback])
     if register:
+        assert recorded.run_id is not None  # record_pack made the run
         recorded.version = register_run(recorded.run_id, family, tracking_uri=tracking)
         if alias:
             set_alias(family, alias, recorded.version, tracking_uri=tracking)
@@ -147,7 +250,7 @@ def train_and_register(
 
 
 def start_runs(
-    store: ActivationStore,
+    store: ActivationSource,
     members: list[tuple[SAEConfig, TrainConfig, str | Path]],
     *,
     family: str,
@@ -179,7 +282,7 @@ def start_runs(
 
 
 def record_pack(
-    store: ActivationStore,
+    store: ActivationSource,
     members: list[tuple[SAEConfig, TrainConfig, str | Path]],
     *,
     family: str,
@@ -326,7 +429,7 @@ def shipped_code(directory: Path) -> Path:
     return package
 
 
-@lru_cache(maxsize=None)
+@cache
 def shipped_modules(root: str = "model/sae.py") -> tuple[str, ...]:
     """The package's own modules that ``root`` imports, directly or not, as paths under the package
     (``model/sae.py``: what serving loads), and every built-in architecture (the catalogue imports

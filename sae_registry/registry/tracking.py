@@ -26,13 +26,16 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Any, TypeVar, Union
+from typing import TYPE_CHECKING, TypeVar
 
+from .._util.net import probe
 from .._util.version import __version__
 from ..errors import SAERegistryError
-from .._util.net import probe
+
+if TYPE_CHECKING:
+    from ..store.source import ActivationSource
 
 T = TypeVar("T")
 
@@ -142,10 +145,10 @@ class Tracking:
             return experiment.experiment_id
 
 
-TrackingLike = Union[str, Tracking, None]
+TrackingLike = str | Tracking | None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _client(uri: str):
     import mlflow
 
@@ -227,8 +230,11 @@ def code_tags() -> dict[str, str]:
     return tags
 
 
-def lineage_tags(store: Any, sweep_id: str | None = None) -> dict[str, str]:
-    """Tags that trace a dictionary to its data (an ``ActivationStore``) and code; on runs and versions."""
+def lineage_tags(store: ActivationSource, sweep_id: str | None = None) -> dict[str, str]:
+    """Tags that trace a dictionary to its data and code; on runs and versions.
+
+    ``store.path`` is where the rows live: a store's folder or URL, or ``memory:<fingerprint>`` for an
+    array trained on in memory (never written anywhere); ``store.fingerprint`` names the rows either way."""
     source = store.source
     tags = {
         "store.path": str(store.path),

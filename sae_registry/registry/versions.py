@@ -1,9 +1,10 @@
 """The registry: dictionaries registered as versions of families, with aliases; finding them by name.
 
 A family is an MLflow registered model; each registered dictionary is a version of it, tagged with
-its shape, its final metrics, its lineage and the SHA-256 of its two files, and described in
-Markdown for the MLflow UI. Only a FINISHED run that logged a dictionary is ever registered (see
-``runs.py`` for how runs are recorded; ``dictionary.py`` for loading one).
+its shape, its final metrics (under their tags in the metrics table, ``config/metrics.py``), its
+lineage and the SHA-256 of its two files, and described in Markdown for the MLflow UI. Only a
+FINISHED run that logged a dictionary is ever registered (see ``runs.py`` for how runs are
+recorded; ``dictionary.py`` for loading one).
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..architectures.catalogue import k_rules
+from ..config.metrics import RECONSTRUCTION, by_tag, champion_metric, default_champion, listed
+from ..config.metrics import metrics as metric_table
 from ..errors import SAERegistryError, check_family_name
 from .tracking import VERSION_TAG_PREFIXES, Tracking, TrackingLike, retrying
 
-METRIC_TAGS = ("fvu", "l0", "dead_fraction", "mse", "explained_variance")
 SHAPE_TAGS = ("dict_size", "k", "sparsity", "l1_coeff")  # on every version (see register_run)
 CARDS_DIR = "cards"  # feature cards: an artifact folder on the dictionary's run (cards.py writes it)
 PLOTS = ("training_curves", "feature_density", "l0_distribution")  # plots/<name>.png on a trained run
@@ -58,7 +60,7 @@ def register_run(run_id: str, family: str, tracking_uri: TrackingLike = None) ->
         "k": params["top_k"] if sparsity in k_rules() else "",
         "sparsity": sparsity,
         "l1_coeff": params.get("l1_coeff", ""),  # none for an imported dictionary
-        **{k: repr(float(metrics[f"final/{k}"])) for k in METRIC_TAGS if f"final/{k}" in metrics},
+        **metric_tags(metrics),
         **{k: v for k, v in rt.items() if k.split(".")[0] in VERSION_TAG_PREFIXES},
     }
     _ensure_registered_model(client, family, family_description(family, params, version_tags))
@@ -77,6 +79,12 @@ def register_run(run_id: str, family: str, tracking_uri: TrackingLike = None) ->
     # writers than that (a sweep registering at once) are retried here, checking first that it landed.
     return retrying(create, f"registering run {run_id} in {family}", transient=_contended,
                     landed=lambda: _registered(client, family, run_id), first_wait=0.2)
+
+
+def metric_tags(run_metrics: dict[str, float]) -> dict[str, str]:
+    """A version's metric tags: each metric of the metrics table its run logged (``final/fvu``,
+    ``downstream/fidelity``), under the metric's tag (``fvu``, ``downstream.fidelity``)."""
+    return {m.tag: repr(float(run_metrics[m.run_key])) for m in metric_table() if m.run_key in run_metrics}
 
 
 def _contended(error: BaseException) -> bool:
@@ -130,7 +138,8 @@ def family_description(family: str, params: dict, tags: dict) -> str:
         f"**{family}**: a family of sparse-autoencoder dictionaries made with sae-registry.\n\n"
         f"- First version: {_shape(params, tags)}; {origin}.\n"
         f"- Source activations: {_source(tags)}.\n"
-        f"- Each version's description gives its numbers (FVU, L0, dead fraction) and its run; the run's "
+        f"- Each version's description gives its numbers ({', '.join(m.label for m in listed() if not m.optional)}) "
+        f"and its run; the run's "
         f"artifacts hold the plots (`plots/*.png`) and, once made with `sae-registry cards {family}/N`, "
         f"the feature cards (`{CARDS_DIR}/index.html`).\n"
         f"- Load one with `sae_registry.load(\"{family}@champion\")` or `sae_registry.load(\"{family}/N\")`."
@@ -140,11 +149,7 @@ def family_description(family: str, params: dict, tags: dict) -> str:
 def version_description(family: str, params: dict, tags: dict, artifact_uri: str, run_id: str) -> str:
     """Markdown for the MLflow UI's page of a version: shape, numbers, data, and where its plots and cards are."""
     lines = [f"**{_shape(params, tags)}**.", ""]
-    numbers = [(label, tags[key]) for key, label in (("fvu", "FVU"), ("l0", "L0"), ("dead_fraction", "dead fraction"),
-                                                     ("explained_variance", "explained variance"), ("mse", "MSE"))
-               if tags.get(key)]
-    if tags.get("downstream.fidelity"):
-        numbers.append(("downstream fidelity", tags["downstream.fidelity"]))
+    numbers = [(m.label, tags[m.tag]) for m in metric_table() if tags.get(m.tag)]
     if numbers:
         lines += ["| " + " | ".join(label for label, _ in numbers) + " |",
                   "|" + " --- |" * len(numbers),
@@ -209,7 +214,8 @@ class VersionInfo:
 
     @property
     def metrics(self) -> dict[str, float]:
-        return {k: float(self.tags[k]) for k in METRIC_TAGS if self.tags.get(k)}
+        """The held-out numbers (the reconstruction metrics), by name."""
+        return {m.name: float(self.tags[m.tag]) for m in metric_table(RECONSTRUCTION) if self.tags.get(m.tag)}
 
 
 def _listing(items: list[str], limit: int = 20) -> str:
@@ -291,15 +297,21 @@ def versions(family: str, tracking_uri: TrackingLike = None) -> list[VersionInfo
     return sorted(infos, key=lambda i: int(i.version), reverse=True)
 
 
-def find(family: str, *, tracking_uri: TrackingLike = None, order_by: str = "fvu", **filters: Any) -> list[VersionInfo]:
-    """Versions of ``family`` whose tags match every filter, best first (lowest ``order_by``).
+def find(family: str, *, tracking_uri: TrackingLike = None, order_by: str | None = None,
+         **filters: Any) -> list[VersionInfo]:
+    """Versions of ``family`` whose tags match every filter, best first by ``order_by``: a metric's tag
+    ranks as the metrics table says it is better (highest ``downstream.fidelity`` first), any other tag
+    lowest first; default: the tag a sweep's default ``champion_by`` ranks by (``fvu``).
 
     ``find("minilm-l3", dict_size=4096, k=32)``; filters compare as numbers when both sides are. A
     filter or ``order_by`` naming a tag that no version has (a misspelt ``dict_sise``) is an error
     listing the tags there are, not an empty result.
     """
+    if order_by is None:
+        order_by = champion_metric(default_champion()).tag
     found = versions(family, tracking_uri)
-    known = sorted(set(SHAPE_TAGS + METRIC_TAGS).union(*(i.tags for i in found)))
+    # what every trained version has, even where none is registered yet, and whatever tags there are
+    known = sorted(set(SHAPE_TAGS + tuple(m.tag for m in metric_table(RECONSTRUCTION))).union(*(i.tags for i in found)))
     for key, role in [*((k, "filter on") for k in filters), (order_by, "order by")]:
         if key not in known:
             raise SAERegistryError(f"find({family!r}): no tag {key!r} to {role}; the versions' tags are: "
@@ -318,9 +330,12 @@ def find(family: str, *, tracking_uri: TrackingLike = None, order_by: str = "fvu
                     return False
         return True
 
+    metric = by_tag(order_by)
+
     def rank(info: VersionInfo) -> tuple:
         try:
-            return (0, float(info.tags[order_by]), -int(info.version))
+            value = float(info.tags[order_by])
+            return (0, metric.rank(value) if metric else value, -int(info.version))
         except (KeyError, ValueError):
             return (1, 0.0, -int(info.version))
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from ..errors import SAERegistryError, require_choice, require_int, require_positive_int
 from ..config.options import STORE_DTYPES as DTYPES
+from ..errors import SAERegistryError, require_choice, require_int, require_positive_int
 from .layout import ARRAY, DEFAULT_CHUNK_TOKENS, PROVENANCE
 
 

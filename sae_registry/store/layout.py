@@ -27,7 +27,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-
 FORMAT = "sae-registry/activation-store"
 FORMAT_VERSION = 1
 ARRAY = "activations"

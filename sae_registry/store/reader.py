@@ -15,21 +15,32 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 import zarr
 import zarr.storage
 
-from . import zarr_files
-from ..errors import SAERegistryError, require_choice, require_positive_int
 from .._util.prefetch import prefetched
+from ..errors import SAERegistryError, require_choice, require_positive_int
+from . import zarr_files
 from .checks import check_blosc_frames, check_shape
-from .layout import (ARRAY, DEFAULT_CHUNK_TOKENS, FORMAT, MAX_CHUNK_BYTES, PROVENANCE, READ_AGAIN, SHUFFLE_BYTES, SPLITS,
-                     StoreInfo, finite, to_float32)
+from .layout import (
+    ARRAY,
+    DEFAULT_CHUNK_TOKENS,
+    FORMAT,
+    MAX_CHUNK_BYTES,
+    PROVENANCE,
+    READ_AGAIN,
+    SHUFFLE_BYTES,
+    SPLITS,
+    StoreInfo,
+    finite,
+    to_float32,
+)
 from .writer import StoreWriter
 
 

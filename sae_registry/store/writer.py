@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -21,14 +21,22 @@ import zarr
 import zarr.codecs
 import zarr.storage
 
-from . import zarr_files
-from ..errors import SAERegistryError, require_choice, require_float, require_positive_int
 from ..config.options import STORE_DTYPES as DTYPES
+from ..errors import SAERegistryError, require_choice, require_float, require_positive_int
+from . import zarr_files
 from .layout import (
-    ARRAY, COMPRESSORS, DEFAULT_CHUNK_TOKENS, FORMAT, FORMAT_VERSION, MAX_CHUNK_BYTES, PROVENANCE,
-    STORE_ARRAYS, StoreInfo, to_float32, to_numpy,
+    ARRAY,
+    COMPRESSORS,
+    DEFAULT_CHUNK_TOKENS,
+    FORMAT,
+    FORMAT_VERSION,
+    MAX_CHUNK_BYTES,
+    PROVENANCE,
+    STORE_ARRAYS,
+    StoreInfo,
+    to_float32,
+    to_numpy,
 )
-
 
 RESUME_HINT = ("The store is left 'writing' (unfinished) with the whole chunks written so far; when the endpoint "
                "answers again, run the same harvest with --resume (resume=True) to continue it.")
@@ -95,7 +103,7 @@ class StoreWriter(StoreInfo):
             "eval_fraction": eval_fraction,
             "source": source or {},
             "provenance": bool(provenance),
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         group = zarr_files.create(path, FORMAT, attrs, overwrite=overwrite, arrays=STORE_ARRAYS)
         _create_missing_arrays(group)
@@ -254,7 +262,7 @@ class StoreWriter(StoreInfo):
                 "mean_norm": self._norm_sum / n,
                 "total_variance": float(var.sum()),
                 "fingerprint": self._hash.hexdigest()[:16],
-                "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
             }
             zarr_files.through_outages(self.path, "finishing the store", RESUME_HINT,
                                        lambda: zarr_files.finish(self._group, final))

@@ -17,8 +17,9 @@ import shutil
 import socket
 import time
 import urllib.parse
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, TypeVar
+from typing import TypeVar
 
 import zarr
 import zarr.codecs

@@ -17,7 +17,6 @@ are not rerun, registration is idempotent, so no run or version is duplicated.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
@@ -29,18 +28,19 @@ from pathlib import Path
 
 from .._util.cluster import check_resources, client_progress, connect
 from ..architectures.catalogue import k_rules
-from ..errors import SAERegistryError
+from ..config.metrics import axis, champion_metric, default_champion, frontier, listed, usable
+from ..config.metrics import metrics as metric_table
 from ..config.sweep import SweepSpec
-from .progress import LiveTable, live_callback
-from ..registry.tracking import Tracking, TrackingLike, lineage_tags
-from .trial import run_trial
+from ..errors import SAERegistryError
 from ..harvest.local import ensure_store, resolve_store
-from ..training.loop import changed
-from ..store.reader import ActivationStore
 from ..metrics import plots
-from ..registry.versions import register_run, set_alias
 from ..metrics.downstream import check_store
-
+from ..registry.tracking import Tracking, TrackingLike, lineage_tags
+from ..registry.versions import register_run, set_alias
+from ..store.reader import ActivationStore
+from ..training.loop import changed
+from .progress import LiveTable, live_callback
+from .trial import run_trial
 
 # -- the driver ---------------------------------------------------------------------------------------
 
@@ -87,16 +87,43 @@ def _finished(spec: SweepSpec, experiment_path: str, tracking: Tracking) -> Swee
 
 
 def pareto_frontier(rows: list[dict]) -> list[bool]:
-    """Per dict_size, whether each row is on the FVU-vs-L0 frontier (no other row has both <=, one <)."""
+    """Per dict_size, whether each row is on the FVU-vs-L0 frontier (the metrics table's ``axis`` metrics):
+    no other row is at least as good on both and better on one."""
+    axes = frontier()
+
+    def ranks(row: dict) -> list[float]:
+        return [m.rank(row[m.name]) for m in axes]
+
     on = []
     for r in rows:
+        mine = ranks(r)
         dominated = any(
             o is not r and o["dict_size"] == r["dict_size"]
-            and o["fvu"] <= r["fvu"] and o["l0"] <= r["l0"] and (o["fvu"] < r["fvu"] or o["l0"] < r["l0"])
+            and all(a <= b for a, b in zip(ranks(o), mine, strict=True)) and ranks(o) != mine
             for o in rows
         )
         on.append(not dominated)
     return on
+
+
+def summary_row(run_id: str, name: str, params: dict, metrics: dict) -> dict:
+    """A finished dictionary run as a row of the sweep's summary: its shape, then every metric of the
+    metrics table by name (``None`` where the run has none)."""
+    return {"run_id": run_id, "name": name, "dict_size": int(params["dict_size"]), "sparsity": params["sparsity"],
+            "k": int(params["top_k"]) if params["sparsity"] in k_rules() else None,
+            "l1_coeff": float(params["l1_coeff"]), "lr": float(params["lr"]), "seed": int(params["seed"]),
+            **{m.name: metrics.get(m.run_key) for m in metric_table()}}
+
+
+def champion_of(rows: list[dict], spec: SweepSpec) -> str | None:
+    """The registered version that gets ``spec.alias``: the best by ``spec.champion_by`` among those
+    with L0 <= ``champion_max_l0`` that have a number for it; ties go to the best by the default."""
+    ranked, then = champion_metric(spec.champion_by), champion_metric(default_champion())
+    eligible = [r for r in rows if r["version"] and usable(r.get(ranked.name))  # NaN fidelity: zeros changed nothing
+                and (spec.champion_max_l0 is None or r[axis("x").name] <= spec.champion_max_l0)]
+    if not eligible:
+        return None
+    return min(eligible, key=lambda r: (ranked.rank(r[ranked.name]), then.rank(r[then.name])))["version"]
 
 
 def _ensure_store(spec: SweepSpec) -> str:
@@ -318,32 +345,18 @@ def _register_and_summarise(spec: SweepSpec, client, sweep_id: str, parent_run_i
     runs = client.search_runs([experiment.experiment_id],
                               f"tags.`sweep.id` = '{sweep_id}' and attributes.status = 'FINISHED'",
                               max_results=10_000)
-    rows = []
-    for r in runs:
-        if r.data.tags.get("sweep.role") == "parent" or "final/fvu" not in r.data.metrics:
-            continue
-        p, m = r.data.params, r.data.metrics
-        rows.append({"run_id": r.info.run_id, "name": r.info.run_name, "dict_size": int(p["dict_size"]),
-                     "sparsity": p["sparsity"], "k": int(p["top_k"]) if p["sparsity"] in k_rules() else None,
-                     "l1_coeff": float(p["l1_coeff"]), "lr": float(p["lr"]), "seed": int(p["seed"]),
-                     "fvu": m["final/fvu"], "l0": m["final/l0"], "dead_fraction": m["final/dead_fraction"],
-                     "fidelity": m.get("downstream/fidelity")})
-    rows.sort(key=lambda r: (r["dict_size"], r["l0"], r["fvu"]))
+    rows = [summary_row(r.info.run_id, r.info.run_name, r.data.params, r.data.metrics) for r in runs
+            if r.data.tags.get("sweep.role") != "parent" and all(m.run_key in r.data.metrics for m in frontier())]
+    x, y = axis("x"), axis("y")
+    rows.sort(key=lambda r: (r["dict_size"], x.rank(r[x.name]), y.rank(r[y.name])))
     for row, on in zip(rows, pareto_frontier(rows)):
         row["frontier"] = on
         client.set_tag(row["run_id"], "sweep.frontier", str(on).lower())  # also lands on its version
         wanted = spec.register == "all" or (spec.register == "pareto" and on)
         row["version"] = register_run(row["run_id"], spec.name, tracking_uri=tracking) if wanted else None
     registered = [r for r in rows if r["version"]]
-    eligible = [r for r in registered if spec.champion_max_l0 is None or r["l0"] <= spec.champion_max_l0]
-    champion = None
-    if spec.champion_by == "downstream":  # only dictionaries with a fidelity (NaN: zero-ablation changed nothing)
-        eligible = [r for r in eligible if r["fidelity"] is not None and not math.isnan(r["fidelity"])]
-    if spec.alias and eligible:
-        if spec.champion_by == "downstream":
-            champion = max(eligible, key=lambda r: (r["fidelity"], -r["fvu"]))["version"]
-        else:
-            champion = min(eligible, key=lambda r: r["fvu"])["version"]
+    champion = champion_of(rows, spec) if spec.alias else None
+    if champion and spec.alias:
         set_alias(spec.name, spec.alias, champion, tracking_uri=tracking)
     phase("registration")
     if rows:
@@ -358,17 +371,19 @@ def _register_and_summarise(spec: SweepSpec, client, sweep_id: str, parent_run_i
 
 
 def summary_table(result: SweepResult, alias: str | None) -> str:
-    """The sweep as a text table, frontier marked with *, the champion named."""
-    downstream = any(r.get("fidelity") is not None for r in result.dictionaries)
+    """The sweep as a text table, frontier marked with *, the champion named.
+
+    Its metric columns are the metrics table's listed ones; a downstream one only when some dictionary has it.
+    """
+    columns = [m for m in listed() if not m.optional or any(r.get(m.name) is not None for r in result.dictionaries)]
     width = max([28, *(len(r["name"]) + 1 for r in result.dictionaries)])  # a matryoshka's name is long
-    lines = [f"{'dictionary':{width}} {'dict_size':>9} {'k':>4} {'l1_coeff':>9} {'FVU':>8} {'L0':>8} {'dead':>6}"
-             + (f" {'fidelity':>8}" if downstream else "") + "  version"]
+    lines = [f"{'dictionary':{width}} {'dict_size':>9} {'k':>4} {'l1_coeff':>9}"
+             + "".join(f" {m.header}" for m in columns) + "  version"]
     for r in result.dictionaries:
         version = (r["version"] or "-") + (f" ({alias})" if alias and r["version"] == result.champion else "")
-        fidelity = f" {r['fidelity']:>8.4f}" if r.get("fidelity") is not None else f" {'-':>8}"
         lines.append(f"{('*' if r['frontier'] else ' ') + r['name']:{width}} {r['dict_size']:>9} {r['k'] or '-':>4} "
-                     f"{r['l1_coeff']:>9.2g} {r['fvu']:>8.4f} {r['l0']:>8.1f} {r['dead_fraction']:>6.3f}"
-                     + (fidelity if downstream else "") + f"  {version}")
-    lines.append(f"* on the FVU-vs-L0 frontier of its dict_size; {result.failed_trials} failed trial(s); "
-                 f"{result.wall_seconds:.0f} s")
+                     f"{r['l1_coeff']:>9.2g}" + "".join(f" {m.cell(r.get(m.name))}" for m in columns) + f"  {version}")
+    x, y = axis("x"), axis("y")
+    lines.append(f"* on the {y.title}-vs-{x.title} frontier of its dict_size; "
+                 f"{result.failed_trials} failed trial(s); {result.wall_seconds:.0f} s")
     return "\n".join(lines)

@@ -16,16 +16,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..config.options import SAEConfig, TrainConfig
-from .progress import report
-from ..config.sweep import SweepSpec
-from ..registry.tracking import Tracking
 from ..architectures.catalogue import architecture
-from ..config.sweep import rule_keys
-from ..registry.runs import default_run_name, record_pack, set_tags, start_runs
+from ..config.options import SAEConfig, TrainConfig
+from ..config.sweep import SweepSpec, rule_keys
 from ..errors import SAERegistryError
-from ..store.reader import ActivationStore
 from ..metrics.downstream import prepare
+from ..registry.runs import default_run_name, record_pack, set_tags, start_runs
+from ..registry.tracking import Tracking
+from ..store.reader import ActivationStore
+from .progress import live_numbers, report
 
 __all__ = ["member_names", "member_run_names", "member_runs", "run_trial"]
 
@@ -107,7 +106,7 @@ def run_trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, paren
         # members (interrupted before its first checkpoint, or finished just before the head died).
         existing = member_runs(spec["name"], sweep_id, names, tracking)
         if len(existing) == len(names) and all(r.info.status == "FINISHED" for r in existing.values()):
-            tune.report({**report(0, {n: (r.data.metrics.get("final/fvu", math.nan), r.data.metrics.get("final/l0", math.nan))
+            tune.report({**report(0, {n: live_numbers(r.data.metrics, lambda m: m.run_key)
                                        for n, r in existing.items()}), "done": 1})
             return
         missing = [i for i, n in enumerate(names) if n not in existing]
@@ -141,7 +140,8 @@ def run_trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, paren
             if len(pending) < len(members):  # one Tune report per step, when every member has evaluated
                 return
             clock["last_eval"] = time.perf_counter()
-            metrics = report(step, {names[j]: (e["eval/fvu"], e["eval/l0"]) for j, e in sorted(pending.items())})
+            metrics = report(step, {names[j]: live_numbers(e, lambda m: m.eval_key)
+                                    for j, e in sorted(pending.items())})
             # Tune snapshots its experiment state whenever a trial has reported num_to_keep checkpoints
             # since the last snapshot, and warns when that happens within seconds: with a small
             # checkpoint_every it would, at every step. Our own checkpoints stay as frequent as asked.
@@ -177,7 +177,7 @@ def run_trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, paren
     train_loop = result.history[-1]["tokens"] / max(result.tokens_per_second, 1e-9)
     downstream_s = clock.get("downstream", 0.0)
     tune.report({**report(result.history[-1]["step"],
-                          {n: (r.result.metrics["fvu"], r.result.metrics["l0"]) for n, r in zip(names, recorded)}),
+                          {n: live_numbers(r.result.metrics, lambda m: m.key) for n, r in zip(names, recorded)}),
                  "done": 1,
                  "time/imports": clock["imports"] - clock["start"], "time/store_open": clock["store"] - clock["imports"],
                  "time/mlflow_setup": clock["runs"] - clock["store"],

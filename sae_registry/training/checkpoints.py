@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import SAERegistryError
-from ..model.sae import SparseAutoencoder
 from ..model.files import save_weights
+from ..model.sae import SparseAutoencoder
 
 LOCK_FILE = ".training.lock"
 

@@ -1,4 +1,5 @@
-"""One training run: a store and two configs in, a saved dictionary and its metrics out.
+"""One training run: activations (a store, an array: any ``ActivationSource``) and two configs in, a saved
+dictionary and its metrics out.
 
 The recipe (each part a :class:`TrainConfig` option, defaults after Gao et al. 2024 and Anthropic's
 "Towards Monosemanticity" updates):
@@ -38,13 +39,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoints import load_checkpoint, save_checkpoint, writing_to
 # the configurations live in config.py (no torch there: the CLI builds its options from them)
 from ..config.options import PACK_SHARED, SAEConfig, TrainConfig
 from ..errors import SAERegistryError
 from ..metrics.reconstruction import Evaluation, evaluate
 from ..model.sae import SparseAutoencoder
-from ..store.reader import ActivationStore
+from ..store.source import ActivationSource
+from .checkpoints import load_checkpoint, save_checkpoint, writing_to
 
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.json"
@@ -123,7 +124,7 @@ def _lr_factor(step: int, total: int, decay_fraction: float) -> float:
 class _Member:
     """One dictionary in training: model, optimiser, dead-latent counters, running sums, history."""
 
-    def __init__(self, store: ActivationStore, sae_cfg: SAEConfig, cfg: TrainConfig, out_dir: Path,
+    def __init__(self, store: ActivationSource, sae_cfg: SAEConfig, cfg: TrainConfig, out_dir: Path,
                  callback: Callback | None, extra: dict | None) -> None:
         if sae_cfg.input_size != store.d:
             raise SAERegistryError(
@@ -256,7 +257,7 @@ class _Member:
             self.callback(self.step, entry, self.checkpoint_path if checkpoint else None)
         return entry
 
-    def finish(self, store: ActivationStore, tokens_per_second: float) -> TrainResult:
+    def finish(self, store: ActivationSource, tokens_per_second: float) -> TrainResult:
         self.sae.eval()
         self.sae.rule.calibrate(self.sae, islice(store.batches(self.cfg.batch_size, split="train", shuffle=False),
                                                  CALIBRATION_BATCHES))
@@ -271,7 +272,7 @@ class _Member:
         return TrainResult(self.sae, evaluation.metrics, evaluation, self.history, self.out_dir, tokens_per_second)
 
 
-def check_pack(store: ActivationStore, members: list[tuple[SAEConfig, TrainConfig, str | Path]]) -> list[TrainConfig]:
+def check_pack(store: ActivationSource, members: list[tuple[SAEConfig, TrainConfig, str | Path]]) -> list[TrainConfig]:
     """The members' resolved TrainConfigs, once everything a pack needs is checked (before any run starts)."""
     if not members:
         raise SAERegistryError("a pack needs at least one configuration")
@@ -285,7 +286,8 @@ def check_pack(store: ActivationStore, members: list[tuple[SAEConfig, TrainConfi
             raise SAERegistryError(f"the SAE's input_size ({sae_cfg.input_size}) differs from the store's d ({store.d})")
         if Path(out).exists() and not Path(out).is_dir():
             raise SAERegistryError(f"{out} is a file; give --out a directory (new, or this dictionary's own)")
-    n_train = store.num_tokens("train")
+    lo, hi = store.split_range("train")
+    n_train = hi - lo
     if n_train < resolved[0].batch_size:
         raise SAERegistryError(
             f"the store's training split has {n_train} tokens, fewer than one batch ({resolved[0].batch_size}); "
@@ -295,7 +297,7 @@ def check_pack(store: ActivationStore, members: list[tuple[SAEConfig, TrainConfi
 
 
 def train_pack(
-    store: ActivationStore,
+    store: ActivationSource,
     members: list[tuple[SAEConfig, TrainConfig, str | Path]],
     *,
     resume: bool = False,
@@ -316,11 +318,12 @@ def train_pack(
         return _train_pack(store, members, resolved, resume, callbacks, progress, extras)
 
 
-def _train_pack(store: ActivationStore, members: list, resolved: list[TrainConfig], resume: bool,
+def _train_pack(store: ActivationSource, members: list, resolved: list[TrainConfig], resume: bool,
                 callbacks: list, progress: bool, extras: list) -> list[TrainResult]:
     """The pack's step loop (see :func:`train_pack`), its configurations already checked."""
     cfg = resolved[0]
-    n_train = store.num_tokens("train")
+    lo, hi = store.split_range("train")
+    n_train = hi - lo
     pack = [_Member(store, sae_cfg, rcfg, Path(out), cb, ex)
             for (sae_cfg, _, out), rcfg, cb, ex in zip(members, resolved, callbacks, extras)]
     batches = store.batches(min(n_train, 16_384), seed=cfg.seed)
@@ -337,7 +340,8 @@ def _train_pack(store: ActivationStore, members: list, resolved: list[TrainConfi
     # earliest; members that already did a step skip it (the data order is fixed by the seed).
     step = min(m.step for m in pack)
     start_steps = [m.step for m in pack]
-    x_eval = store.read_split("eval", max_tokens=cfg.eval_tokens)
+    eval_lo, eval_hi = store.split_range("eval")
+    x_eval = store.read(eval_lo, min(eval_hi, eval_lo + cfg.eval_tokens))  # the held-out split's head
     device = torch.device(cfg.device)
     bar = tqdm(total=total_steps, initial=step, unit="step", desc="train", disable=not progress)
     started = time.perf_counter()
@@ -375,7 +379,7 @@ def _train_pack(store: ActivationStore, members: list, resolved: list[TrainConfi
 
 
 def train(
-    store: ActivationStore,
+    store: ActivationSource,
     sae_cfg: SAEConfig,
     cfg: TrainConfig,
     out_dir: str | Path,

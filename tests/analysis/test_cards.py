@@ -11,12 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from procs import chromium
+
 from sae_registry import ActivationStore, SAEConfig, SAERegistryError, SparseAutoencoder
 from sae_registry.analysis.cards import (
-    Cards, Context, FeatureCard, LatentStats, choose_features, describe_choice, latent_stats, load_tokenizer,
-    make_cards, promoted_tokens, token_pieces,
+    Cards,
+    Context,
+    FeatureCard,
+    LatentStats,
+    choose_features,
+    describe_choice,
+    latent_stats,
+    load_tokenizer,
+    make_cards,
+    promoted_tokens,
+    token_pieces,
 )
 from sae_registry.analysis.cards_page import band_of
 from sae_registry.harvest.local import default_model_path

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sae_registry import SAEConfig, SAERegistryError, SparseAutoencoder
-from sae_registry.architectures.catalogue import SPARSE_BELOW, names, rule_of
+from sae_registry.architectures.catalogue import SPARSE_BELOW, k_rules, names, rule_of
 from sae_registry.training.loop import TrainConfig, train
 
 NEW_RULES = ("batch_top_k", "jumprelu", "matryoshka")
@@ -251,8 +251,10 @@ def test_a_grid_crosses_each_rule_with_its_own_keys_only():
     by_rule = {}
     for sae_cfg, train_cfg in configs:
         by_rule.setdefault(sae_cfg.sparsity, []).append((sae_cfg, train_cfg))
-    assert {r: len(c) for r, c in by_rule.items()} == {"top_k": 2, "l1": 1, "batch_top_k": 2, "jumprelu": 2,
-                                                        "matryoshka": 4}
+    # k crosses the k rules, l0_coeff jumprelu, prefixes matryoshka; any other rule is one point
+    expected = {r: 4 if r == "matryoshka" else 2 if r in k_rules() or r == "jumprelu" else 1 for r in names()}
+    assert {r: len(c) for r, c in by_rule.items()} == expected
+    assert {"top_k": 2, "l1": 1, "batch_top_k": 2, "jumprelu": 2, "matryoshka": 4}.items() <= expected.items()
     assert {t.l0_coeff for _, t in by_rule["jumprelu"]} == {0.01, 0.1}
     assert {s.prefixes for s, _ in by_rule["matryoshka"]} == {"16,64", "8,32,64"}
     assert all(t.l0_coeff is None for r, c in by_rule.items() if r != "jumprelu" for _, t in c)

@@ -15,8 +15,8 @@ import torch
 
 from sae_registry import SAERegistryError
 from sae_registry.harvest import hooks, models
-from sae_registry.metrics.downstream import prepare
 from sae_registry.harvest.local import default_model_path, demo_texts, harvest, read_texts
+from sae_registry.metrics.downstream import prepare
 
 POINTS = ("hook_resid_pre", "hook_attn_out", "ln2.hook_normalized", "hook_mlp_out", "hook_resid_post")
 

@@ -124,7 +124,8 @@ def test_harvest_keeps_each_rows_token_window_and_position(tmp_path):
     expected = [i for doc in docs for i in tok(doc, add_special_tokens=False)["input_ids"]]
     assert ids.tolist() == expected  # every token of both documents, in harvest order
     assert store.provenance(5, 9)["token_id"].tolist() == expected[5:9]
-    letters = lambda t: re.sub(r"[^a-z0-9]", "", t.lower())  # as the uncased tokenizer sees it
+    def letters(t: str) -> str:  # as the uncased tokenizer sees it
+        return re.sub(r"[^a-z0-9]", "", t.lower())
     assert letters(docs[0]).startswith(letters(tok.decode(ids[seq == 0]))[:60])  # rows read back as their text
 
     limited = harvest(tmp_path / "t.zarr", [short], progress=False, max_tokens=50, exclude_special=False)

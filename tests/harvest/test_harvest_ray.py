@@ -7,41 +7,18 @@ exists returns the existing store.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
+from tiny_models import OPTIONS, same_store, tiny_bert  # noqa: F401  (tiny_bert: a fixture, used by name)
 
 from sae_registry import ActivationStore, SAERegistryError
 from sae_registry.harvest.local import demo_texts, harvest
 from sae_registry.harvest.on_ray import shard_bounds
-from sae_registry.store.layout import PROVENANCE
 
 TEXTS = demo_texts()[:24]
-OPTIONS = dict(layer=1, max_length=32, batch_size=4, chunk_tokens=64, progress=False, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    """A 2-layer, 32-wide random BERT with MiniLM's tokenizer, saved as a local model folder."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from sae_registry.harvest.local import default_model_path
-
-    path = tmp_path_factory.mktemp("models") / "tiny-bert"
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(path)
-    AutoTokenizer.from_pretrained(default_model_path(), local_files_only=True).save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray for this module's harvests (starting one takes a while on a loaded machine)."""
@@ -50,14 +27,6 @@ def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
-
-
-def same_store(a: ActivationStore, b: ActivationStore) -> None:
-    assert np.array_equal(a._array[:], b._array[:])
-    for name in PROVENANCE:
-        assert np.array_equal(a.provenance()[name], b.provenance()[name]), name
-    for key in ("n_tokens", "fingerprint", "mean", "mean_norm", "total_variance", "source", "d", "dtype"):
-        assert a.metadata[key] == b.metadata[key], key
 
 
 def test_shards_are_whole_batches_in_order():

@@ -21,8 +21,8 @@ import torch
 from click.testing import CliRunner
 
 from sae_registry import SAEConfig, SAERegistryError, SparseAutoencoder, load
-from sae_registry.interchange import formats as ic
 from sae_registry.cli.commands import main
+from sae_registry.interchange import formats as ic
 from sae_registry.registry.dictionary import Dictionary
 from sae_registry.registry.runs import import_dictionary, train_and_register
 from sae_registry.registry.versions import families, resolve
@@ -250,9 +250,9 @@ def test_we_encode_dictionary_learning_files_as_dictionary_learning_does(tmp_pat
 
 
 def test_unmappable_saelens_files_are_refused_naming_the_field(tmp_path):
-    _saelens_sae("gated").save_model(tmp_path / "gated")
-    with pytest.raises(SAERegistryError, match="architecture 'gated'"):
-        ic.read(tmp_path / "gated")
+    _saelens_sae("matching_pursuit").save_model(tmp_path / "mp")
+    with pytest.raises(SAERegistryError, match="architecture 'matching_pursuit'"):
+        ic.read(tmp_path / "mp")
     _saelens_sae("topk", k=K, normalize_activations="layer_norm").save_model(tmp_path / "ln")
     with pytest.raises(SAERegistryError, match="normalize_activations 'layer_norm'"):
         ic.read(tmp_path / "ln")
@@ -267,12 +267,12 @@ def test_unmappable_dictionary_learning_files_are_refused_naming_the_field(tmp_p
     _dictionary_learning_dir(tmp_path / "batch", "BatchTopKSAE")  # threshold never set: -1
     with pytest.raises(SAERegistryError, match="threshold is -1.0: this BatchTopKSAE has no inference threshold"):
         ic.read(tmp_path / "batch")
-    _dictionary_learning_dir(tmp_path / "gated", "AutoEncoder")
-    config = json.loads((tmp_path / "gated" / "config.json").read_text())
-    config["trainer"]["dict_class"] = "GatedAutoEncoder"
-    (tmp_path / "gated" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(SAERegistryError, match="trainer.dict_class 'GatedAutoEncoder' cannot be mapped"):
-        ic.read(tmp_path / "gated")
+    _dictionary_learning_dir(tmp_path / "new", "AutoEncoder")
+    config = json.loads((tmp_path / "new" / "config.json").read_text())
+    config["trainer"]["dict_class"] = "AutoEncoderNew"
+    (tmp_path / "new" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SAERegistryError, match="trainer.dict_class 'AutoEncoderNew' cannot be mapped"):
+        ic.read(tmp_path / "new")
     _dictionary_learning_dir(tmp_path / "bare", "AutoEncoderTopK")
     (tmp_path / "bare" / "config.json").unlink()
     with pytest.raises(SAERegistryError, match="no config.json"):

@@ -8,8 +8,8 @@ from torch import nn
 
 import sae_registry
 from sae_registry import SAEConfig, SAERegistryError, SparseAutoencoder
-from sae_registry.metrics.downstream import prepare
 from sae_registry.harvest.local import default_model_path, demo_texts, harvest
+from sae_registry.metrics.downstream import prepare
 
 
 class Identity(nn.Module):
@@ -140,8 +140,8 @@ def test_the_evaluate_command_records_fidelity_on_the_version_and_says_when_toke
     from click.testing import CliRunner
 
     from sae_registry.cli.commands import main
-    from sae_registry.registry.versions import resolve
     from sae_registry.registry.runs import train_and_register
+    from sae_registry.registry.versions import resolve
     from sae_registry.training.loop import TrainConfig
 
     store = harvest(tmp_path / "gpt2.zarr", demo_texts()[:120], model_path=tiny_gpt2, layer=1, max_length=48,

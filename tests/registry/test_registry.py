@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from procs import MLFLOW, free_port, start, start_mlflow_server, stop, wait_for
 
 import sae_registry
 from sae_registry import SAEConfig, SAERegistryError, SparseAutoencoder
@@ -19,8 +20,6 @@ from sae_registry.cli.commands import main
 from sae_registry.registry.runs import train_and_register
 from sae_registry.registry.versions import remove_alias, resolve, set_alias, versions
 from sae_registry.training.loop import TrainConfig
-
-from procs import MLFLOW, free_port, start, start_mlflow_server, stop, wait_for
 
 pytestmark = pytest.mark.slow
 FAMILY = "synthetic-d32"

@@ -135,7 +135,7 @@ def test_families_and_versions_are_described_for_the_mlflow_ui(servers):
     m = made.result.metrics
     for number in (m["fvu"], m["l0"], m["dead_fraction"]):
         assert f"{number:.4g}" in version
-    assert "| FVU | L0 | dead fraction" in version
+    assert "| FVU | explained variance | L0 | dead fraction | MSE |" in version  # the metrics table's order
     assert store.fingerprint in version and made.run_id in version
     artifact_uri = client.get_run(made.run_id).info.artifact_uri
     assert f"{artifact_uri}/plots/training_curves.png" in version
@@ -176,4 +176,4 @@ def test_tracking_resolves_explicit_then_environment_then_the_embedded_default(m
     with pytest.raises(SAERegistryError, match="tracking_uri must be a URI string"):
         Tracking.resolve(3)
     with pytest.raises(SAERegistryError, match="cannot reach the MLflow tracking server at http://127.0.0.1:9"):
-        Tracking("http://127.0.0.1:9").client
+        Tracking("http://127.0.0.1:9").client  # noqa: B018  (the property connects: the access is the test)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from procs import chromium, start_mlflow_server
+
 from sae_registry import ActivationStore, SAEConfig
 from sae_registry.registry.runs import train_and_register
 from sae_registry.training.loop import TrainConfig

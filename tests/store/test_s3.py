@@ -15,14 +15,13 @@ import time
 import numpy as np
 import pytest
 import torch
+from procs import TcpProxy, free_port, start_moto
+from tiny_models import OPTIONS, same_store, tiny_bert  # noqa: F401  (tiny_bert: a fixture, used by name)
 
 from sae_registry import ActivationStore, SAEConfig, SAERegistryError
 from sae_registry.harvest.local import demo_texts, harvest
 from sae_registry.store.writer import StoreWriter
 from sae_registry.training.loop import TrainConfig, train
-
-from procs import TcpProxy, free_port, start_moto
-from test_harvest_ray import OPTIONS, same_store, tiny_bert  # noqa: F401  (the tiny model fixture)
 
 pytestmark = pytest.mark.slow
 TEXTS = demo_texts()[:12]

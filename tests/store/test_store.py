@@ -337,9 +337,10 @@ def test_only_local_paths_and_object_stores_are_read(url):
 
 def test_a_store_behind_a_refused_url_is_never_fetched(tmp_path):
     """A store a registry tag points at over plain HTTP (or fsspec's memory://) is refused, not read."""
-    import fsspec
     import http.server
     import threading
+
+    import fsspec
 
     path = tmp_path / "s.zarr"
     _make(path, _rows(100))

@@ -20,13 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from procs import MLFLOW, free_port, start, stop, wait_for
 
 from sae_registry import ActivationStore, SAERegistryError, SparseAutoencoder
 from sae_registry.analysis.encode import encode_store, open_codes
 from sae_registry.store.layout import PROVENANCE
 from sae_registry.store.writer import StoreWriter
-
-from procs import MLFLOW, free_port, start, stop, wait_for
 
 
 class Crash(Exception):
@@ -265,8 +264,8 @@ def test_processes_registering_into_one_family_at_once_get_distinct_versions(tmp
 
     from sae_registry import SAEConfig
     from sae_registry.registry.runs import record_pack
-    from sae_registry.registry.versions import register_run
     from sae_registry.registry.tracking import Tracking
+    from sae_registry.registry.versions import register_run
     from sae_registry.training.loop import TrainConfig
 
     store, _ = synthetic_store
@@ -302,7 +301,6 @@ def test_processes_registering_into_one_family_at_once_get_distinct_versions(tmp
 def test_a_sweep_rides_out_a_tracking_server_restart(tmp_path, minilm_store, monkeypatch):
     import yaml
     from mlflow import MlflowClient
-
     from test_sweep import _children, _spec, _sweep_process, _wait_for_step
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")

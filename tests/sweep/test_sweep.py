@@ -14,14 +14,13 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from procs import BIN, free_port, start_mlflow_server, start_moto
 
 import sae_registry
 from sae_registry import SAERegistryError
 from sae_registry.cli.commands import main
 from sae_registry.config.sweep import SweepSpec
 from sae_registry.sweep.driver import pareto_frontier, run, summary_table
-
-from procs import BIN, free_port, start_mlflow_server, start_moto
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -402,8 +401,8 @@ def test_a_missing_store_is_harvested_when_the_spec_says_how(tmp_path, monkeypat
 
 def test_an_unfinished_store_is_refused_or_harvested_again_when_asked(tmp_path):
     """A sweep never overwrites a store it was given; the demo (replace_unreadable) harvests its own again."""
-    from sae_registry.harvest.local import ensure_store
     from sae_registry.config.options import HarvestSpec
+    from sae_registry.harvest.local import ensure_store
 
     path = tmp_path / "half.zarr"
     sae_registry.ActivationStore.create(path, d=8, chunk_tokens=100).append(torch.randn(450, 8))  # never closed
@@ -420,8 +419,8 @@ def test_an_unfinished_store_is_refused_or_harvested_again_when_asked(tmp_path):
 
 
 def test_the_specs_typed_parts_round_trip():
-    from sae_registry.config.sweep import Resources
     from sae_registry.config.options import HarvestSpec
+    from sae_registry.config.sweep import Resources
 
     spec = SweepSpec.from_dict({"name": "t", "store": "s.zarr", "grid": {"k": [4]}, "resources": {"gpu": 0.25},
                                 "harvest": {"layer": 1, "max_tokens": 2000}})

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from procs import BIN, free_port
 
 from sae_registry import SAERegistryError
 from sae_registry.cli.commands import main
 from sae_registry.config.sweep import SweepSpec
-from sae_registry.sweep.driver import run
 from sae_registry.registry.tracking import Tracking
-
-from procs import BIN, free_port
+from sae_registry.sweep.driver import run
 
 pytestmark = pytest.mark.slow
 TOKEN = "trust-test-token-0123456789abcdef0123456789"
