@@ -160,7 +160,7 @@ def describe_choice(stats: LatentStats, chosen: list[int], features: list[int] |
 def load_tokenizer(source: dict):
     """The tokenizer a store was harvested with, offline: from ``model_path``, else by ``tokenizer`` name.
 
-    A folder that asks to run its own code is refused (:func:`sae_registry.models.refuse_remote_code`),
+    A folder that asks to run its own code is refused (:func:`sae_registry.harvest.models.refuse_remote_code`),
     not skipped: the store names it, so the user should know.
     """
     tried = []
@@ -215,7 +215,7 @@ def unembedding(source: dict, d: int) -> tuple[torch.Tensor | None, str]:
 
     The logit lens: a decoder direction's effect on the next-token logits, read straight through the
     unembedding (the final norm is left out, as is usual for this table; it rescales, it does not
-    reorder much). Any reference :func:`sae_registry.models.resolve` takes: a directory, a ``.gguf``
+    reorder much). Any reference :func:`sae_registry.harvest.models.resolve` takes: a directory, a ``.gguf``
     (SmolLM2's tied embedding is its unembedding), a named model.
     """
     path = source.get("model_path")

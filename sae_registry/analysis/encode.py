@@ -19,7 +19,7 @@ dictionary's registered name and version).
 Token ``i`` of the file is token ``i`` of the store's split, so the codes line up with anything else
 computed on that split. As with stores, ``status`` stays ``"writing"`` until the last batch is on
 disk, and the readers (:func:`open_codes`, :func:`read_codes`, :func:`dense_codes`) refuse
-anything else (:mod:`sae_registry.zarr_files`).
+anything else (:mod:`sae_registry.store.zarr_files`).
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ class StepLoss(NamedTuple):
 
     ``terms`` (e.g. ``aux_loss``, ``l0_penalty``, ``threshold``) are logged by the trainer as
     ``train/<name>``, averaged between evaluations, whatever the rule: a new architecture logs its own
-    numbers without the trainer knowing them. Every step of a run returns the same names.
+    numbers without the trainer knowing them. Every step of a run returns the same names, each
+    a scalar as it was in this step (a copy where the rule later changes it in place).
     """
 
     loss: torch.Tensor
@@ -65,8 +66,10 @@ def auxk_loss(
     out: Codes,
     dead: torch.Tensor,
     k_aux: int,
+    signed: bool = False,
 ) -> torch.Tensor:
-    """Gao et al.'s auxiliary loss that revives dead latents (the k rules).
+    """Gao et al.'s auxiliary loss that revives dead latents (the k rules; ``signed``: abs_top_k's, the
+    dead latents of largest |pre| with their signs, as SAELens's ``calculate_abstopk_aux_acts``).
 
     ``dead`` holds the ids of the dead latents (a 1-d index tensor; its length is known on the
     host, so nothing here waits for the device). The ``k_aux`` largest encoder outputs among them
@@ -81,9 +84,10 @@ def auxk_loss(
     k = min(k_aux, len(dead))
     residual = (x_n - out.reconstruction).detach()
     with torch.no_grad():
-        _, position = out.pre_acts.detach().index_select(1, dead).topk(k, dim=-1, sorted=False)
+        candidates = out.pre_acts.detach().index_select(1, dead)
+        _, position = (candidates.abs() if signed else candidates).topk(k, dim=-1, sorted=False)
         indices = dead[position.sort(dim=-1).values]  # dead is sorted, so these rows are too
-    _, residual_hat = sae.decode_latents(out.pre_acts, out.centered, indices)
+    _, residual_hat = sae.decode_latents(out.pre_acts, out.centered, indices, relu=not signed)
     total_var = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
     return (residual_hat - residual).pow(2).sum() / total_var * min(len(dead) / k_aux, 1.0)
 
@@ -129,7 +133,10 @@ class Rule:
         """A run's name: the rule, the size and what sets the sparsity (``topk-d4096-k32``), so that two
         dictionaries of one grid never share one (a sweep finds its members' runs by name).
         ``train_cfg`` is resolved (its coefficients filled in); without it the coefficient is left out."""
-        return f"{self.name.replace('_', '')}-d{cfg.dict_size}" + (f"-k{cfg.top_k}" if self.arch.uses_k else "")
+        name = f"{self.name.replace('_', '')}-d{cfg.dict_size}" + (f"-k{cfg.top_k}" if self.arch.uses_k else "")
+        if train_cfg is not None and "l1_coeff" in self.arch.named_keys:
+            name += f"-l1c{train_cfg.l1_coeff:g}"
+        return name
 
     def add_tensors(self, encoder: SparseEncoder) -> None:
         """Register the rule's tensors on ``encoder``."""
@@ -165,8 +172,9 @@ class Rule:
         """Set, once training is over, what inference estimates from data (raw training ``batches``)."""
 
     def stats(self, out: Codes, batch: int, dict_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(fired [dict_size] bool, mean L0)`` of a step's codes; nothing waits for the device."""
-        active = out.hidden_acts > 0
+        """``(fired [dict_size] bool, mean L0)`` of a step's codes (dense, ``[batch, k]`` with their ids, or
+        one per entry); nothing waits for the device. A code fires when it is non-zero, of either sign."""
+        active = out.hidden_acts != 0
         if out.indices is None:
             return active.any(0), active.sum(-1).float().mean()
         counts = torch.zeros(dict_size, device=active.device).index_add_(0, out.indices.flatten(),
@@ -207,10 +215,3 @@ class SparseWhenSmall(Rule):
                  cols: torch.Tensor | None = None) -> torch.Tensor:
         """Codes of encoder outputs ``pre`` (dense, or at latents ``cols``), differentiable."""
         raise NotImplementedError
-
-    def stats(self, out, batch, dict_size):
-        if out.rows is None:
-            return super().stats(out, batch, dict_size)
-        active = (out.hidden_acts > 0).float()
-        fired = torch.zeros(dict_size, device=active.device).index_add_(0, out.indices, active) > 0
-        return fired, active.sum() / batch

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from .base import Codes, Rule, SparseWhenSmall, StepLoss, auxk_loss, linear_pre, pre_no_grad, ragged_codes
+from .base import Codes, Rule, StepLoss, auxk_loss, linear_pre, pre_no_grad, ragged_codes
 from .kernels import SparseDecode
 
 if TYPE_CHECKING:
@@ -58,9 +58,6 @@ class BatchTopK(Rule):
     def loss(self, sae, x_n, out, cfg, ramp, dead):
         return batch_loss(sae, x_n, out, cfg, ramp, dead, (out.reconstruction - x_n).pow(2).mean())
 
-    def stats(self, out, batch, dict_size):
-        return SparseWhenSmall.stats(self, out, batch, dict_size)
-
     @torch.no_grad()
     def after_step(self, sae, out, cfg, step):
         # the smallest value kept in this batch, averaged over steps: SAELens's moving average, but
@@ -98,6 +95,7 @@ def batch_loss(sae, x_n, out, cfg, ramp, dead, mse) -> StepLoss:
     if cfg.aux_coeff > 0:
         aux = auxk_loss(sae, x_n, out, dead, cfg.aux_k)
         loss = loss + cfg.aux_coeff * aux
+    # a copy: after_step moves the threshold in place before the trainer adds up the terms
     return StepLoss(loss, {"aux_loss": aux, "threshold": sae.encoder.threshold.detach().clone()})
 
 

@@ -38,7 +38,7 @@ class RuleCost:
     whole step), ``active`` per input dimension per active latent (the sparse selection, decoder
     and backward). Active latents are ``k`` for a k rule, ``active_fraction`` x dict_size otherwise.
     ``thins_with_l1``: the active fraction at the end is about this / l1_coeff (l1's codes thin out
-    as it trains), and the step turns sparse below :data:`SPARSE_BELOW` (see ``sweep/cost.py``).
+    as it trains), and the step turns sparse below :data:`SPARSE_BELOW` (see ``config/sweep.py``'s ``estimated_cost``).
     """
 
     dense: float

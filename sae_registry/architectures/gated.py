@@ -51,9 +51,6 @@ def _gated_codes(*fields, gate: torch.Tensor, via_gate: torch.Tensor) -> GatedCo
 
 class Gated(SparseWhenSmall):
 
-    def run_name(self, cfg, train_cfg=None):
-        return super().run_name(cfg) + (f"-l1c{train_cfg.l1_coeff:g}" if train_cfg is not None else "")
-
     def tensors(self, cfg):
         return {"r_mag": (cfg.dict_size,), "b_mag": (cfg.dict_size,)}
 

@@ -5,7 +5,7 @@ A top-k forward pass picks ``m`` latents per row (:class:`Pattern`); BatchTopK, 
 sparse steps of l1 and JumpReLU pick a varying number per row (:class:`Ragged`). plain autograd would still differentiate the
 dense ``[batch, dict_size]`` encoder product and decode. These functions take the selected
 ``(values, indices)`` and compute every gradient at the pattern only, O(batch * m * d) each. The
-model (:mod:`sae_registry.sae`) decides what is selected; this module only differentiates it.
+model (:mod:`sae_registry.model.sae`) decides what is selected; this module only differentiates it.
 """
 
 from __future__ import annotations

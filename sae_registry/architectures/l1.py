@@ -15,9 +15,6 @@ from .base import SparseWhenSmall, StepLoss, mse_plus_l1
 
 class L1(SparseWhenSmall):
 
-    def run_name(self, cfg, train_cfg=None):
-        return super().run_name(cfg) + (f"-l1c{train_cfg.l1_coeff:g}" if train_cfg is not None else "")
-
     def activate(self, sae, pre, cfg, cols=None):
         return F.relu(pre)
 

@@ -13,6 +13,7 @@ from .base import Codes, Rule, StepLoss, auxk_loss, linear_pre, mse_plus_l1
 
 
 class TopK(Rule):
+    signed = False  # abs_top_k: codes keep their sign (no ReLU), chosen by magnitude
 
     def encode(self, encoder, x_n):
         # select among the encoder outputs, ReLU the k chosen only: ReLU-then-top-k without a dense ReLU
@@ -37,6 +38,6 @@ class TopK(Rule):
         loss = mse_plus_l1(x_n, out.reconstruction, out.hidden_acts, cfg.l1_coeff * ramp)
         aux = x_n.new_zeros(())
         if cfg.aux_coeff > 0:
-            aux = auxk_loss(sae, x_n, out, dead, cfg.aux_k)
+            aux = auxk_loss(sae, x_n, out, dead, cfg.aux_k, signed=self.signed)
             loss = loss + cfg.aux_coeff * aux
         return StepLoss(loss, {"aux_loss": aux})

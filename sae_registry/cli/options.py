@@ -1,5 +1,5 @@
 """The command line's options, generated from the config dataclasses' fields (name, type, choices,
-help and bounds declared once in ``config.py``), and the configs built back from what was given,
+help and bounds declared once in ``config/options.py``), and the configs built back from what was given,
 with errors in the command line's words (``--k``, not ``top_k``). No torch here: ``--help`` stays fast."""
 
 from __future__ import annotations

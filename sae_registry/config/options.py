@@ -1,7 +1,7 @@
 """The configurations: a dictionary's shape (`SAEConfig`) and how to train it (`TrainConfig`), declared once.
 
 Every field carries its help text, its choices and its bounds in ``dataclasses.field(metadata=...)``;
-the checks (:func:`check_fields`), the command line's options (``cli.py``) and the sweep spec's keys
+the checks (:func:`check_fields`), the command line's options (``cli/options.py``) and the sweep spec's keys
 are all read from there, so an option is added or changed in one place. No torch here: building
 ``sae-registry --help`` imports this module and nothing heavy.
 

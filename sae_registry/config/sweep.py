@@ -2,7 +2,7 @@
 harvest a missing store. Validated once, on construction; every error names the spec's field.
 
 No torch, Ray or MLflow here: a spec is checked (``sae-registry sweep`` does it first) before anything
-heavy is imported or started. ``sweep.py`` runs it.
+heavy is imported or started. ``sweep/driver.py`` runs it.
 """
 
 from __future__ import annotations

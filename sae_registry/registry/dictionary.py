@@ -101,7 +101,7 @@ class Dictionary:
     ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``, ``b_enc [d_sae]``, ``b_dec [d_in]``, ``encode``,
     ``decode``, ``forward`` (and calling it), ``device``, ``dtype``, ``to(device=, dtype=)`` and ``cfg``
     (``d_in``, ``d_sae``, ``model_name``, ``hook_name``, ``hook_layer``, ``architecture``, ...). The
-    weights are the model's with its ``input_scale`` s folded in (see ``interchange.py``):
+    weights are the model's with its ``input_scale`` s folded in (see ``interchange/formats.py``):
 
         W_enc = s * encoder.weight.T    b_enc = encoder.bias    W_dec = W_dec / s    b_dec = b_dec / s
 
@@ -209,7 +209,7 @@ def load(name: str, *, device: str | torch.device = "cpu", tracking_uri: Trackin
     """Fetch a registered dictionary by name and rebuild it on ``device``.
 
     ``load("family@champion")``, ``load("family/3")``, ``load("models:/family/3")``, from the registry
-    at ``tracking_uri`` (a URI or a :class:`~sae_registry.tracking.Tracking`; default
+    at ``tracking_uri`` (a URI or a :class:`~sae_registry.registry.tracking.Tracking`; default
     ``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` here). The two files are cached per server and version
     (``$SAE_REGISTRY_CACHE``, default ``~/.cache/sae-registry``) and checked against the SHA-256
     recorded at registration every time; a mismatch in the cache means a fresh download, a mismatch in

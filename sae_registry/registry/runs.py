@@ -5,7 +5,7 @@ over steps (one batched, asynchronous call per evaluation, see :class:`MetricLog
 held-out metrics, lineage tags, ``metrics.json`` and plots as artifacts, and the dictionary itself
 logged as a models-from-code pyfunc (``serving.py``) whose artifacts are ``sae.safetensors`` +
 ``config.json``. A run that raises ends FAILED (KILLED on Ctrl-C, see :func:`run_guard`); only a
-FINISHED one can be registered (``registry.register_run``). The only room that imports ``train.py``.
+FINISHED one can be registered (``registry.register_run``). The only module of the registry that imports ``training/``.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def run_guard(client, run_ids: list[str]) -> Iterator[None]:
 
 def run_name(cfg: SAEConfig, train_cfg: TrainConfig | None = None) -> str:
     """One name style for trained and imported dictionaries, the rule's (:meth:`Rule.run_name
-    <sae_registry.sparsity.Rule.run_name>`): ``topk-d4096-k32``, ``l1-d4096-l1c0.005``,
+    <sae_registry.architectures.base.Rule.run_name>`): ``topk-d4096-k32``, ``l1-d4096-l1c0.005``,
     ``jumprelu-d4096-l0c0.0026``, ``matryoshka-d4096-k32-p256.1024.4096``; an import has no coefficient."""
     return rule_of(cfg.sparsity).run_name(cfg, train_cfg.resolved(cfg) if train_cfg is not None else None)
 
@@ -229,7 +229,7 @@ def train_and_register(
 ) -> Recorded:
     """Train one dictionary as an MLflow run and (when ``register``) register it in ``family``.
 
-    ``tracking_uri``: a URI or a :class:`~sae_registry.tracking.Tracking` (default
+    ``tracking_uri``: a URI or a :class:`~sae_registry.registry.tracking.Tracking` (default
     ``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` here). A run that raises is marked FAILED (KILLED on
     Ctrl-C) and nothing is registered. An ``out_dir`` that already holds a dictionary is refused
     unless ``resume`` (continue its checkpoint) or ``overwrite`` (see ``sae_files.prepare_out``).
@@ -528,7 +528,7 @@ def import_dictionary(
     """Register a SAELens or dictionary_learning dictionary saved in ``directory`` as the next version of ``family``.
 
     ``fmt`` None detects the format from the files; the weights are mapped exactly or refused (see
-    ``interchange.py``). One MLflow run records it like a trained dictionary, without training
+    ``interchange/formats.py``). One MLflow run records it like a trained dictionary, without training
     metrics: params (the shape, ``import.format``, ``import.architecture``, ``import.origin``), tags
     (``import.*`` incl. the SHA-256 of the weights read, ``source.*`` where their config names the
     model and hook, ``sae_registry.version``), their config file as the artifact ``import/``, and the

@@ -24,8 +24,12 @@ the layout, the conversions of stored rows, and :class:`StoreInfo`.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
+
+from ..errors import SAERegistryError, require_choice
 
 FORMAT = "sae-registry/activation-store"
 FORMAT_VERSION = 1
@@ -71,6 +75,41 @@ def to_float32(raw: np.ndarray, dtype: str) -> torch.Tensor:
     if dtype == "bfloat16":
         return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).float()
     return torch.from_numpy(np.ascontiguousarray(raw)).float()
+
+
+def held_out_start(n: int, eval_fraction: float) -> int:
+    """First row of the held-out split of ``n`` rows: the last ``eval_fraction`` of them, at least one
+    (and at least one row left to train on). Every backend splits so, so every metric anywhere is
+    computed on the same rows."""
+    return n - min(n - 1, max(1, round(n * eval_fraction)))
+
+
+def split_range(split: str, start_of_eval: int, n: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of ``split`` (``train``, ``eval`` or ``all``) of ``n`` rows."""
+    require_choice("split", split, SPLITS)
+    return {"train": (0, start_of_eval), "eval": (start_of_eval, n), "all": (0, n)}[split]
+
+
+def row_range(start: int, stop: int | None, n: int) -> tuple[int, int]:
+    """``read(start, stop)``'s rows of ``n`` as ``[start, stop)`` (negative positions count from the end, as in a
+    slice); a stop before the start is an error (``read(i * count, count)`` would come back empty, silently)."""
+    given = (start, stop)
+    start, stop, _ = slice(start, stop).indices(n)
+    if stop < start:
+        raise SAERegistryError(f"read{given}: stop is before start; read takes the rows [start, stop) of {n}, "
+                               f"not a start and a count: read({given[0]}, {given[0]} + count)")
+    return start, stop
+
+
+def fingerprint_hash(d: int, dtype: str):
+    """The running hash of a store's fingerprint: its width, dtype, then its rows' bytes as stored
+    (bfloat16 as its raw bits), in order; :func:`fingerprint_hex` of it is the fingerprint."""
+    return hashlib.sha256(f"{d}:{dtype}:".encode())
+
+
+def fingerprint_hex(digest) -> str:
+    """The fingerprint a :func:`fingerprint_hash` gives."""
+    return digest.hexdigest()[:16]
 
 
 class StoreInfo:

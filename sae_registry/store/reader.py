@@ -25,7 +25,7 @@ import zarr
 import zarr.storage
 
 from .._util.prefetch import prefetched
-from ..errors import SAERegistryError, require_choice, require_positive_int
+from ..errors import SAERegistryError, require_positive_int
 from . import zarr_files
 from .checks import check_blosc_frames, check_shape
 from .layout import (
@@ -36,9 +36,11 @@ from .layout import (
     PROVENANCE,
     READ_AGAIN,
     SHUFFLE_BYTES,
-    SPLITS,
     StoreInfo,
     finite,
+    held_out_start,
+    row_range,
+    split_range,
     to_float32,
 )
 from .writer import StoreWriter
@@ -60,7 +62,7 @@ class ActivationStore(StoreInfo):
         self.metadata: dict = dict(group.attrs)
         self._provenance = {name: group[name] for name in PROVENANCE} if self.has_provenance else {}
 
-    # -- writing (the writer lives in store_writer.py) ----------------------------------------------
+    # -- writing (the writer lives in writer.py) ----------------------------------------------
 
     @staticmethod
     def create(
@@ -80,7 +82,7 @@ class ActivationStore(StoreInfo):
         ``source`` is free-form lineage (model, layer, hook, text...) kept in the metadata. With
         ``provenance``, every ``append`` must also give each row's ``token_id``, ``seq`` and ``pos``.
         ``overwrite`` replaces an existing store, and only a store: any other folder is refused.
-        Returns a :class:`~sae_registry.store_writer.StoreWriter` (a context manager that closes
+        Returns a :class:`~sae_registry.store.writer.StoreWriter` (a context manager that closes
         the store when its block ends without an error).
         """
         return StoreWriter.create(path, d, dtype=dtype, chunk_tokens=chunk_tokens, compressor=compressor,
@@ -90,7 +92,7 @@ class ActivationStore(StoreInfo):
     @staticmethod
     def reopen(path: str | Path) -> StoreWriter:
         """Reopen a store an interrupted writer left ``writing``; see :meth:`StoreWriter.reopen
-        <sae_registry.store_writer.StoreWriter.reopen>`."""
+        <sae_registry.store.writer.StoreWriter.reopen>`."""
         return StoreWriter.reopen(path)
 
     def append(self, *args: object, **kwargs: object) -> None:
@@ -171,13 +173,11 @@ class ActivationStore(StoreInfo):
     @property
     def eval_start(self) -> int:
         """First token of the held-out split (the last ``eval_fraction`` of tokens, at least one)."""
-        n = len(self)
-        return n - min(n - 1, max(1, round(n * self.metadata["eval_fraction"])))
+        return held_out_start(len(self), self.metadata["eval_fraction"])
 
     def split_range(self, split: str) -> tuple[int, int]:
         """Rows ``[start, stop)`` of ``split`` (``train``, ``eval`` or ``all``)."""
-        require_choice("split", split, SPLITS)
-        return {"train": (0, self.eval_start), "eval": (self.eval_start, len(self)), "all": (0, len(self))}[split]
+        return split_range(split, self.eval_start, len(self))
 
     def num_tokens(self, split: str = "train") -> int:
         lo, hi = self.split_range(split)
@@ -185,12 +185,7 @@ class ActivationStore(StoreInfo):
 
     def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows ``[start, stop)`` as a float32 tensor (negative positions count from the end, as in a slice)."""
-        n = self._array.shape[0]
-        given = (start, stop)
-        start, stop, _ = slice(start, stop).indices(n)
-        if stop < start:  # read(i * count, count) past the first: rows would come back empty, silently
-            raise SAERegistryError(f"read{given}: stop is before start; read takes the rows [start, stop) of {n}, "
-                                   f"not a start and a count: read({given[0]}, {given[0]} + count)")
+        start, stop = row_range(start, stop, self._array.shape[0])
         return to_float32(self._rows(start, stop), self.dtype)
 
     def _rows(self, start: int, stop: int) -> np.ndarray:

@@ -11,7 +11,6 @@ either traces to the same data.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -21,8 +20,8 @@ from typing import TYPE_CHECKING, Protocol, TypeVar, overload, runtime_checkable
 import numpy as np
 import torch
 
-from ..errors import SAERegistryError, require_choice, require_float, require_int, require_positive_int
-from .layout import SPLITS
+from ..errors import SAERegistryError, require_float, require_int, require_positive_int
+from .layout import fingerprint_hash, fingerprint_hex, held_out_start, row_range, split_range
 from .reader import ActivationStore
 
 # What a dictionary trained on an in-memory array records as its store path: the array was never
@@ -127,19 +126,13 @@ class ArraySource:
     @property
     def eval_start(self) -> int:
         """First row of the held-out split (the last ``eval_fraction`` of rows, at least one): as a store's."""
-        n = len(self)
-        return n - min(n - 1, max(1, round(n * self.eval_fraction)))
+        return held_out_start(len(self), self.eval_fraction)
 
     def split_range(self, split: str) -> tuple[int, int]:
-        require_choice("split", split, SPLITS)
-        return {"train": (0, self.eval_start), "eval": (self.eval_start, len(self)), "all": (0, len(self))}[split]
+        return split_range(split, self.eval_start, len(self))
 
     def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        given = (start, stop)
-        start, stop, _ = slice(start, stop).indices(len(self))
-        if stop < start:
-            raise SAERegistryError(f"read{given}: stop is before start; read takes the rows [start, stop) of "
-                                   f"{len(self)}, not a start and a count: read({given[0]}, {given[0]} + count)")
+        start, stop = row_range(start, stop, len(self))
         return self._data[start:stop].to(torch.float32, copy=True)
 
     def batches(self, batch_size: int, *, split: str = "train", shuffle: bool = True, seed: int = 0,
@@ -206,7 +199,7 @@ def _rows(acts: object) -> torch.Tensor:
 def _check_and_sum(data: torch.Tensor, dtype: str) -> tuple[str, float]:
     """One pass over the rows: refuses NaN/Inf (naming the first such row); the fingerprint, as a store's
     writer computes it from the same rows in the same dtype; the mean norm of a row, as the writer sums it."""
-    digest = hashlib.sha256(f"{data.shape[1]}:{dtype}:".encode())
+    digest = fingerprint_hash(data.shape[1], dtype)
     norm_sum = 0.0
     block = max(1, _STATS_BYTES // (8 * data.shape[1]))
     for lo in range(0, len(data), block):
@@ -218,7 +211,7 @@ def _check_and_sum(data: torch.Tensor, dtype: str) -> tuple[str, float]:
             raise SAERegistryError(f"acts holds NaN or Inf (row {row} is the first); drop or fix those rows first")
         digest.update(rows.view(torch.uint8).numpy().data)  # the rows' bytes, as stored (bfloat16 as its raw bits)
         norm_sum += float(wide.norm(dim=1).sum())
-    return digest.hexdigest()[:16], norm_sum / len(data)
+    return fingerprint_hex(digest), norm_sum / len(data)
 
 
 Source = TypeVar("Source", bound=ActivationSource)

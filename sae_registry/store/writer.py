@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +33,8 @@ from .layout import (
     PROVENANCE,
     STORE_ARRAYS,
     StoreInfo,
+    fingerprint_hash,
+    fingerprint_hex,
     to_float32,
     to_numpy,
 )
@@ -63,7 +64,7 @@ class StoreWriter(StoreInfo):
         self._pending_rows = 0
         self._n_written = 0
         self._closed = False
-        self._hash = hashlib.sha256(f"{self.d}:{self.dtype}:".encode())
+        self._hash = fingerprint_hash(self.d, self.dtype)
         self._sum = np.zeros(self.d, dtype=np.float64)
         self._sum_sq = np.zeros(self.d, dtype=np.float64)
         self._norm_sum = 0.0
@@ -261,7 +262,7 @@ class StoreWriter(StoreInfo):
                 "mean": mean.tolist(),
                 "mean_norm": self._norm_sum / n,
                 "total_variance": float(var.sum()),
-                "fingerprint": self._hash.hexdigest()[:16],
+                "fingerprint": fingerprint_hex(self._hash),
                 "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
             }
             zarr_files.through_outages(self.path, "finishing the store", RESUME_HINT,

@@ -199,7 +199,7 @@ def run(
 ) -> SweepResult:
     """Run (or with ``resume``, continue) a sweep; register its dictionaries; summarise it on MLflow.
 
-    ``tracking_uri``: a URI or a :class:`~sae_registry.tracking.Tracking` (default
+    ``tracking_uri``: a URI or a :class:`~sae_registry.registry.tracking.Tracking` (default
     ``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` here); the trials get it as a value in their config.
     """
     import ray

@@ -1,6 +1,6 @@
 """What a running sweep shows: Tune reports per dictionary, and the live table built from them.
 
-Apart from ``sweep.py`` because it is the sweep's display, not its logic: a trial reports each member
+Apart from ``driver.py`` because it is the sweep's display, not its logic: a trial reports each member
 of its pack under the member's name, and the driver shows one row per dictionary (never one
 member's FVU beside another's L0). The numbers shown are the metrics table's frontier metrics
 (``config/metrics.py``: FVU and L0). Imports Ray only inside :func:`live_callback`.

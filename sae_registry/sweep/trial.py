@@ -33,7 +33,7 @@ TUNE_CHECKPOINT_SECONDS = 10.0
 
 
 def member_run_names(spec: SweepSpec, configs: list[tuple[SAEConfig, TrainConfig]]) -> list[str]:
-    """Each configuration's MLflow run name: the rule's (:func:`sae_registry.runs.run_name`), then
+    """Each configuration's MLflow run name: the rule's (:func:`sae_registry.registry.runs.run_name`), then
     ``-{key}{value}`` for every other grid key whose value differs across the sweep (``-lr0.003``): a
     grid over ``lr`` or ``batch_size`` would otherwise give two members one name."""
 
@@ -172,7 +172,7 @@ def run_trial(config: dict, *, spec: dict, store_path: str, sweep_id: str, paren
                            callbacks=[reporter(i) for i in range(len(members))],
                            finish=downstream if spec.get("evaluate") == "downstream" else None)
     end, result = time.perf_counter(), recorded[0].result
-    # the step loop's own seconds, from the rate train.py measured over it (a retried trial's whole
+    # the step loop's own seconds, from the rate training/loop.py measured over it (a retried trial's whole
     # run at its last attempt's rate: an estimate)
     train_loop = result.history[-1]["tokens"] / max(result.tokens_per_second, 1e-9)
     downstream_s = clock.get("downstream", 0.0)

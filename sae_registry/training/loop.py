@@ -14,14 +14,14 @@ The recipe (each part a :class:`TrainConfig` option, defaults after Gao et al. 2
 - top_k, batch_top_k, matryoshka: an auxiliary loss that lets the top ``aux_k`` dead latents model
   the residual (``aux_coeff``, ``dead_after_tokens``); l1 and jumprelu: the L1 / L0 coefficient
   ramped up over the first ``l1_warmup_fraction`` of steps;
-- each rule's own terms and updates (:mod:`sae_registry.sparsity`: JumpReLU's L0 penalty and
+- each rule's own terms and updates (:mod:`sae_registry.architectures`: JumpReLU's L0 penalty and
   threshold estimator, BatchTopK's inference threshold, Matryoshka's prefix losses);
 - Adam with a learning rate that decays linearly to zero over the last ``lr_decay_fraction``; the
   decoder in a group of its own, at ``decoder_lr_scale`` times the rate, and jumprelu's thresholds in
   another, at ``threshold_lr_scale`` times it.
 
 Knows nothing of Ray or MLflow: callers watch progress through ``callback(step, metrics)``.
-Checkpoints (:mod:`sae_registry.checkpoints`: safetensors + JSON, no pickle) let a stopped run resume exactly.
+Checkpoints (:mod:`sae_registry.training.checkpoints`: safetensors + JSON, no pickle) let a stopped run resume exactly.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-# the configurations live in config.py (no torch there: the CLI builds its options from them)
+# the configurations live in config/options.py (no torch there: the CLI builds its options from them)
 from ..config.options import PACK_SHARED, SAEConfig, TrainConfig
 from ..errors import SAERegistryError
 from ..metrics.reconstruction import Evaluation, evaluate
@@ -165,8 +165,10 @@ class _Member:
         self.since_fired = torch.zeros(sae_cfg.dict_size, dtype=torch.long, device=self.device)
         self.dead = torch.zeros(0, dtype=torch.long, device=self.device)
         # Running sums stay on the device: one host sync per evaluation, not per step.
-        # running sums between evaluations: loss, mse, l0 and the terms the rule names (StepLoss.terms)
-        self.running: dict[str, torch.Tensor] = {}
+        # sums between evaluations of loss, mse, l0 and the terms the rule names (StepLoss.terms), in
+        # the order of running_names: one tensor, one add per step, one host sync per evaluation
+        self.running_names: tuple[str, ...] = ()
+        self.running: torch.Tensor | None = None
         self.running_steps = 0
         self.step, self.history = 0, []
         self.identity = {"sae": sae_cfg.to_dict(), "train": cfg.to_dict(), "store_fingerprint": store.fingerprint}
@@ -225,8 +227,12 @@ class _Member:
             self.since_fired += len(x)
             self.since_fired.masked_fill_(fired, 0)
             mse = (out.reconstruction - x).pow(2).mean()
-            for name, value in {"loss": loss, "mse": mse, "l0": l0, **terms}.items():
-                self.running[name] = self.running[name] + value.detach() if name in self.running else value.detach()
+            measured = {"loss": loss, "mse": mse, "l0": l0, **terms}
+            values = torch.stack([value.detach().float().reshape(()) for value in measured.values()])
+            if self.running is None:
+                self.running_names, self.running = tuple(measured), values
+            else:
+                self.running += values
         self.running_steps += 1
         self.step += 1
 
@@ -239,15 +245,16 @@ class _Member:
         entry = {
             "step": self.step,
             "tokens": self.step * cfg.batch_size,
-            **{f"train/{name}": float(total) / max(1, self.running_steps)
-               for name, total in (self.running or dict.fromkeys(("loss", "mse", "l0"), 0.0)).items()},
+            **({f"train/{name}": mean for name, mean in
+                zip(self.running_names, (self.running / self.running_steps).tolist(), strict=True)}
+               if self.running is not None else dict.fromkeys(("train/loss", "train/mse", "train/l0"), 0.0)),
             "train/dead_fraction": float((self.since_fired >= cfg.dead_after_tokens).float().mean()),
             "lr": self.opt.param_groups[0]["lr"],
             "tokens_per_second": (self.step - start_step) * cfg.batch_size / max(elapsed, 1e-9),
             **{f"eval/{k}": v for k, v in ev.items()},
         }
         self.history.append(entry)
-        self.running = {}
+        self.running = None
         self.running_steps = 0
         if not math.isfinite(entry["train/loss"]):
             raise SAERegistryError(f"training diverged at step {self.step} (loss is {entry['train/loss']}); lower --lr")

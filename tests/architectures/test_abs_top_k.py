@@ -13,7 +13,7 @@ from sae_lens.saes.abstopk_sae import AbsTopK as SAELensAbsTopK
 from sae_lens.saes.abstopk_sae import calculate_abstopk_aux_acts
 
 from sae_registry import SAEConfig, SAERegistryError, SparseAutoencoder
-from sae_registry.architectures.abs_top_k import abs_auxk_loss
+from sae_registry.architectures.base import auxk_loss
 from sae_registry.interchange import formats as ic
 from sae_registry.training.loop import TrainConfig, train
 
@@ -85,7 +85,7 @@ def test_the_aux_loss_picks_saelens_dead_latents_by_magnitude_signed():
     out = sae.forward_train(x, sparse_backward=False)
     dead = torch.arange(0, N, 2)
     mask = torch.zeros(N, dtype=torch.bool).index_fill_(0, dead, True)
-    ours = abs_auxk_loss(sae, x, out, dead, 6)
+    ours = auxk_loss(sae, x, out, dead, 6, signed=True)
     with torch.no_grad():
         acts = calculate_abstopk_aux_acts(6, out.pre_acts.detach(), mask)  # SAELens's selection
         assert (acts < 0).any()
