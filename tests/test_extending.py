@@ -87,3 +87,59 @@ def test_a_plugin_architecture_trains_registers_loads_and_sweeps_from_the_comman
     run([*CLI, "--tracking-uri", uri, "sweep", str(tmp_path / "spec.yaml")], env, tmp_path)
     listed = run([*CLI, "--tracking-uri", uri, "list", "plugin-sweep"], env, tmp_path)
     assert "plain_top_k" in listed.replace("plaintopk", "plain_top_k") and "top_k" in listed
+
+
+def section(title: str) -> str:
+    start = PAGE.index(f"## {title}")
+    end = PAGE.find("\n## ", start + 1)
+    return PAGE[start:end if end > 0 else None]
+
+
+def test_the_metric_example_is_computed_recorded_and_listed(monkeypatch, tmp_path):
+    """The page's metric, added as it says (a function that ``_scalars`` calls, a row of the table), is
+    logged during training, tagged on the registered version and a column of ``sae-registry list``."""
+    import numpy as np
+    import torch
+    from click.testing import CliRunner
+
+    import sae_registry
+    from sae_registry.cli.commands import main
+    from sae_registry.config import metrics as table
+    from sae_registry.metrics import reconstruction
+
+    function, row = re.findall(r"```python\n(.*?)```", section("A metric"), re.S)
+    namespace = {"torch": torch}
+    exec(function, namespace)
+    original = reconstruction._scalars
+    monkeypatch.setattr(reconstruction, "_scalars", lambda mse, fvu, density: {
+        **original(mse, fvu, density), "dense_fraction": namespace["dense_fraction"](density)})
+    monkeypatch.setattr(table, "METRICS", table.METRICS + (eval(row, vars(table)),))
+    acts = np.random.default_rng(0).standard_normal((4096, 16)).astype(np.float32)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    made = sae_registry.train(acts, dict_size=32, top_k=4, tokens=2048, batch_size=512, eval_every=2,
+                              family="dense", tracking_uri=uri, progress=False)
+    assert "eval/dense_fraction" in made.result.history[-1]
+    version = sae_registry.find("dense", tracking_uri=uri)[0]
+    assert float(version.tags["dense_fraction"]) == pytest.approx(made.metrics["dense_fraction"])
+    listed = CliRunner().invoke(main, ["--tracking-uri", uri, "list", "dense"])
+    assert listed.exit_code == 0 and "dense" in listed.output.splitlines()[0], listed.output
+
+
+def test_the_store_backend_example_trains_and_fingerprints_as_a_store(tmp_path):
+    import numpy as np
+
+    import sae_registry
+    from sae_registry import ActivationStore
+    from sae_registry.store.source import ActivationSource
+
+    namespace: dict = {}
+    exec(blocks("python")[-1], namespace)  # npy_source.py
+    acts = np.random.default_rng(0).standard_normal((2048, 16)).astype(np.float32)
+    np.save(tmp_path / "acts.npy", acts)
+    with ActivationStore.create(tmp_path / "acts.zarr", d=16) as writer:
+        writer.append(acts)
+    source = namespace["open_npy"](tmp_path / "acts.npy")
+    assert isinstance(source, ActivationSource)
+    assert source.fingerprint == ActivationStore.open(tmp_path / "acts.zarr").fingerprint
+    made = sae_registry.train(source, dict_size=32, top_k=4, tokens=1024, batch_size=256, progress=False)
+    assert made.sae.cfg.input_size == 16 and made.metrics["l0"] <= 4

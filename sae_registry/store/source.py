@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar, overload, runtime_checkable
@@ -189,7 +190,10 @@ def _rows(acts: object) -> torch.Tensor:
                                f"shape {tuple(acts.shape)}")
     if isinstance(acts, np.ndarray):  # shared, not copied, when already float32/float16 in C order
         keep = acts.dtype in (np.float32, np.float16)
-        acts = torch.from_numpy(np.ascontiguousarray(acts if keep else acts.astype(np.float32)))
+        acts = np.ascontiguousarray(acts if keep else acts.astype(np.float32))
+        with warnings.catch_warnings():  # a read-only array (np.load(..., mmap_mode="r")): every read copies
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            acts = torch.from_numpy(acts)
     tensor = acts.detach()
     if tensor.dtype not in KEPT_DTYPES:
         tensor = tensor.to(torch.float32)
