@@ -48,7 +48,7 @@ def connect(address: str | None) -> bool:
                 f"{os.environ.get('RAY_AUTH_MODE') or 'unset'}, {given}): set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
                 "to the token the cluster's nodes were started with (or RAY_AUTH_TOKEN_PATH to a file holding it)"
             ) from None
-        if address.startswith("ray://") and "connection timeout" in str(e):
+        if address and address.startswith("ray://") and "connection timeout" in str(e):
             # Ray Client reports a refused token only as a timeout; its port did answer (check_address).
             raise SAERegistryError(
                 f"the Ray Client server at {address} answers but did not accept this connection (RAY_AUTH_MODE is "
@@ -73,7 +73,7 @@ def _name_local_auth_mode() -> None:
     """
     if "RAY_AUTH_MODE" in os.environ:
         return
-    from ray._raylet import Config
+    from ray._raylet import Config  # type: ignore[attr-defined]  # compiled: Ray ships no stub for it
 
     os.environ["RAY_AUTH_MODE"] = "token"
     Config.initialize("")  # Ray caches the mode it read at import: read it again, as ray.init itself does

@@ -252,12 +252,13 @@ class SweepSpec:
         for i, (_, train_cfg) in enumerate(configs):
             groups.setdefault(tuple(getattr(train_cfg, k) for k in PACK_SHARED), []).append(i)
         members = list(groups.values())
-        if self.pack == "auto":
-            bins = _share_bins([[costs[i] for i in g] for g in members], max(1, slots))
-            capacity = None
-        else:
+        capacity: int | None
+        if isinstance(self.pack, int):
             bins = [math.ceil(len(g) / self.pack) for g in members]
             capacity = self.pack
+        else:  # auto
+            bins = _share_bins([[costs[i] for i in g] for g in members], max(1, slots))
+            capacity = None
         plan = [[g[j] for j in b] for g, n in zip(members, bins)
                 for b in balanced_bins([costs[i] for i in g], n, capacity)]
         return sorted(plan, key=lambda p: (-sum(costs[i] for i in p), p))
@@ -309,7 +310,8 @@ def balanced_bins(costs: list[float], bins: int, capacity: int | None = None) ->
     bins = max(1, min(bins, len(costs)))
     if capacity is not None and capacity * bins < len(costs):
         raise ValueError(f"{len(costs)} items do not fit in {bins} bins of {capacity}")
-    loads, members = [0.0] * bins, [[] for _ in range(bins)]
+    loads = [0.0] * bins
+    members: list[list[int]] = [[] for _ in range(bins)]
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
         b = min((b for b in range(bins) if capacity is None or len(members[b]) < capacity),
                 key=lambda b: (loads[b], len(members[b]), b))

@@ -137,7 +137,8 @@ class _ShardRows:
 
     def __call__(self, start: int, n: int, token_ids: torch.Tensor) -> list[torch.Tensor]:
         parts: list[list] = [[] for _ in self.names]
-        ids, got, pos = [], 0, start
+        ids: list[torch.Tensor] = []
+        got, pos = 0, start
         i = int(np.searchsorted(self.starts, start, side="right")) - 1
         while got < n or not ids:
             if i >= len(self.stores):

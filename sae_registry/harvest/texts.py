@@ -53,7 +53,8 @@ def demo_texts(target_chars: int = 600) -> list[str]:
 def _documents(text: str, separator: str) -> list[str]:
     """``text`` cut at every line that the regular expression ``separator`` matches (that line dropped)."""
     pattern = re.compile(separator)
-    documents, current = [], []
+    documents: list[str] = []
+    current: list[str] = []
     for line in text.splitlines():
         if pattern.search(line):
             documents.append("\n".join(current).strip())
@@ -163,30 +164,33 @@ class Windows:
                     keep &= ~enc["special_tokens_mask"].bool()
                 yield enc["input_ids"], enc["attention_mask"], keep
             return
-        width, stream, windows = self.max_length - 1, [], []
+        sink = self.sink
+        assert sink is not None  # packing: a sink token starts every window (set in __init__ when pack)
+        width, windows = self.max_length - 1, []
+        stream: list[int] = []
         for group in _grouped(docs, 64):
             # split_special_tokens: text that spells a special token is text, so that the only
             # special tokens in a packed window are the sinks (downstream rebuilds windows on that)
             for ids in self.tokenizer(group, add_special_tokens=False, split_special_tokens=True)["input_ids"]:
-                stream.extend([self.sink, *ids] if stream else ids)
+                stream.extend([sink, *ids] if stream else ids)
                 while len(stream) >= width:
-                    windows.append([self.sink, *stream[:width]])
+                    windows.append([sink, *stream[:width]])
                     stream = stream[width:]
                     if len(windows) == self.batch_size:
-                        yield self._packed(windows)
+                        yield self._packed(windows, sink)
                         windows = []
         if stream:
-            windows.append([self.sink, *stream])
+            windows.append([sink, *stream])
         if windows:
-            yield self._packed(windows)
+            yield self._packed(windows, sink)
 
-    def _packed(self, windows: list[list[int]]):
+    def _packed(self, windows: list[list[int]], sink: int):
         length = max(len(w) for w in windows)
-        ids = torch.full((len(windows), length), self.sink, dtype=torch.long)
+        ids = torch.full((len(windows), length), sink, dtype=torch.long)
         mask = torch.zeros((len(windows), length), dtype=torch.long)
         for i, w in enumerate(windows):
             ids[i, :len(w)], mask[i, :len(w)] = torch.tensor(w), 1
-        keep = mask.bool() & ((ids != self.sink) if self.exclude_special else True)
+        keep = mask.bool() & ((ids != sink) if self.exclude_special else True)
         return ids, mask, keep
 
 

@@ -53,8 +53,8 @@ def training_curves(history: list[dict]) -> Figure:
 
 def density_histogram(density: torch.Tensor) -> Figure:
     """Histogram of log10 firing frequency per latent; dead latents counted in the title."""
-    density = np.asarray(density, dtype=np.float64)
-    alive = density[density > 0]
+    frequency = np.asarray(density, dtype=np.float64)
+    alive = frequency[frequency > 0]
     fig, ax = _subplots(figsize=(6, 3.8))
     if len(alive):
         ax.hist(np.log10(alive), bins=50, color="C0")

@@ -113,7 +113,7 @@ def evaluate(sae: SparseAutoencoder, x: torch.Tensor | Iterable[torch.Tensor], b
         square_sum += float(x64.pow(2).sum())
         residual += float((x_hat.double() - x64).pow(2).sum())
         n += len(xb)
-    if n == 0:
+    if n == 0 or row_sum is None:
         raise SAERegistryError("nothing to evaluate: no rows (an empty split?)")
     density = fired / n
     total = square_sum - float(row_sum.pow(2).sum()) / n  # sum over rows of |x - mean|^2

@@ -65,10 +65,11 @@ def from_weights(weights: Weights, top_k: int | None, sparsity: str | None = Non
     sae = SparseAutoencoder(cfg)
     if threshold is not None:
         threshold = torch.as_tensor(threshold).to(torch.float32)
-        if threshold.shape != sae.encoder.threshold.shape or not torch.isfinite(threshold).all():
+        ours = sae.encoder.rule_tensor("threshold")
+        if threshold.shape != ours.shape or not torch.isfinite(threshold).all():
             raise SAERegistryError(f"threshold has shape {tuple(threshold.shape)}; a {sparsity} dictionary of "
-                                   f"{d_sae} latents needs {tuple(sae.encoder.threshold.shape)}, finite")
-        sae.encoder.threshold.copy_(threshold)
+                                   f"{d_sae} latents needs {tuple(ours.shape)}, finite")
+        ours.copy_(threshold)
     for name, shape in sae.rule.tensors(cfg).items():
         if name == "threshold":
             continue
@@ -76,7 +77,7 @@ def from_weights(weights: Weights, top_k: int | None, sparsity: str | None = Non
         if tuple(value.shape) != shape or not torch.isfinite(value).all():
             raise SAERegistryError(f"{name} has shape {tuple(value.shape)}; a {sparsity} dictionary of {d_sae} "
                                    f"latents needs {shape}, finite")
-        getattr(sae.encoder, name).copy_(value)
+        sae.encoder.rule_tensor(name).copy_(value)
     sae.encoder.encoder.weight.copy_(W_enc.T)
     sae.encoder.encoder.bias.copy_(b_enc)
     sae.W_dec.copy_(W_dec)

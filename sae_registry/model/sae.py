@@ -32,11 +32,9 @@ from . import files
 
 def _checked_config(input_size: object, dict_size: object, top_k: object, sparsity: object) -> SAEConfig:
     """The seed API's arguments checked one by one (errors name the argument), then as a config."""
-    require_int("input_size", require_positive_int("input_size", input_size), max=MAX_INPUT_SIZE)
-    require_int("dict_size", require_positive_int("dict_size", dict_size), max=MAX_DICT_SIZE)
-    require_positive_int("top_k", top_k)
-    require_choice("sparsity", sparsity, names())
-    return SAEConfig(input_size, dict_size, top_k, sparsity)
+    return SAEConfig(require_int("input_size", require_positive_int("input_size", input_size), max=MAX_INPUT_SIZE),
+                     require_int("dict_size", require_positive_int("dict_size", dict_size), max=MAX_DICT_SIZE),
+                     require_positive_int("top_k", top_k), require_choice("sparsity", sparsity, names()))
 
 
 def _check_input(x: torch.Tensor, width: int, what: str) -> torch.Tensor:
@@ -58,6 +56,8 @@ class SparseEncoder(nn.Module):
     (tied to the decoder bias, as in Gao et al.) and ``input_scale``.
     """
 
+    input_scale: torch.Tensor  # a buffer
+
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -75,6 +75,12 @@ class SparseEncoder(nn.Module):
         """Post-ReLU encoder activations of already-scaled inputs."""
         return F.relu(self.encoder(x_n - self.b_dec))
 
+    def rule_tensor(self, name: str) -> torch.Tensor:
+        """One of the rule's own tensors (a threshold, gated's ``r_mag``), by its name in the weights file."""
+        tensor = getattr(self, name)
+        assert isinstance(tensor, torch.Tensor), name
+        return tensor
+
     def sparsify(self, x_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Inference codes of already-scaled inputs, as the rule makes them: top_k ``(values,
         indices)`` of the k largest activations per row; the others ``(dense codes, None)``."""
@@ -91,7 +97,9 @@ class SparseEncoder(nn.Module):
                 f"encode_topk needs sparsity top_k (a fixed k per token); this dictionary is "
                 f"{self.cfg.sparsity}: use encode() for its codes")
         x = _check_input(x, self.cfg.input_size, "input")
-        return self.sparsify(x * self.input_scale)
+        values, indices = self.sparsify(x * self.input_scale)
+        assert indices is not None  # a fixed-k rule's codes come with their ids
+        return values, indices
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Dense sparse codes ``[batch, dict_size]`` of raw inputs (zeros outside the top k)."""
@@ -238,7 +246,7 @@ class SparseAutoencoder(nn.Module):
             "W_dec": self.W_dec,
             "b_dec": self.b_dec,
             "input_scale": self.input_scale,
-            **{name: getattr(self.encoder, name) for name in self.rule.tensors(self.cfg)},
+            **{name: self.encoder.rule_tensor(name) for name in self.rule.tensors(self.cfg)},
         }
 
     def save(self, directory: str | Path, extra: dict | None = None) -> Path:
@@ -323,7 +331,7 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
         """Scale each decoder row (dictionary direction) to unit norm."""
-        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps)
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps))
 
     @torch.no_grad()
     def remove_parallel_grads_(self) -> None:

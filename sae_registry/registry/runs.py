@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -70,7 +70,7 @@ class MetricLogger:
             try:
                 operation.wait()
             except Exception:  # dropped by MLflow's logging thread: send it ourselves
-                retrying(lambda m=metrics: self.client.log_batch(self.run_id, metrics=m),
+                retrying(partial(self.client.log_batch, self.run_id, metrics=metrics),
                          f"logging metrics of run {self.run_id}")
         self.pending.clear()
 

@@ -389,6 +389,7 @@ def resolve_embedded(name: str, tracking_uri: TrackingLike = None) -> VersionInf
                 if len(rows) != 1:
                     return None
                 version = str(rows[0][0])
+            assert version is not None  # parse_name gave one, or the alias named one
             rows = db.execute("SELECT run_id, creation_time FROM model_versions WHERE name = ? AND version = ? AND "
                               "workspace = 'default' AND current_stage != 'Deleted_Internal' AND status = 'READY'",
                               (family, int(version))).fetchall()
