@@ -20,7 +20,7 @@ from ..architectures.catalogue import architecture
 from ..config.options import SAEConfig, TrainConfig
 from ..config.sweep import SweepSpec, rule_keys
 from ..errors import SAERegistryError
-from ..metrics.downstream import prepare
+from ..metrics import downstream as fidelity
 from ..registry.runs import default_run_name, record_pack, set_tags, start_runs
 from ..registry.tracking import Tracking
 from ..store.reader import ActivationStore
@@ -196,7 +196,7 @@ def _prepared(store, max_tokens: int, device: str):
     key = (str(store.path), store.fingerprint, max_tokens, device)
     if key not in _PREPARED:
         _PREPARED.clear()  # one model held at a time
-        _PREPARED[key] = prepare(store, max_tokens=max_tokens, device=device)
+        _PREPARED[key] = fidelity.prepare(store, max_tokens=max_tokens, device=device)
     return _PREPARED[key]
 
 
